@@ -1,0 +1,122 @@
+# ctloop — everything a user or CI types goes through these targets.
+#   make run    set up, start the local stack, run the main job
+#   make test   set up, lint, type-check, run unit and integration tests
+# Set-up steps are stamped under .ctloop/ so a second run does nothing.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3.11
+RUN_DIR     := .ctloop
+TOOLS       := $(RUN_DIR)/tools
+STAMPS      := $(RUN_DIR)/stamps
+VENV        := .venv
+PY          := $(VENV)/bin/python
+CTLOOP      := $(VENV)/bin/ctloop
+
+KAFKA_LIBS  := $(TOOLS)/kafka/libs
+VERSITYGW_VERSION := v1.8.0
+HELM_VERSION      := v3.22.0
+
+PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
+
+.PHONY: help setup venv protos kafka-jars s3-gateway helm postgres \
+        stack-up stack-down stack-status run test lint format unit integration clean
+
+help:
+	@echo "make run           set up, start the local stack, run the main job"
+	@echo "make test          set up, lint, type-check, run unit + integration tests"
+	@echo "make setup         install everything (idempotent)"
+	@echo "make stack-up | stack-down | stack-status"
+	@echo "make lint | format"
+
+# ---------------------------------------------------------------- set-up
+setup: venv protos kafka-jars s3-gateway helm postgres
+
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: requirements.lock.txt requirements-triton.txt pyproject.toml
+	@mkdir -p $(STAMPS)
+	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) on PATH"; exit 1; }
+	@$(PYTHON_BOOT) -c 'import sysconfig,sys; sys.exit(0 if sysconfig.get_config_var("Py_ENABLE_SHARED") else "need a Python built with a shared libpython (Triton python backend)")'
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@echo "installing Python dependencies (torch alone is a few GB the first time)..."
+	$(PY) -m pip install -q -r requirements.lock.txt
+	$(PY) -m pip install -q --no-deps -r requirements-triton.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+protos: $(STAMPS)/protos
+$(STAMPS)/protos: $(PROTOS) $(STAMPS)/venv
+	rm -rf ctloop/v1
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch ctloop/v1/__init__.py
+	@touch $@
+
+kafka-jars: $(STAMPS)/kafka-jars
+$(STAMPS)/kafka-jars: tools/kafka/pom.xml
+	@mkdir -p $(STAMPS)
+	@command -v java >/dev/null || { echo "need Java 17+ (Debian: openjdk-17-jre-headless)"; exit 1; }
+	@command -v mvn >/dev/null || { echo "need Maven (Debian: maven)"; exit 1; }
+	rm -rf $(KAFKA_LIBS)
+	mvn -q -B -f tools/kafka/pom.xml dependency:copy-dependencies \
+	    -DoutputDirectory=$(abspath $(KAFKA_LIBS)) -DincludeScope=runtime
+	@touch $@
+
+s3-gateway: $(TOOLS)/bin/versitygw
+$(TOOLS)/bin/versitygw:
+	@command -v go >/dev/null || { echo "need Go 1.25+"; exit 1; }
+	GOBIN=$(abspath $(TOOLS)/bin) go install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION)
+
+helm: $(TOOLS)/bin/helm
+$(TOOLS)/bin/helm:
+	@command -v go >/dev/null || { echo "need Go 1.25+"; exit 1; }
+	GOBIN=$(abspath $(TOOLS)/bin) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+# PostgreSQL from Debian's package: the database tests run on it as well as on SQLite.
+postgres: $(STAMPS)/postgres
+$(STAMPS)/postgres:
+	@mkdir -p $(STAMPS)
+	if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; fi; \
+	fi
+	@touch $@
+
+# ---------------------------------------------------------------- local stack
+stack-up: setup
+	$(CTLOOP) stack up
+
+stack-down:
+	@if [ -x $(CTLOOP) ]; then $(CTLOOP) stack down; else echo "nothing installed, nothing running"; fi
+
+stack-status:
+	$(CTLOOP) stack status
+
+# The main job. Until the transfer run lands (issue 6) it brings the stack up and says how to
+# reach it.
+run: stack-up
+	$(CTLOOP) info
+
+# ---------------------------------------------------------------- quality
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+unit: setup
+	$(VENV)/bin/pytest tests/unit
+
+integration: setup
+	$(VENV)/bin/pytest tests/integration
+
+test: setup lint
+	$(VENV)/bin/pytest tests
+
+clean: stack-down
+	rm -rf $(RUN_DIR)/data $(RUN_DIR)/state $(RUN_DIR)/stamps ctloop/v1

@@ -1,0 +1,190 @@
+"""The one event producer and the one consumer loop every service uses.
+
+Producer: idempotent, ``acks=all``; ``publish`` returns once the broker has the record.
+Consumer: a consumer group with auto-commit off. Each record is handled, then its offset
+committed, so a crash replays rather than loses (handlers deduplicate by event id). A record
+that is not a valid CloudEvent, or whose handler keeps failing, goes to the dead-letter topic
+with the reason and its origin in headers; the consumer carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from ctloop.contracts.events import CloudEvent, InvalidEvent
+from ctloop.contracts.topics import Topic
+from ctloop.log import bind
+from ctloop.retry import RetryPolicy
+from ctloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[CloudEvent], None]
+
+
+def broker_ready(settings: Settings) -> tuple[bool, str]:
+    """Whether the broker answers metadata requests."""
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=settings.kafka.bootstrap_servers,
+            client_id="ctloop-health",
+            request_timeout_ms=3000,
+        )
+    except KafkaError as exc:
+        return False, f"no broker: {type(exc).__name__}"
+    try:
+        topics = admin.list_topics()
+    except KafkaError as exc:
+        return False, f"metadata request failed: {type(exc).__name__}"
+    finally:
+        admin.close()
+    ours = [t for t in topics if t.startswith("ctloop.")]
+    return True, f"{len(ours)} ctloop topics"
+
+
+def ensure_topics(settings: Settings, topics: Iterable[str] = tuple(Topic)) -> None:
+    """Create the catalog's topics that do not exist yet."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap_servers, client_id="ctloop-admin"
+    )
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        for name in missing:
+            try:
+                admin.create_topics(
+                    [
+                        NewTopic(
+                            name,
+                            num_partitions=settings.kafka.topic_partitions,
+                            replication_factor=1,
+                        )
+                    ]
+                )
+            except TopicAlreadyExistsError:
+                pass  # created by a concurrent caller
+    finally:
+        admin.close()
+
+
+class EventProducer:
+    def __init__(self, settings: Settings, client_id: str) -> None:
+        self._producer = KafkaProducer(
+            bootstrap_servers=settings.kafka.bootstrap_servers,
+            client_id=client_id,
+            acks="all",
+            enable_idempotence=True,
+            retries=5,
+            linger_ms=2,
+        )
+
+    def publish(self, event: CloudEvent, timeout_s: float = 30.0) -> None:
+        """Send ``event`` and wait until the broker has acknowledged it."""
+        key, value, headers = event.to_kafka()
+        self.send_raw(event.topic, key, value, headers, timeout_s)
+        log.debug("published", extra={"event_id": event.id, "event_type": event.type.ce_type})
+
+    def send_raw(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._producer.send(topic, key=key, value=value, headers=headers).get(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._producer.close()
+
+
+class EventConsumer:
+    """Feeds the events of ``topics`` to ``handler`` as member of consumer group ``group_id``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        group_id: str,
+        topics: Iterable[Topic],
+        handler: Handler,
+        dead_letters: EventProducer,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._consumer = KafkaConsumer(
+            *[str(t) for t in topics],
+            bootstrap_servers=settings.kafka.bootstrap_servers,
+            group_id=group_id,
+            client_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=50,
+        )
+        self.group_id = group_id
+        self._handler = handler
+        self._dead_letters = dead_letters
+        self._retry = retry or RetryPolicy()
+
+    def poll_once(self, timeout_ms: int = 1000) -> int:
+        """Handle what one poll returns; the number of records it took."""
+        batches = self._consumer.poll(timeout_ms=timeout_ms)
+        count = 0
+        for tp, records in batches.items():
+            for record in records:
+                self._handle_record(tp, record)
+                self._consumer.commit(
+                    {tp: OffsetAndMetadata(record.offset + 1, "", -1)}
+                )
+                count += 1
+        return count
+
+    def _handle_record(self, tp: TopicPartition, record: object) -> None:
+        value = getattr(record, "value", None)
+        headers = list(getattr(record, "headers", None) or [])
+        origin = f"{tp.topic}/{tp.partition}@{getattr(record, 'offset', '?')}"
+        try:
+            event = CloudEvent.from_kafka(value, headers)
+        except InvalidEvent as exc:
+            self._dead_letter(record, headers, f"invalid event: {exc}", origin)
+            return
+        with bind(event_id=event.id, event_type=event.type.ce_type, subject=event.subject):
+            try:
+                self._retry.call(lambda: self._handler(event))
+            except Exception as exc:
+                log.exception("handler failed; dead-lettering", extra={"origin": origin})
+                self._dead_letter(record, headers, f"handler failed: {exc!r}", origin)
+
+    def _dead_letter(
+        self, record: object, headers: list[tuple[str, bytes]], reason: str, origin: str
+    ) -> None:
+        log.warning("dead letter", extra={"reason": reason, "origin": origin})
+        extra = [
+            ("ctloop_dlq_reason", reason.encode()),
+            ("ctloop_dlq_origin", origin.encode()),
+            ("ctloop_dlq_group", self.group_id.encode()),
+        ]
+        self._dead_letters.send_raw(
+            Topic.DEAD_LETTER,
+            getattr(record, "key", None),
+            getattr(record, "value", None),
+            headers + extra,
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                self.poll_once()
+            except KafkaError:
+                log.exception("poll failed; retrying")
+                time.sleep(1.0)
+
+    def close(self) -> None:
+        self._consumer.close()

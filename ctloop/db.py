@@ -1,0 +1,164 @@
+"""Workflow state in SQL (SQLite by default, PostgreSQL in CI and in the cluster).
+
+SQL holds workflow state only; blobs live in S3 and the history of what happened in Kafka.
+The same models and queries run on both engines; the tests run them on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Site(Base):
+    __tablename__ = "sites"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Volume(Base):
+    __tablename__ = "volumes"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), index=True)
+    dataset: Mapped[str] = mapped_column(String(32))  # public | clinical
+    s3_key: Mapped[str] = mapped_column(String(512))
+    s3_version_id: Mapped[str | None] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64))
+    geometry: Mapped[dict[str, Any]] = mapped_column(default=dict)  # shape, spacing, affine
+    status: Mapped[str] = mapped_column(String(32), default="ingested")
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class AnnotationRevision(Base):
+    """An immutable annotation revision; a correction is a new row, never an update."""
+
+    __tablename__ = "annotation_revisions"
+    __table_args__ = (UniqueConstraint("volume_id", "revision"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    author: Mapped[str] = mapped_column(String(128))
+    s3_key: Mapped[str] = mapped_column(String(512))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class ProcessedEvent(Base):
+    """Which consumer has durably handled which event: the idempotency record."""
+
+    __tablename__ = "processed_events"
+    consumer: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    processed_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=_now, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    resource: Mapped[str] = mapped_column(String(512))
+    site_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+@cache
+def engine_for(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        eng = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(eng, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        return eng
+    return create_engine(url, pool_pre_ping=True)
+
+
+def ping(url: str) -> None:
+    with engine_for(url).connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def create_schema(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    Base.metadata.create_all(engine_for(url))
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    factory = sessionmaker(engine_for(url), expire_on_commit=False)
+    with factory() as session, session.begin():
+        yield session
+
+
+def claim_event(session: Session, consumer: str, event_id: str) -> bool:
+    """Record that ``consumer`` handles ``event_id``; False if it already did.
+
+    Call it in the same transaction as the handler's effect, so the effect and the record
+    commit together: a replayed event is then skipped, never applied twice.
+    """
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    stmt = (
+        insert(ProcessedEvent)
+        .values(consumer=consumer, event_id=event_id, processed_at=_now())
+        .on_conflict_do_nothing()
+    )
+    return session.execute(stmt).rowcount == 1
+
+
+def next_annotation_revision(session: Session, volume_id: str) -> int:
+    current = session.execute(
+        text("SELECT COALESCE(MAX(revision), 0) FROM annotation_revisions WHERE volume_id = :v"),
+        {"v": volume_id},
+    ).scalar_one()
+    return int(current) + 1
+
+
+def audit(
+    session: Session,
+    actor: str,
+    action: str,
+    resource: str,
+    site_id: str | None = None,
+    **detail: Any,
+) -> None:
+    session.add(
+        AuditEntry(actor=actor, action=action, resource=resource, site_id=site_id, detail=detail)
+    )

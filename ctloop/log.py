@@ -1,0 +1,60 @@
+"""Structured (JSON-lines) logging shared by every ctloop process.
+
+``bind(volume_id=..., event_id=...)`` puts identifiers in every line logged inside the ``with``
+block, so a line can always be traced back to the event, volume or model version it concerns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("ctloop_log_context")
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        line.update(_context.get({}))
+        line.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send JSON lines to stderr; safe to call more than once."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in root.handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    # Clients that log every connection or request at INFO; keep their warnings.
+    for chatty in ("kafka", "httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def bind(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` to every log line emitted in this context."""
+    token = _context.set({**_context.get({}), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)

@@ -1,0 +1,158 @@
+"""The Triton model repository in S3, and how a version is published and served.
+
+Layout (keys from :mod:`ctloop.contracts.keys`)::
+
+    <model_prefix>/<model>/config.pbtxt
+    <model_prefix>/<model>/<version>/model.py, weights..., manifest.json
+
+Versions are immutable: publishing a version that exists is refused. ``manifest.json`` is
+written last, so a version without one is incomplete (a crash mid-publish) and never served.
+Serving a version means an explicit Triton load whose config pins exactly that version, so
+rollback is a load of an older one; a failed load leaves the old version serving.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from ctloop.contracts import keys
+from ctloop.settings import Settings
+from ctloop.storage import ObjectStore
+
+MANIFEST = "manifest.json"
+
+
+class VersionExists(RuntimeError):
+    pass
+
+
+class ModelLoadFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    data_type: str  # Triton type, e.g. "TYPE_FP32"
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What config.pbtxt says about a python-backend model."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 0
+    instance_count: int = 1
+
+    def config(self, version: int | None = None) -> dict[str, Any]:
+        """The model configuration, pinned to ``version`` when given (Triton JSON form)."""
+        cfg: dict[str, Any] = {
+            "name": self.name,
+            "backend": "python",
+            "max_batch_size": self.max_batch_size,
+            "input": [_tensor(t) for t in self.inputs],
+            "output": [_tensor(t) for t in self.outputs],
+            "instance_group": [{"kind": "KIND_CPU", "count": self.instance_count}],
+        }
+        if version is not None:
+            cfg["version_policy"] = {"specific": {"versions": [version]}}
+        return cfg
+
+    def config_pbtxt(self) -> str:
+        def tensor(t: TensorSpec) -> str:
+            dims = ", ".join(str(d) for d in t.dims)
+            return f'  {{ name: "{t.name}", data_type: {t.data_type}, dims: [ {dims} ] }}'
+
+        return "\n".join(
+            [
+                f'name: "{self.name}"',
+                'backend: "python"',
+                f"max_batch_size: {self.max_batch_size}",
+                "input [",
+                ",\n".join(tensor(t) for t in self.inputs),
+                "]",
+                "output [",
+                ",\n".join(tensor(t) for t in self.outputs),
+                "]",
+                f"instance_group [ {{ kind: KIND_CPU, count: {self.instance_count} }} ]",
+                "",
+            ]
+        )
+
+
+def _tensor(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "data_type": t.data_type, "dims": list(t.dims)}
+
+
+class ModelRepository:
+    def __init__(self, settings: Settings, store: ObjectStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or ObjectStore(settings)
+        self.bucket = settings.s3.model_bucket
+        self.prefix = settings.triton.model_prefix
+
+    def publish_version(
+        self,
+        spec: ModelSpec,
+        version: int,
+        files: dict[str, bytes],
+        manifest: dict[str, Any],
+    ) -> None:
+        """Upload ``files`` as version ``version`` of ``spec.name``, then its manifest."""
+        base = keys.model_version_prefix(self.prefix, spec.name, version)
+        if self.store.exists(self.bucket, base + MANIFEST):
+            raise VersionExists(f"{spec.name} version {version} is already published")
+        self.store.put_bytes(
+            self.bucket, keys.model_config(self.prefix, spec.name), spec.config_pbtxt().encode()
+        )
+        for name, data in files.items():
+            self.store.put_bytes(self.bucket, base + keys.safe_id(name, "file name"), data)
+        body = json.dumps({"model": spec.name, "version": version, **manifest}, indent=2)
+        self.store.put_bytes(self.bucket, base + MANIFEST, body.encode(), "application/json")
+
+    def published_versions(self, model: str) -> list[int]:
+        """Complete (manifest-bearing) versions, ascending."""
+        root = f"{self.prefix}/{keys.safe_id(model, 'model')}/"
+        found = set()
+        for key in self.store.list_keys(self.bucket, root):
+            parts = key[len(root) :].split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST and parts[0].isdigit():
+                found.add(int(parts[0]))
+        return sorted(found)
+
+    def manifest(self, model: str, version: int) -> dict[str, Any]:
+        key = keys.model_version_prefix(self.prefix, model, version) + MANIFEST
+        return dict(json.loads(self.store.get_bytes(self.bucket, key)))
+
+
+class TritonModels:
+    """Loads and queries models on a Triton server over gRPC."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.client = triton_grpc.InferenceServerClient(settings.triton.grpc_url)
+
+    def serve_version(self, spec: ModelSpec, version: int) -> None:
+        """Load exactly ``version``; on failure the previously loaded version keeps serving."""
+        try:
+            self.client.load_model(spec.name, config=json.dumps(spec.config(version)))
+        except InferenceServerException as exc:
+            raise ModelLoadFailed(f"{spec.name} v{version}: {exc.message()}") from exc
+
+    def serving_versions(self, model: str) -> list[int]:
+        index = self.client.get_model_repository_index(as_json=True)
+        return sorted(
+            int(m["version"])
+            for m in index.get("models", [])
+            if m.get("name") == model and m.get("state") == "READY" and m.get("version")
+        )
+
+    def close(self) -> None:
+        self.client.close()

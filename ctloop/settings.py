@@ -1,0 +1,123 @@
+"""One typed settings object for every ctloop process.
+
+Values come from the environment (prefix ``CTLOOP_``, nested groups joined by ``__``, e.g.
+``CTLOOP_KAFKA__PORT=29092``) or a ``.env`` file; defaults describe the embedded local stack.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class KafkaSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 19092
+    controller_port: int = 19093
+    # Set to use an existing cluster instead of the embedded broker ("host:port,host:port").
+    external_bootstrap: str | None = None
+    topic_partitions: int = 3
+    heap: str = "512m"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.external_bootstrap or f"{self.host}:{self.port}"
+
+
+class S3Settings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 17070
+    external_endpoint: str | None = None  # "host:port" of MinIO / another S3 service
+    secure: bool = False
+    access_key: str = "ctloop"
+    secret_key: SecretStr = SecretStr("ctloop-local-secret")
+    region: str = "us-east-1"
+    bucket: str = "ctloop"
+    model_bucket: str = "ctloop-models"
+
+    @property
+    def endpoint(self) -> str:
+        return self.external_endpoint or f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://{self.endpoint}"
+
+
+class TritonSettings(BaseModel):
+    host: str = "127.0.0.1"
+    http_port: int = 18000
+    grpc_port: int = 18001
+    metrics_port: int = 18002
+    external_url: str | None = None  # "host:port" of an existing Triton gRPC endpoint
+    model_prefix: str = "models"  # folder of the model repository inside the model bucket
+    startup_timeout_s: float = 120.0
+
+    @property
+    def grpc_url(self) -> str:
+        return self.external_url or f"{self.host}:{self.grpc_port}"
+
+
+class DatabaseSettings(BaseModel):
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    # Full SQLAlchemy URL of an existing database; overrides the embedded one.
+    url: str | None = None
+    pg_host: str = "127.0.0.1"
+    pg_port: int = 55432
+    pg_user: str = "ctloop"
+    pg_password: SecretStr = SecretStr("ctloop-local-secret")
+    pg_database: str = "ctloop"
+
+
+class Settings(BaseSettings):
+    """Everything configurable, in one place."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CTLOOP_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    run_dir: Path = Field(default=REPO_ROOT / ".ctloop")
+    # Installed by `make setup` (Kafka jars, versitygw, helm); shared by every run directory.
+    tools_dir: Path = Field(default=REPO_ROOT / ".ctloop" / "tools")
+    log_level: str = "INFO"
+    kafka: KafkaSettings = KafkaSettings()
+    s3: S3Settings = S3Settings()
+    triton: TritonSettings = TritonSettings()
+    db: DatabaseSettings = DatabaseSettings()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run_dir / "state"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def database_url(self) -> str:
+        if self.db.url:
+            return self.db.url
+        if self.db.backend == "postgresql":
+            d = self.db
+            password = d.pg_password.get_secret_value()
+            return (
+                f"postgresql+psycopg://{d.pg_user}:{password}@{d.pg_host}:{d.pg_port}/"
+                f"{d.pg_database}"
+            )
+        return f"sqlite:///{self.data_dir / 'sqlite' / 'ctloop.db'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,104 @@
+"""The object store (S3: Versity Gateway here, MinIO or any S3 service in a cluster)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from minio import Minio
+from minio.commonconfig import ENABLED
+from minio.error import S3Error
+from minio.versioningconfig import VersioningConfig
+
+from ctloop.settings import Settings
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    bucket: str
+    key: str
+    version_id: str | None
+    etag: str
+
+
+class ObjectStore:
+    def __init__(self, settings: Settings) -> None:
+        s = settings.s3
+        self.settings = settings
+        self.client = Minio(
+            s.endpoint,
+            access_key=s.access_key,
+            secret_key=s.secret_key.get_secret_value(),
+            secure=s.secure,
+            region=s.region,
+        )
+
+    @property
+    def buckets(self) -> tuple[str, str]:
+        return self.settings.s3.bucket, self.settings.s3.model_bucket
+
+    def list_buckets(self) -> list[str]:
+        return [b.name for b in self.client.list_buckets()]
+
+    def ensure_buckets(self) -> None:
+        """Create the data and model buckets with versioning on (idempotent)."""
+        for bucket in self.buckets:
+            if not self.client.bucket_exists(bucket):
+                try:
+                    self.client.make_bucket(bucket)
+                except S3Error as exc:
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+            if self.client.get_bucket_versioning(bucket).status != ENABLED:
+                self.client.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
+
+    def ensure_model_repository(self) -> None:
+        """Make the Triton repository prefix exist (S3 has no empty folders)."""
+        s = self.settings
+        key = f"{s.triton.model_prefix}/README.txt"
+        if not self.exists(s.s3.model_bucket, key):
+            text = b"ctloop Triton model repository: <model>/config.pbtxt, <model>/<version>/\n"
+            self.put_bytes(s.s3.model_bucket, key, text, "text/plain")
+
+    def put_bytes(
+        self,
+        bucket: str,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+    ) -> StoredObject:
+        result = self.client.put_object(
+            bucket, key, io.BytesIO(data), len(data), content_type=content_type
+        )
+        return StoredObject(bucket, key, result.version_id, result.etag)
+
+    def get_bytes(self, bucket: str, key: str, version_id: str | None = None) -> bytes:
+        response = self.client.get_object(bucket, key, version_id=version_id)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self.client.stat_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise
+        return True
+
+    def versions(self, bucket: str, key: str) -> list[str]:
+        """Version ids of ``key``, newest first (the order S3 lists them in)."""
+        return [
+            str(o.version_id)
+            for o in self.client.list_objects(bucket, prefix=key, include_version=True)
+            if o.object_name == key and o.version_id is not None and not o.is_delete_marker
+        ]
+
+    def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        return [
+            str(o.object_name)
+            for o in self.client.list_objects(bucket, prefix=prefix, recursive=True)
+        ]

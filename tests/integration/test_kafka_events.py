@@ -1,0 +1,166 @@
+"""CloudEvents through the real broker with the services' own producer and consumer."""
+
+import threading
+import time
+
+from kafka import KafkaConsumer
+
+from ctloop.bus import EventConsumer, EventProducer
+from ctloop.contracts.events import CloudEvent
+from ctloop.contracts.topics import VOLUME_INGESTED, Topic
+from ctloop.retry import RetryPolicy
+
+
+def _consume_until(consumer: EventConsumer, done, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        consumer.poll_once(timeout_ms=500)
+    assert done(), "expected events did not arrive in time"
+
+
+def _event(unique: str, n: int = 0, subject: str | None = None) -> CloudEvent:
+    # Records with one subject (key) share a partition, so they arrive in order.
+    subject = subject or f"vol-{unique}-{n}"
+    return CloudEvent(
+        type=VOLUME_INGESTED,
+        source="/tests/kafka",
+        subject=subject,
+        data={"volume_id": subject, "site_id": "site-a", "n": n},
+    )
+
+
+def test_event_reaches_a_consumer_group_with_headers_intact(settings, unique):
+    producer = EventProducer(settings, client_id=f"test-{unique}")
+    sent = _event(unique)
+    producer.publish(sent)
+
+    seen: list[CloudEvent] = []
+    consumer = EventConsumer(
+        settings, f"test-group-{unique}", [Topic.VOLUME_INGESTED], seen.append, producer
+    )
+    try:
+        _consume_until(consumer, lambda: any(e.id == sent.id for e in seen))
+    finally:
+        consumer.close()
+    got = next(e for e in seen if e.id == sent.id)
+    assert (got.type, got.source, got.subject, got.time, got.data) == (
+        sent.type,
+        sent.source,
+        sent.subject,
+        sent.time,
+        sent.data,
+    )
+
+    # The raw record carries the CloudEvents binary-mode headers, keyed by the subject.
+    raw = KafkaConsumer(
+        str(Topic.VOLUME_INGESTED),
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=f"test-raw-{unique}",
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=20000,
+    )
+    try:
+        record = next(r for r in raw if dict(r.headers).get("ce_id") == sent.id.encode())
+    finally:
+        raw.close()
+    headers = dict(record.headers)
+    assert record.key == sent.subject.encode()
+    assert headers["ce_specversion"] == b"1.0"
+    assert headers["ce_type"] == b"org.ctloop.volume.ingested.v1"
+    assert headers["ce_source"] == b"/tests/kafka"
+    assert headers["content-type"] == b"application/json"
+    producer.close()
+
+
+def test_committed_events_are_not_redelivered_to_the_group(settings, unique):
+    producer = EventProducer(settings, client_id=f"test-{unique}")
+    first = [_event(unique, n) for n in range(3)]
+    for e in first:
+        producer.publish(e)
+    group = f"test-group-{unique}"
+    ids = {e.id for e in first}
+    seen: list[CloudEvent] = []
+    consumer = EventConsumer(settings, group, [Topic.VOLUME_INGESTED], seen.append, producer)
+    _consume_until(consumer, lambda: ids <= {e.id for e in seen})
+    consumer.close()
+
+    later = _event(unique, 99)
+    producer.publish(later)
+    seen_again: list[CloudEvent] = []
+    consumer = EventConsumer(settings, group, [Topic.VOLUME_INGESTED], seen_again.append, producer)
+    try:
+        _consume_until(consumer, lambda: any(e.id == later.id for e in seen_again))
+    finally:
+        consumer.close()
+    assert not ids & {e.id for e in seen_again}
+    producer.close()
+
+
+def test_malformed_record_goes_to_dead_letters_and_consumer_carries_on(settings, unique):
+    producer = EventProducer(settings, client_id=f"test-{unique}")
+    producer.send_raw(
+        Topic.VOLUME_INGESTED,
+        f"bad-{unique}".encode(),
+        b"{not json",
+        [("ce_specversion", b"1.0"), ("ce_id", f"bad-{unique}".encode())],
+    )
+    good = _event(unique, 1, subject=f"bad-{unique}")
+    producer.publish(good)
+
+    seen: list[CloudEvent] = []
+    consumer = EventConsumer(
+        settings, f"test-group-{unique}", [Topic.VOLUME_INGESTED], seen.append, producer
+    )
+    try:
+        _consume_until(consumer, lambda: any(e.id == good.id for e in seen))
+    finally:
+        consumer.close()
+
+    dlq = KafkaConsumer(
+        str(Topic.DEAD_LETTER),
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=f"test-dlq-{unique}",
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=20000,
+    )
+    try:
+        record = next(r for r in dlq if r.key == f"bad-{unique}".encode())
+    finally:
+        dlq.close()
+    headers = dict(record.headers)
+    assert record.value == b"{not json"
+    assert b"missing CloudEvents headers" in headers["ctloop_dlq_reason"]
+    assert headers["ctloop_dlq_origin"].startswith(b"ctloop.volume.ingested/")
+    producer.close()
+
+
+def test_failing_handler_is_retried_then_dead_lettered(settings, unique):
+    producer = EventProducer(settings, client_id=f"test-{unique}")
+    poison, after = _event(unique, 1), _event(unique, 2, subject=f"vol-{unique}-1")
+    producer.publish(poison)
+    producer.publish(after)
+    attempts: list[str] = []
+    handled: list[str] = []
+    lock = threading.Lock()
+
+    def handler(event: CloudEvent) -> None:
+        with lock:
+            attempts.append(event.id)
+        if event.id == poison.id:
+            raise RuntimeError("cannot process this one")
+        handled.append(event.id)
+
+    consumer = EventConsumer(
+        settings,
+        f"test-group-{unique}",
+        [Topic.VOLUME_INGESTED],
+        handler,
+        producer,
+        retry=RetryPolicy(attempts=3, base_delay_s=0.01),
+    )
+    try:
+        _consume_until(consumer, lambda: after.id in handled)
+    finally:
+        consumer.close()
+    assert attempts.count(poison.id) == 3
+    producer.close()
