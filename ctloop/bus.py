@@ -9,6 +9,7 @@ with the reason and its origin in headers; the consumer carries on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -59,18 +60,12 @@ def ensure_topics(settings: Settings, topics: Iterable[str] = tuple(Topic)) -> N
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
         for name in missing:
-            try:
-                admin.create_topics(
-                    [
-                        NewTopic(
-                            name,
-                            num_partitions=settings.kafka.topic_partitions,
-                            replication_factor=1,
-                        )
-                    ]
-                )
-            except TopicAlreadyExistsError:
-                pass  # created by a concurrent caller
+            new = NewTopic(
+                name, num_partitions=settings.kafka.topic_partitions, replication_factor=1
+            )
+            # A concurrent caller may have created it in the meantime.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics([new])
     finally:
         admin.close()
 
@@ -139,9 +134,7 @@ class EventConsumer:
         for tp, records in batches.items():
             for record in records:
                 self._handle_record(tp, record)
-                self._consumer.commit(
-                    {tp: OffsetAndMetadata(record.offset + 1, "", -1)}
-                )
+                self._consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
                 count += 1
         return count
 

@@ -133,14 +133,14 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
     Call it in the same transaction as the handler's effect, so the effect and the record
     commit together: a replayed event is then skipped, never applied twice.
     """
-    dialect = session.get_bind().dialect.name
-    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
-    stmt = (
-        insert(ProcessedEvent)
-        .values(consumer=consumer, event_id=event_id, processed_at=_now())
-        .on_conflict_do_nothing()
-    )
-    return session.execute(stmt).rowcount == 1
+    values = {"consumer": consumer, "event_id": event_id, "processed_at": _now()}
+    stmt: postgresql.Insert | sqlite.Insert
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = postgresql.insert(ProcessedEvent).values(**values).on_conflict_do_nothing()
+    else:
+        stmt = sqlite.insert(ProcessedEvent).values(**values).on_conflict_do_nothing()
+    claimed = session.execute(stmt.returning(ProcessedEvent.event_id)).scalar_one_or_none()
+    return claimed is not None
 
 
 def next_annotation_revision(session: Session, volume_id: str) -> int:

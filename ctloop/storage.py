@@ -18,7 +18,7 @@ class StoredObject:
     bucket: str
     key: str
     version_id: str | None
-    etag: str
+    etag: str | None
 
 
 class ObjectStore:

@@ -53,9 +53,7 @@ class CloudEvent:
         return self.subject.encode(), value, [(k, v.encode()) for k, v in headers]
 
     @classmethod
-    def from_kafka(
-        cls, value: bytes | None, headers: list[tuple[str, bytes]] | None
-    ) -> CloudEvent:
+    def from_kafka(cls, value: bytes | None, headers: list[tuple[str, bytes]] | None) -> CloudEvent:
         """Parse a record; raise :class:`InvalidEvent` with the reason when it is malformed."""
         try:
             attrs = {k: v.decode() for k, v in headers or []}
@@ -77,9 +75,7 @@ class CloudEvent:
             raise InvalidEvent("data is not a JSON object")
         version = data.pop("schema_version", None)
         if version != event_type.schema_version:
-            raise InvalidEvent(
-                f"schema_version {version!r} does not match {event_type.ce_type}"
-            )
+            raise InvalidEvent(f"schema_version {version!r} does not match {event_type.ce_type}")
         return cls(
             type=event_type,
             source=attrs["ce_source"],

@@ -50,7 +50,7 @@ class Component(ABC):
     def data_dir(self) -> Path:
         return self.settings.data_dir / self.name
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook
         """One-time initialisation of the data directory (idempotent)."""
 
     @abstractmethod
@@ -62,7 +62,7 @@ class Component(ABC):
     @abstractmethod
     def health(self) -> Health: ...
 
-    def after_start(self) -> None:
+    def after_start(self) -> None:  # noqa: B027 - optional hook
         """Runs once the component is healthy (create topics, buckets, ...); idempotent."""
 
     def describe(self) -> str:

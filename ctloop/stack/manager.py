@@ -35,9 +35,15 @@ class ComponentStatus:
 
 
 class LocalStack:
-    def __init__(self, settings: Settings, echo: Printer = print) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        echo: Printer = print,
+        only: set[str] | None = None,
+    ) -> None:
+        """``only`` limits the stack to the named components (e.g. ``{"postgres"}``)."""
         self.settings = settings
-        self.components = stack_components(settings)
+        self.components = [c for c in stack_components(settings) if only is None or c.name in only]
         self.echo = echo
 
     @contextlib.contextmanager

@@ -1,0 +1,139 @@
+"""The workflow database layer, run on SQLite and on a real PostgreSQL server."""
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from ctloop.db import (
+    AnnotationRevision,
+    AuditEntry,
+    Site,
+    Volume,
+    audit,
+    claim_event,
+    create_schema,
+    next_annotation_revision,
+    session_scope,
+)
+from ctloop.settings import Settings
+from ctloop.stack import LocalStack
+
+
+@pytest.fixture(scope="session")
+def postgres_settings(settings: Settings) -> Iterator[Settings]:
+    """The stack's PostgreSQL, started for these tests when the stack runs on SQLite."""
+    pg = settings.model_copy(
+        update={"db": settings.db.model_copy(update={"backend": "postgresql"})}
+    )
+    server = LocalStack(pg, echo=lambda line: print(f"[stack] {line}"), only={"postgres"})
+    was_up = server.is_healthy()
+    server.up()
+    yield pg
+    if not was_up:
+        server.down()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path, unique) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'workflow.db'}"
+        create_schema(url)
+        yield url
+        return
+    pg: Settings = request.getfixturevalue("postgres_settings")
+    d = pg.db
+    name = f"test_{unique}"
+    admin = dict(
+        host=d.pg_host,
+        port=d.pg_port,
+        user=d.pg_user,
+        password=d.pg_password.get_secret_value(),
+        dbname="postgres",
+        autocommit=True,
+    )
+    with psycopg.connect(**admin) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = pg.database_url.rsplit("/", 1)[0] + f"/{name}"
+    create_schema(url)
+    yield url
+    from ctloop.db import engine_for
+
+    engine_for(url).dispose()
+    with psycopg.connect(**admin) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _seed(url: str) -> None:
+    with session_scope(url) as s:
+        s.add(Site(id="site-a", name="Site A"))
+        s.add(
+            Volume(
+                id="vol-1",
+                site_id="site-a",
+                dataset="clinical",
+                s3_key="volumes/site-a/vol-1/image.nii.gz",
+                s3_version_id="v1",
+                sha256="0" * 64,
+                geometry={"shape": [64, 64, 32], "spacing": [1.5, 1.5, 3.0]},
+            )
+        )
+
+
+def test_volume_round_trips_with_its_geometry(db_url):
+    _seed(db_url)
+    with session_scope(db_url) as s:
+        vol = s.get(Volume, "vol-1")
+        assert vol is not None
+        assert vol.geometry == {"shape": [64, 64, 32], "spacing": [1.5, 1.5, 3.0]}
+        assert vol.status == "ingested"
+        assert vol.created_at is not None
+
+
+def test_annotation_revisions_are_numbered_and_never_overwritten(db_url):
+    _seed(db_url)
+    for author in ("ann-1", "ann-2"):
+        with session_scope(db_url) as s:
+            rev = next_annotation_revision(s, "vol-1")
+            s.add(
+                AnnotationRevision(volume_id="vol-1", revision=rev, author=author, s3_key=f"k{rev}")
+            )
+    with session_scope(db_url) as s:
+        rows = s.scalars(select(AnnotationRevision).order_by(AnnotationRevision.revision)).all()
+        assert [(r.revision, r.author) for r in rows] == [(1, "ann-1"), (2, "ann-2")]
+    with pytest.raises(IntegrityError), session_scope(db_url) as s:
+        s.add(AnnotationRevision(volume_id="vol-1", revision=2, author="x", s3_key="dup"))
+
+
+def test_foreign_keys_are_enforced(db_url):
+    with pytest.raises(IntegrityError), session_scope(db_url) as s:
+        s.add(Volume(id="orphan", site_id="no-such-site", dataset="public", s3_key="k", sha256="0"))
+        s.flush()
+
+
+def test_an_event_is_claimed_once_per_consumer(db_url):
+    with session_scope(db_url) as s:
+        assert claim_event(s, "inference", "evt-1") is True
+    with session_scope(db_url) as s:
+        assert claim_event(s, "inference", "evt-1") is False
+        assert claim_event(s, "training", "evt-1") is True
+
+
+def test_a_failed_handler_releases_its_claim(db_url):
+    with pytest.raises(RuntimeError), session_scope(db_url) as s:
+        assert claim_event(s, "inference", "evt-2")
+        raise RuntimeError("effect failed before commit")
+    with session_scope(db_url) as s:
+        assert claim_event(s, "inference", "evt-2") is True
+
+
+def test_audit_entries_are_kept(db_url):
+    _seed(db_url)
+    with session_scope(db_url) as s:
+        audit(s, "ann-1", "volume.read", "vol-1", site_id="site-a", ip="127.0.0.1")
+    with session_scope(db_url) as s:
+        entry = s.scalars(select(AuditEntry)).one()
+        assert (entry.actor, entry.action, entry.site_id) == ("ann-1", "volume.read", "site-a")
+        assert entry.detail == {"ip": "127.0.0.1"}
