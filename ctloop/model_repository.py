@@ -14,13 +14,13 @@ rollback is a load of an older one; a failed load leaves the old version serving
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from ctloop.contracts import keys
+from ctloop.contracts.triton import ModelSpec
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 
@@ -33,63 +33,6 @@ class VersionExists(RuntimeError):
 
 class ModelLoadFailed(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    data_type: str  # Triton type, e.g. "TYPE_FP32"
-    dims: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What config.pbtxt says about a python-backend model."""
-
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    max_batch_size: int = 0
-    instance_count: int = 1
-
-    def config(self, version: int | None = None) -> dict[str, Any]:
-        """The model configuration, pinned to ``version`` when given (Triton JSON form)."""
-        cfg: dict[str, Any] = {
-            "name": self.name,
-            "backend": "python",
-            "max_batch_size": self.max_batch_size,
-            "input": [_tensor(t) for t in self.inputs],
-            "output": [_tensor(t) for t in self.outputs],
-            "instance_group": [{"kind": "KIND_CPU", "count": self.instance_count}],
-        }
-        if version is not None:
-            cfg["version_policy"] = {"specific": {"versions": [version]}}
-        return cfg
-
-    def config_pbtxt(self) -> str:
-        def tensor(t: TensorSpec) -> str:
-            dims = ", ".join(str(d) for d in t.dims)
-            return f'  {{ name: "{t.name}", data_type: {t.data_type}, dims: [ {dims} ] }}'
-
-        return "\n".join(
-            [
-                f'name: "{self.name}"',
-                'backend: "python"',
-                f"max_batch_size: {self.max_batch_size}",
-                "input [",
-                ",\n".join(tensor(t) for t in self.inputs),
-                "]",
-                "output [",
-                ",\n".join(tensor(t) for t in self.outputs),
-                "]",
-                f"instance_group [ {{ kind: KIND_CPU, count: {self.instance_count} }} ]",
-                "",
-            ]
-        )
-
-
-def _tensor(t: TensorSpec) -> dict[str, Any]:
-    return {"name": t.name, "data_type": t.data_type, "dims": list(t.dims)}
 
 
 class ModelRepository:

@@ -48,6 +48,15 @@ def _pids(lines: dict[str, str]) -> dict[str, str]:
     }
 
 
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for init to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _processes_under(run_dir: str) -> list[str]:
     """Processes whose command line or working directory is inside ``run_dir``."""
     found = []
@@ -62,7 +71,7 @@ def _processes_under(run_dir: str) -> list[str]:
             cwd = os.readlink(proc / "cwd")
         except OSError:
             cwd = ""
-        if run_dir in cmdline or cwd.startswith(run_dir):
+        if (run_dir in cmdline or cwd.startswith(run_dir)) and _alive(int(proc.name)):
             found.append(f"{proc.name}: {cmdline[:200]}")
     return found
 
@@ -109,4 +118,4 @@ def test_up_status_down_leaves_nothing_behind(second_stack_env):
     assert all(" stopped " in stopped[n] for n in ("s3", "kafka", "triton")), stopped
     assert _processes_under(env["CTLOOP_RUN_DIR"]) == []
     for name, pid in pids.items():
-        assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) still running"
+        assert not _alive(int(pid)), f"{name} (pid {pid}) still running"

@@ -1,4 +1,4 @@
-from ctloop.model_repository import ModelSpec, TensorSpec
+from ctloop.contracts.triton import ModelSpec, TensorSpec
 
 SPEC = ModelSpec(
     name="igniter",

@@ -1,0 +1,251 @@
+"""Datasets on disk: NIfTI image/label pairs, Decathlon ``dataset.json``, DICOM series.
+
+Every dataset carries its own label map; loading maps labels to canonical organ ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from numpy.typing import NDArray
+
+from ctloop.core.organs import ORGAN_IDS, LabelMap
+from ctloop.core.phantom import Phantom, SiteProfile, generate_phantom, load_site
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as declared; the message names the file and the problem."""
+
+
+@dataclass
+class Volume:
+    """An image (HU, ``(x, y, z)``), its optional canonical label and its geometry."""
+
+    id: str
+    image: NDArray[np.float32]
+    affine: NDArray[np.float64]
+    label: NDArray[np.uint8] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        sx, sy, sz = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return float(sx), float(sy), float(sz)
+
+
+# ---------------------------------------------------------------- NIfTI
+def save_nifti(path: Path, array: NDArray, affine: NDArray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    if array.dtype == np.uint8:
+        img.header.set_intent("label")
+    nib.save(img, str(path))
+
+
+def load_nifti(path: Path) -> tuple[NDArray, NDArray[np.float64]]:
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise DatasetError(f"{path}: not a readable NIfTI file ({exc})") from exc
+    if data.ndim != 3:
+        raise DatasetError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def phantom_volume(p: Phantom, volume_id: str) -> Volume:
+    return Volume(
+        id=volume_id,
+        image=p.image.astype(np.float32),
+        affine=p.affine,
+        label=p.label,
+        meta={"site": p.site, "seed": p.seed},
+    )
+
+
+# ---------------------------------------------------------------- Decathlon folders
+@dataclass
+class DecathlonDataset:
+    """A folder with ``dataset.json``, ``imagesTr/`` and (for labelled sets) ``labelsTr/``."""
+
+    root: Path
+    name: str
+    label_map: LabelMap
+    training: list[dict[str, str]]  # {"image": rel, "label": rel}; label may be absent
+    test: list[str]
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, root: Path) -> DecathlonDataset:
+        spec_path = root / "dataset.json"
+        try:
+            spec = json.loads(spec_path.read_text())
+        except FileNotFoundError as exc:
+            raise DatasetError(f"{root}: no dataset.json") from exc
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{spec_path}: invalid JSON ({exc})") from exc
+        if "labels" not in spec or "training" not in spec:
+            raise DatasetError(f"{spec_path}: needs 'labels' and 'training'")
+        training = [
+            {k: v for k, v in item.items() if k in ("image", "label")}
+            if isinstance(item, dict)
+            else {"image": str(item)}
+            for item in spec["training"]
+        ]
+        return cls(
+            root=root,
+            name=str(spec.get("name", root.name)),
+            label_map=LabelMap.from_decathlon(spec["labels"]),
+            training=training,
+            test=[str(t) for t in spec.get("test", [])],
+            meta={k: v for k, v in spec.items() if k not in ("training", "test", "labels")},
+        )
+
+    def __len__(self) -> int:
+        return len(self.training)
+
+    def ids(self) -> list[str]:
+        return [_volume_id(item["image"]) for item in self.training]
+
+    def load(self, index: int) -> Volume:
+        item = self.training[index]
+        image, affine = load_nifti(self.root / item["image"])
+        label = None
+        if "label" in item:
+            raw, label_affine = load_nifti(self.root / item["label"])
+            if raw.shape != image.shape or not np.allclose(label_affine, affine, atol=1e-3):
+                raise DatasetError(f"{item['label']}: label grid differs from its image's")
+            if not np.issubdtype(raw.dtype, np.integer) and not np.all(np.mod(raw, 1) == 0):
+                raise DatasetError(f"{item['label']}: label holds non-integer values")
+            label = self.label_map.to_canonical(raw.astype(np.int64))
+        return Volume(
+            id=_volume_id(item["image"]),
+            image=image.astype(np.float32),
+            affine=affine,
+            label=label,
+            meta={"dataset": self.name},
+        )
+
+    def __iter__(self) -> Iterator[Volume]:
+        for i in range(len(self)):
+            yield self.load(i)
+
+
+def _volume_id(rel: str) -> str:
+    name = Path(rel).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def write_decathlon(
+    root: Path,
+    volumes: Sequence[Volume],
+    name: str,
+    label_map: LabelMap | None = None,
+    description: str = "",
+    with_labels: bool = True,
+) -> DecathlonDataset:
+    """Write ``volumes`` as a Decathlon folder (labels in ``label_map``'s ids)."""
+    label_map = label_map or LabelMap.canonical()
+    to_dataset = np.zeros(len(ORGAN_IDS), dtype=np.uint8)  # canonical id -> dataset id
+    for organ, value in label_map.organ_to_id.items():
+        to_dataset[ORGAN_IDS[organ]] = value
+    training = []
+    for v in volumes:
+        entry = {"image": f"./imagesTr/{v.id}.nii.gz"}
+        save_nifti(root / entry["image"], v.image.astype(np.int16), v.affine)
+        if with_labels and v.label is not None:
+            entry["label"] = f"./labelsTr/{v.id}.nii.gz"
+            save_nifti(root / entry["label"], to_dataset[v.label], v.affine)
+        training.append(entry)
+    spec = {
+        "name": name,
+        "description": description,
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": label_map.to_decathlon(),
+        "numTraining": len(training),
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    (root / "dataset.json").write_text(json.dumps(spec, indent=2))
+    return DecathlonDataset.open(root)
+
+
+def synthesize_dataset(
+    root: Path,
+    site: SiteProfile | str,
+    count: int,
+    seed: int,
+    size: str = "small",
+    label_map: LabelMap | None = None,
+    with_labels: bool = True,
+) -> DecathlonDataset:
+    """``count`` phantoms of ``site`` written as a Decathlon folder (what ``ctloop synth`` does)."""
+    profile = load_site(site) if isinstance(site, str) else site
+    volumes = [
+        phantom_volume(generate_phantom(profile, seed + i, size), f"{profile.name}_{seed + i:05d}")
+        for i in range(count)
+    ]
+    return write_decathlon(
+        root,
+        volumes,
+        name=f"ctloop-synth-{profile.name}",
+        label_map=label_map,
+        description=f"{profile.description} (synthetic phantoms, size {size}, seed {seed})",
+        with_labels=with_labels,
+    )
+
+
+# ---------------------------------------------------------------- DICOM
+def load_dicom_series(files: Sequence[Path]) -> Volume:
+    """A CT series (one file per slice) as a volume in HU with a RAS affine."""
+    import pydicom
+
+    if not files:
+        raise DatasetError("empty DICOM series")
+    try:
+        slices = [pydicom.dcmread(str(f)) for f in files]
+    except Exception as exc:
+        raise DatasetError(f"not a readable DICOM file ({exc})") from exc
+    series = {str(getattr(s, "SeriesInstanceUID", "")) for s in slices}
+    if len(series) != 1:
+        raise DatasetError(f"files belong to {len(series)} series; send one series")
+    try:
+        orient = np.array(slices[0].ImageOrientationPatient, dtype=np.float64)
+        row, col = orient[:3], orient[3:]
+        normal = np.cross(row, col)
+        slices.sort(key=lambda s: float(np.dot(normal, np.array(s.ImagePositionPatient, float))))
+        pixel = np.stack([s.pixel_array.astype(np.float32) for s in slices], axis=-1)
+        slope = float(getattr(slices[0], "RescaleSlope", 1.0))
+        intercept = float(getattr(slices[0], "RescaleIntercept", 0.0))
+        dy, dx = (float(v) for v in slices[0].PixelSpacing)
+        first = np.array(slices[0].ImagePositionPatient, dtype=np.float64)
+        if len(slices) > 1:
+            last = np.array(slices[-1].ImagePositionPatient, dtype=np.float64)
+            step = (last - first) / (len(slices) - 1)
+        else:
+            step = normal * float(getattr(slices[0], "SliceThickness", 1.0))
+    except (AttributeError, ValueError, TypeError) as exc:
+        raise DatasetError(f"DICOM series lacks geometry or pixel data ({exc})") from exc
+    # pixel_array is (rows, cols) = (y, x); NIfTI order is (x, y, z).
+    image = np.transpose(pixel, (1, 0, 2)) * slope + intercept
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * dx, col * dy, step, first
+    to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return Volume(
+        id=str(getattr(slices[0], "SeriesInstanceUID", "dicom")),
+        image=image.astype(np.float32),
+        affine=to_ras @ lps,
+        meta={"modality": str(getattr(slices[0], "Modality", ""))},
+    )

@@ -1,0 +1,94 @@
+"""The canonical organ list and per-dataset label maps.
+
+Every dataset declares its own ``organ name -> label id`` map (Decathlon ``labels``); on load
+ctloop maps it onto the canonical ids below, so two datasets that number organs differently
+train one network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.typing import NDArray
+
+# Canonical label ids: index in this tuple. 0 is background.
+ORGANS: tuple[str, ...] = (
+    "background",
+    "liver",
+    "spleen",
+    "kidney_right",
+    "kidney_left",
+    "stomach",
+    "pancreas",
+    "gallbladder",
+    "aorta",
+    "ivc",
+)
+ORGAN_IDS: dict[str, int] = {name: i for i, name in enumerate(ORGANS)}
+NUM_CLASSES = len(ORGANS)
+FOREGROUND: tuple[str, ...] = ORGANS[1:]
+
+# Names other datasets commonly use for the same structures.
+ALIASES: dict[str, str] = {
+    "bg": "background",
+    "right kidney": "kidney_right",
+    "left kidney": "kidney_left",
+    "kidney_r": "kidney_right",
+    "kidney_l": "kidney_left",
+    "gall_bladder": "gallbladder",
+    "gall bladder": "gallbladder",
+    "inferior_vena_cava": "ivc",
+    "inferior vena cava": "ivc",
+    "postcava": "ivc",
+}
+
+
+class UnknownLabel(ValueError):
+    """A label name or value that the dataset or the canonical list does not know."""
+
+
+def canonical_name(name: str) -> str:
+    key = name.strip().lower()
+    key = ALIASES.get(key, key).replace(" ", "_")
+    if key not in ORGAN_IDS:
+        raise UnknownLabel(f"unknown organ {name!r}; known: {', '.join(ORGANS)}")
+    return key
+
+
+class LabelMap:
+    """A dataset's ``organ -> id`` map and its translation to canonical ids."""
+
+    def __init__(self, organ_to_id: Mapping[str, int]) -> None:
+        self.organ_to_id = {canonical_name(k): int(v) for k, v in organ_to_id.items()}
+        ids = list(self.organ_to_id.values())
+        if len(set(ids)) != len(ids):
+            raise UnknownLabel(f"label map assigns one id to several organs: {organ_to_id}")
+        self.organ_to_id.setdefault("background", 0)
+        size = max(self.organ_to_id.values()) + 1
+        self._lut = np.full(size, -1, dtype=np.int16)
+        for organ, value in self.organ_to_id.items():
+            self._lut[value] = ORGAN_IDS[organ]
+
+    @classmethod
+    def canonical(cls) -> LabelMap:
+        return cls(ORGAN_IDS)
+
+    @classmethod
+    def from_decathlon(cls, labels: Mapping[str, str]) -> LabelMap:
+        """From a Decathlon ``dataset.json`` ``labels`` block (``{"0": "background", ...}``)."""
+        return cls({name: int(value) for value, name in labels.items()})
+
+    def to_decathlon(self) -> dict[str, str]:
+        return {str(v): k for k, v in sorted(self.organ_to_id.items(), key=lambda kv: kv[1])}
+
+    def to_canonical(self, label: NDArray[np.integer]) -> NDArray[np.uint8]:
+        """Map a label volume in this dataset's ids to canonical ids.
+
+        Raises :class:`UnknownLabel` when the volume holds a value the map does not declare.
+        """
+        values = np.unique(label)
+        unknown = [int(v) for v in values if v < 0 or v >= len(self._lut) or self._lut[v] < 0]
+        if unknown:
+            raise UnknownLabel(f"label values {unknown} are not in the dataset's label map")
+        return self._lut[label].astype(np.uint8)

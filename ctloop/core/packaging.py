@@ -1,0 +1,84 @@
+"""A trained checkpoint as a Triton model-repository version (pure: files, config, manifest).
+
+The python-backend ``model.py`` (:mod:`ctloop.core.triton_model`) loads ``weights.pt`` and runs
+the same sliding-window inference as in-process code, on CPU or GPU. Publishing the package
+into S3 is :meth:`ctloop.model_repository.ModelRepository.publish_version`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ctloop.contracts.triton import ModelSpec, TensorSpec
+from ctloop.core.model import load_checkpoint
+
+# Read, never imported here: it imports triton_python_backend_utils, which only Triton has.
+TRITON_MODEL_PY = Path(__file__).with_name("triton_model.py")
+
+INPUTS = (
+    TensorSpec("IMAGE", "TYPE_FP32", (-1, -1, -1)),
+    TensorSpec("AFFINE", "TYPE_FP64", (4, 4)),
+)
+OUTPUTS = (
+    TensorSpec("LABELS", "TYPE_UINT8", (-1, -1, -1)),
+    TensorSpec("UNCERTAINTY", "TYPE_FP32", (1,)),
+)
+
+
+@dataclass(frozen=True)
+class TritonPackage:
+    spec: ModelSpec
+    files: dict[str, bytes]
+    manifest: dict[str, Any]
+
+
+def segmentation_spec(
+    name: str,
+    gpu: bool = False,
+    instance_count: int = 1,
+    sw_batch_size: int | None = None,
+    sw_overlap: float | None = None,
+) -> ModelSpec:
+    params = []
+    if sw_batch_size is not None:
+        params.append(("sw_batch_size", str(sw_batch_size)))
+    if sw_overlap is not None:
+        params.append(("sw_overlap", str(sw_overlap)))
+    return ModelSpec(
+        name=name,
+        inputs=INPUTS,
+        outputs=OUTPUTS,
+        instance_count=instance_count,
+        instance_kind="KIND_GPU" if gpu else "KIND_CPU",
+        parameters=tuple(params),
+    )
+
+
+def package_checkpoint(
+    checkpoint: Path,
+    spec: ModelSpec,
+    parent_version: int | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> TritonPackage:
+    """Files and manifest of one model version built from ``checkpoint``."""
+    weights = checkpoint.read_bytes()
+    cfg, _, meta = load_checkpoint(weights)  # refuse a checkpoint that does not load
+    manifest = {
+        "created_at": datetime.now(UTC).isoformat(),
+        "parent_version": parent_version,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "training": meta,
+        "metrics": metrics or {},
+        "model_config": cfg.model_dump(mode="json"),
+        "inputs": [t.name for t in spec.inputs],
+        "outputs": [t.name for t in spec.outputs],
+    }
+    files = {
+        "model.py": TRITON_MODEL_PY.read_bytes(),
+        "weights.pt": weights,
+    }
+    return TritonPackage(spec=spec, files=files, manifest=manifest)

@@ -1,0 +1,357 @@
+"""Synthetic abdominal CT phantoms with site-specific domain shift.
+
+No CT data can be downloaded where ctloop is built, so tests, the demo and the benchmarks use
+phantoms: seeded, labelled volumes with body outline, subcutaneous and visceral fat, muscle,
+spine and ribs, liver, spleen, kidneys, stomach (with air), pancreas, gallbladder, aorta and IVC
+at realistic Hounsfield units, with anatomical variation (size, position, smooth shape
+deformation). A :class:`SiteProfile` shifts the domain the way scanners and protocols do:
+contrast phase (per-organ HU), calibration (scale/offset), noise, blur, slice spacing, field of
+view and patient size.
+
+Geometry is built in patient millimetres (RAS-like: +x patient left, +y anterior, +z cranial)
+and sampled on the site's grid, one slab of slices at a time to bound memory. Arrays are
+``(x, y, z)`` as in NIfTI.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, Field
+from scipy import ndimage
+
+from ctloop.core.organs import ORGAN_IDS
+
+Phase = Literal["noncontrast", "arterial", "portal", "delayed"]
+
+# Mean HU of each tissue per contrast phase (abdominal CT literature values, rounded).
+PHASE_HU: dict[str, dict[str, float]] = {
+    "noncontrast": {
+        "liver": 58, "spleen": 48, "kidney": 32, "stomach": 35, "pancreas": 42,
+        "gallbladder": 8, "aorta": 42, "ivc": 40, "muscle": 50,
+    },
+    "arterial": {
+        "liver": 75, "spleen": 130, "kidney": 210, "stomach": 80, "pancreas": 115,
+        "gallbladder": 10, "aorta": 320, "ivc": 75, "muscle": 58,
+    },
+    "portal": {
+        "liver": 112, "spleen": 118, "kidney": 170, "stomach": 90, "pancreas": 100,
+        "gallbladder": 10, "aorta": 165, "ivc": 150, "muscle": 62,
+    },
+    "delayed": {
+        "liver": 85, "spleen": 88, "kidney": 120, "stomach": 70, "pancreas": 80,
+        "gallbladder": 12, "aorta": 110, "ivc": 108, "muscle": 60,
+    },
+}  # fmt: skip
+FIXED_HU = {"air": -1000.0, "fat": -100.0, "visceral_fat": -90.0, "bone": 450.0,
+            "marrow": 220.0, "gastric_air": -850.0, "gastric_fluid": 15.0}  # fmt: skip
+
+
+class SiteProfile(BaseModel):
+    """How one site's scanners and protocol make its CTs look. A user can add one as JSON."""
+
+    name: str
+    description: str = ""
+    phase: Phase = "portal"
+    hu_offsets: dict[str, float] = Field(default_factory=dict)  # extra HU per tissue
+    intensity_scale: float = 1.0  # scanner calibration: HU' = scale * HU + offset
+    intensity_offset: float = 0.0
+    noise_hu: float = 12.0  # std of the quantum noise
+    blur_mm: float = 0.8  # in-plane point-spread (Gaussian sigma)
+    slice_spacing_mm: float = 2.5
+    fov_mm: tuple[float, float] = (340.0, 400.0)  # in-plane field of view, sampled per volume
+    z_extent_mm: tuple[float, float] = (240.0, 280.0)  # craniocaudal coverage
+    patient_scale: tuple[float, float] = (0.9, 1.1)  # body size factor
+    texture_hu: float = 6.0  # amplitude of smooth parenchymal texture
+
+
+SITES: dict[str, SiteProfile] = {
+    "public": SiteProfile(
+        name="public",
+        description="Labelled public set: portal-venous phase, routine dose, thin slices",
+        phase="portal",
+        noise_hu=10.0,
+        slice_spacing_mm=2.0,
+    ),
+    "clinical-a": SiteProfile(
+        name="clinical-a",
+        description="Hospital A: non-contrast low-dose protocol, thick slices, larger patients",
+        phase="noncontrast",
+        intensity_scale=1.03,
+        intensity_offset=-15.0,
+        noise_hu=28.0,
+        blur_mm=1.4,
+        slice_spacing_mm=5.0,
+        fov_mm=(380.0, 460.0),
+        patient_scale=(1.0, 1.25),
+    ),
+    "clinical-b": SiteProfile(
+        name="clinical-b",
+        description="Hospital B: late arterial phase, other vendor calibration, small FOV",
+        phase="arterial",
+        intensity_scale=0.95,
+        intensity_offset=25.0,
+        noise_hu=18.0,
+        slice_spacing_mm=3.0,
+        fov_mm=(300.0, 350.0),
+        patient_scale=(0.8, 1.0),
+    ),
+    "clinical-c": SiteProfile(
+        name="clinical-c",
+        description="Hospital C: delayed phase, sharp kernel, high noise",
+        phase="delayed",
+        noise_hu=35.0,
+        blur_mm=0.5,
+        slice_spacing_mm=1.5,
+    ),
+}
+
+# Grid sizes: in-plane matrix and the thinnest slice spacing allowed at that size.
+SIZES: dict[str, tuple[int, float]] = {
+    "tiny": (48, 8.0),
+    "small": (96, 4.0),
+    "medium": (192, 2.5),
+    "full": (512, 0.0),
+}
+
+
+def load_site(name_or_path: str) -> SiteProfile:
+    """A built-in site by name, or a user's profile from a JSON file."""
+    if name_or_path in SITES:
+        return SITES[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        return SiteProfile.model_validate(json.loads(path.read_text()))
+    raise KeyError(f"unknown site {name_or_path!r}; built-in: {', '.join(SITES)} (or a .json)")
+
+
+@dataclass
+class Phantom:
+    image: NDArray[np.int16]  # HU, (x, y, z)
+    label: NDArray[np.uint8]  # canonical organ ids, same grid
+    spacing: tuple[float, float, float]  # mm
+    site: str
+    seed: int
+
+    @property
+    def affine(self) -> NDArray[np.float64]:
+        """Voxel -> patient mm, centred on the volume (RAS)."""
+        aff = np.diag([*self.spacing, 1.0])
+        aff[:3, 3] = -(np.array(self.image.shape) - 1) / 2 * np.array(self.spacing)
+        return aff
+
+
+# ---------------------------------------------------------------- anatomy
+@dataclass(frozen=True)
+class Ellipsoid:
+    center: tuple[float, float, float]
+    axes: tuple[float, float, float]
+    angle_deg: float = 0.0  # rotation about z
+
+    def value(self, x: NDArray, y: NDArray, z: NDArray) -> NDArray:
+        """< 1 inside."""
+        cx, cy, cz = self.center
+        dx, dy = x - cx, y - cy
+        if self.angle_deg:
+            t = np.deg2rad(self.angle_deg)
+            dx, dy = np.cos(t) * dx + np.sin(t) * dy, -np.sin(t) * dx + np.cos(t) * dy
+        ax, ay, az = self.axes
+        return (dx / ax) ** 2 + (dy / ay) ** 2 + ((z - cz) / az) ** 2
+
+    def z_range(self) -> tuple[float, float]:
+        return self.center[2] - self.axes[2], self.center[2] + self.axes[2]
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """One patient's geometry, drawn from the seed."""
+
+    body: tuple[float, float]  # semi-axes of the body ellipse (mm)
+    fat: float  # subcutaneous fat thickness
+    muscle: float  # abdominal wall muscle thickness
+    organs: dict[str, Ellipsoid]
+    liver_cut: float  # the left lobe ends at this x
+    stomach_air: float  # fraction of the stomach (anterior, top) filled with air
+    aorta: tuple[float, float, float]  # x, y, radius
+    ivc: tuple[float, float, float]
+    ivc_top: float
+    spine_y: float
+    warp: NDArray[np.float32]  # coarse displacement field (3, n, n, n) in mm
+    warp_extent: float
+
+
+def _draw_anatomy(rng: np.random.Generator, scale: float) -> Anatomy:
+    def j(sd: float) -> float:
+        return float(rng.normal(0.0, sd))
+
+    def s(lo: float = 0.88, hi: float = 1.12) -> float:
+        return float(rng.uniform(lo, hi)) * scale
+
+    body = (
+        150.0 * scale * float(rng.uniform(0.95, 1.05)),
+        105.0 * scale * float(rng.uniform(0.93, 1.07)),
+    )
+    k = s()
+    organs = {
+        "liver": Ellipsoid((-55 * scale + j(6), 5 + j(5), 55 + j(8)), (95 * k, 75 * k, 75 * k), j(8)),
+        "spleen": Ellipsoid((88 * scale + j(5), -30 + j(5), 65 + j(8)), (28 * s(), 48 * s(), 50 * s()), 30 + j(8)),
+        "kidney_right": Ellipsoid((-70 * scale + j(4), -48 * scale + j(4), -5 + j(8)), (25 * s(), 30 * s(), 55 * s()), -20 + j(6)),
+        "kidney_left": Ellipsoid((72 * scale + j(4), -48 * scale + j(4), 10 + j(8)), (25 * s(), 30 * s(), 55 * s()), 20 + j(6)),
+        "stomach": Ellipsoid((45 * scale + j(6), 35 * scale + j(5), 75 + j(8)), (48 * s(), 32 * s(), 50 * s()), 25 + j(10)),
+        "pancreas": Ellipsoid((15 * scale + j(5), 0 + j(4), 25 + j(6)), (70 * s(), 11 * s(), 14 * s()), -12 + j(6)),
+        "gallbladder": Ellipsoid((-48 * scale + j(4), 40 * scale + j(4), 22 + j(6)), (15 * s(), 15 * s(), 30 * s()), j(10)),
+    }  # fmt: skip
+    n = 5
+    warp = rng.normal(0.0, 6.0, size=(3, n, n, n)).astype(np.float32)
+    return Anatomy(
+        body=body,
+        fat=float(rng.uniform(12, 32)) * scale,
+        muscle=float(rng.uniform(8, 14)),
+        organs=organs,
+        liver_cut=30.0 * scale + j(8),
+        stomach_air=float(rng.uniform(0.15, 0.4)),
+        aorta=(18 * scale + j(3), -32 * scale + j(3), float(rng.uniform(9, 13))),
+        ivc=(-22 * scale + j(3), -26 * scale + j(3), float(rng.uniform(10, 14))),
+        ivc_top=95.0 + j(8),
+        spine_y=-62.0 * scale + j(3),
+        warp=warp,
+        warp_extent=max(body) * 1.2,
+    )
+
+
+# ---------------------------------------------------------------- sampling
+def generate_phantom(
+    site: SiteProfile | str,
+    seed: int,
+    size: str = "small",
+    slab: int = 24,
+) -> Phantom:
+    """One labelled CT of ``site``; the same (site, seed, size) always gives the same volume."""
+    profile = load_site(site) if isinstance(site, str) else site
+    if size not in SIZES:
+        raise KeyError(f"unknown size {size!r}; one of {', '.join(SIZES)}")
+    matrix, min_slice = SIZES[size]
+    rng = np.random.default_rng([seed, _stable_hash(profile.name)])
+    scale = float(rng.uniform(*profile.patient_scale))
+    anatomy = _draw_anatomy(rng, scale)
+    fov = float(rng.uniform(*profile.fov_mm))
+    # Patients bigger than the field of view are cut at its edge, as in real scans.
+    inplane = fov / matrix
+    dz = max(profile.slice_spacing_mm, min_slice)
+    z_extent = float(rng.uniform(*profile.z_extent_mm))
+    nz = max(8, round(z_extent / dz))
+    spacing = (inplane, inplane, dz)
+    xs = (np.arange(matrix) - (matrix - 1) / 2) * inplane
+    zs = (np.arange(nz) - (nz - 1) / 2) * dz + float(rng.normal(20.0, 10.0))
+    hu = {**PHASE_HU[profile.phase], **FIXED_HU}
+    for tissue, delta in profile.hu_offsets.items():
+        hu[tissue] = hu.get(tissue, 0.0) + delta
+
+    image = np.empty((matrix, matrix, nz), dtype=np.float32)
+    label = np.zeros((matrix, matrix, nz), dtype=np.uint8)
+    texture = _smooth_noise(rng, (matrix, matrix, nz), cells=6)
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        x, y, z = np.meshgrid(xs, xs, zs[z0:z1], indexing="ij")
+        x, y, z = _warp(anatomy, x, y, z)
+        img, lab = _paint(anatomy, hu, x, y, z)
+        image[:, :, z0:z1] = img
+        label[:, :, z0:z1] = lab
+    image += texture * profile.texture_hu * (label > 0)
+    sigma = (profile.blur_mm / inplane, profile.blur_mm / inplane, profile.blur_mm / dz)
+    image = ndimage.gaussian_filter(image, sigma=sigma, mode="nearest")
+    image += rng.normal(0.0, profile.noise_hu, size=image.shape).astype(np.float32)
+    image = image * profile.intensity_scale + profile.intensity_offset
+    out = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
+    return Phantom(image=out, label=label, spacing=spacing, site=profile.name, seed=seed)
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little")
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> NDArray:
+    coarse = rng.normal(0.0, 1.0, size=(cells, cells, cells)).astype(np.float32)
+    zoom = [s / cells for s in shape]
+    return ndimage.zoom(coarse, zoom, order=3, mode="nearest")[: shape[0], : shape[1], : shape[2]]
+
+
+def _warp(a: Anatomy, x: NDArray, y: NDArray, z: NDArray) -> tuple[NDArray, NDArray, NDArray]:
+    """Smooth random deformation: sample the coarse displacement field at each point."""
+    n = a.warp.shape[1]
+    to_grid = (n - 1) / (2 * a.warp_extent)
+    coords = np.stack([(c + a.warp_extent) * to_grid for c in (x, y, z)]).reshape(3, -1)
+    d = [
+        ndimage.map_coordinates(a.warp[i], coords, order=1, mode="nearest").reshape(x.shape)
+        for i in range(3)
+    ]
+    return x + d[0], y + d[1], z + d[2]
+
+
+def _paint(
+    a: Anatomy, hu: dict[str, float], x: NDArray, y: NDArray, z: NDArray
+) -> tuple[NDArray, NDArray]:
+    img = np.full(x.shape, hu["air"], dtype=np.float32)
+    lab = np.zeros(x.shape, dtype=np.uint8)
+    bx, by = a.body
+    # Body tapers slightly towards the pelvis and the chest.
+    taper = 1.0 - 0.0000025 * (z - 30.0) ** 2
+    r_body = (x / (bx * taper)) ** 2 + (y / (by * taper)) ** 2
+    body = r_body < 1.0
+    img[body] = hu["fat"]
+    inner = (x / (bx * taper - a.fat)) ** 2 + (y / (by * taper - a.fat)) ** 2 < 1.0
+    wall = inner & ~(
+        (x / (bx * taper - a.fat - a.muscle)) ** 2 + (y / (by * taper - a.fat - a.muscle)) ** 2
+        < 1.0
+    )
+    img[inner] = hu["visceral_fat"]
+    img[wall] = hu["muscle"]
+    # Paraspinal and psoas muscles.
+    for sx in (-1, 1):
+        para = ((x - sx * 38) / 28) ** 2 + ((y - a.spine_y + 15) / 22) ** 2 < 1.0
+        psoas = ((x - sx * 35) / 16) ** 2 + ((y - a.spine_y - 22) / 16) ** 2 < 1.0
+        img[inner & (para | (psoas & (z < 40)))] = hu["muscle"]
+    # Spine: vertebral bodies separated by discs, cortical rim, spinal canal.
+    vb = (x / 22) ** 2 + ((y - a.spine_y) / 18) ** 2
+    disc = np.mod(z, 32.0) < 6.0
+    img[(vb < 1.0) & ~disc] = hu["bone"]
+    img[(vb < 0.6) & ~disc] = hu["marrow"]
+    img[(vb < 1.0) & disc] = hu["muscle"] + 20
+    canal = (x / 9) ** 2 + ((y - a.spine_y + 28) / 9) ** 2 < 1.0
+    post = (x / 18) ** 2 + ((y - a.spine_y + 30) / 16) ** 2 < 1.0
+    img[post & ~canal & ~disc] = hu["bone"]
+    # Ribs: thin arcs inside the wall, every ~30 mm, in the upper abdomen.
+    rib_ring = np.abs(r_body - 0.80) < 0.035
+    ribs = rib_ring & (np.mod(z + 8.0, 30.0) < 9.0) & (z > 40.0) & (y > a.spine_y)
+    img[ribs] = hu["bone"]
+
+    def put(mask: NDArray, tissue: str, organ: str | None) -> None:
+        mask &= inner
+        img[mask] = hu[tissue]
+        if organ is not None:
+            lab[mask] = ORGAN_IDS[organ]
+
+    o = a.organs
+    put((o["liver"].value(x, y, z) < 1.0) & (x < a.liver_cut), "liver", "liver")
+    put(o["spleen"].value(x, y, z) < 1.0, "spleen", "spleen")
+    for side in ("kidney_right", "kidney_left"):
+        put(o[side].value(x, y, z) < 1.0, "kidney", side)
+    st = o["stomach"]
+    stomach = st.value(x, y, z) < 1.0
+    put(stomach.copy(), "stomach", "stomach")
+    lumen = st.value(x, y, z) < 0.55
+    air_level = st.center[1] + st.axes[1] * (1.0 - 2.0 * a.stomach_air)
+    img[lumen & inner & (y > air_level)] = hu["gastric_air"]
+    img[lumen & inner & (y <= air_level)] = hu["gastric_fluid"]
+    put(o["pancreas"].value(x, y, z) < 1.0, "pancreas", "pancreas")
+    put(o["gallbladder"].value(x, y, z) < 1.0, "gallbladder", "gallbladder")
+    ax_, ay_, ar = a.aorta
+    put((x - ax_) ** 2 + (y - ay_) ** 2 < ar**2, "aorta", "aorta")
+    ix, iy, ir = a.ivc
+    put(((x - ix) ** 2 + ((y - iy) * 1.3) ** 2 < ir**2) & (z < a.ivc_top), "ivc", "ivc")
+    return img, lab

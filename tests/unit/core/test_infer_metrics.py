@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from ctloop.core.datasets import phantom_volume, write_decathlon
+from ctloop.core.infer import Segmenter
+from ctloop.core.metrics import mean_dice, organ_dice, organ_surface_distance
+from ctloop.core.model import ModelConfig
+from ctloop.core.organs import ORGAN_IDS
+from ctloop.core.phantom import generate_phantom
+from ctloop.core.train import DataSource, TrainConfig, train
+
+
+def test_dice_of_identical_disjoint_and_half_masks():
+    truth = np.zeros((10, 10, 10), np.uint8)
+    truth[2:6, 2:6, 2:6] = ORGAN_IDS["liver"]
+    assert organ_dice(truth, truth) == {"liver": 1.0}
+    shifted = np.roll(truth, 5, axis=0)
+    assert organ_dice(shifted, truth) == {"liver": 0.0}
+    half = truth.copy()
+    half[2:4] = 0
+    assert organ_dice(half, truth)["liver"] == pytest.approx(2 * 32 / (32 + 64))
+    assert mean_dice(np.zeros_like(truth), truth) == 0.0  # a missed organ counts as 0
+
+
+def test_surface_distance_is_in_millimetres():
+    truth = np.zeros((20, 20, 20), np.uint8)
+    truth[5:15, 5:15, 5:15] = ORGAN_IDS["spleen"]
+    pred = np.roll(truth, 1, axis=2)
+    asd = organ_surface_distance(pred, truth, spacing=(1.0, 1.0, 3.0))["spleen"]
+    assert 0.0 < asd <= 3.0
+    assert organ_surface_distance(truth, truth, (1.0, 1.0, 1.0))["spleen"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    vols = [phantom_volume(generate_phantom("public", s, "tiny"), f"p{s}") for s in range(2)]
+    write_decathlon(root / "ds", vols, "tiny")
+    cfg = TrainConfig(
+        model=ModelConfig(
+            spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32), channels=(8, 16), strides=(2,)
+        ),
+        sources=[DataSource(path=root / "ds")],
+        out=root / "tiny.pt",
+        steps=3,
+    )
+    train(cfg)
+    return root / "tiny.pt"
+
+
+def test_segmentation_comes_back_on_the_input_grid(tiny_checkpoint):
+    p = generate_phantom("clinical-b", 1, "tiny")
+    seg = Segmenter(tiny_checkpoint)(p.image.astype(np.float32), p.affine)
+    assert seg.label.shape == p.image.shape
+    assert seg.label.dtype == np.uint8
+    assert set(np.unique(seg.label)) <= set(ORGAN_IDS.values())
+    assert 0.0 <= seg.uncertainty <= 1.0
+
+
+def test_segmenter_refuses_a_2d_image(tiny_checkpoint):
+    with pytest.raises(ValueError, match="3-D"):
+        Segmenter(tiny_checkpoint)(np.zeros((8, 8), np.float32), np.eye(4))
