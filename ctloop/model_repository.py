@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -96,6 +97,26 @@ class TritonModels:
             for m in index.get("models", [])
             if m.get("name") == model and m.get("state") == "READY" and m.get("version")
         )
+
+    def segment(
+        self, model: str, image: np.ndarray, affine: np.ndarray, version: int | None = None
+    ) -> tuple[np.ndarray, float]:
+        """Labels and uncertainty of a volume from a served segmentation model
+        (inputs and outputs as in :mod:`ctloop.core.packaging`)."""
+        inputs = [
+            triton_grpc.InferInput("IMAGE", list(image.shape), "FP32"),
+            triton_grpc.InferInput("AFFINE", [4, 4], "FP64"),
+        ]
+        inputs[0].set_data_from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        inputs[1].set_data_from_numpy(np.ascontiguousarray(affine, dtype=np.float64))
+        result = self.client.infer(
+            model, inputs, model_version="" if version is None else str(version)
+        )
+        labels = result.as_numpy("LABELS")
+        uncertainty = result.as_numpy("UNCERTAINTY")
+        if labels is None or uncertainty is None:
+            raise RuntimeError(f"{model} answered without LABELS/UNCERTAINTY")
+        return labels, float(uncertainty[0])
 
     def close(self) -> None:
         self.client.close()

@@ -70,7 +70,3 @@ class ModelSpec:
 
 def _tensor(t: TensorSpec) -> dict[str, Any]:
     return {"name": t.name, "data_type": t.data_type, "dims": list(t.dims)}
-
-
-def _tensor(t: TensorSpec) -> dict[str, Any]:
-    return {"name": t.name, "data_type": t.data_type, "dims": list(t.dims)}

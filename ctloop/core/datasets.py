@@ -9,10 +9,11 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 from numpy.typing import NDArray
 
 from ctloop.core.organs import ORGAN_IDS, LabelMap
@@ -51,7 +52,7 @@ def save_nifti(path: Path, array: NDArray, affine: NDArray) -> None:
 
 def load_nifti(path: Path) -> tuple[NDArray, NDArray[np.float64]]:
     try:
-        img = nib.load(str(path))
+        img = cast(SpatialImage, nib.load(str(path)))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise DatasetError(f"{path}: not a readable NIfTI file ({exc})") from exc
@@ -235,7 +236,7 @@ def load_dicom_series(files: Sequence[Path]) -> Volume:
             last = np.array(slices[-1].ImagePositionPatient, dtype=np.float64)
             step = (last - first) / (len(slices) - 1)
         else:
-            step = normal * float(getattr(slices[0], "SliceThickness", 1.0))
+            step = np.asarray(normal * float(getattr(slices[0], "SliceThickness", 1.0)))
     except (AttributeError, ValueError, TypeError) as exc:
         raise DatasetError(f"DICOM series lacks geometry or pixel data ({exc})") from exc
     # pixel_array is (rows, cols) = (y, x); NIfTI order is (x, y, z).

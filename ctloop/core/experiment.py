@@ -60,7 +60,8 @@ PRESETS: dict[str, Preset] = {
 def evaluate(checkpoint: Path, dataset: DecathlonDataset) -> dict[str, Any]:
     """Mean and per-organ Dice of a checkpoint over a labelled dataset."""
     seg = Segmenter(checkpoint)
-    per_volume, organs = [], {}
+    per_volume: list[float] = []
+    organs: dict[str, list[float]] = {}
     for vol in dataset:
         assert vol.label is not None
         pred = seg(vol.image, vol.affine).label

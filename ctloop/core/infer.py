@@ -58,7 +58,7 @@ class Segmenter:
         )
         x = self.pre({"image": src})["image"]
         model_affine = np.asarray(x.affine, dtype=np.float64)
-        logits = sliding_window_inference(
+        logits = sliding_window_inference(  # one tensor: the predictor returns one
             x[None].as_tensor().to(self.device),
             roi_size=self.cfg.patch,
             sw_batch_size=self.sw_batch_size,
@@ -66,6 +66,7 @@ class Segmenter:
             overlap=self.sw_overlap,
             mode="gaussian",
         )
+        assert isinstance(logits, torch.Tensor)
         probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()  # (C, x, y, z)
         uncertainty = _mean_entropy(probs)
         label = _resample_argmax(probs, model_affine, np.asarray(affine), image.shape)

@@ -62,14 +62,19 @@ def build_network(cfg: ModelConfig) -> nn.Module:
     )
 
 
+def unwrap(net: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    inner = getattr(net, "module", net)
+    return inner if isinstance(inner, nn.Module) else net
+
+
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(
     path: Path, cfg: ModelConfig, net: nn.Module, meta: dict[str, Any] | None = None
 ) -> None:
     """Weights, config and provenance in one file (written atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = net.module if hasattr(net, "module") else net
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"config": cfg.model_dump(), "state_dict": state, "meta": meta or {}}, tmp)
     tmp.replace(path)

@@ -39,6 +39,7 @@ from ctloop.core.model import (
     load_checkpoint,
     preprocess_transforms,
     save_checkpoint,
+    unwrap,
 )
 from ctloop.core.partial import PartialLabel
 from ctloop.log import configure_logging
@@ -97,7 +98,7 @@ def load_items(cfg: TrainConfig) -> list[dict[str, Any]]:
     return items
 
 
-class _Patches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class _Patches(torch.utils.data.Dataset[list[dict[str, Any]]]):
     """Cached preprocessed volumes -> a list of random patches per volume."""
 
     def __init__(self, cached: CacheDataset, cfg: TrainConfig) -> None:
@@ -133,9 +134,8 @@ def _dist_setup() -> tuple[int, int, torch.device]:
 
 def weights_digest(net: torch.nn.Module) -> str:
     """A hash of all parameters, to compare ranks' weights exactly."""
-    module = net.module if hasattr(net, "module") else net
     h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
+    for name, p in sorted(unwrap(net).state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -161,7 +161,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     items = load_items(cfg)
     cached = CacheDataset(items, transform=preprocess_transforms(model_cfg), progress=False)
     patches = _Patches(cached, cfg)
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[list[dict[str, Any]]] = DistributedSampler(
         patches, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
     )
     loader = DataLoader(

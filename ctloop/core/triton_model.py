@@ -11,6 +11,7 @@ Outputs: LABELS UINT8 (x, y, z) canonical organ ids;  UNCERTAINTY FP32 (1,)
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton_python_backend_utils as pb_utils
@@ -20,7 +21,7 @@ from ctloop.core.infer import Segmenter
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         folder = os.path.join(args["model_repository"], args["model_version"])
         device = "cpu"
@@ -34,7 +35,7 @@ class TritonPythonModel:
             sw_overlap=float(params["sw_overlap"]) if "sw_overlap" in params else None,
         )
 
-    def execute(self, requests):
+    def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
             try:
@@ -57,5 +58,5 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
         return responses
 
-    def finalize(self):
-        self.segmenter = None
+    def finalize(self) -> None:
+        del self.segmenter

@@ -32,7 +32,7 @@ def test_two_rank_ddp_ends_with_identical_weights_and_disjoint_shards(tmp_path):
             "-m",
             "ctloop.core.train",
             str(config),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=300,
