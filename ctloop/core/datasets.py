@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
+from nibabel import orientations
 from nibabel.spatialimages import SpatialImage
 from numpy.typing import NDArray
 
@@ -38,6 +39,22 @@ class Volume:
     def spacing(self) -> tuple[float, float, float]:
         sx, sy, sz = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
         return float(sx), float(sy), float(sz)
+
+    def as_ras(self) -> Volume:
+        """The same volume with its axes flipped/permuted to RAS+ (what the phantoms use)."""
+        ornt = orientations.io_orientation(self.affine)
+        to_ras = orientations.inv_ornt_aff(ornt, self.image.shape)
+
+        def apply(a: NDArray | None) -> NDArray | None:
+            return None if a is None else orientations.apply_orientation(a, ornt)
+
+        return Volume(
+            id=self.id,
+            image=np.ascontiguousarray(apply(self.image)),
+            affine=self.affine @ to_ras,
+            label=apply(self.label),
+            meta=dict(self.meta),
+        )
 
 
 # ---------------------------------------------------------------- NIfTI

@@ -8,9 +8,10 @@ deformation). A :class:`SiteProfile` shifts the domain the way scanners and prot
 contrast phase (per-organ HU), calibration (scale/offset), noise, blur, slice spacing, field of
 view and patient size.
 
-Geometry is built in patient millimetres (RAS-like: +x patient left, +y anterior, +z cranial)
-and sampled on the site's grid, one slab of slices at a time to bound memory. Arrays are
-``(x, y, z)`` as in NIfTI.
+Anatomy is described in patient millimetres with +x towards the patient's left, +y anterior,
++z cranial, and sampled on a RAS+ grid (the volume's affine), one slab of slices at a time to
+bound memory: the liver lies on the patient's right as it should. Arrays are ``(x, y, z)`` as in
+NIfTI.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ SITES: dict[str, SiteProfile] = {
         description="Labelled public set: portal-venous phase, routine dose, thin slices",
         phase="portal",
         noise_hu=10.0,
-        slice_spacing_mm=2.0,
+        slice_spacing_mm=1.0,
     ),
     "clinical-a": SiteProfile(
         name="clinical-a",
@@ -257,9 +258,10 @@ def generate_phantom(
     texture = _smooth_noise(rng, (matrix, matrix, nz), cells=6)
     for z0 in range(0, nz, slab):
         z1 = min(nz, z0 + slab)
-        x, y, z = np.meshgrid(xs, xs, zs[z0:z1], indexing="ij")
-        x, y, z = _warp(anatomy, x, y, z)
-        img, lab = _paint(anatomy, hu, x, y, z)
+        # RAS +x is the patient's right: the anatomy's +x (patient left) is -x here.
+        axes = (-xs, xs, zs[z0:z1])
+        x, y, z = _warp(anatomy, *axes)
+        img, lab = _paint(anatomy, hu, x, y, z, axes)
         image[:, :, z0:z1] = img
         label[:, :, z0:z1] = lab
     image += texture * profile.texture_hu * (label > 0)
@@ -278,24 +280,50 @@ def _stable_hash(text: str) -> int:
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> NDArray:
     coarse = rng.normal(0.0, 1.0, size=(cells, cells, cells)).astype(np.float32)
     zoom = [s / cells for s in shape]
-    return ndimage.zoom(coarse, zoom, order=3, mode="nearest")[: shape[0], : shape[1], : shape[2]]
+    smooth = ndimage.zoom(coarse, zoom, order=1, mode="nearest", grid_mode=True)
+    return smooth[: shape[0], : shape[1], : shape[2]]
 
 
-def _warp(a: Anatomy, x: NDArray, y: NDArray, z: NDArray) -> tuple[NDArray, NDArray, NDArray]:
-    """Smooth random deformation: sample the coarse displacement field at each point."""
+def _warp(a: Anatomy, ux: NDArray, uy: NDArray, uz: NDArray) -> tuple[NDArray, NDArray, NDArray]:
+    """Points of the grid ``ux x uy x uz`` moved by the patient's smooth random displacement.
+
+    The field is smooth over tens of mm, so it is sampled every 4th voxel in-plane and
+    interpolated linearly in between.
+    """
     n = a.warp.shape[1]
     to_grid = (n - 1) / (2 * a.warp_extent)
-    coords = np.stack([(c + a.warp_extent) * to_grid for c in (x, y, z)]).reshape(3, -1)
-    d = [
-        ndimage.map_coordinates(a.warp[i], coords, order=1, mode="nearest").reshape(x.shape)
-        for i in range(3)
-    ]
-    return x + d[0], y + d[1], z + d[2]
+    step = 4
+    cx, cy = ux[::step], uy[::step]
+    gx, gy, gz = np.meshgrid(cx, cy, uz, indexing="ij")
+    coords = np.stack([(c + a.warp_extent) * to_grid for c in (gx, gy, gz)]).reshape(3, -1)
+    shape = (len(ux), len(uy), len(uz))
+    x, y, z = np.meshgrid(ux, uy, uz, indexing="ij")
+    moved = []
+    for i, base in enumerate((x, y, z)):
+        coarse = ndimage.map_coordinates(a.warp[i], coords, order=1, mode="nearest")
+        coarse = coarse.reshape(gx.shape).astype(np.float32)
+        zoom = [s / c for s, c in zip(shape, coarse.shape, strict=True)]
+        fine = ndimage.zoom(coarse, zoom, order=1, mode="nearest", grid_mode=True)
+        moved.append(base + fine[: shape[0], : shape[1], : shape[2]])
+    return moved[0], moved[1], moved[2]
+
+
+def _span(u: NDArray, center: float, half: float) -> slice:
+    """Index range of the monotonic coordinate vector ``u`` within ``center ± half``."""
+    idx = np.nonzero(np.abs(u - center) <= half)[0]
+    return slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
 
 
 def _paint(
-    a: Anatomy, hu: dict[str, float], x: NDArray, y: NDArray, z: NDArray
+    a: Anatomy,
+    hu: dict[str, float],
+    x: NDArray,
+    y: NDArray,
+    z: NDArray,
+    axes: tuple[NDArray, NDArray, NDArray],
 ) -> tuple[NDArray, NDArray]:
+    """Tissue HU and organ labels at the (warped) points; ``axes`` are the unwarped 1-D grid
+    coordinates, used to bound where each organ can be."""
     img = np.full(x.shape, hu["air"], dtype=np.float32)
     lab = np.zeros(x.shape, dtype=np.uint8)
     bx, by = a.body
@@ -330,28 +358,46 @@ def _paint(
     ribs = rib_ring & (np.mod(z + 8.0, 30.0) < 9.0) & (z > 40.0) & (y > a.spine_y)
     img[ribs] = hu["bone"]
 
-    def put(mask: NDArray, tissue: str, organ: str | None) -> None:
-        mask &= inner
-        img[mask] = hu[tissue]
-        if organ is not None:
-            lab[mask] = ORGAN_IDS[organ]
+    # Organs are evaluated only inside their bounding boxes (plus the largest displacement).
+    margin = float(np.abs(a.warp).max()) + 2.0
+    ux, uy, uz = axes
 
-    o = a.organs
-    put((o["liver"].value(x, y, z) < 1.0) & (x < a.liver_cut), "liver", "liver")
-    put(o["spleen"].value(x, y, z) < 1.0, "spleen", "spleen")
+    def box(center: tuple[float, ...], half: tuple[float, ...]) -> tuple[slice, ...]:
+        return tuple(
+            _span(u, c, h + margin) for u, c, h in zip((ux, uy, uz), center, half, strict=True)
+        )
+
+    def put(b: tuple[slice, ...], mask: NDArray, tissue: str, organ: str | None) -> None:
+        mask = mask & inner[b]
+        img[b][mask] = hu[tissue]
+        if organ is not None:
+            lab[b][mask] = ORGAN_IDS[organ]
+
+    def ellipsoid(name: str, level: float = 1.0) -> tuple[tuple[slice, ...], NDArray]:
+        e = a.organs[name]
+        r = max(e.axes[0], e.axes[1])
+        b = box(e.center, (r, r, e.axes[2]))
+        return b, e.value(x[b], y[b], z[b]) < level
+
+    b, m = ellipsoid("liver")
+    put(b, m & (x[b] < a.liver_cut), "liver", "liver")
+    put(*ellipsoid("spleen"), "spleen", "spleen")
     for side in ("kidney_right", "kidney_left"):
-        put(o[side].value(x, y, z) < 1.0, "kidney", side)
-    st = o["stomach"]
-    stomach = st.value(x, y, z) < 1.0
-    put(stomach.copy(), "stomach", "stomach")
-    lumen = st.value(x, y, z) < 0.55
-    air_level = st.center[1] + st.axes[1] * (1.0 - 2.0 * a.stomach_air)
-    img[lumen & inner & (y > air_level)] = hu["gastric_air"]
-    img[lumen & inner & (y <= air_level)] = hu["gastric_fluid"]
-    put(o["pancreas"].value(x, y, z) < 1.0, "pancreas", "pancreas")
-    put(o["gallbladder"].value(x, y, z) < 1.0, "gallbladder", "gallbladder")
+        put(*ellipsoid(side), "kidney", side)
+    put(*ellipsoid("stomach"), "stomach", "stomach")
+    st = a.organs["stomach"]
+    b, lumen = ellipsoid("stomach", 0.55)
+    lumen &= inner[b]
+    air = y[b] > st.center[1] + st.axes[1] * (1.0 - 2.0 * a.stomach_air)
+    img[b][lumen & air] = hu["gastric_air"]
+    img[b][lumen & ~air] = hu["gastric_fluid"]
+    put(*ellipsoid("pancreas"), "pancreas", "pancreas")
+    put(*ellipsoid("gallbladder"), "gallbladder", "gallbladder")
     ax_, ay_, ar = a.aorta
-    put((x - ax_) ** 2 + (y - ay_) ** 2 < ar**2, "aorta", "aorta")
+    b = box((ax_, ay_, 0.0), (ar, ar, 1e6))
+    put(b, (x[b] - ax_) ** 2 + (y[b] - ay_) ** 2 < ar**2, "aorta", "aorta")
     ix, iy, ir = a.ivc
-    put(((x - ix) ** 2 + ((y - iy) * 1.3) ** 2 < ir**2) & (z < a.ivc_top), "ivc", "ivc")
+    b = box((ix, iy, 0.0), (ir, ir, 1e6))
+    ivc = ((x[b] - ix) ** 2 + ((y[b] - iy) * 1.3) ** 2 < ir**2) & (z[b] < a.ivc_top)
+    put(b, ivc, "ivc", "ivc")
     return img, lab

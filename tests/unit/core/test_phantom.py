@@ -68,7 +68,7 @@ def test_user_site_profile_from_json(tmp_path):
 def test_realistic_size_grid():
     p = generate_phantom("public", 0, "full", slab=16)
     assert p.image.shape[:2] == (512, 512)
-    assert 100 < p.image.shape[2] < 160  # 240-280 mm at 2 mm slices
+    assert 230 < p.image.shape[2] < 290  # 240-280 mm at 1 mm slices
     assert p.image.dtype == np.int16
 
 
