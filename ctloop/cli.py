@@ -183,7 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     transfer.set_defaults(func=_experiment)
     args = parser.parse_args(argv)
     configure_logging(get_settings().log_level)
-    return int(args.func(args))
+    from pydantic import ValidationError
+
+    from ctloop.core.datasets import DatasetError
+    from ctloop.core.organs import UnknownLabel
+    from ctloop.core.phantom import UnknownSite
+
+    try:
+        return int(args.func(args))
+    except (DatasetError, UnknownLabel, UnknownSite, ValidationError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -121,6 +121,10 @@ SIZES: dict[str, tuple[int, float]] = {
 }
 
 
+class UnknownSite(ValueError):
+    pass
+
+
 def load_site(name_or_path: str) -> SiteProfile:
     """A built-in site by name, or a user's profile from a JSON file."""
     if name_or_path in SITES:
@@ -128,7 +132,7 @@ def load_site(name_or_path: str) -> SiteProfile:
     path = Path(name_or_path)
     if path.suffix == ".json" and path.exists():
         return SiteProfile.model_validate(json.loads(path.read_text()))
-    raise KeyError(f"unknown site {name_or_path!r}; built-in: {', '.join(SITES)} (or a .json)")
+    raise UnknownSite(f"unknown site {name_or_path!r}; built-in: {', '.join(SITES)} (or a .json)")
 
 
 @dataclass
@@ -235,7 +239,7 @@ def generate_phantom(
     """One labelled CT of ``site``; the same (site, seed, size) always gives the same volume."""
     profile = load_site(site) if isinstance(site, str) else site
     if size not in SIZES:
-        raise KeyError(f"unknown size {size!r}; one of {', '.join(SIZES)}")
+        raise ValueError(f"unknown size {size!r}; one of {', '.join(SIZES)}")
     matrix, min_slice = SIZES[size]
     rng = np.random.default_rng([seed, _stable_hash(profile.name)])
     scale = float(rng.uniform(*profile.patient_scale))

@@ -6,7 +6,14 @@ from scipy import ndimage
 
 from ctloop.core.datasets import DecathlonDataset, synthesize_dataset
 from ctloop.core.organs import ORGAN_IDS
-from ctloop.core.phantom import PHASE_HU, SITES, SiteProfile, generate_phantom, load_site
+from ctloop.core.phantom import (
+    PHASE_HU,
+    SITES,
+    SiteProfile,
+    UnknownSite,
+    generate_phantom,
+    load_site,
+)
 
 
 def test_same_seed_same_volume_other_seed_other_patient():
@@ -61,7 +68,7 @@ def test_user_site_profile_from_json(tmp_path):
     assert isinstance(profile, SiteProfile) and profile.phase == "arterial"
     p = generate_phantom(profile, 0, "tiny")
     assert p.site == "mysite"
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownSite):
         load_site("no-such-site")
 
 
