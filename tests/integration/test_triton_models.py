@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from ctloop.model_repository import (
-    ModelLoadFailed,
-    ModelRepository,
-    ModelSpec,
-    TensorSpec,
-    TritonModels,
-    VersionExists,
-)
+from ctloop.contracts.triton import ModelSpec, TensorSpec
+from ctloop.model_repository import ModelLoadFailed, ModelRepository, TritonModels, VersionExists
 
 # A python-backend model that multiplies its input by FACTOR. Tensors cross the stub boundary
 # through DLPack (torch): the stub's numpy path is broken under numpy 2 (see README).
