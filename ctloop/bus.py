@@ -125,7 +125,7 @@ class EventConsumer:
         self.group_id = group_id
         self._handler = handler
         self._dead_letters = dead_letters
-        self._retry = retry or RetryPolicy()
+        self._retry = retry or RetryPolicy(give_up_on=(InvalidEvent,))
 
     def poll_once(self, timeout_ms: int = 1000) -> int:
         """Handle what one poll returns; the number of records it took."""
@@ -150,6 +150,8 @@ class EventConsumer:
         with bind(event_id=event.id, event_type=event.type.ce_type, subject=event.subject):
             try:
                 self._retry.call(lambda: self._handler(event))
+            except InvalidEvent as exc:
+                self._dead_letter(record, headers, f"invalid event: {exc}", origin)
             except Exception as exc:
                 log.exception("handler failed; dead-lettering", extra={"origin": origin})
                 self._dead_letter(record, headers, f"handler failed: {exc!r}", origin)

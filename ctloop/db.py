@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     create_engine,
     event,
@@ -26,14 +27,32 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timestamps stored in UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware one")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UtcDateTime()}
 
 
 class Site(Base):
@@ -50,6 +69,7 @@ class Volume(Base):
     dataset: Mapped[str] = mapped_column(String(32))  # public | clinical
     s3_key: Mapped[str] = mapped_column(String(512))
     s3_version_id: Mapped[str | None] = mapped_column(String(128))
+    label_s3_key: Mapped[str | None] = mapped_column(String(512))  # labelled (public) volumes
     sha256: Mapped[str] = mapped_column(String(64))
     geometry: Mapped[dict[str, Any]] = mapped_column(default=dict)  # shape, spacing, affine
     status: Mapped[str] = mapped_column(String(32), default="ingested")
@@ -70,6 +90,30 @@ class AnnotationRevision(Base):
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
+class Prediction(Base):
+    """A pre-annotation of a volume by one model version (immutable; one per pair)."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("volume_id", "model", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id"), index=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    s3_key: Mapped[str] = mapped_column(String(512))
+    uncertainty: Mapped[float] = mapped_column()
+    seconds: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class ServingModel(Base):
+    """Which version of a model the inference service serves (rebuilt from model.published)."""
+
+    __tablename__ = "serving_models"
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
 class ProcessedEvent(Base):
     """Which consumer has durably handled which event: the idempotency record."""
 
@@ -77,6 +121,24 @@ class ProcessedEvent(Base):
     consumer: Mapped[str] = mapped_column(String(128), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     processed_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class OutboxEvent(Base):
+    """An event written in the same transaction as its effect, published afterwards.
+
+    The relay (:class:`ctloop.outbox.OutboxRelay`) sends unsent rows, so an event is never lost
+    between "the effect committed" and "the broker has it" (at-least-once; consumers dedupe).
+    """
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(128), unique=True)
+    topic: Mapped[str] = mapped_column(String(128))
+    key: Mapped[str] = mapped_column(String(256))
+    value: Mapped[str] = mapped_column(Text)
+    headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
 
 
 class AuditEntry(Base):
@@ -141,6 +203,11 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
         stmt = sqlite.insert(ProcessedEvent).values(**values).on_conflict_do_nothing()
     claimed = session.execute(stmt.returning(ProcessedEvent.event_id)).scalar_one_or_none()
     return claimed is not None
+
+
+def event_claimed(session: Session, consumer: str, event_id: str) -> bool:
+    """Whether ``consumer`` has already handled ``event_id`` (read-only)."""
+    return session.get(ProcessedEvent, (consumer, event_id)) is not None
 
 
 def next_annotation_revision(session: Session, volume_id: str) -> int:

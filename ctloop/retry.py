@@ -18,6 +18,8 @@ class RetryPolicy:
     base_delay_s: float = 0.2
     max_delay_s: float = 5.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    # Errors that another attempt cannot fix (bad input): raised at once.
+    give_up_on: tuple[type[BaseException], ...] = ()
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -27,6 +29,8 @@ class RetryPolicy:
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
+            except self.give_up_on:
+                raise
             except self.retry_on as exc:
                 if attempt == self.attempts:
                     raise

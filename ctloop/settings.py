@@ -76,6 +76,27 @@ class DatabaseSettings(BaseModel):
     pg_database: str = "ctloop"
 
 
+class Endpoint(BaseModel):
+    http_port: int
+    grpc_port: int
+
+
+class ServicesSettings(BaseModel):
+    """Where each ctloop service listens (HTTP: API or health/metrics; gRPC: internal API)."""
+
+    host: str = "127.0.0.1"
+    ingest: Endpoint = Endpoint(http_port=8000, grpc_port=50051)
+    inference: Endpoint = Endpoint(http_port=18100, grpc_port=50052)
+    training: Endpoint = Endpoint(http_port=18200, grpc_port=50053)
+    metrics: Endpoint = Endpoint(http_port=18300, grpc_port=50054)
+    max_upload_mb: int = 1024  # one upload (volume, DICOM zip or mask), compressed
+    max_volume_voxels: int = 1024 * 1024 * 1024  # decompressed size guard
+    shutdown_grace_s: float = 20.0
+    # Model names the inference service serves; the sustainer wins once it exists.
+    igniter_model: str = "igniter"
+    sustainer_model: str = "sustainer"
+
+
 class Settings(BaseSettings):
     """Everything configurable, in one place."""
 
@@ -91,6 +112,7 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     triton: TritonSettings = TritonSettings()
     db: DatabaseSettings = DatabaseSettings()
+    services: ServicesSettings = ServicesSettings()
 
     @property
     def data_dir(self) -> Path:

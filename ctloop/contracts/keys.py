@@ -27,6 +27,11 @@ def volume_image(site: str, volume_id: str) -> str:
     return f"volumes/{safe_id(site, 'site')}/{safe_id(volume_id, 'volume id')}/image.nii.gz"
 
 
+def volume_label(site: str, volume_id: str) -> str:
+    """The label that came with a labelled (public) volume."""
+    return f"volumes/{safe_id(site, 'site')}/{safe_id(volume_id, 'volume id')}/label.nii.gz"
+
+
 def annotation_mask(site: str, volume_id: str, revision: int) -> str:
     return (
         f"annotations/{safe_id(site, 'site')}/{safe_id(volume_id, 'volume id')}/"

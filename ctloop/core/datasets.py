@@ -5,6 +5,7 @@ Every dataset carries its own label map; loading maps labels to canonical organ 
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ def save_nifti(path: Path, array: NDArray, affine: NDArray) -> None:
     if array.dtype == np.uint8:
         img.header.set_intent("label")
     nib.save(img, str(path))
+
+
+def nifti_gz_bytes(array: NDArray, affine: NDArray) -> bytes:
+    """A volume or mask as gzipped NIfTI bytes: the form ctloop stores blobs in."""
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    return gzip.compress(img.to_bytes(), compresslevel=1)
 
 
 def load_nifti(path: Path) -> tuple[NDArray, NDArray[np.float64]]:

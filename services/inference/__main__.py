@@ -1,0 +1,55 @@
+"""``python -m services.inference``: pre-annotation from events, ``Segment`` over gRPC."""
+
+from __future__ import annotations
+
+from ctloop.bus import EventConsumer, EventProducer
+from ctloop.contracts.topics import Topic
+from ctloop.db import create_schema
+from ctloop.log import configure_logging
+from ctloop.model_repository import ModelRepository, TritonModels
+from ctloop.outbox import OutboxRelay
+from ctloop.service import ServiceRuntime, health_router
+from ctloop.settings import get_settings
+from ctloop.v1 import inference_pb2_grpc
+from services.inference.grpc_api import InferenceService
+from services.inference.worker import CONSUMER, InferenceWorker
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    create_schema(settings.database_url)
+    producer = EventProducer(settings, client_id=CONSUMER)
+    relay = OutboxRelay(settings.database_url, producer)
+    triton = TritonModels(settings)
+    worker = InferenceWorker(settings, triton, relay)
+    worker.ensure_loaded()
+    consumer = EventConsumer(
+        settings, CONSUMER, [Topic.VOLUME_INGESTED, Topic.MODEL_PUBLISHED], worker.handle, producer
+    )
+
+    ep = settings.services.inference
+    runtime = ServiceRuntime("inference", settings.services.host, ep.http_port, ep.grpc_port)
+    from fastapi import FastAPI
+
+    app = FastAPI(title="ctloop inference")
+
+    def triton_ready() -> tuple[bool, str]:
+        return bool(triton.client.is_server_ready()), settings.triton.grpc_url
+
+    app.include_router(health_router("inference", {"triton": triton_ready}))
+    runtime.app = app
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceService(worker, ModelRepository(settings)), runtime.grpc_server()
+    )
+    runtime.add_worker("consumer", consumer.run)
+    runtime.add_worker("outbox", relay.run)
+    try:
+        runtime.serve(settings.services.shutdown_grace_s)
+    finally:
+        consumer.close()
+        producer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Pre-annotation: the inference service's event handlers and its on-demand ``Segment``.
+
+- ``volume.ingested`` (clinical): segment with the serving model through Triton, write the mask
+  to S3, record the prediction and stage ``prediction.completed`` in one transaction.
+- ``model.published``: load that exact version into Triton; if the load fails the old version
+  keeps serving. Then re-predict every volume still waiting for annotation, most uncertain first.
+
+Which model serves: the newest loaded sustainer once one exists, else the igniter.
+Every handler claims its event id in the same transaction as its effect (idempotent).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from prometheus_client import Counter, Histogram
+from sqlalchemy import func, select
+
+from ctloop.contracts import keys
+from ctloop.contracts.events import CloudEvent
+from ctloop.contracts.payloads import (
+    BlobRef,
+    ModelPublished,
+    ModelRef,
+    PredictionCompleted,
+    VolumeIngested,
+    make_event,
+    payload_for,
+)
+from ctloop.contracts.topics import PREDICTION_COMPLETED
+from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.packaging import segmentation_spec
+from ctloop.db import (
+    AnnotationRevision,
+    Prediction,
+    ServingModel,
+    Volume,
+    claim_event,
+    event_claimed,
+    session_scope,
+)
+from ctloop.log import bind
+from ctloop.model_repository import ModelLoadFailed, TritonModels
+from ctloop.outbox import OutboxRelay, stage_event
+from ctloop.settings import Settings
+from ctloop.storage import ObjectStore
+
+log = logging.getLogger("ctloop.inference")
+CONSUMER = "inference"
+SOURCE = "/ctloop/inference"
+
+PREDICTIONS = Counter("ctloop_predictions_total", "Pre-annotations written", ["model"])
+PREDICT_SECONDS = Histogram("ctloop_prediction_seconds", "Time to pre-annotate one volume")
+LOAD_FAILURES = Counter("ctloop_model_load_failures_total", "Model versions Triton refused")
+
+
+class NoModelServing(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    volume_id: str
+    model: ModelRef
+    mask: BlobRef
+    uncertainty: float
+    seconds: float
+
+
+class InferenceWorker:
+    def __init__(
+        self, settings: Settings, triton: TritonModels, relay: OutboxRelay | None = None
+    ) -> None:
+        self.settings = settings
+        self.db = settings.database_url
+        self.store = ObjectStore(settings)
+        self.bucket = settings.s3.bucket
+        self.triton = triton
+        self.relay = relay
+        self.preference = (settings.services.sustainer_model, settings.services.igniter_model)
+
+    # ------------------------------------------------------------ events
+    def handle(self, event: CloudEvent) -> None:
+        payload = payload_for(event)
+        if isinstance(payload, VolumeIngested):
+            self.on_volume_ingested(event.id, payload)
+        elif isinstance(payload, ModelPublished):
+            self.on_model_published(event.id, payload)
+
+    def on_volume_ingested(self, event_id: str, v: VolumeIngested) -> None:
+        if v.dataset != "clinical":
+            self._mark_done(event_id)  # labelled volumes need no pre-annotation
+            return
+        serving = self.serving()
+        if serving is None:
+            log.info("no model serves yet; volume waits", extra={"volume_id": v.volume_id})
+            self._mark_done(event_id)
+            return
+        self.predict(v.volume_id, serving, event_id=event_id)
+
+    def on_model_published(self, event_id: str, m: ModelPublished) -> None:
+        with session_scope(self.db) as s:
+            if not claim_event(s, CONSUMER, event_id):
+                return
+            ok = self._load(m.model)
+            if ok:
+                row = s.get(ServingModel, m.model.model)
+                if row is None:
+                    s.add(ServingModel(model=m.model.model, version=m.model.version))
+                elif m.model.version >= row.version:
+                    row.version = m.model.version
+        if ok:
+            self.repredict_waiting()
+
+    # ------------------------------------------------------------ serving
+    def _load(self, ref: ModelRef) -> bool:
+        with bind(model=ref.model, model_version=ref.version):
+            try:
+                self.triton.serve_version(segmentation_spec(ref.model), ref.version)
+            except ModelLoadFailed:
+                LOAD_FAILURES.inc()
+                log.exception("new version failed to load; the previous one keeps serving")
+                return False
+            log.info("model version loaded")
+            return True
+
+    def serving(self) -> ModelRef | None:
+        with session_scope(self.db) as s:
+            rows = {r.model: r.version for r in s.scalars(select(ServingModel))}
+        for name in self.preference:
+            if name in rows:
+                return ModelRef(model=name, version=rows[name])
+        return None
+
+    def ensure_loaded(self) -> None:
+        """After a restart (or a Triton restart) load what the database says serves."""
+        with session_scope(self.db) as s:
+            rows = list(s.scalars(select(ServingModel)))
+            refs = [ModelRef(model=r.model, version=r.version) for r in rows]
+        for ref in refs:
+            if ref.version not in self.triton.serving_versions(ref.model):
+                self._load(ref)
+
+    def waiting_volumes(self) -> list[str]:
+        """Clinical volumes with no annotation yet: never predicted first, then most uncertain."""
+        with session_scope(self.db) as s:
+            annotated = select(AnnotationRevision.volume_id).distinct()
+            latest = (
+                select(Prediction.volume_id, func.max(Prediction.uncertainty).label("u"))
+                .group_by(Prediction.volume_id)
+                .subquery()
+            )
+            rows = s.execute(
+                select(Volume.id, latest.c.u)
+                .outerjoin(latest, latest.c.volume_id == Volume.id)
+                .where(Volume.dataset == "clinical", Volume.id.not_in(annotated))
+                .order_by(latest.c.u.is_not(None), latest.c.u.desc(), Volume.created_at)
+            ).all()
+        return [r[0] for r in rows]
+
+    def repredict_waiting(self) -> int:
+        serving = self.serving()
+        if serving is None:
+            return 0
+        done = 0
+        for volume_id in self.waiting_volumes():
+            if self.predict(volume_id, serving) is not None:
+                done += 1
+        return done
+
+    # ------------------------------------------------------------ prediction
+    def predict(
+        self, volume_id: str, model: ModelRef, event_id: str | None = None
+    ) -> PredictionResult | None:
+        """Segment ``volume_id`` with ``model`` (once per pair); None if already done."""
+        with bind(volume_id=volume_id, model=model.model, model_version=model.version):
+            with session_scope(self.db) as s:
+                vol = s.get(Volume, volume_id)
+                if vol is None:
+                    raise LookupError(f"unknown volume {volume_id}")
+                site, key, version = vol.site_id, vol.s3_key, vol.s3_version_id
+                if event_id and event_claimed(s, CONSUMER, event_id):
+                    return None
+                done = s.scalar(
+                    select(Prediction.id).where(
+                        Prediction.volume_id == volume_id,
+                        Prediction.model == model.model,
+                        Prediction.version == model.version,
+                    )
+                )
+            if done is not None:
+                if event_id:
+                    self._mark_done(event_id)
+                return None
+            t0 = time.monotonic()
+            img = nib.Nifti1Image.from_bytes(
+                gzip.decompress(self.store.get_bytes(self.bucket, key, version))
+            )
+            image = np.asarray(img.dataobj, dtype=np.float32)
+            labels, uncertainty = self.triton.segment(
+                model.model, image, np.asarray(img.affine), model.version
+            )
+            mask_key = keys.prediction_mask(volume_id, model.model, model.version)
+            obj = self.store.put_bytes(self.bucket, mask_key, nifti_gz_bytes(labels, img.affine))
+            seconds = time.monotonic() - t0
+            mask = BlobRef(bucket=self.bucket, key=mask_key, version_id=obj.version_id)
+            payload = PredictionCompleted(
+                volume_id=volume_id,
+                site_id=site,
+                model=model,
+                mask=mask,
+                uncertainty=uncertainty,
+                seconds=seconds,
+            )
+            with session_scope(self.db) as s:
+                if event_id and not claim_event(s, CONSUMER, event_id):
+                    return None  # a concurrent delivery won; its mask is the same
+                s.add(
+                    Prediction(
+                        volume_id=volume_id,
+                        model=model.model,
+                        version=model.version,
+                        s3_key=mask_key,
+                        uncertainty=uncertainty,
+                        seconds=seconds,
+                    )
+                )
+                v = s.get(Volume, volume_id)
+                if v is not None and v.status == "ingested":
+                    v.status = "predicted"
+                stage_event(s, make_event(PREDICTION_COMPLETED, SOURCE, volume_id, payload))
+            if self.relay is not None:
+                self.relay.notify()
+            PREDICTIONS.labels(model.model).inc()
+            PREDICT_SECONDS.observe(seconds)
+            log.info("pre-annotated", extra={"uncertainty": uncertainty, "seconds": seconds})
+            return PredictionResult(volume_id, model, mask, uncertainty, seconds)
+
+    def _mark_done(self, event_id: str) -> None:
+        with session_scope(self.db) as s:
+            claim_event(s, CONSUMER, event_id)

@@ -1,0 +1,27 @@
+"""``python -m services.ingest``: the public REST API, and the relay of its events."""
+
+from __future__ import annotations
+
+from ctloop.bus import EventProducer
+from ctloop.db import create_schema
+from ctloop.log import configure_logging
+from ctloop.outbox import OutboxRelay
+from ctloop.service import ServiceRuntime
+from ctloop.settings import get_settings
+from services.ingest.app import create_app
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    create_schema(settings.database_url)
+    relay = OutboxRelay(settings.database_url, EventProducer(settings, client_id="ingest"))
+    ep = settings.services.ingest
+    runtime = ServiceRuntime("ingest", settings.services.host, ep.http_port, ep.grpc_port)
+    runtime.app = create_app(settings, relay)
+    runtime.add_worker("outbox", relay.run)
+    runtime.serve(settings.services.shutdown_grace_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""The public REST API: volumes in, annotations in, pre-annotations out.
+
+Every upload is validated in full before anything is stored; then the blob goes to S3 under an
+immutable key, the workflow row and its event (outbox) commit in one SQL transaction, and the
+outbox relay publishes the event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from ctloop.contracts import keys
+from ctloop.contracts.payloads import (
+    AnnotationSubmitted,
+    BlobRef,
+    ModelRef,
+    VolumeIngested,
+    make_event,
+)
+from ctloop.contracts.topics import ANNOTATION_SUBMITTED, VOLUME_INGESTED
+from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.organs import LabelMap, UnknownLabel
+from ctloop.core.partial import OrganStatus, PartialLabel
+from ctloop.db import (
+    AnnotationRevision,
+    Prediction,
+    Site,
+    Volume,
+    audit,
+    next_annotation_revision,
+    ping,
+    session_scope,
+)
+from ctloop.log import bind
+from ctloop.outbox import OutboxRelay, stage_event
+from ctloop.service import health_router
+from ctloop.settings import Settings
+from ctloop.storage import ObjectStore
+from services.ingest.validation import (
+    Grid,
+    Limits,
+    UploadRejected,
+    read_dicom_zip,
+    read_nifti,
+    validate_ct,
+    validate_mask,
+)
+
+log = logging.getLogger("ctloop.ingest")
+SOURCE = "/ctloop/ingest"
+
+
+class VolumeOut(BaseModel):
+    volume_id: str
+    site_id: str
+    dataset: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    sha256: str
+    status: str
+    labelled: bool
+    created_at: datetime
+
+
+class AnnotationOut(BaseModel):
+    volume_id: str
+    revision: int
+    author: str
+    minutes: float
+    organs: dict[str, OrganStatus]
+    reviewed_slices: list[tuple[int, int]] | None
+    created_at: datetime
+
+
+class PredictionOut(BaseModel):
+    volume_id: str
+    model: str
+    version: int
+    uncertainty: float
+    created_at: datetime
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+def _volume_out(v: Volume) -> VolumeOut:
+    g = v.geometry
+    return VolumeOut(
+        volume_id=v.id,
+        site_id=v.site_id,
+        dataset=v.dataset,
+        shape=tuple(g["shape"]),
+        spacing=tuple(g["spacing"]),
+        sha256=v.sha256,
+        status=v.status,
+        labelled=v.label_s3_key is not None,
+        created_at=v.created_at,
+    )
+
+
+class Ingest:
+    """The ingest service's state: settings, stores and the outbox relay to wake."""
+
+    def __init__(self, settings: Settings, relay: OutboxRelay | None = None) -> None:
+        self.settings = settings
+        self.db = settings.database_url
+        self.store = ObjectStore(settings)
+        self.bucket = settings.s3.bucket
+        self.relay = relay
+        svc = settings.services
+        self.limits = Limits(
+            max_bytes=svc.max_upload_mb * 1024 * 1024, max_voxels=svc.max_volume_voxels
+        )
+
+    async def read_upload(self, upload: UploadFile, what: str) -> bytes:
+        """The whole upload, refused (413) as soon as it passes the size limit."""
+        chunks, size = [], 0
+        while chunk := await upload.read(1024 * 1024):
+            size += len(chunk)
+            if size > self.limits.max_bytes:
+                raise UploadRejected(
+                    "too_large", f"the {what} exceeds {self.limits.max_bytes} bytes", 413
+                )
+            chunks.append(chunk)
+        if size == 0:
+            raise UploadRejected("empty", f"the {what} is empty")
+        return b"".join(chunks)
+
+    def published(self) -> None:
+        if self.relay is not None:
+            self.relay.notify()
+
+
+def _label_map(raw: str | None) -> LabelMap:
+    if not raw:
+        return LabelMap.canonical()
+    try:
+        spec = json.loads(raw)
+        if not isinstance(spec, dict):
+            raise ValueError("must be a JSON object")
+        return LabelMap({str(k): int(v) for k, v in spec.items()})
+    except (ValueError, TypeError, UnknownLabel) as exc:
+        raise UploadRejected("bad_label_map", f"label_map: {exc}") from exc
+
+
+def volumes_router(ingest: Ingest) -> APIRouter:
+    r = APIRouter(prefix="/v1/volumes", tags=["volumes"])
+
+    @r.post(
+        "",
+        status_code=201,
+        response_model=VolumeOut,
+        responses={
+            200: {"model": VolumeOut},
+            409: {"model": ErrorOut},
+            413: {"model": ErrorOut},
+            422: {"model": ErrorOut},
+        },
+    )
+    async def upload_volume(
+        file: Annotated[
+            UploadFile, File(description="CT as NIfTI (.nii/.nii.gz) or a zip of one DICOM series")
+        ],
+        site_id: Annotated[str, Form()],
+        dataset: Annotated[Literal["public", "clinical"], Form()],
+        volume_id: Annotated[str | None, Form()] = None,
+        label: Annotated[
+            UploadFile | None, File(description="label NIfTI (labelled datasets)")
+        ] = None,
+        label_map: Annotated[str | None, Form(description='JSON {"organ": id}')] = None,
+    ) -> Any:
+        site = _safe(site_id, "site id")
+        data = await ingest.read_upload(file, "volume")
+        if data[:2] == b"PK":
+            vol = read_dicom_zip(data, ingest.limits)
+            array, grid = vol.image, Grid(vol.image.shape, vol.affine)  # type: ignore[arg-type]
+        else:
+            array, grid = read_nifti(data, ingest.limits)
+        image = validate_ct(array, grid)
+        mask = None
+        if label is not None:
+            lab_array, lab_grid = read_nifti(
+                await ingest.read_upload(label, "label"), ingest.limits, "label"
+            )
+            mask = validate_mask(lab_array, lab_grid, grid, _label_map(label_map))
+        elif dataset == "public":
+            raise UploadRejected("label_required", "public (labelled) volumes need a label")
+        sha = hashlib.sha256(data).hexdigest()
+        vid = _safe(volume_id, "volume id") if volume_id else f"vol-{sha[:16]}"
+
+        with session_scope(ingest.db) as s:
+            existing = s.get(Volume, vid)
+            if existing is not None:
+                if existing.sha256 == sha and existing.site_id == site:
+                    return JSONResponse(_volume_out(existing).model_dump(mode="json"), 200)
+                raise UploadRejected("exists", f"volume {vid} exists with other content", 409)
+
+        stored = (
+            np.rint(image).astype(np.int16)
+            if np.all(image == np.rint(image)) and image.min() >= -32768 and image.max() <= 32767
+            else image
+        )
+        key = keys.volume_image(site, vid)
+        img_obj = ingest.store.put_bytes(ingest.bucket, key, nifti_gz_bytes(stored, grid.affine))
+        label_ref = None
+        if mask is not None:
+            lkey = keys.volume_label(site, vid)
+            lobj = ingest.store.put_bytes(ingest.bucket, lkey, nifti_gz_bytes(mask, grid.affine))
+            label_ref = BlobRef(bucket=ingest.bucket, key=lkey, version_id=lobj.version_id)
+        payload = VolumeIngested(
+            volume_id=vid,
+            site_id=site,
+            dataset=dataset,
+            image=BlobRef(bucket=ingest.bucket, key=key, version_id=img_obj.version_id),
+            label=label_ref,
+            shape=grid.shape,
+            spacing=grid.spacing,
+            sha256=sha,
+        )
+        try:
+            with session_scope(ingest.db) as s:
+                if s.get(Site, site) is None:
+                    s.add(Site(id=site, name=site))
+                    s.flush()
+                row = Volume(
+                    id=vid,
+                    site_id=site,
+                    dataset=dataset,
+                    s3_key=key,
+                    s3_version_id=img_obj.version_id,
+                    label_s3_key=label_ref.key if label_ref else None,
+                    sha256=sha,
+                    geometry={
+                        "shape": list(grid.shape),
+                        "spacing": list(grid.spacing),
+                        "affine": grid.affine.tolist(),
+                    },
+                )
+                s.add(row)
+                stage_event(s, make_event(VOLUME_INGESTED, SOURCE, vid, payload))
+                audit(s, "api", "volume.create", vid, site_id=site, sha256=sha)
+                s.flush()
+                out = _volume_out(row)
+        except IntegrityError as exc:  # a concurrent upload of the same id won
+            raise UploadRejected("exists", f"volume {vid} was created concurrently", 409) from exc
+        ingest.published()
+        with bind(volume_id=vid, site_id=site):
+            log.info("volume ingested", extra={"dataset": dataset, "shape": grid.shape})
+        return out
+
+    @r.get("", response_model=list[VolumeOut])
+    def list_volumes(
+        site_id: str | None = None,
+        dataset: Literal["public", "clinical"] | None = None,
+        status: str | None = None,
+    ) -> list[VolumeOut]:
+        with session_scope(ingest.db) as s:
+            q = select(Volume).order_by(Volume.created_at)
+            if site_id:
+                q = q.where(Volume.site_id == site_id)
+            if dataset:
+                q = q.where(Volume.dataset == dataset)
+            if status:
+                q = q.where(Volume.status == status)
+            return [_volume_out(v) for v in s.scalars(q)]
+
+    @r.get("/{volume_id}", response_model=VolumeOut, responses={404: {"model": ErrorOut}})
+    def get_volume(volume_id: str) -> VolumeOut:
+        with session_scope(ingest.db) as s:
+            return _volume_out(_get_volume(s, volume_id))
+
+    @r.get(
+        "/{volume_id}/image",
+        response_class=Response,
+        responses={200: {"content": {"application/gzip": {}}}},
+    )
+    def get_image(volume_id: str) -> Response:
+        with session_scope(ingest.db) as s:
+            v = _get_volume(s, volume_id)
+            key, version = v.s3_key, v.s3_version_id
+            audit(s, "api", "volume.read", volume_id, site_id=v.site_id)
+        return Response(
+            ingest.store.get_bytes(ingest.bucket, key, version), media_type="application/gzip"
+        )
+
+    @r.get(
+        "/{volume_id}/prediction",
+        response_model=PredictionOut,
+        responses={404: {"model": ErrorOut}},
+    )
+    def get_prediction(volume_id: str) -> PredictionOut:
+        with session_scope(ingest.db) as s:
+            p = _latest_prediction(s, volume_id)
+            return PredictionOut(
+                volume_id=volume_id,
+                model=p.model,
+                version=p.version,
+                uncertainty=p.uncertainty,
+                created_at=p.created_at,
+            )
+
+    @r.get(
+        "/{volume_id}/prediction/mask",
+        response_class=Response,
+        responses={200: {"content": {"application/gzip": {}}}},
+    )
+    def get_prediction_mask(volume_id: str) -> Response:
+        with session_scope(ingest.db) as s:
+            p = _latest_prediction(s, volume_id)
+            key = p.s3_key
+            audit(s, "api", "prediction.read", volume_id, site_id=_get_volume(s, volume_id).site_id)
+        return Response(ingest.store.get_bytes(ingest.bucket, key), media_type="application/gzip")
+
+    @r.post(
+        "/{volume_id}/annotations",
+        status_code=201,
+        response_model=AnnotationOut,
+        responses={404: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    )
+    async def submit_annotation(
+        volume_id: str,
+        mask: Annotated[UploadFile, File(description="corrected label NIfTI on the volume's grid")],
+        author: Annotated[str, Form()],
+        minutes: Annotated[float, Form(ge=0, le=24 * 60)],
+        organs: Annotated[
+            str, Form(description='JSON {"organ": "accepted|corrected|skipped"}')
+        ] = "{}",
+        reviewed_slices: Annotated[
+            str | None, Form(description="JSON [[first, last], ...]")
+        ] = None,
+        from_model: Annotated[
+            str | None, Form(description='"model:version" it started from')
+        ] = None,
+        label_map: Annotated[str | None, Form(description='JSON {"organ": id}')] = None,
+    ) -> AnnotationOut:
+        author = _safe(author, "author")
+        with session_scope(ingest.db) as s:
+            v = _get_volume(s, volume_id)
+            site, g = v.site_id, v.geometry
+        volume_grid = Grid((g["shape"][0], g["shape"][1], g["shape"][2]), np.asarray(g["affine"]))
+        data = await ingest.read_upload(mask, "mask")
+        array, grid = read_nifti(data, ingest.limits, "mask")
+        canonical = validate_mask(array, grid, volume_grid, _label_map(label_map))
+        try:
+            partial = PartialLabel(
+                organs=json.loads(organs),
+                reviewed_slices=json.loads(reviewed_slices) if reviewed_slices else None,
+            )
+        except (ValueError, ValidationError, UnknownLabel) as exc:
+            raise UploadRejected("bad_review", f"organs / reviewed_slices: {exc}") from exc
+        origin = _model_ref(from_model)
+
+        with session_scope(ingest.db) as s:
+            rev = next_annotation_revision(s, volume_id)
+        key = keys.annotation_mask(site, volume_id, rev)
+        obj = ingest.store.put_bytes(
+            ingest.bucket, key, nifti_gz_bytes(canonical, volume_grid.affine)
+        )
+        payload = AnnotationSubmitted(
+            volume_id=volume_id,
+            site_id=site,
+            revision=rev,
+            author=author,
+            mask=BlobRef(bucket=ingest.bucket, key=key, version_id=obj.version_id),
+            organs=partial.organs,
+            reviewed_slices=partial.reviewed_slices,
+            minutes=minutes,
+            from_model=origin,
+        )
+        detail = {
+            "minutes": minutes,
+            "organs": partial.organs,
+            "s3_version_id": obj.version_id,
+            "reviewed_slices": partial.reviewed_slices,
+            "from_model": origin.model_dump() if origin else None,
+        }
+        try:
+            with session_scope(ingest.db) as s:
+                row = AnnotationRevision(
+                    volume_id=volume_id, revision=rev, author=author, s3_key=key, detail=detail
+                )
+                s.add(row)
+                vol = s.get(Volume, volume_id)
+                assert vol is not None
+                vol.status = "annotated"
+                stage_event(s, make_event(ANNOTATION_SUBMITTED, SOURCE, volume_id, payload))
+                audit(s, author, "annotation.create", volume_id, site_id=site, revision=rev)
+                s.flush()
+                created = row.created_at
+        except IntegrityError as exc:
+            raise UploadRejected(
+                "conflict", "another revision was submitted at the same time; retry", 409
+            ) from exc
+        ingest.published()
+        with bind(volume_id=volume_id, site_id=site):
+            log.info("annotation submitted", extra={"revision": rev, "minutes": minutes})
+        return AnnotationOut(
+            volume_id=volume_id,
+            revision=rev,
+            author=author,
+            minutes=minutes,
+            organs=partial.organs,
+            reviewed_slices=partial.reviewed_slices,
+            created_at=created,
+        )
+
+    return r
+
+
+def _safe(value: str, what: str) -> str:
+    try:
+        return keys.safe_id(value, what)
+    except keys.InvalidKeyPart as exc:
+        raise UploadRejected("bad_id", str(exc)) from exc
+
+
+def _model_ref(raw: str | None) -> ModelRef | None:
+    if not raw:
+        return None
+    name, _, version = raw.partition(":")
+    try:
+        return ModelRef(model=_safe(name, "model"), version=int(version))
+    except (ValueError, ValidationError) as exc:
+        raise UploadRejected(
+            "bad_model_ref", f"from_model must be 'model:version' ({exc})"
+        ) from exc
+
+
+def _get_volume(s: Any, volume_id: str) -> Volume:
+    v = s.get(Volume, volume_id)
+    if v is None:
+        raise HTTPException(404, detail={"code": "not_found", "message": f"no volume {volume_id}"})
+    return v
+
+
+def _latest_prediction(s: Any, volume_id: str) -> Prediction:
+    _get_volume(s, volume_id)
+    p = s.scalars(
+        select(Prediction)
+        .where(Prediction.volume_id == volume_id)
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        .limit(1)
+    ).first()
+    if p is None:
+        raise HTTPException(
+            404,
+            detail={"code": "no_prediction", "message": f"{volume_id} has no pre-annotation yet"},
+        )
+    return p
+
+
+def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
+    ingest = Ingest(settings, relay)
+    app = FastAPI(
+        title="ctloop ingest",
+        version="1",
+        description="Upload CT volumes and annotations; fetch pre-annotations.",
+    )
+
+    @app.exception_handler(UploadRejected)
+    async def rejected(_: Request, exc: UploadRejected) -> JSONResponse:
+        return JSONResponse({"code": exc.code, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        body = (
+            exc.detail
+            if isinstance(exc.detail, dict)
+            else {"code": "error", "message": str(exc.detail)}
+        )
+        return JSONResponse(body, status_code=exc.status_code)
+
+    def db_ready() -> tuple[bool, str]:
+        ping(settings.database_url)
+        return True, "answers"
+
+    def s3_ready() -> tuple[bool, str]:
+        return ingest.store.client.bucket_exists(ingest.bucket), ingest.bucket
+
+    app.include_router(health_router("ingest", {"database": db_ready, "s3": s3_ready}))
+    app.include_router(volumes_router(ingest))
+    app.state.ingest = ingest
+    return app

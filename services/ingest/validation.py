@@ -1,0 +1,183 @@
+"""Everything an upload must pass before anything is stored.
+
+Each refusal is an :class:`UploadRejected` with a stable ``code`` (what a client can act on), an
+HTTP status and a message saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import nibabel as nib
+import numpy as np
+from numpy.typing import NDArray
+
+from ctloop.core.datasets import DatasetError, Volume, load_dicom_series
+from ctloop.core.organs import LabelMap, UnknownLabel
+
+MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
+MAX_DIM = 4096
+MAX_DICOM_FILES = 5000
+MAX_ZIP_RATIO = 200  # uncompressed / compressed; far beyond what CT pixel data reaches
+
+
+class UploadRejected(Exception):
+    def __init__(self, code: str, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int
+    max_voxels: int
+
+
+@dataclass
+class Grid:
+    shape: tuple[int, int, int]
+    affine: NDArray[np.float64]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        s = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return float(s[0]), float(s[1]), float(s[2])
+
+
+def _gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress gzip without ever holding more than ``limit`` bytes (decompression bombs)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise UploadRejected("corrupt_gzip", f"the gzip stream is corrupt ({exc})") from exc
+    if len(out) > limit or d.unconsumed_tail:
+        raise UploadRejected("too_large", f"decompresses to more than {limit} bytes", status=413)
+    if not d.eof:
+        raise UploadRejected("truncated", "the gzip stream ends early (truncated upload?)")
+    return out
+
+
+def read_nifti(data: bytes, limits: Limits, what: str = "volume") -> tuple[NDArray, Grid]:
+    """Parse NIfTI bytes (plain or gzipped) into an array and its grid; header checked first."""
+    raw = data
+    if data[:2] == b"\x1f\x8b":
+        raw = _gunzip_bounded(data, limits.max_voxels * 8 + 352 + 1024)
+    if len(raw) < 348:
+        raise UploadRejected("not_nifti", f"the {what} is not a NIfTI file (too short)")
+    try:
+        img = nib.Nifti1Image.from_bytes(raw)
+    except Exception as exc:
+        try:
+            img = nib.Nifti2Image.from_bytes(raw)
+        except Exception:
+            raise UploadRejected(
+                "not_nifti", f"the {what} is not a readable NIfTI file ({exc})"
+            ) from exc
+    shape = tuple(int(d) for d in img.header.get_data_shape())
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise UploadRejected("not_3d", f"the {what} must be 3-D, got shape {shape}")
+    if any(d < 2 or d > MAX_DIM for d in shape):
+        raise UploadRejected("bad_shape", f"each dimension must be 2..{MAX_DIM}, got {shape}")
+    if int(np.prod(shape)) > limits.max_voxels:
+        raise UploadRejected("too_large", f"{shape} exceeds {limits.max_voxels} voxels", 413)
+    try:
+        array = np.asanyarray(img.dataobj).reshape(shape)
+    except Exception as exc:
+        raise UploadRejected("truncated", f"the {what}'s data is incomplete ({exc})") from exc
+    affine = np.asarray(img.affine, dtype=np.float64)
+    grid = Grid(shape=(shape[0], shape[1], shape[2]), affine=affine)
+    _check_grid(grid, what)
+    return array, grid
+
+
+def _check_grid(grid: Grid, what: str) -> None:
+    if not np.all(np.isfinite(grid.affine)) or abs(np.linalg.det(grid.affine[:3, :3])) < 1e-9:
+        raise UploadRejected("bad_affine", f"the {what}'s affine is not a valid voxel->mm map")
+    for s in grid.spacing:
+        if not MIN_SPACING_MM <= s <= MAX_SPACING_MM:
+            raise UploadRejected(
+                "bad_spacing",
+                f"voxel spacing {tuple(round(v, 4) for v in grid.spacing)} mm is outside "
+                f"{MIN_SPACING_MM}..{MAX_SPACING_MM} mm",
+            )
+
+
+def validate_ct(array: NDArray, grid: Grid) -> NDArray[np.float32]:
+    image = np.asarray(array, dtype=np.float32)
+    if not np.all(np.isfinite(image)):
+        raise UploadRejected("not_finite", "the volume holds NaN or infinite values")
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -3000 or hi > 40000:
+        raise UploadRejected("not_hu", f"values {lo:.0f}..{hi:.0f} are not CT Hounsfield units")
+    return image
+
+
+def validate_mask(
+    array: NDArray, grid: Grid, volume: Grid, label_map: LabelMap
+) -> NDArray[np.uint8]:
+    """A mask on the volume's grid with only the dataset's label values, as canonical ids."""
+    if grid.shape != volume.shape or not np.allclose(grid.affine, volume.affine, atol=1e-3):
+        raise UploadRejected(
+            "grid_mismatch",
+            f"the mask grid {grid.shape} (spacing {tuple(round(s, 3) for s in grid.spacing)}) "
+            f"differs from the volume's {volume.shape} "
+            f"(spacing {tuple(round(s, 3) for s in volume.spacing)})",
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        values = np.asarray(array, dtype=np.float64)
+        if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+            raise UploadRejected("float_mask", "the mask holds non-integer values")
+        array = values.astype(np.int64)
+    try:
+        return label_map.to_canonical(np.asarray(array, dtype=np.int64))
+    except UnknownLabel as exc:
+        raise UploadRejected("unknown_label", str(exc)) from exc
+
+
+def read_dicom_zip(data: bytes, limits: Limits) -> Volume:
+    """One CT series from a zip of its files, checked for traversal and zip bombs."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = [m for m in archive.infolist() if not m.is_dir()]
+    except zipfile.BadZipFile as exc:
+        raise UploadRejected("not_zip", f"not a readable zip archive ({exc})") from exc
+    if not members:
+        raise UploadRejected("empty_zip", "the zip holds no files")
+    if len(members) > MAX_DICOM_FILES:
+        raise UploadRejected("too_many_files", f"more than {MAX_DICOM_FILES} files", 413)
+    total = 0
+    for m in members:
+        path = PurePosixPath(m.filename.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or m.filename.startswith("/"):
+            raise UploadRejected("unsafe_path", f"zip member {m.filename!r} escapes the archive")
+        total += m.file_size
+        if m.compress_size and m.file_size / m.compress_size > MAX_ZIP_RATIO:
+            raise UploadRejected("zip_bomb", f"{m.filename!r} expands {MAX_ZIP_RATIO}x+", 413)
+    if total > limits.max_voxels * 2 + len(members) * 4096:
+        raise UploadRejected("too_large", f"the zip expands to {total} bytes", 413)
+    with tempfile.TemporaryDirectory(prefix="ctloop-dicom-") as tmp:
+        files = []
+        for i, m in enumerate(members):
+            target = Path(tmp) / f"{i:05d}.dcm"  # never the member's own name
+            with archive.open(m) as src:
+                target.write_bytes(src.read(m.file_size + 1)[: m.file_size + 1])
+            files.append(target)
+        try:
+            volume = load_dicom_series(files).as_ras()
+        except DatasetError as exc:
+            raise UploadRejected("bad_dicom", str(exc)) from exc
+    shape = volume.image.shape
+    if len(shape) != 3 or shape[2] < 2:
+        raise UploadRejected("not_3d", f"the series must have at least 2 slices, got {shape}")
+    _check_grid(Grid(shape=(shape[0], shape[1], shape[2]), affine=volume.affine), "series")
+    return volume

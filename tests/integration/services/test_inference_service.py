@@ -1,0 +1,218 @@
+"""The inference service's handlers and gRPC API against the real Triton, S3, Kafka and SQL."""
+
+from __future__ import annotations
+
+import gzip
+import uuid
+from concurrent import futures
+
+import grpc
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from sqlalchemy import func, select
+
+from ctloop.bus import EventProducer
+from ctloop.contracts.payloads import (
+    BlobRef,
+    ModelPublished,
+    ModelRef,
+    PredictionCompleted,
+    make_event,
+    payload_for,
+)
+from ctloop.contracts.topics import MODEL_PUBLISHED, Topic
+from ctloop.core.datasets import synthesize_dataset
+from ctloop.core.infer import Segmenter
+from ctloop.core.model import ModelConfig
+from ctloop.core.packaging import package_checkpoint, segmentation_spec
+from ctloop.core.train import DataSource, TrainConfig, train
+from ctloop.db import OutboxEvent, Prediction, session_scope
+from ctloop.model_repository import ModelRepository, TritonModels
+from ctloop.outbox import OutboxRelay
+from ctloop.storage import ObjectStore
+from ctloop.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from services.inference.grpc_api import InferenceService
+from services.inference.worker import InferenceWorker
+from services.ingest.app import create_app
+from tests.integration.services.conftest import nifti, phantom, wait_for_events
+
+TINY = ModelConfig(spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32), channels=(8, 16), strides=(2,))
+
+
+@pytest.fixture(scope="module")
+def env(svc_settings, tmp_path_factory):
+    """Settings with model names of this module's own, a trained tiny checkpoint, the pieces."""
+    tag = uuid.uuid4().hex[:8]
+    services = svc_settings.services.model_copy(
+        update={"igniter_model": f"igniter{tag}", "sustainer_model": f"sustainer{tag}"}
+    )
+    settings = svc_settings.model_copy(update={"services": services})
+    root = tmp_path_factory.mktemp("model")
+    synthesize_dataset(root / "public", "public", 2, seed=0, size="tiny")
+    ckpt = root / "tiny.pt"
+    train(TrainConfig(model=TINY, sources=[DataSource(path=root / "public")], out=ckpt, steps=10))
+    producer = EventProducer(settings, client_id="inference-test")
+    relay = OutboxRelay(settings.database_url, producer)
+    triton = TritonModels(settings)
+    worker = InferenceWorker(settings, triton, relay)
+    with TestClient(create_app(settings, relay)) as api:
+        yield {
+            "settings": settings,
+            "ckpt": ckpt,
+            "relay": relay,
+            "worker": worker,
+            "api": api,
+            "triton": triton,
+            "producer": producer,
+        }
+    for model in (services.igniter_model, services.sustainer_model):
+        if triton.client.is_model_ready(model):
+            triton.client.unload_model(model)
+    triton.close()
+    producer.close()
+
+
+def _publish(env, model: str, version: int, broken: bool = False):
+    """What the training service does: a version into the repository, then the event."""
+    settings = env["settings"]
+    spec = segmentation_spec(model)
+    package = package_checkpoint(env["ckpt"], spec)
+    files = dict(package.files)
+    if broken:
+        files["weights.pt"] = b"not a checkpoint"
+    repo = ModelRepository(settings)
+    repo.publish_version(spec, version, files, package.manifest)
+    return make_event(
+        MODEL_PUBLISHED,
+        "/tests",
+        model,
+        ModelPublished(
+            model=ModelRef(model=model, version=version),
+            manifest=BlobRef(
+                bucket=repo.bucket, key=f"{repo.prefix}/{model}/{version}/manifest.json"
+            ),
+        ),
+    )
+
+
+def _ingest(env, volume_id: str, seed: int):
+    p = phantom("clinical-b", seed)
+    r = env["api"].post(
+        "/v1/volumes",
+        data={"site_id": "site-c", "dataset": "clinical", "volume_id": volume_id},
+        files={"file": ("ct.nii.gz", nifti(p.image, p.affine), "application/gzip")},
+    )
+    assert r.status_code == 201, r.text
+    env["relay"].flush()
+    (event,) = wait_for_events(
+        env["settings"], Topic.VOLUME_INGESTED, lambda e: e.subject == volume_id
+    )
+    return p, event
+
+
+def _predictions(env, volume_id=None):
+    with session_scope(env["settings"].database_url) as s:
+        q = select(Prediction).order_by(Prediction.id)
+        if volume_id:
+            q = q.where(Prediction.volume_id == volume_id)
+        return [(p.volume_id, p.model, p.version, p.uncertainty) for p in s.scalars(q)]
+
+
+def _outbox_count(env):
+    with session_scope(env["settings"].database_url) as s:
+        return s.scalar(select(func.count()).select_from(OutboxEvent))
+
+
+def test_the_whole_pre_annotation_lifecycle(env, unique):
+    worker: InferenceWorker = env["worker"]
+    names = env["settings"].services
+    igniter, sustainer = names.igniter_model, names.sustainer_model
+
+    # A volume that arrives before any model waits.
+    p1, ingested1 = _ingest(env, f"w1-{unique}", 1)
+    worker.handle(ingested1)
+    assert _predictions(env, f"w1-{unique}") == []
+
+    # The igniter is published: loaded, and the waiting volume is pre-annotated.
+    worker.handle(_publish(env, igniter, 1))
+    assert worker.serving() == ModelRef(model=igniter, version=1)
+    preds = _predictions(env, f"w1-{unique}")
+    assert [(m, v) for _, m, v, _ in preds] == [(igniter, 1)]
+
+    # The mask in S3 is what in-process inference gives for the same weights.
+    env["relay"].flush()
+    (done,) = wait_for_events(
+        env["settings"], Topic.PREDICTION_COMPLETED, lambda e: e.subject == f"w1-{unique}"
+    )
+    completed = payload_for(done)
+    assert isinstance(completed, PredictionCompleted)
+    raw = ObjectStore(env["settings"]).get_bytes(completed.mask.bucket, completed.mask.key)
+    served = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj)
+    local = Segmenter(env["ckpt"])(p1.image.astype(np.float32), p1.affine)
+    assert np.mean(served != local.label) < 1e-4
+
+    # A volume that arrives now is pre-annotated at once; its event delivered twice, once.
+    _, ingested2 = _ingest(env, f"w2-{unique}", 2)
+    worker.handle(ingested2)
+    before = (_predictions(env), _outbox_count(env))
+    worker.handle(ingested2)
+    assert (_predictions(env), _outbox_count(env)) == before
+    assert len(_predictions(env, f"w2-{unique}")) == 1
+
+    # A broken igniter v2 fails to load: v1 keeps serving and nothing is re-predicted.
+    worker.handle(_publish(env, igniter, 2, broken=True))
+    assert worker.serving() == ModelRef(model=igniter, version=1)
+    assert env["triton"].serving_versions(igniter) == [1]
+    assert _predictions(env) == before[0]
+
+    # The first sustainer takes over and re-predicts the waiting volumes, most uncertain first.
+    uncertainty = {v: u for v, _, _, u in before[0]}
+    waiting = [v for v in worker.waiting_volumes() if v in uncertainty]
+    assert waiting == sorted(uncertainty, key=lambda v: -uncertainty[v])
+    worker.handle(_publish(env, sustainer, 1))
+    assert worker.serving() == ModelRef(model=sustainer, version=1)
+    for vid in (f"w1-{unique}", f"w2-{unique}"):
+        assert (sustainer, 1) in [(m, v) for _, m, v, _ in _predictions(env, vid)]
+
+
+def test_grpc_segment_and_model_status(env, unique):
+    worker: InferenceWorker = env["worker"]
+    _ingest(env, f"g-{unique}", 3)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceService(worker, ModelRepository(env["settings"])), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            if worker.serving() is None:
+                worker.handle(_publish(env, env["settings"].services.igniter_model, 1))
+            reply = stub.Segment(
+                inference_pb2.SegmentRequest(volume=common_pb2.VolumeRef(volume_id=f"g-{unique}"))
+            )
+            assert reply.volume.site_id == "site-c"
+            assert reply.mask.key.startswith(f"predictions/g-{unique}/")
+            assert 0.0 <= reply.uncertainty <= 1.0
+            again = stub.Segment(
+                inference_pb2.SegmentRequest(volume=common_pb2.VolumeRef(volume_id=f"g-{unique}"))
+            )
+            assert again.mask.key == reply.mask.key  # once per volume and model version
+            status = stub.GetModelStatus(inference_pb2.GetModelStatusRequest())
+            assert status.serving.version >= 1
+            assert list(status.published_versions)
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.Segment(
+                    inference_pb2.SegmentRequest(volume=common_pb2.VolumeRef(volume_id="nope"))
+                )
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0)

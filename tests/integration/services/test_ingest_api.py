@@ -1,0 +1,282 @@
+"""The ingest API against real S3, Kafka and SQL: what it accepts is stored and announced
+exactly once; what it refuses leaves no trace."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from ctloop.bus import EventProducer
+from ctloop.contracts import keys
+from ctloop.contracts.payloads import AnnotationSubmitted, VolumeIngested, payload_for
+from ctloop.contracts.topics import Topic
+from ctloop.core.organs import ORGAN_IDS
+from ctloop.db import AnnotationRevision, OutboxEvent, Volume, session_scope
+from ctloop.outbox import OutboxRelay
+from ctloop.storage import ObjectStore
+from services.ingest.app import create_app
+from tests.integration.services.conftest import dicom_zip, nifti, phantom, wait_for_events
+
+
+@pytest.fixture(scope="module")
+def relay(svc_settings):
+    r = OutboxRelay(svc_settings.database_url, EventProducer(svc_settings, client_id="ingest-test"))
+    yield r
+    r.producer.close()
+
+
+@pytest.fixture(scope="module")
+def api(svc_settings, relay):
+    with TestClient(create_app(svc_settings, relay)) as client:
+        yield client
+
+
+def _upload(api, image: bytes, site="site-a", dataset="clinical", label=None, **form):
+    files = {"file": ("ct.nii.gz", image, "application/gzip")}
+    if label is not None:
+        files["label"] = ("label.nii.gz", label, "application/gzip")
+    return api.post("/v1/volumes", data={"site_id": site, "dataset": dataset, **form}, files=files)
+
+
+def _counts(settings):
+    with session_scope(settings.database_url) as s:
+        return (
+            s.scalar(select(func.count()).select_from(Volume)),
+            s.scalar(select(func.count()).select_from(OutboxEvent)),
+        )
+
+
+def test_clinical_volume_is_stored_recorded_and_announced(api, svc_settings, relay, unique):
+    p = phantom(seed=1)
+    r = _upload(api, nifti(p.image, p.affine), volume_id=f"vol-{unique}")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["volume_id"] == f"vol-{unique}"
+    assert body["shape"] == list(p.image.shape)
+    assert np.allclose(body["spacing"], p.spacing)
+    assert body["status"] == "ingested" and body["labelled"] is False
+
+    store = ObjectStore(svc_settings)
+    stored = store.get_bytes(svc_settings.s3.bucket, keys.volume_image("site-a", f"vol-{unique}"))
+    import nibabel as nib
+
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(stored))
+    assert np.array_equal(np.asarray(img.dataobj), p.image)
+
+    assert relay.flush() >= 1
+    (event,) = wait_for_events(
+        svc_settings, Topic.VOLUME_INGESTED, lambda e: e.subject == f"vol-{unique}"
+    )
+    payload = payload_for(event)
+    assert isinstance(payload, VolumeIngested)
+    assert payload.dataset == "clinical" and payload.site_id == "site-a"
+    assert payload.image.key == keys.volume_image("site-a", f"vol-{unique}")
+    assert api.get(f"/v1/volumes/{body['volume_id']}").json() == body
+
+
+def test_same_upload_twice_is_one_volume_and_one_event(api, svc_settings, unique):
+    p = phantom(seed=2)
+    data = nifti(p.image, p.affine)
+    first = _upload(api, data, volume_id=f"vol-{unique}")
+    before = _counts(svc_settings)
+    again = _upload(api, data, volume_id=f"vol-{unique}")
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+    assert _counts(svc_settings) == before
+    other = phantom(seed=3)
+    clash = _upload(api, nifti(other.image, other.affine), volume_id=f"vol-{unique}")
+    assert clash.status_code == 409 and clash.json()["code"] == "exists"
+
+
+def test_public_volume_with_a_label_in_another_numbering(api, svc_settings, unique):
+    p = phantom("public", 4)
+    # This dataset numbers the liver 7 and the gallbladder 1.
+    label_map = {o: i for i, o in enumerate(ORGAN_IDS) if o != "background"}
+    label_map["liver"], label_map["gallbladder"] = 7, 1
+    to_dataset = np.zeros(len(ORGAN_IDS), np.uint8)
+    for organ, value in label_map.items():
+        to_dataset[ORGAN_IDS[organ]] = value
+    r = _upload(
+        api,
+        nifti(p.image, p.affine),
+        dataset="public",
+        label=nifti(to_dataset[p.label], p.affine),
+        label_map=json.dumps(label_map),
+        volume_id=f"pub-{unique}",
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["labelled"] is True
+    store = ObjectStore(svc_settings)
+    raw = store.get_bytes(svc_settings.s3.bucket, keys.volume_label("site-a", f"pub-{unique}"))
+    import nibabel as nib
+
+    stored = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj)
+    assert np.array_equal(stored, p.label)  # canonical ids in storage
+
+
+def _huge_header() -> bytes:
+    """A NIfTI header that claims 4096^3 float64 voxels (a decompression bomb by promise)."""
+    hdr = bytearray(348)
+    struct.pack_into("<i", hdr, 0, 348)
+    struct.pack_into("<8h", hdr, 40, 3, 4096, 4096, 4096, 1, 1, 1, 1)
+    struct.pack_into("<hh", hdr, 70, 64, 64)
+    struct.pack_into("<8f", hdr, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", hdr, 108, 352)
+    hdr[344:348] = b"n+1\0"
+    return gzip.compress(bytes(hdr) + b"\0" * 4 + b"\0" * 1024)
+
+
+def _bad_uploads():
+    p = phantom(seed=5)
+    good = nifti(p.image, p.affine)
+    nan = p.image.astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    squashed = p.affine.copy()
+    squashed[2, 2] = 1e-4
+    traversal = io.BytesIO()
+    with zipfile.ZipFile(traversal, "w") as zf:
+        zf.writestr("../../etc/passwd", b"x")
+    return {
+        "corrupt_gzip": (b"\x1f\x8b" + b"garbage" * 20, "corrupt_gzip"),
+        "truncated": (good[: len(good) // 2], "truncated"),
+        "not_nifti": (b"hello, this is not an image at all" * 20, "not_nifti"),
+        "two_d": (nifti(p.image[:, :, 0], p.affine), "not_3d"),
+        "four_d": (nifti(np.stack([p.image, p.image], -1), p.affine), "not_3d"),
+        "nan": (nifti(nan, p.affine), "not_finite"),
+        "absurd_spacing": (nifti(p.image, squashed), "bad_spacing"),
+        "bomb": (_huge_header(), "too_large"),
+        "traversal_zip": (traversal.getvalue(), "unsafe_path"),
+        "empty": (b"", "empty"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_uploads()))
+def test_bad_volume_is_refused_with_a_code_and_nothing_is_stored(api, svc_settings, case, unique):
+    data, code = _bad_uploads()[case]
+    before = _counts(svc_settings)
+    r = _upload(api, data, volume_id=f"bad-{unique}")
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["code"] == code, r.json()
+    assert _counts(svc_settings) == before
+    store = ObjectStore(svc_settings)
+    assert not store.exists(svc_settings.s3.bucket, keys.volume_image("site-a", f"bad-{unique}"))
+
+
+def test_hostile_ids_and_missing_labels_are_refused(api):
+    p = phantom(seed=6)
+    data = nifti(p.image, p.affine)
+    assert _upload(api, data, site="../other").json()["code"] == "bad_id"
+    assert _upload(api, data, volume_id="a/b").json()["code"] == "bad_id"
+    assert _upload(api, data, dataset="public").json()["code"] == "label_required"
+
+
+def test_label_on_another_grid_or_with_unknown_values_is_refused(api, svc_settings, unique):
+    p = phantom("public", 7)
+    image = nifti(p.image, p.affine)
+    cases = {
+        "grid_mismatch": nifti(p.label[:-1], p.affine),
+        "unknown_label": nifti(np.where(p.label > 0, 42, 0).astype(np.uint8), p.affine),
+        "float_mask": nifti(p.label.astype(np.float32) + 0.5, p.affine),
+    }
+    for code, label in cases.items():
+        before = _counts(svc_settings)
+        r = _upload(api, image, dataset="public", label=label, volume_id=f"l-{unique}")
+        assert r.status_code == 422 and r.json()["code"] == code, (code, r.text)
+        assert _counts(svc_settings) == before
+
+
+def test_oversized_upload_is_refused_before_it_is_read_whole(svc_settings, relay):
+    small = svc_settings.model_copy(
+        update={"services": svc_settings.services.model_copy(update={"max_upload_mb": 1})}
+    )
+    with TestClient(create_app(small, relay)) as client:
+        r = _upload(client, b"\x1f\x8b" + b"\0" * (2 * 1024 * 1024))
+    assert r.status_code == 413 and r.json()["code"] == "too_large"
+
+
+def test_dicom_series_zip_becomes_a_volume(api, unique):
+    p = phantom(seed=8)
+    r = api.post(
+        "/v1/volumes",
+        data={"site_id": "site-b", "dataset": "clinical", "volume_id": f"dcm-{unique}"},
+        files={"file": ("series.zip", dicom_zip(p), "application/zip")},
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["shape"] == list(p.image.shape)
+    assert np.allclose(r.json()["spacing"], p.spacing, atol=1e-4)
+    mixed = api.post(
+        "/v1/volumes",
+        data={"site_id": "site-b", "dataset": "clinical"},
+        files={
+            "file": ("s.zip", dicom_zip(phantom(seed=9), ("1.2.3", "1.2.4")), "application/zip")
+        },
+    )
+    assert mixed.status_code == 422 and mixed.json()["code"] == "bad_dicom"
+
+
+def test_annotations_are_immutable_revisions_and_announced(api, svc_settings, relay, unique):
+    p = phantom(seed=10)
+    vid = f"ann-{unique}"
+    assert _upload(api, nifti(p.image, p.affine), volume_id=vid).status_code == 201
+    form = {
+        "author": "ann-1",
+        "minutes": "7.5",
+        "organs": json.dumps({"liver": "accepted", "spleen": "skipped"}),
+        "reviewed_slices": json.dumps([[0, 10]]),
+        "from_model": "igniter:1",
+    }
+    files = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
+    first = api.post(f"/v1/volumes/{vid}/annotations", data=form, files=files)
+    assert first.status_code == 201, first.text
+    assert first.json()["revision"] == 1
+    second = api.post(
+        f"/v1/volumes/{vid}/annotations",
+        data={**form, "author": "ann-2"},
+        files={"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")},
+    )
+    assert second.json()["revision"] == 2
+    assert api.get(f"/v1/volumes/{vid}").json()["status"] == "annotated"
+    with session_scope(svc_settings.database_url) as s:
+        revs = s.scalars(
+            select(AnnotationRevision).where(AnnotationRevision.volume_id == vid)
+        ).all()
+        assert sorted((r.revision, r.author) for r in revs) == [(1, "ann-1"), (2, "ann-2")]
+
+    relay.flush()
+    events = wait_for_events(
+        svc_settings, Topic.ANNOTATION_SUBMITTED, lambda e: e.subject == vid, count=2
+    )
+    payloads = sorted((payload_for(e) for e in events), key=lambda x: x.revision)
+    assert all(isinstance(x, AnnotationSubmitted) for x in payloads)
+    assert payloads[0].organs == {"liver": "accepted", "spleen": "skipped"}
+    assert payloads[0].from_model is not None and payloads[0].from_model.version == 1
+
+    wrong = api.post(
+        f"/v1/volumes/{vid}/annotations",
+        data=form,
+        files={"mask": ("m.nii.gz", nifti(p.label[1:], p.affine), "application/gzip")},
+    )
+    assert wrong.status_code == 422 and wrong.json()["code"] == "grid_mismatch"
+    unknown = api.post(
+        f"/v1/volumes/{vid}/annotations",
+        data={**form, "organs": '{"brain": "accepted"}'},
+        files=files,
+    )
+    assert unknown.status_code == 422 and unknown.json()["code"] == "bad_review"
+    missing = api.post("/v1/volumes/nope/annotations", data=form, files=files)
+    assert missing.status_code == 404
+
+
+def test_health_endpoints(api):
+    assert api.get("/healthz").json()["status"] == "ok"
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert "python_info" in api.get("/metrics").text
