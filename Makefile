@@ -22,13 +22,15 @@ HELM_VERSION      := v3.22.0
 PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
 .PHONY: help setup venv protos kafka-jars s3-gateway helm postgres \
-        stack-up stack-down stack-status run test lint format unit integration clean
+        stack-up stack-down stack-status services-up services-down status \
+        run test lint format unit integration clean
 
 help:
 	@echo "make run           set up, start the local stack, run the main job"
 	@echo "make test          set up, lint, type-check, run unit + integration tests"
 	@echo "make setup         install everything (idempotent)"
 	@echo "make stack-up | stack-down | stack-status"
+	@echo "make services-up | services-down | status"
 	@echo "make lint | format"
 
 # ---------------------------------------------------------------- set-up
@@ -94,6 +96,15 @@ stack-down:
 stack-status:
 	$(CTLOOP) stack status
 
+services-up: stack-up
+	$(CTLOOP) services up
+
+services-down:
+	@if [ -x $(CTLOOP) ]; then $(CTLOOP) services down; else echo "nothing installed, nothing running"; fi
+
+status:
+	$(CTLOOP) status
+
 # The main job. Until the transfer run lands (issue 6) it brings the stack up and says how to
 # reach it.
 run: stack-up
@@ -118,5 +129,5 @@ integration: setup
 test: setup lint
 	$(VENV)/bin/pytest tests
 
-clean: stack-down
+clean: services-down stack-down
 	rm -rf $(RUN_DIR)/data $(RUN_DIR)/state $(RUN_DIR)/stamps ctloop/v1

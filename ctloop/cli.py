@@ -8,13 +8,18 @@ from pathlib import Path
 
 from ctloop.log import configure_logging
 from ctloop.settings import get_settings
+from ctloop.stack.manager import ComponentStatus
 
 
 def _stack(args: argparse.Namespace) -> int:
     from ctloop.stack import LocalStack, StackError
+    from ctloop.stack.services import service_components
 
     settings = get_settings()
-    stack = LocalStack(settings)
+    if args.command == "services":
+        stack = LocalStack(settings, components=service_components(settings))
+    else:
+        stack = LocalStack(settings)
     try:
         if args.action == "up":
             stack.up()
@@ -25,8 +30,22 @@ def _stack(args: argparse.Namespace) -> int:
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return _print_status(stack.status())
+
+
+def _status(_: argparse.Namespace) -> int:
+    from ctloop.stack import LocalStack
+    from ctloop.stack.services import service_components
+
+    settings = get_settings()
+    servers = LocalStack(settings).status()
+    services = LocalStack(settings, components=service_components(settings)).status()
+    return _print_status(servers + services)
+
+
+def _print_status(statuses: list[ComponentStatus]) -> int:
     healthy = True
-    for status in stack.status():
+    for status in statuses:
         print(status.line())
         if status.log_tail:
             print("  last lines of its log:")
@@ -142,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     stack = sub.add_parser("stack", help="manage the embedded local stack")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.set_defaults(func=_stack)
+    services = sub.add_parser("services", help="run the ctloop services on the local stack")
+    services.add_argument("action", choices=["up", "down", "status"])
+    services.set_defaults(func=_stack)
+    status = sub.add_parser("status", help="every server and service with its health")
+    status.set_defaults(func=_status)
     info = sub.add_parser("info", help="print how to reach the running stack")
     info.set_defaults(func=_info)
 

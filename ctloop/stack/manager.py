@@ -13,7 +13,8 @@ from ctloop.stack.components import Component, Health, StackError, stack_compone
 
 Printer = Callable[[str], None]
 
-START_TIMEOUT_S = {"kafka": 90.0, "s3": 30.0, "triton": 120.0, "postgres": 60.0}
+START_TIMEOUT_S = {"kafka": 90.0, "s3": 30.0, "triton": 120.0, "postgres": 60.0, "ingest": 90.0,
+                   "inference": 120.0}  # fmt: skip
 
 
 @dataclass
@@ -40,10 +41,13 @@ class LocalStack:
         settings: Settings,
         echo: Printer = print,
         only: set[str] | None = None,
+        components: list[Component] | None = None,
     ) -> None:
-        """``only`` limits the stack to the named components (e.g. ``{"postgres"}``)."""
+        """``only`` limits the stack to the named components (e.g. ``{"postgres"}``);
+        ``components`` replaces the servers with another set (the ctloop services)."""
         self.settings = settings
-        self.components = [c for c in stack_components(settings) if only is None or c.name in only]
+        chosen = components if components is not None else stack_components(settings)
+        self.components = [c for c in chosen if only is None or c.name in only]
         self.echo = echo
 
     @contextlib.contextmanager

@@ -1,0 +1,76 @@
+"""`ctloop services up / status / down`: the services as real processes on the local stack."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.phantom import generate_phantom
+from ctloop.settings import REPO_ROOT
+
+ENV = {
+    **os.environ,
+    "CTLOOP_SERVICES__INGEST__HTTP_PORT": "28600",
+    "CTLOOP_SERVICES__INGEST__GRPC_PORT": "28601",
+    "CTLOOP_SERVICES__INFERENCE__HTTP_PORT": "28602",
+    "CTLOOP_SERVICES__INFERENCE__GRPC_PORT": "28603",
+}
+
+
+def _ctloop(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ctloop.cli", *args],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _pid(out: str, name: str) -> int:
+    line = next(line for line in out.splitlines() if line.startswith(name))
+    return int(line.split("pid ")[1].split()[0])
+
+
+def test_services_run_answer_and_stop_gracefully(unique):
+    try:
+        up = _ctloop("services", "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        status = _ctloop("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        lines = {line.split()[0]: line for line in status.stdout.splitlines() if line.strip()}
+        for name in ("s3", "kafka", "triton", "ingest", "inference"):
+            assert " healthy " in lines[name], status.stdout
+        pids = {name: _pid(status.stdout, name) for name in ("ingest", "inference")}
+
+        p = generate_phantom("clinical-a", 21, "tiny")
+        r = httpx.post(
+            "http://127.0.0.1:28600/v1/volumes",
+            data={"site_id": "site-life", "dataset": "clinical", "volume_id": f"life-{unique}"},
+            files={"file": ("ct.nii.gz", nifti_gz_bytes(p.image, p.affine), "application/gzip")},
+            timeout=60,
+        )
+        assert r.status_code == 201, r.text
+        assert httpx.get(f"http://127.0.0.1:28600/v1/volumes/life-{unique}").json()[
+            "shape"
+        ] == list(p.image.shape)
+        assert httpx.get("http://127.0.0.1:28602/readyz").json()["ready"] is True
+        assert "ctloop_predictions_total" in httpx.get("http://127.0.0.1:28602/metrics").text
+
+        # A crashed service makes `ctloop status` fail, naming it.
+        os.kill(pids["inference"], signal.SIGKILL)
+        crashed = _ctloop("status")
+        assert crashed.returncode != 0 and "crashed" in crashed.stdout
+        assert _ctloop("services", "up").returncode == 0
+    finally:
+        down = _ctloop("services", "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    log = Path(os.environ.get("CTLOOP_RUN_DIR", REPO_ROOT / ".ctloop")) / "logs" / "ingest.log"
+    assert '"msg": "service stopped"' in log.read_text()  # SIGTERM ended it gracefully
+    after = _ctloop("status")
+    assert "ingest    stopped" in after.stdout and after.returncode != 0
