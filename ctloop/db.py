@@ -114,6 +114,22 @@ class ServingModel(Base):
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
 
 
+class TrainingRound(Base):
+    """One training round (round 0 trains the igniter); at most one is ``running``."""
+
+    __tablename__ = "training_rounds"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # the round number
+    model: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running|published|rejected|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    volumes: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"train": [...], "holdout": []}
+    version: Mapped[int | None] = mapped_column(Integer, default=None)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime] = mapped_column(default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class ProcessedEvent(Base):
     """Which consumer has durably handled which event: the idempotency record."""
 

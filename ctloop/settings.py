@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -97,6 +97,24 @@ class ServicesSettings(BaseModel):
     sustainer_model: str = "sustainer"
 
 
+class TrainingSettings(BaseModel):
+    """The round policy and how rounds train (see services/training)."""
+
+    igniter_min_volumes: int = 4  # labelled public volumes before the igniter trains
+    round_min_new: int = 5  # newly corrected clinical volumes that start a sustainer round
+    debounce_s: float = 30.0  # quiet time after the last upload/annotation before a round
+    holdout_every: int = 5  # every n-th volume is held out to validate the candidate
+    public_replay: int = 4  # public volumes mixed into each sustainer round
+    nproc_per_node: int = 1  # torchrun processes (GPUs per node in a cluster)
+    igniter_steps: int = 300
+    sustainer_steps: int = 200
+    from_scratch: bool = False  # retrain each sustainer from scratch instead of fine-tuning
+    accept_tolerance: float = 0.0  # publish if candidate Dice >= serving Dice - tolerance
+    max_attempts: int = 2
+    tick_s: float = 2.0
+    model: dict[str, Any] = Field(default_factory=dict)  # ModelConfig overrides (spacing, ...)
+
+
 class Settings(BaseSettings):
     """Everything configurable, in one place."""
 
@@ -113,6 +131,7 @@ class Settings(BaseSettings):
     triton: TritonSettings = TritonSettings()
     db: DatabaseSettings = DatabaseSettings()
     services: ServicesSettings = ServicesSettings()
+    training: TrainingSettings = TrainingSettings()
 
     @property
     def data_dir(self) -> Path:

@@ -91,6 +91,8 @@ class ModelPublished(Payload):
     parent: ModelRef | None = None
     manifest: BlobRef
     metrics: dict[str, Any] = Field(default_factory=dict)
+    round: int | None = None
+    rollback: bool = False  # serve this (older) version again
 
 
 PAYLOADS: dict[str, type[Payload]] = {

@@ -14,7 +14,7 @@ from ctloop.stack.components import Component, Health, StackError, stack_compone
 Printer = Callable[[str], None]
 
 START_TIMEOUT_S = {"kafka": 90.0, "s3": 30.0, "triton": 120.0, "postgres": 60.0, "ingest": 90.0,
-                   "inference": 120.0}  # fmt: skip
+                   "inference": 120.0, "training": 90.0, "metrics": 90.0}  # fmt: skip
 
 
 @dataclass

@@ -14,6 +14,8 @@ from ctloop.stack.components import Component, Health
 SERVICES: dict[str, str] = {
     "ingest": "services.ingest",
     "inference": "services.inference",
+    "training": "services.training",
+    "metrics": "services.metrics",
 }
 
 

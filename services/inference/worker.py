@@ -112,7 +112,7 @@ class InferenceWorker:
                 row = s.get(ServingModel, m.model.model)
                 if row is None:
                     s.add(ServingModel(model=m.model.model, version=m.model.version))
-                elif m.model.version >= row.version:
+                elif m.model.version >= row.version or m.rollback:
                     row.version = m.model.version
         if ok:
             self.repredict_waiting()

@@ -1,0 +1,144 @@
+"""Per-round quality and effort, rebuilt from the event history.
+
+A "round" here is the model version whose pre-annotations the annotators corrected: for each
+``annotation.submitted`` that names ``from_model``, the Dice between that version's
+pre-annotation and the correction (over the organs and slices the annotator reviewed) and the
+minutes it took. Replayed events are counted once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from ctloop.contracts.events import CloudEvent
+from ctloop.contracts.payloads import (
+    AnnotationSubmitted,
+    ModelPublished,
+    PredictionCompleted,
+    TrainingCompleted,
+    payload_for,
+)
+from ctloop.core.metrics import organ_dice
+from ctloop.core.partial import PartialLabel
+from ctloop.storage import ObjectStore
+
+log = logging.getLogger("ctloop.metrics")
+
+EVENTS = Counter("ctloop_metrics_events_total", "Events folded into the metrics", ["type"])
+ROUND_DICE = Gauge("ctloop_round_mean_dice", "Pre-annotation vs correction", ["model", "version"])
+ROUND_MINUTES = Gauge(
+    "ctloop_round_minutes_per_ct", "Annotation minutes per CT", ["model", "version"]
+)
+ROUND_VOLUMES = Gauge("ctloop_round_volumes_annotated", "Volumes annotated", ["model", "version"])
+
+
+@dataclass
+class RoundStats:
+    model: str
+    version: int
+    round: int = -1
+    minutes: list[float] = field(default_factory=list)
+    dice: list[float] = field(default_factory=list)
+    organ_dice: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    volumes: set[str] = field(default_factory=set)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "round": self.round,
+            "volumes_annotated": len(self.volumes),
+            "minutes_per_ct": float(np.mean(self.minutes)) if self.minutes else 0.0,
+            "mean_dice": float(np.mean(self.dice)) if self.dice else 0.0,
+            "organ_dice": {o: float(np.mean(v)) for o, v in sorted(self.organ_dice.items())},
+        }
+
+
+class MetricsState:
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._predictions: dict[tuple[str, str, int], tuple[str, str, str | None]] = {}
+        self._rounds: dict[tuple[str, int], RoundStats] = {}
+        self._round_of: dict[tuple[str, int], int] = {}
+        self.events_seen = 0
+
+    def handle(self, event: CloudEvent) -> None:
+        with self._lock:
+            if event.id in self._seen:
+                return
+            self._seen.add(event.id)
+            self.events_seen += 1
+        EVENTS.labels(event.type.name).inc()
+        payload = payload_for(event)
+        if isinstance(payload, PredictionCompleted):
+            key = (payload.volume_id, payload.model.model, payload.model.version)
+            with self._lock:
+                self._predictions[key] = (
+                    payload.mask.bucket,
+                    payload.mask.key,
+                    payload.mask.version_id,
+                )
+        elif isinstance(payload, ModelPublished) and payload.round is not None:
+            with self._lock:
+                self._round_of[(payload.model.model, payload.model.version)] = payload.round
+        elif isinstance(payload, AnnotationSubmitted):
+            self._annotation(payload)
+        elif isinstance(payload, TrainingCompleted) and payload.version is not None:
+            with self._lock:
+                self._round_of[(payload.model, payload.version)] = payload.round
+
+    def _annotation(self, a: AnnotationSubmitted) -> None:
+        if a.from_model is None:
+            return
+        ref = (a.from_model.model, a.from_model.version)
+        with self._lock:
+            stats = self._rounds.setdefault(ref, RoundStats(*ref))
+            stats.minutes.append(a.minutes)
+            stats.volumes.add(a.volume_id)
+            prediction = self._predictions.get((a.volume_id, *ref))
+        if prediction is None:
+            log.warning(
+                "no pre-annotation seen for this annotation", extra={"volume_id": a.volume_id}
+            )
+            return
+        pred = self._mask(*prediction)
+        corrected = self._mask(a.mask.bucket, a.mask.key, a.mask.version_id)
+        review = PartialLabel(organs=a.organs, reviewed_slices=a.reviewed_slices)
+        rows = review.slice_mask(corrected.shape[2])
+        per = organ_dice(pred[:, :, rows], corrected[:, :, rows])
+        per = {o: d for o, d in per.items() if a.organs.get(o) != "skipped"}
+        with self._lock:
+            for organ, d in per.items():
+                stats.organ_dice[organ].append(d)
+            if per:
+                stats.dice.append(float(np.mean(list(per.values()))))
+
+    def _mask(self, bucket: str, key: str, version: str | None) -> np.ndarray:
+        raw = self.store.get_bytes(bucket, key, version)
+        return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj, dtype=np.uint8)
+
+    def report(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rounds = []
+            for ref, stats in sorted(
+                self._rounds.items(), key=lambda kv: (kv[0][0] != "igniter", kv[0])
+            ):
+                stats.round = self._round_of.get(ref, -1)
+                summary = stats.summary()
+                labels = (ref[0], str(ref[1]))
+                ROUND_DICE.labels(*labels).set(summary["mean_dice"])
+                ROUND_MINUTES.labels(*labels).set(summary["minutes_per_ct"])
+                ROUND_VOLUMES.labels(*labels).set(summary["volumes_annotated"])
+                rounds.append(summary)
+        return rounds

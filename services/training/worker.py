@@ -1,0 +1,484 @@
+"""Training rounds: when to train, on what, and what gets published.
+
+Round 0 trains the igniter on the labelled public volumes. Each later round fine-tunes the
+sustainer (from the serving sustainer, else the igniter; from scratch if configured) on every
+corrected clinical volume so far plus some public replay. Every ``holdout_every``-th volume is
+held out; the candidate is published only if its held-out Dice is not worse than the serving
+model's (the decision and numbers are recorded). One round at a time; a round that crashes is
+retried, then marked failed; a version is never half-published (manifest last).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from prometheus_client import Counter, Gauge
+from sqlalchemy import func, select
+
+from ctloop.contracts.events import CloudEvent
+from ctloop.contracts.payloads import (
+    BlobRef,
+    ModelPublished,
+    ModelRef,
+    TrainingCompleted,
+    TrainingStarted,
+    make_event,
+)
+from ctloop.contracts.topics import MODEL_PUBLISHED, TRAINING_COMPLETED, TRAINING_STARTED
+from ctloop.core.datasets import Volume as CoreVolume
+from ctloop.core.datasets import write_decathlon
+from ctloop.core.infer import Segmenter
+from ctloop.core.metrics import mean_dice
+from ctloop.core.model import ModelConfig
+from ctloop.core.packaging import package_checkpoint, segmentation_spec
+from ctloop.core.train import DataSource, TrainConfig
+from ctloop.db import (
+    AnnotationRevision,
+    TrainingRound,
+    Volume,
+    claim_event,
+    session_scope,
+)
+from ctloop.log import bind
+from ctloop.model_repository import MANIFEST, ModelRepository
+from ctloop.outbox import OutboxRelay, stage_event
+from ctloop.settings import REPO_ROOT, Settings
+from ctloop.storage import ObjectStore
+
+log = logging.getLogger("ctloop.training")
+CONSUMER = "training"
+SOURCE = "/ctloop/training"
+
+ROUNDS = Counter("ctloop_training_rounds_total", "Finished rounds", ["model", "outcome"])
+ROUND_SECONDS = Gauge("ctloop_training_last_round_seconds", "Duration of the last round")
+
+
+class RoundBusy(RuntimeError):
+    pass
+
+
+class NothingToTrain(RuntimeError):
+    pass
+
+
+class TrainingWorker:
+    def __init__(self, settings: Settings, relay: OutboxRelay | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.training
+        self.db = settings.database_url
+        self.store = ObjectStore(settings)
+        self.bucket = settings.s3.bucket
+        self.repo = ModelRepository(settings, self.store)
+        self.relay = relay
+        self.igniter = settings.services.igniter_model
+        self.sustainer = settings.services.sustainer_model
+        self.work_dir = settings.data_dir / "training"
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ events and policy
+    def handle(self, event: CloudEvent) -> None:
+        """Annotation and volume events only move the policy's clock; record them as seen."""
+        with session_scope(self.db) as s:
+            claim_event(s, CONSUMER, event.id)
+
+    def run(self, stop: threading.Event) -> None:
+        self.recover()
+        while not stop.is_set():
+            try:
+                self.tick()
+            except (RoundBusy, NothingToTrain):
+                pass
+            except Exception:
+                log.exception("round policy failed; trying again later")
+            stop.wait(self.cfg.tick_s)
+
+    def tick(self) -> TrainingRound | None:
+        """Start the round the policy asks for, if any (blocking until it ends)."""
+        model = self.due()
+        return self.run_round(model) if model else None
+
+    def due(self) -> str | None:
+        now = datetime.now(UTC)
+        with session_scope(self.db) as s:
+            if s.scalar(select(TrainingRound.id).where(TrainingRound.status == "running")):
+                return None
+            retry = s.scalars(
+                select(TrainingRound).where(TrainingRound.status == "retry").limit(1)
+            ).first()
+            if retry is not None:
+                return retry.model
+            if not self.repo.published_versions(self.igniter):
+                public = s.execute(
+                    select(func.count(), func.max(Volume.created_at)).where(
+                        Volume.dataset == "public", Volume.label_s3_key.is_not(None)
+                    )
+                ).one()
+                ready = public[0] >= self.cfg.igniter_min_volumes and _quiet(
+                    public[1], now, self.cfg
+                )
+                return self.igniter if ready and not self._igniter_round_open(s) else None
+            trained = self._volumes_in_rounds(s, self.sustainer)
+            annotated = s.execute(
+                select(
+                    AnnotationRevision.volume_id, func.max(AnnotationRevision.created_at)
+                ).group_by(AnnotationRevision.volume_id)
+            ).all()
+            new = [v for v, _ in annotated if v not in trained]
+            last = max((t for _, t in annotated), default=None)
+            if len(new) >= self.cfg.round_min_new and _quiet(last, now, self.cfg):
+                return self.sustainer
+        return None
+
+    def _igniter_round_open(self, s: Any) -> bool:
+        """A finished igniter round that published nothing is not retried automatically."""
+        return bool(
+            s.scalar(
+                select(TrainingRound.id).where(
+                    TrainingRound.model == self.igniter, TrainingRound.status != "retry"
+                )
+            )
+        )
+
+    def _volumes_in_rounds(self, s: Any, model: str) -> set[str]:
+        rows = s.scalars(
+            select(TrainingRound).where(
+                TrainingRound.model == model, TrainingRound.status.in_(("published", "rejected"))
+            )
+        )
+        return {v for r in rows for part in ("train", "holdout") for v in r.volumes.get(part, [])}
+
+    # ------------------------------------------------------------ a round
+    def run_round(self, model: str | None = None) -> TrainingRound:
+        model = model or self.due() or self.sustainer
+        if not self._lock.acquire(blocking=False):
+            raise RoundBusy("a round is running")
+        try:
+            return self._run_round(model)
+        finally:
+            self._lock.release()
+
+    def _run_round(self, model: str) -> TrainingRound:
+        t0 = time.monotonic()
+        number, plan, attempts = self._open_round(model)
+        with bind(round=number, model=model):
+            try:
+                result = self._train_validate_publish(number, model, plan)
+            except Exception as exc:
+                log.exception("round failed", extra={"attempt": attempts})
+                status = "retry" if attempts < self.cfg.max_attempts else "failed"
+                result = self._close_round(number, model, status, reason=repr(exc))
+            ROUND_SECONDS.set(time.monotonic() - t0)
+            return result
+
+    def _open_round(self, model: str) -> tuple[int, dict[str, list[str]], int]:
+        with session_scope(self.db) as s:
+            if s.scalar(select(TrainingRound.id).where(TrainingRound.status == "running")):
+                raise RoundBusy("a round is running")
+            retry = s.scalars(
+                select(TrainingRound).where(
+                    TrainingRound.status == "retry", TrainingRound.model == model
+                )
+            ).first()
+            if retry is not None:
+                retry.status, retry.attempts = "running", retry.attempts + 1
+                return retry.id, dict(retry.volumes), retry.attempts
+            plan = self._plan(s, model)
+            number = (s.scalar(select(func.max(TrainingRound.id))) or -1) + 1
+            if model == self.sustainer and number == 0:
+                number = 1
+            s.add(TrainingRound(id=number, model=model, status="running", volumes=plan))
+            payload = TrainingStarted(round=number, model=model, volumes=plan["train"])
+            stage_event(s, make_event(TRAINING_STARTED, SOURCE, model, payload))
+        self._notify()
+        log.info(
+            "round started", extra={"round": number, "model": model, "train": len(plan["train"])}
+        )
+        return number, plan, 1
+
+    def _plan(self, s: Any, model: str) -> dict[str, list[str]]:
+        every = max(2, self.cfg.holdout_every)
+        if model == self.igniter:
+            ids = list(
+                s.scalars(
+                    select(Volume.id)
+                    .where(Volume.dataset == "public", Volume.label_s3_key.is_not(None))
+                    .order_by(Volume.created_at, Volume.id)
+                )
+            )
+            replay: list[str] = []
+        else:
+            ids = list(
+                s.scalars(
+                    select(AnnotationRevision.volume_id)
+                    .group_by(AnnotationRevision.volume_id)
+                    .order_by(func.min(AnnotationRevision.created_at), AnnotationRevision.volume_id)
+                )
+            )
+            replay = list(
+                s.scalars(
+                    select(Volume.id)
+                    .where(Volume.dataset == "public", Volume.label_s3_key.is_not(None))
+                    .order_by(Volume.created_at)
+                    .limit(self.cfg.public_replay)
+                )
+            )
+        if not ids:
+            raise NothingToTrain(f"no data for a {model} round")
+        holdout = [v for i, v in enumerate(ids) if i % every == every - 1]
+        train = [v for v in ids if v not in holdout]
+        return {"train": train, "holdout": holdout, "replay": replay}
+
+    def _train_validate_publish(
+        self, number: int, model: str, plan: dict[str, list[str]]
+    ) -> TrainingRound:
+        work = self.work_dir / f"round-{number:04d}"
+        self._materialise(work / "train", plan["train"])
+        self._materialise(work / "holdout", plan["holdout"])
+        sources = [DataSource(path=work / "train")]
+        if plan.get("replay"):
+            self._materialise(work / "replay", plan["replay"])
+            sources.append(DataSource(path=work / "replay"))
+
+        parent = self._parent(model)
+        init_from = None
+        if parent is not None and not (model == self.sustainer and self.cfg.from_scratch):
+            init_from = work / "parent.pt"
+            key = f"{self.repo.prefix}/{parent.model}/{parent.version}/weights.pt"
+            init_from.write_bytes(self.store.get_bytes(self.repo.bucket, key))
+        candidate = work / "candidate.pt"
+        config = TrainConfig(
+            model=ModelConfig.model_validate(self.cfg.model),
+            sources=sources,
+            out=candidate,
+            init_from=init_from,
+            steps=self.cfg.igniter_steps if model == self.igniter else self.cfg.sustainer_steps,
+            lr=2e-3 if init_from is None else 1e-3,
+            seed=number,
+            meta={"name": model, "round": number},
+        )
+        self._torchrun(config, work)
+
+        metrics: dict[str, Any] = {"holdout": plan["holdout"]}
+        metrics["candidate_dice"] = self._holdout_dice(candidate, work / "holdout")
+        if init_from is not None and plan["holdout"]:
+            metrics["serving_dice"] = self._holdout_dice(init_from, work / "holdout")
+        accept = (
+            metrics.get("serving_dice") is None
+            or metrics["candidate_dice"] is None
+            or metrics["candidate_dice"] >= metrics["serving_dice"] - self.cfg.accept_tolerance
+        )
+        if not accept:
+            return self._close_round(
+                number,
+                model,
+                "rejected",
+                metrics=metrics,
+                reason=f"held-out Dice {metrics['candidate_dice']:.4f} < serving "
+                f"{metrics['serving_dice']:.4f}",
+            )
+        version = max(self.repo.published_versions(model), default=0) + 1
+        spec = segmentation_spec(model)
+        package = package_checkpoint(
+            candidate, spec, parent_version=parent.version if parent else None, metrics=metrics
+        )
+        manifest = {
+            **package.manifest,
+            "round": number,
+            "parent": parent.model_dump() if parent else None,
+        }
+        self.repo.publish_version(spec, version, package.files, manifest)
+        return self._close_round(
+            number, model, "published", version=version, metrics=metrics, parent=parent
+        )
+
+    def _close_round(
+        self,
+        number: int,
+        model: str,
+        status: str,
+        version: int | None = None,
+        metrics: dict[str, Any] | None = None,
+        reason: str = "",
+        parent: ModelRef | None = None,
+    ) -> TrainingRound:
+        metrics = metrics or {}
+        with session_scope(self.db) as s:
+            row = s.get(TrainingRound, number)
+            assert row is not None
+            row.status, row.version, row.metrics, row.reason = status, version, metrics, reason
+            if status != "retry":
+                row.finished_at = datetime.now(UTC)
+                outcome = status if status in ("published", "rejected") else "failed"
+                done = TrainingCompleted(
+                    round=number,
+                    model=model,
+                    outcome=outcome,  # type: ignore[arg-type]
+                    version=version,
+                    metrics=metrics,
+                    reason=reason,
+                )
+                stage_event(s, make_event(TRAINING_COMPLETED, SOURCE, model, done))
+                ROUNDS.labels(model, outcome).inc()
+            if status == "published" and version is not None:
+                key = f"{self.repo.prefix}/{model}/{version}/{MANIFEST}"
+                published = ModelPublished(
+                    model=ModelRef(model=model, version=version),
+                    parent=parent,
+                    manifest=BlobRef(bucket=self.repo.bucket, key=key),
+                    metrics=metrics,
+                    round=number,
+                )
+                stage_event(s, make_event(MODEL_PUBLISHED, SOURCE, model, published))
+            s.flush()
+            s.expunge(row)
+        self._notify()
+        log.info(
+            "round finished",
+            extra={
+                "status": status,
+                "version": version,
+                **{k: v for k, v in metrics.items() if k.endswith("dice")},
+            },
+        )
+        return row
+
+    def recover(self) -> None:
+        """A round left ``running`` by a crash: finish it if its version got published (the
+        manifest names the round), else retry it."""
+        with session_scope(self.db) as s:
+            stale = [
+                (r.id, r.model)
+                for r in s.scalars(select(TrainingRound).where(TrainingRound.status == "running"))
+            ]
+        for number, model in stale:
+            for version in reversed(self.repo.published_versions(model)):
+                if self.repo.manifest(model, version).get("round") == number:
+                    self._close_round(number, model, "published", version=version)
+                    break
+            else:
+                with session_scope(self.db) as s:
+                    row = s.get(TrainingRound, number)
+                    if row is not None:
+                        row.status = "retry"
+
+    # ------------------------------------------------------------ helpers
+    def _parent(self, model: str) -> ModelRef | None:
+        for name in (self.sustainer, self.igniter) if model == self.sustainer else ():
+            versions = self.repo.published_versions(name)
+            if versions:
+                return ModelRef(model=name, version=versions[-1])
+        return None
+
+    def _materialise(self, root: Path, volume_ids: list[str]) -> None:
+        """Volumes (with their label or latest annotation and its review) as a Decathlon folder."""
+        volumes, partial = [], {}
+        with session_scope(self.db) as s:
+            rows = []
+            for vid in volume_ids:
+                v = s.get(Volume, vid)
+                assert v is not None, vid
+                ann = s.scalars(
+                    select(AnnotationRevision)
+                    .where(AnnotationRevision.volume_id == vid)
+                    .order_by(AnnotationRevision.revision.desc())
+                    .limit(1)
+                ).first()
+                label_key = ann.s3_key if ann else v.label_s3_key
+                if label_key is None:
+                    raise NothingToTrain(f"{vid} has neither a label nor an annotation")
+                label_version = ann.detail.get("s3_version_id") if ann else None
+                review = (
+                    {
+                        k: ann.detail[k]
+                        for k in ("organs", "reviewed_slices")
+                        if ann and ann.detail.get(k)
+                    }
+                    if ann
+                    else {}
+                )
+                rows.append((vid, v.s3_key, v.s3_version_id, label_key, label_version, review))
+        for vid, key, version, label_key, label_version, review in rows:
+            image = self._load(key, version)
+            label = self._load(label_key, label_version)
+            volumes.append(
+                CoreVolume(
+                    id=vid,
+                    image=np.asarray(image.dataobj, np.float32),
+                    affine=np.asarray(image.affine),
+                    label=np.asarray(label.dataobj, np.uint8),
+                )
+            )
+            if review:
+                partial[vid] = review
+        write_decathlon(root, volumes, name=root.name)
+        if partial:
+            spec_path = root / "dataset.json"
+            spec = json.loads(spec_path.read_text())
+            for entry in spec["training"]:
+                vid = Path(entry["image"]).name.removesuffix(".nii.gz")
+                if vid in partial:
+                    entry["partial"] = partial[vid]
+            spec_path.write_text(json.dumps(spec, indent=2))
+
+    def _load(self, key: str, version: str | None) -> nib.Nifti1Image:
+        raw = self.store.get_bytes(self.bucket, key, version)
+        return nib.Nifti1Image.from_bytes(gzip.decompress(raw))
+
+    def _torchrun(self, config: TrainConfig, work: Path) -> None:
+        cfg_path = work / "train.json"
+        cfg_path.write_text(config.model_dump_json(indent=2))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={self.cfg.nproc_per_node}",
+            "-m",
+            "ctloop.core.train",
+            str(cfg_path),
+        ]
+        env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        log.info(
+            "torchrun", extra={"nproc_per_node": self.cfg.nproc_per_node, "config": str(cfg_path)}
+        )
+        with open(work / "train.log", "w") as out:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+        if proc.returncode != 0 or not config.out.exists():
+            tail = (work / "train.log").read_text()[-2000:]
+            raise RuntimeError(f"torchrun exited {proc.returncode}:\n{tail}")
+
+    def _holdout_dice(self, checkpoint: Path, folder: Path) -> float | None:
+        from ctloop.core.datasets import DecathlonDataset
+
+        ds = DecathlonDataset.open(folder)
+        if len(ds) == 0:
+            return None
+        seg = Segmenter(checkpoint)
+        scores = [
+            mean_dice(seg(v.image, v.affine).label, v.label) for v in ds if v.label is not None
+        ]
+        return float(np.mean(scores)) if scores else None
+
+    def _notify(self) -> None:
+        if self.relay is not None:
+            self.relay.notify()
+
+
+def _quiet(last: datetime | None, now: datetime, cfg: Any) -> bool:
+    if last is None:
+        return False
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=UTC)
+    return (now - last).total_seconds() >= cfg.debounce_s

@@ -1,0 +1,183 @@
+"""The platform end to end, every service a real process on the real stack:
+
+public volumes with labels and clinical volumes without are uploaded -> the igniter trains and
+is published -> clinical volumes get pre-annotations -> corrections are submitted -> a round
+trains a sustainer under torchrun with two processes -> it is published, loaded by Triton, and
+the volume still waiting is re-predicted with it -> the metrics service reports the round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.phantom import generate_phantom
+from ctloop.settings import REPO_ROOT
+from ctloop.v1 import training_pb2, training_pb2_grpc
+
+PORTS = {"INGEST": 28700, "INFERENCE": 28702, "TRAINING": 28704, "METRICS": 28706}
+API = f"http://127.0.0.1:{PORTS['INGEST']}"
+
+
+@pytest.fixture
+def platform(tmp_path: Path):
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        **os.environ,
+        "CTLOOP_RUN_DIR": str(tmp_path / "run"),
+        "CTLOOP_DB__URL": f"sqlite:///{tmp_path / 'workflow.db'}",
+        "CTLOOP_SERVICES__IGNITER_MODEL": f"igniter{tag}",
+        "CTLOOP_SERVICES__SUSTAINER_MODEL": f"sustainer{tag}",
+        "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": "3",
+        "CTLOOP_TRAINING__ROUND_MIN_NEW": "3",
+        "CTLOOP_TRAINING__DEBOUNCE_S": "2",
+        "CTLOOP_TRAINING__HOLDOUT_EVERY": "3",
+        "CTLOOP_TRAINING__NPROC_PER_NODE": "2",
+        "CTLOOP_TRAINING__IGNITER_STEPS": "16",
+        "CTLOOP_TRAINING__SUSTAINER_STEPS": "8",
+        "CTLOOP_TRAINING__ACCEPT_TOLERANCE": "1.0",
+        "CTLOOP_TRAINING__TICK_S": "1",
+        "CTLOOP_TRAINING__MODEL": json.dumps(
+            {"spacing": [8, 8, 8], "patch": [32, 32, 32], "channels": [8, 16], "strides": [2]}
+        ),
+    }
+    for name, port in PORTS.items():
+        env[f"CTLOOP_SERVICES__{name}__HTTP_PORT"] = str(port)
+        env[f"CTLOOP_SERVICES__{name}__GRPC_PORT"] = str(port + 1)
+
+    def ctloop(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ctloop.cli", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    up = ctloop("services", "up")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield {"env": env, "tag": tag, "ctloop": ctloop, "logs": tmp_path / "run" / "logs"}
+    finally:
+        ctloop("services", "down")
+
+
+def _until(what: str, check: Callable[[], Any], timeout_s: float, logs: Path) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(1.0)
+    tails = {p.name: p.read_text()[-1500:] for p in sorted(logs.glob("*.log"))}
+    raise AssertionError(f"timed out waiting for {what}; logs:\n{json.dumps(tails, indent=1)}")
+
+
+def _upload(client: httpx.Client, volume_id: str, site: str, dataset: str, seed: int):
+    p = generate_phantom("public" if dataset == "public" else "clinical-a", seed, "tiny")
+    files = {"file": ("ct.nii.gz", nifti_gz_bytes(p.image, p.affine), "application/gzip")}
+    if dataset == "public":
+        files["label"] = ("label.nii.gz", nifti_gz_bytes(p.label, p.affine), "application/gzip")
+    r = client.post(
+        "/v1/volumes",
+        files=files,
+        data={"site_id": site, "dataset": dataset, "volume_id": volume_id},
+    )
+    assert r.status_code == 201, r.text
+    return p
+
+
+def test_transfer_loop_end_to_end(platform):
+    tag, logs = platform["tag"], platform["logs"]
+    igniter, sustainer = f"igniter{tag}", f"sustainer{tag}"
+    client = httpx.Client(base_url=API, timeout=60)
+    for i in range(3):
+        _upload(client, f"pub{i}-{tag}", "public-site", "public", seed=100 + i)
+    clinical = {
+        f"cli{i}-{tag}": _upload(client, f"cli{i}-{tag}", "hospital-a", "clinical", 200 + i)
+        for i in range(4)
+    }
+
+    def predicted_by(model: str, volume_ids) -> bool:
+        for vid in volume_ids:
+            r = client.get(f"/v1/volumes/{vid}/prediction")
+            if r.status_code != 200 or r.json()["model"] != model:
+                return False
+        return True
+
+    # The igniter trains on the public volumes, is published, and pre-annotates the clinical ones.
+    _until("igniter pre-annotations", lambda: predicted_by(igniter, clinical), 300, logs)
+    pred = client.get(f"/v1/volumes/cli0-{tag}/prediction").json()
+    assert pred["version"] == 1 and 0.0 <= pred["uncertainty"] <= 1.0
+    mask = client.get(f"/v1/volumes/cli0-{tag}/prediction/mask")
+    assert mask.status_code == 200 and mask.content[:2] == b"\x1f\x8b"
+
+    # Annotators correct three of them (the phantom truth stands in for their work).
+    corrected = list(clinical)[:3]
+    for n, vid in enumerate(corrected):
+        p = clinical[vid]
+        r = client.post(
+            f"/v1/volumes/{vid}/annotations",
+            files={"mask": ("m.nii.gz", nifti_gz_bytes(p.label, p.affine), "application/gzip")},
+            data={
+                "author": "annotator-1",
+                "minutes": str(10.0 + n),
+                "from_model": f"{igniter}:1",
+                "organs": json.dumps({"pancreas": "skipped"} if n == 0 else {}),
+            },
+        )
+        assert r.status_code == 201, r.text
+
+    # A sustainer round runs under torchrun with two processes and is published.
+    channel = grpc.insecure_channel(f"127.0.0.1:{PORTS['TRAINING'] + 1}")
+    training = training_pb2_grpc.TrainingStub(channel)
+
+    def sustainer_round():
+        rounds = training.ListRounds(training_pb2.ListRoundsRequest()).rounds
+        done = [r for r in rounds if r.model == sustainer and r.status in ("published", "failed")]
+        return done[0] if done else None
+
+    rnd = _until("a published sustainer round", sustainer_round, 300, logs)
+    assert rnd.status == "published" and rnd.version == 1, rnd
+    assert set(rnd.volumes) == {corrected[0], corrected[1]}  # every 3rd is held out
+    versions = training.ListModelVersions(training_pb2.ListModelVersionsRequest(model=sustainer))
+    manifest = json.loads(versions.versions[0].manifest_json)
+    assert manifest["training"]["world_size"] == 2
+    assert manifest["parent_version"] == 1 and manifest["round"] == rnd.round
+    rounds = training.ListRounds(training_pb2.ListRoundsRequest()).rounds
+    assert [(r.model, r.status) for r in rounds][:1] == [(igniter, "published")]
+
+    # Triton serves it and the volume still waiting for annotation is re-predicted with it.
+    waiting = [v for v in clinical if v not in corrected]
+    _until("sustainer pre-annotation", lambda: predicted_by(sustainer, waiting), 180, logs)
+
+    # The metrics service reports the round the annotators worked on.
+    metrics = httpx.Client(base_url=f"http://127.0.0.1:{PORTS['METRICS']}", timeout=30)
+
+    def igniter_round():
+        for r in metrics.get("/v1/report").json()["rounds"]:
+            if r["model"] == igniter and r["volumes_annotated"] == 3:
+                return r
+        return None
+
+    report = _until("the round in the metrics report", igniter_round, 120, logs)
+    assert report["version"] == 1 and report["round"] == 0
+    assert report["minutes_per_ct"] == pytest.approx(11.0)
+    assert 0.0 < report["mean_dice"] <= 1.0
+    assert "pancreas" in report["organ_dice"]  # skipped once, reviewed twice
+    assert "ctloop_round_mean_dice" in metrics.get("/metrics").text
+    status = platform["ctloop"]("services", "status")
+    assert status.returncode == 0, status.stdout
