@@ -216,3 +216,52 @@ def test_grpc_segment_and_model_status(env, unique):
             assert check.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(0)
+
+
+def test_consumer_killed_between_effect_and_commit_reprocesses_without_duplicates(env, unique):
+    """The effect commits, the process dies before the offset does: the next member of the
+    group gets the record again and must change nothing."""
+    from kafka import KafkaConsumer
+
+    from ctloop.bus import EventConsumer
+    from ctloop.contracts.events import CloudEvent
+
+    worker: InferenceWorker = env["worker"]
+    if worker.serving() is None:
+        worker.handle(_publish(env, env["settings"].services.igniter_model, 1))
+    group = f"crash-{unique}"
+    _, event = _ingest(env, f"k-{unique}", 4)
+
+    first = KafkaConsumer(
+        str(Topic.VOLUME_INGESTED),
+        bootstrap_servers=env["settings"].kafka.bootstrap_servers,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=20000,
+    )
+    record = next(r for r in first if r.key == f"k-{unique}".encode())
+    worker.handle(CloudEvent.from_kafka(record.value, record.headers))  # the effect commits
+    first.close(autocommit=False)  # ...and the process dies before the offset commit
+    after_effect = (_predictions(env, f"k-{unique}"), _outbox_count(env))
+    assert len(after_effect[0]) == 1
+
+    redelivered: list[str] = []
+
+    def handler(e: CloudEvent) -> None:
+        if e.subject == f"k-{unique}":
+            redelivered.append(e.id)
+        worker.handle(e)
+
+    second = EventConsumer(
+        env["settings"], group, [Topic.VOLUME_INGESTED], handler, env["producer"]
+    )
+    try:
+        for _ in range(60):
+            second.poll_once(500)
+            if redelivered:
+                break
+    finally:
+        second.close()
+    assert redelivered == [event.id]
+    assert (_predictions(env, f"k-{unique}"), _outbox_count(env)) == after_effect
