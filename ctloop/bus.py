@@ -127,12 +127,18 @@ class EventConsumer:
         self._dead_letters = dead_letters
         self._retry = retry or RetryPolicy(give_up_on=(InvalidEvent,))
 
-    def poll_once(self, timeout_ms: int = 1000) -> int:
-        """Handle what one poll returns; the number of records it took."""
+    def poll_once(self, timeout_ms: int = 1000, stop: threading.Event | None = None) -> int:
+        """Handle what one poll returns; the number of records it took.
+
+        When ``stop`` is set it returns after the record in hand: the rest of the batch is not
+        committed and goes to the next member of the group.
+        """
         batches = self._consumer.poll(timeout_ms=timeout_ms)
         count = 0
         for tp, records in batches.items():
             for record in records:
+                if stop is not None and stop.is_set():
+                    return count
                 self._handle_record(tp, record)
                 self._consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
                 count += 1
@@ -176,7 +182,7 @@ class EventConsumer:
         """Poll until ``stop`` is set."""
         while not stop.is_set():
             try:
-                self.poll_once()
+                self.poll_once(stop=stop)
             except KafkaError:
                 log.exception("poll failed; retrying")
                 time.sleep(1.0)

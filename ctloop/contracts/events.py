@@ -24,6 +24,10 @@ class InvalidEvent(ValueError):
     """A Kafka record that is not a well-formed ctloop CloudEvent (it goes to the dead letters)."""
 
 
+class UnknownSubject(InvalidEvent):
+    """A well-formed event about an entity this service's stores do not know."""
+
+
 @dataclass(frozen=True)
 class CloudEvent:
     type: EventType

@@ -22,7 +22,7 @@ from prometheus_client import Counter, Histogram
 from sqlalchemy import func, select
 
 from ctloop.contracts import keys
-from ctloop.contracts.events import CloudEvent
+from ctloop.contracts.events import CloudEvent, UnknownSubject
 from ctloop.contracts.payloads import (
     BlobRef,
     ModelPublished,
@@ -182,7 +182,7 @@ class InferenceWorker:
             with session_scope(self.db) as s:
                 vol = s.get(Volume, volume_id)
                 if vol is None:
-                    raise LookupError(f"unknown volume {volume_id}")
+                    raise UnknownSubject(f"unknown volume {volume_id}")
                 site, key, version = vol.site_id, vol.s3_key, vol.s3_version_id
                 if event_id and event_claimed(s, CONSUMER, event_id):
                     return None

@@ -8,7 +8,9 @@ from ctloop.log import configure_logging
 from ctloop.outbox import OutboxRelay
 from ctloop.service import ServiceRuntime
 from ctloop.settings import get_settings
+from ctloop.v1 import ingest_pb2_grpc
 from services.ingest.app import create_app
+from services.ingest.grpc_api import WorkflowService
 
 
 def main() -> None:
@@ -19,6 +21,9 @@ def main() -> None:
     ep = settings.services.ingest
     runtime = ServiceRuntime("ingest", settings.services.host, ep.http_port, ep.grpc_port)
     runtime.app = create_app(settings, relay)
+    ingest_pb2_grpc.add_WorkflowServicer_to_server(
+        WorkflowService(settings.database_url, settings.s3.bucket), runtime.grpc_server()
+    )
     runtime.add_worker("outbox", relay.run)
     runtime.serve(settings.services.shutdown_grace_s)
 

@@ -14,6 +14,7 @@ from ctloop.settings import get_settings
 from ctloop.v1 import training_pb2_grpc
 from services.training.grpc_api import TrainingService
 from services.training.worker import CONSUMER, TrainingWorker
+from services.training.workflow import WorkflowClient
 
 
 def main() -> None:
@@ -22,7 +23,9 @@ def main() -> None:
     create_schema(settings.database_url)
     producer = EventProducer(settings, client_id=CONSUMER)
     relay = OutboxRelay(settings.database_url, producer)
-    worker = TrainingWorker(settings, relay)
+    svc = settings.services
+    workflow = WorkflowClient(f"{svc.host}:{svc.ingest.grpc_port}")
+    worker = TrainingWorker(settings, workflow, relay)
     consumer = EventConsumer(
         settings,
         CONSUMER,

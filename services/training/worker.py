@@ -44,18 +44,13 @@ from ctloop.core.metrics import mean_dice
 from ctloop.core.model import ModelConfig
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.train import DataSource, TrainConfig
-from ctloop.db import (
-    AnnotationRevision,
-    TrainingRound,
-    Volume,
-    claim_event,
-    session_scope,
-)
+from ctloop.db import TrainingRound, claim_event, session_scope
 from ctloop.log import bind
 from ctloop.model_repository import MANIFEST, ModelRepository
 from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.settings import REPO_ROOT, Settings
 from ctloop.storage import ObjectStore
+from services.training.workflow import WorkflowClient
 
 log = logging.getLogger("ctloop.training")
 CONSUMER = "training"
@@ -74,8 +69,11 @@ class NothingToTrain(RuntimeError):
 
 
 class TrainingWorker:
-    def __init__(self, settings: Settings, relay: OutboxRelay | None = None) -> None:
+    def __init__(
+        self, settings: Settings, workflow: WorkflowClient, relay: OutboxRelay | None = None
+    ) -> None:
         self.settings = settings
+        self.workflow = workflow
         self.cfg = settings.training
         self.db = settings.database_url
         self.store = ObjectStore(settings)
@@ -120,25 +118,16 @@ class TrainingWorker:
             if retry is not None:
                 return retry.model
             if not self.repo.published_versions(self.igniter):
-                public = s.execute(
-                    select(func.count(), func.max(Volume.created_at)).where(
-                        Volume.dataset == "public", Volume.label_s3_key.is_not(None)
-                    )
-                ).one()
-                ready = public[0] >= self.cfg.igniter_min_volumes and _quiet(
-                    public[1], now, self.cfg
-                )
+                public = self.workflow.training_volumes("public")
+                last = max((v.updated for v in public), default=None)
+                ready = len(public) >= self.cfg.igniter_min_volumes and _quiet(last, now, self.cfg)
                 return self.igniter if ready and not self._igniter_round_open(s) else None
             trained = self._volumes_in_rounds(s, self.sustainer)
-            annotated = s.execute(
-                select(
-                    AnnotationRevision.volume_id, func.max(AnnotationRevision.created_at)
-                ).group_by(AnnotationRevision.volume_id)
-            ).all()
-            new = [v for v, _ in annotated if v not in trained]
-            last = max((t for _, t in annotated), default=None)
-            if len(new) >= self.cfg.round_min_new and _quiet(last, now, self.cfg):
-                return self.sustainer
+        annotated = self.workflow.training_volumes("clinical")
+        new = [v for v in annotated if v.volume_id not in trained]
+        last = max((v.updated for v in annotated), default=None)
+        if len(new) >= self.cfg.round_min_new and _quiet(last, now, self.cfg):
+            return self.sustainer
         return None
 
     def _igniter_round_open(self, s: Any) -> bool:
@@ -194,7 +183,7 @@ class TrainingWorker:
             if retry is not None:
                 retry.status, retry.attempts = "running", retry.attempts + 1
                 return retry.id, dict(retry.volumes), retry.attempts
-            plan = self._plan(s, model)
+            plan = self._plan(model)
             number = (s.scalar(select(func.max(TrainingRound.id))) or -1) + 1
             if model == self.sustainer and number == 0:
                 number = 1
@@ -207,33 +196,14 @@ class TrainingWorker:
         )
         return number, plan, 1
 
-    def _plan(self, s: Any, model: str) -> dict[str, list[str]]:
+    def _plan(self, model: str) -> dict[str, list[str]]:
         every = max(2, self.cfg.holdout_every)
+        public = [v.volume_id for v in self.workflow.training_volumes("public")]
         if model == self.igniter:
-            ids = list(
-                s.scalars(
-                    select(Volume.id)
-                    .where(Volume.dataset == "public", Volume.label_s3_key.is_not(None))
-                    .order_by(Volume.created_at, Volume.id)
-                )
-            )
-            replay: list[str] = []
+            ids, replay = public, []
         else:
-            ids = list(
-                s.scalars(
-                    select(AnnotationRevision.volume_id)
-                    .group_by(AnnotationRevision.volume_id)
-                    .order_by(func.min(AnnotationRevision.created_at), AnnotationRevision.volume_id)
-                )
-            )
-            replay = list(
-                s.scalars(
-                    select(Volume.id)
-                    .where(Volume.dataset == "public", Volume.label_s3_key.is_not(None))
-                    .order_by(Volume.created_at)
-                    .limit(self.cfg.public_replay)
-                )
-            )
+            ids = [v.volume_id for v in self.workflow.training_volumes("clinical")]
+            replay = public[: self.cfg.public_replay]
         if not ids:
             raise NothingToTrain(f"no data for a {model} round")
         holdout = [v for i, v in enumerate(ids) if i % every == every - 1]
@@ -383,35 +353,18 @@ class TrainingWorker:
 
     def _materialise(self, root: Path, volume_ids: list[str]) -> None:
         """Volumes (with their label or latest annotation and its review) as a Decathlon folder."""
+        known = {
+            v.volume_id: v
+            for dataset in ("public", "clinical")
+            for v in self.workflow.training_volumes(dataset)
+        }
         volumes, partial = [], {}
-        with session_scope(self.db) as s:
-            rows = []
-            for vid in volume_ids:
-                v = s.get(Volume, vid)
-                assert v is not None, vid
-                ann = s.scalars(
-                    select(AnnotationRevision)
-                    .where(AnnotationRevision.volume_id == vid)
-                    .order_by(AnnotationRevision.revision.desc())
-                    .limit(1)
-                ).first()
-                label_key = ann.s3_key if ann else v.label_s3_key
-                if label_key is None:
-                    raise NothingToTrain(f"{vid} has neither a label nor an annotation")
-                label_version = ann.detail.get("s3_version_id") if ann else None
-                review = (
-                    {
-                        k: ann.detail[k]
-                        for k in ("organs", "reviewed_slices")
-                        if ann and ann.detail.get(k)
-                    }
-                    if ann
-                    else {}
-                )
-                rows.append((vid, v.s3_key, v.s3_version_id, label_key, label_version, review))
-        for vid, key, version, label_key, label_version, review in rows:
-            image = self._load(key, version)
-            label = self._load(label_key, label_version)
+        for vid in volume_ids:
+            if vid not in known:
+                raise NothingToTrain(f"{vid} has neither a label nor an annotation")
+            tv = known[vid]
+            image = self._load(tv.image)
+            label = self._load(tv.label)
             volumes.append(
                 CoreVolume(
                     id=vid,
@@ -420,8 +373,8 @@ class TrainingWorker:
                     label=np.asarray(label.dataobj, np.uint8),
                 )
             )
-            if review:
-                partial[vid] = review
+            if tv.review:
+                partial[vid] = tv.review
         write_decathlon(root, volumes, name=root.name)
         if partial:
             spec_path = root / "dataset.json"
@@ -432,8 +385,8 @@ class TrainingWorker:
                     entry["partial"] = partial[vid]
             spec_path.write_text(json.dumps(spec, indent=2))
 
-    def _load(self, key: str, version: str | None) -> nib.Nifti1Image:
-        raw = self.store.get_bytes(self.bucket, key, version)
+    def _load(self, ref: BlobRef) -> nib.Nifti1Image:
+        raw = self.store.get_bytes(ref.bucket, ref.key, ref.version_id)
         return nib.Nifti1Image.from_bytes(gzip.decompress(raw))
 
     def _torchrun(self, config: TrainConfig, work: Path) -> None:

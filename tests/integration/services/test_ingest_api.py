@@ -280,3 +280,49 @@ def test_health_endpoints(api):
     ready = api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     assert "python_info" in api.get("/metrics").text
+
+
+def test_workflow_grpc_lists_ground_truth_for_training(api, svc_settings, unique):
+    from concurrent import futures
+
+    import grpc
+
+    from ctloop.v1 import ingest_pb2_grpc
+    from services.ingest.grpc_api import WorkflowService
+    from services.training.workflow import WorkflowClient
+
+    p = phantom(seed=30)
+    vid = f"wf-{unique}"
+    assert _upload(api, nifti(p.image, p.affine), volume_id=vid).status_code == 201
+    form = {
+        "author": "ann-9",
+        "minutes": "3",
+        "organs": json.dumps({"spleen": "skipped"}),
+        "reviewed_slices": json.dumps([[2, 9]]),
+    }
+    for _ in range(2):
+        files = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
+        assert api.post(f"/v1/volumes/{vid}/annotations", data=form, files=files).status_code == 201
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ingest_pb2_grpc.add_WorkflowServicer_to_server(
+        WorkflowService(svc_settings.database_url, svc_settings.s3.bucket), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = WorkflowClient(f"127.0.0.1:{port}")
+    try:
+        clinical = {v.volume_id: v for v in client.training_volumes("clinical")}
+        assert vid in clinical
+        entry = clinical[vid]
+        assert entry.label.key == keys.annotation_mask("site-a", vid, 2)  # the latest revision
+        assert entry.review == {"organs": {"spleen": "skipped"}, "reviewed_slices": [[2, 9]]}
+        assert entry.since <= entry.updated
+        public = client.training_volumes("public")
+        assert all(v.label.key.endswith("label.nii.gz") for v in public)
+        with pytest.raises(grpc.RpcError) as bad:
+            client.training_volumes("other")
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        client.close()
+        server.stop(0)

@@ -1,0 +1,53 @@
+"""The training service's view of the workflow state, asked of ingest over gRPC."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from ctloop.contracts.payloads import BlobRef
+from ctloop.v1 import ingest_pb2, ingest_pb2_grpc
+
+
+@dataclass(frozen=True)
+class TrainingVolume:
+    volume_id: str
+    image: BlobRef
+    label: BlobRef
+    since: datetime
+    updated: datetime
+    review: dict[str, Any] = field(default_factory=dict)
+
+
+class WorkflowClient:
+    def __init__(self, target: str, timeout_s: float = 30.0) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = ingest_pb2_grpc.WorkflowStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def training_volumes(self, dataset: str) -> list[TrainingVolume]:
+        reply = self.stub.ListTrainingVolumes(
+            ingest_pb2.ListTrainingVolumesRequest(dataset=dataset), timeout=self.timeout_s
+        )
+        return [
+            TrainingVolume(
+                volume_id=v.volume.volume_id,
+                image=BlobRef(
+                    bucket=v.image.bucket, key=v.image.key, version_id=v.image.version_id or None
+                ),
+                label=BlobRef(
+                    bucket=v.label.bucket, key=v.label.key, version_id=v.label.version_id or None
+                ),
+                since=datetime.fromisoformat(v.since),
+                updated=datetime.fromisoformat(v.updated),
+                review=json.loads(v.review_json) if v.review_json else {},
+            )
+            for v in reply.volumes
+        ]
+
+    def close(self) -> None:
+        self.channel.close()
