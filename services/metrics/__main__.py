@@ -54,7 +54,7 @@ def report_message(state: MetricsState) -> metrics_pb2.Report:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level)
-    state = MetricsState(ObjectStore(settings))
+    state = MetricsState(ObjectStore(settings), settings.s3.bucket)
     producer = EventProducer(settings, client_id="metrics")
     group = f"metrics-{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
     topics = [t for t in Topic if t != Topic.DEAD_LETTER]

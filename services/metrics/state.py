@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 from prometheus_client import Counter, Gauge
 
+from ctloop.contracts import keys
 from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import (
     AnnotationSubmitted,
@@ -64,8 +65,9 @@ class RoundStats:
 
 
 class MetricsState:
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, bucket: str) -> None:
         self.store = store
+        self.bucket = bucket
         self._lock = threading.Lock()
         self._seen: set[str] = set()
         self._predictions: dict[tuple[str, str, int], tuple[str, str, str | None]] = {}
@@ -106,11 +108,12 @@ class MetricsState:
             stats = self._rounds.setdefault(ref, RoundStats(*ref))
             stats.minutes.append(a.minutes)
             stats.volumes.add(a.volume_id)
-            prediction = self._predictions.get((a.volume_id, *ref))
-        if prediction is None:
-            log.warning(
-                "no pre-annotation seen for this annotation", extra={"volume_id": a.volume_id}
-            )
+            seen = self._predictions.get((a.volume_id, *ref))
+        # Topics are not ordered with each other: the pre-annotation's key is known without its
+        # event (S3 is the source of truth for blobs).
+        prediction = seen or (self.bucket, keys.prediction_mask(a.volume_id, *ref), None)
+        if not self.store.exists(prediction[0], prediction[1]):
+            log.warning("no pre-annotation for this annotation", extra={"volume_id": a.volume_id})
             return
         pred = self._mask(*prediction)
         corrected = self._mask(a.mask.bucket, a.mask.key, a.mask.version_id)

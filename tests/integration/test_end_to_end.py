@@ -181,3 +181,33 @@ def test_transfer_loop_end_to_end(platform):
     assert "ctloop_round_mean_dice" in metrics.get("/metrics").text
     status = platform["ctloop"]("services", "status")
     assert status.returncode == 0, status.stdout
+
+    # The metrics state is rebuilt from the topics alone: a fresh reader gets the same round.
+    from ctloop.bus import EventConsumer, EventProducer
+    from ctloop.contracts.topics import Topic
+    from ctloop.settings import Settings
+    from ctloop.storage import ObjectStore
+    from services.metrics.state import MetricsState
+
+    settings = Settings()
+    rebuilt = MetricsState(ObjectStore(settings), settings.s3.bucket)
+    producer = EventProducer(settings, client_id="test-rebuild")
+    topics = [t for t in Topic if t != Topic.DEAD_LETTER]
+    consumer = EventConsumer(settings, f"rebuild-{tag}", topics, rebuilt.handle, producer)
+    try:
+
+        def same_round():
+            consumer.poll_once(500)
+            again = [r for r in rebuilt.report() if r["model"] == igniter]
+            return (
+                len(again) == 1
+                and {k: again[0][k] for k in ("version", "round", "volumes_annotated")}
+                == {k: report[k] for k in ("version", "round", "volumes_annotated")}
+                and again[0]["mean_dice"] == pytest.approx(report["mean_dice"])
+                and again[0]["minutes_per_ct"] == pytest.approx(report["minutes_per_ct"])
+            )
+
+        _until("the rebuilt metrics", same_round, 120, logs)
+    finally:
+        consumer.close()
+        producer.close()

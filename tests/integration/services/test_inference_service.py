@@ -265,3 +265,28 @@ def test_consumer_killed_between_effect_and_commit_reprocesses_without_duplicate
         second.close()
     assert redelivered == [event.id]
     assert (_predictions(env, f"k-{unique}"), _outbox_count(env)) == after_effect
+
+
+def test_rollback_serves_an_older_version_again(env):
+    worker: InferenceWorker = env["worker"]
+    sustainer = env["settings"].services.sustainer_model
+    repo = ModelRepository(env["settings"])
+    if 1 not in repo.published_versions(sustainer):
+        worker.handle(_publish(env, sustainer, 1))
+    newer = max(repo.published_versions(sustainer)) + 1
+    worker.handle(_publish(env, sustainer, newer))
+    assert worker.serving() == ModelRef(model=sustainer, version=newer)
+
+    rollback = make_event(
+        MODEL_PUBLISHED,
+        "/tests",
+        sustainer,
+        ModelPublished(
+            model=ModelRef(model=sustainer, version=1),
+            manifest=BlobRef(bucket=repo.bucket, key=f"{repo.prefix}/{sustainer}/1/manifest.json"),
+            rollback=True,
+        ),
+    )
+    worker.handle(rollback)
+    assert worker.serving() == ModelRef(model=sustainer, version=1)
+    assert env["triton"].serving_versions(sustainer) == [1]
