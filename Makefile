@@ -105,9 +105,9 @@ services-down:
 status:
 	$(CTLOOP) status
 
-# The main job. Until the transfer run lands (issue 6) it brings the stack up and says how to
-# reach it.
-run: stack-up
+# The main job. Until the simulated-annotator transfer run lands it brings the stack and the
+# four services up and says how to reach them.
+run: services-up
 	$(CTLOOP) info
 
 # ---------------------------------------------------------------- quality

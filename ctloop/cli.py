@@ -65,7 +65,14 @@ def _info(_: argparse.Namespace) -> int:
     print(f"  Triton (HTTP)   http://{s.triton.host}:{s.triton.http_port}/v2/health/ready")
     print(f"  database        {s.database_url.split('@')[-1]}")
     print(f"  logs            {s.logs_dir}")
-    print("Stop it with `make stack-down`; check it with `make stack-status`.")
+    svc = s.services
+    print(f"  ingest API      http://{svc.host}:{svc.ingest.http_port}/docs")
+    for name in ("inference", "training", "metrics"):
+        ep = getattr(svc, name)
+        print(
+            f"  {name:<15} http://{svc.host}:{ep.http_port}/readyz, gRPC {svc.host}:{ep.grpc_port}"
+        )
+    print("Check everything with `ctloop status`; stop with `make services-down stack-down`.")
     return 0
 
 

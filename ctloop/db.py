@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -189,12 +190,25 @@ def ping(url: str) -> None:
         conn.execute(text("SELECT 1"))
 
 
-def create_schema(url: str) -> None:
-    if url.startswith("sqlite:///"):
-        from pathlib import Path
+MIGRATIONS = Path(__file__).with_name("migrations")
 
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def create_schema(url: str) -> None:
+    """Bring the database to the current schema (Alembic migrations; idempotent)."""
+    from alembic import command
+
+    if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    Base.metadata.create_all(engine_for(url))
+    command.upgrade(alembic_config(url), "head")
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import uvicorn
@@ -16,11 +16,27 @@ from fastapi import APIRouter, FastAPI, Response
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ctloop.bus import EventConsumer, EventProducer
+from ctloop.db import ping
 from ctloop.log import bind
 
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
+
+
+def database_check(url: str) -> Check:
+    def check() -> tuple[bool, str]:
+        ping(url)
+        return True, "answers"
+
+    return check
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End a gRPC call with ``code`` (``context.abort`` raises; this tells the type checker)."""
+    context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
 
 
 def health_router(service: str, checks: dict[str, Check]) -> APIRouter:
@@ -64,6 +80,20 @@ class ServiceRuntime:
         self._grpc: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._workers: list[tuple[str, Callable[[threading.Event], None]]] = []
+        self._closers: list[Callable[[], None]] = []
+
+    def health_app(self, checks: dict[str, Check]) -> FastAPI:
+        """An HTTP app with only the health and metrics endpoints (services without an API)."""
+        self.app = FastAPI(title=f"ctloop {self.name}")
+        self.app.include_router(health_router(self.name, checks))
+        return self.app
+
+    def add_consumer(self, consumer: EventConsumer, producer: EventProducer | None = None) -> None:
+        """Run ``consumer`` as a worker; close it (and its dead-letter producer) at the end."""
+        self.add_worker("consumer", consumer.run)
+        self._closers.append(consumer.close)
+        if producer is not None:
+            self._closers.append(producer.close)
 
     def grpc_server(self) -> grpc.Server:
         if self._grpc is None:
@@ -76,7 +106,11 @@ class ServiceRuntime:
 
     def serve(self, grace_s: float = 20.0) -> None:
         with bind(service=self.name):
-            self._serve(grace_s)
+            try:
+                self._serve(grace_s)
+            finally:
+                for close in self._closers:
+                    close()
 
     def _serve(self, grace_s: float) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

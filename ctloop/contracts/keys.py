@@ -46,6 +46,13 @@ def prediction_mask(volume_id: str, model: str, version: int) -> str:
     )
 
 
+def prediction_info(volume_id: str, model: str, version: int) -> str:
+    """JSON beside a pre-annotation: its uncertainty, timing and model version."""
+    return (
+        prediction_mask(volume_id, model, version).removesuffix("mask.nii.gz") + "prediction.json"
+    )
+
+
 def model_config(model_prefix: str, model: str) -> str:
     return f"{model_prefix}/{safe_id(model, 'model')}/config.pbtxt"
 

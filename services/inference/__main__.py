@@ -8,7 +8,7 @@ from ctloop.db import create_schema
 from ctloop.log import configure_logging
 from ctloop.model_repository import ModelRepository, TritonModels
 from ctloop.outbox import OutboxRelay
-from ctloop.service import ServiceRuntime, health_router
+from ctloop.service import ServiceRuntime
 from ctloop.settings import get_settings
 from ctloop.v1 import inference_pb2_grpc
 from services.inference.grpc_api import InferenceService
@@ -24,31 +24,23 @@ def main() -> None:
     triton = TritonModels(settings)
     worker = InferenceWorker(settings, triton, relay)
     worker.ensure_loaded()
-    consumer = EventConsumer(
-        settings, CONSUMER, [Topic.VOLUME_INGESTED, Topic.MODEL_PUBLISHED], worker.handle, producer
-    )
 
     ep = settings.services.inference
     runtime = ServiceRuntime("inference", settings.services.host, ep.http_port, ep.grpc_port)
-    from fastapi import FastAPI
-
-    app = FastAPI(title="ctloop inference")
 
     def triton_ready() -> tuple[bool, str]:
         return bool(triton.client.is_server_ready()), settings.triton.grpc_url
 
-    app.include_router(health_router("inference", {"triton": triton_ready}))
-    runtime.app = app
+    runtime.health_app({"triton": triton_ready})
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceService(worker, ModelRepository(settings)), runtime.grpc_server()
     )
-    runtime.add_worker("consumer", consumer.run)
+    topics = [Topic.VOLUME_INGESTED, Topic.MODEL_PUBLISHED]
+    runtime.add_consumer(
+        EventConsumer(settings, CONSUMER, topics, worker.handle, producer), producer
+    )
     runtime.add_worker("outbox", relay.run)
-    try:
-        runtime.serve(settings.services.shutdown_grace_s)
-    finally:
-        consumer.close()
-        producer.close()
+    runtime.serve(settings.services.shutdown_grace_s)
 
 
 if __name__ == "__main__":

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import grpc
 from sqlalchemy import select
 
 from ctloop.contracts.payloads import ModelRef
 from ctloop.db import Prediction, Volume, session_scope
 from ctloop.model_repository import ModelRepository
+from ctloop.service import abort
 from ctloop.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.worker import InferenceWorker
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("unreachable: abort raises")
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -31,14 +25,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         with session_scope(self.worker.db) as s:
             vol = s.get(Volume, volume_id)
             if vol is None:
-                _abort(context, grpc.StatusCode.NOT_FOUND, f"no volume {volume_id!r}")
+                abort(context, grpc.StatusCode.NOT_FOUND, f"no volume {volume_id!r}")
             site = vol.site_id
         if request.model.model:
             model = ModelRef(model=request.model.model, version=request.model.version)
         else:
             serving = self.worker.serving()
             if serving is None:
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no model is serving yet")
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no model is serving yet")
             model = serving
         result = self.worker.predict(volume_id, model)
         with session_scope(self.worker.db) as s:

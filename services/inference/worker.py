@@ -12,6 +12,7 @@ Every handler claims its event id in the same transaction as its effect (idempot
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -208,6 +209,20 @@ class InferenceWorker:
             mask_key = keys.prediction_mask(volume_id, model.model, model.version)
             obj = self.store.put_bytes(self.bucket, mask_key, nifti_gz_bytes(labels, img.affine))
             seconds = time.monotonic() - t0
+            info = {
+                "volume_id": volume_id,
+                "model": model.model,
+                "version": model.version,
+                "uncertainty": uncertainty,
+                "seconds": seconds,
+                "mask": mask_key,
+            }
+            self.store.put_bytes(
+                self.bucket,
+                keys.prediction_info(volume_id, model.model, model.version),
+                json.dumps(info).encode(),
+                "application/json",
+            )
             mask = BlobRef(bucket=self.bucket, key=mask_key, version_id=obj.version_id)
             payload = PredictionCompleted(
                 volume_id=volume_id,

@@ -39,12 +39,11 @@ from ctloop.db import (
     Volume,
     audit,
     next_annotation_revision,
-    ping,
     session_scope,
 )
 from ctloop.log import bind
 from ctloop.outbox import OutboxRelay, stage_event
-from ctloop.service import health_router
+from ctloop.service import database_check, health_router
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from services.ingest.validation import (
@@ -483,14 +482,12 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
         )
         return JSONResponse(body, status_code=exc.status_code)
 
-    def db_ready() -> tuple[bool, str]:
-        ping(settings.database_url)
-        return True, "answers"
-
     def s3_ready() -> tuple[bool, str]:
         return ingest.store.client.bucket_exists(ingest.bucket), ingest.bucket
 
-    app.include_router(health_router("ingest", {"database": db_ready, "s3": s3_ready}))
+    app.include_router(
+        health_router("ingest", {"database": database_check(settings.database_url), "s3": s3_ready})
+    )
     app.include_router(volumes_router(ingest))
     app.state.ingest = ingest
     return app

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import NoReturn
 
 import grpc
 from sqlalchemy import func, select
 
 from ctloop.db import AnnotationRevision, Volume, session_scope
+from ctloop.service import abort
 from ctloop.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("unreachable: abort raises")
 
 
 class WorkflowService(ingest_pb2_grpc.WorkflowServicer):
@@ -29,7 +24,7 @@ class WorkflowService(ingest_pb2_grpc.WorkflowServicer):
             return ingest_pb2.TrainingVolumeList(volumes=self._labelled())
         if request.dataset == "clinical":
             return ingest_pb2.TrainingVolumeList(volumes=self._annotated())
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset must be public or clinical")
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, "dataset must be public or clinical")
 
     def _ref(self, key: str, version: str | None) -> common_pb2.ObjectRef:
         return common_pb2.ObjectRef(bucket=self.bucket, key=key, version_id=version or "")

@@ -5,17 +5,15 @@ from the beginning)."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
 
 import grpc
-from fastapi import FastAPI
 
 from ctloop.bus import EventConsumer, EventProducer
 from ctloop.contracts.topics import Topic
 from ctloop.log import configure_logging
-from ctloop.service import ServiceRuntime, health_router
+from ctloop.service import ServiceRuntime
 from ctloop.settings import get_settings
 from ctloop.storage import ObjectStore
 from ctloop.v1 import common_pb2, metrics_pb2, metrics_pb2_grpc
@@ -56,35 +54,25 @@ def main() -> None:
     configure_logging(settings.log_level)
     state = MetricsState(ObjectStore(settings), settings.s3.bucket)
     producer = EventProducer(settings, client_id="metrics")
+    # A fresh group reads every topic from its beginning: the state is rebuilt at each start.
     group = f"metrics-{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
     topics = [t for t in Topic if t != Topic.DEAD_LETTER]
-    consumer = EventConsumer(settings, group, topics, state.handle, producer)
     ep = settings.services.metrics
     runtime = ServiceRuntime("metrics", settings.services.host, ep.http_port, ep.grpc_port)
-    app = FastAPI(title="ctloop metrics")
     started = time.monotonic()
 
-    def caught_up() -> tuple[bool, str]:
+    def events() -> tuple[bool, str]:
         return True, f"{state.events_seen} events in {time.monotonic() - started:.0f}s"
 
-    app.include_router(health_router("metrics", {"events": caught_up}))
+    app = runtime.health_app({"events": events})
 
     @app.get("/v1/report")
     def report() -> dict[str, object]:
         return {"rounds": state.report(), "events_seen": state.events_seen}
 
-    runtime.app = app
     metrics_pb2_grpc.add_MetricsServicer_to_server(MetricsService(state), runtime.grpc_server())
-
-    def consume(stop: threading.Event) -> None:
-        consumer.run(stop)
-
-    runtime.add_worker("consumer", consume)
-    try:
-        runtime.serve(settings.services.shutdown_grace_s)
-    finally:
-        consumer.close()
-        producer.close()
+    runtime.add_consumer(EventConsumer(settings, group, topics, state.handle, producer), producer)
+    runtime.serve(settings.services.shutdown_grace_s)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-
 from ctloop.bus import EventConsumer, EventProducer
 from ctloop.contracts.topics import Topic
-from ctloop.db import create_schema, ping
+from ctloop.db import create_schema
 from ctloop.log import configure_logging
 from ctloop.outbox import OutboxRelay
-from ctloop.service import ServiceRuntime, health_router
+from ctloop.service import ServiceRuntime, database_check
 from ctloop.settings import get_settings
 from ctloop.v1 import training_pb2_grpc
 from services.training.grpc_api import TrainingService
@@ -24,34 +22,18 @@ def main() -> None:
     producer = EventProducer(settings, client_id=CONSUMER)
     relay = OutboxRelay(settings.database_url, producer)
     svc = settings.services
-    workflow = WorkflowClient(f"{svc.host}:{svc.ingest.grpc_port}")
-    worker = TrainingWorker(settings, workflow, relay)
-    consumer = EventConsumer(
-        settings,
-        CONSUMER,
-        [Topic.VOLUME_INGESTED, Topic.ANNOTATION_SUBMITTED],
-        worker.handle,
-        producer,
-    )
-    ep = settings.services.training
-    runtime = ServiceRuntime("training", settings.services.host, ep.http_port, ep.grpc_port)
-    app = FastAPI(title="ctloop training")
+    worker = TrainingWorker(settings, WorkflowClient(f"{svc.host}:{svc.ingest.grpc_port}"), relay)
 
-    def db_ready() -> tuple[bool, str]:
-        ping(settings.database_url)
-        return True, "answers"
-
-    app.include_router(health_router("training", {"database": db_ready}))
-    runtime.app = app
+    runtime = ServiceRuntime("training", svc.host, svc.training.http_port, svc.training.grpc_port)
+    runtime.health_app({"database": database_check(settings.database_url)})
     training_pb2_grpc.add_TrainingServicer_to_server(TrainingService(worker), runtime.grpc_server())
-    runtime.add_worker("consumer", consumer.run)
+    topics = [Topic.VOLUME_INGESTED, Topic.ANNOTATION_SUBMITTED]
+    runtime.add_consumer(
+        EventConsumer(settings, CONSUMER, topics, worker.handle, producer), producer
+    )
     runtime.add_worker("outbox", relay.run)
     runtime.add_worker("rounds", worker.run)
-    try:
-        runtime.serve(settings.services.shutdown_grace_s)
-    finally:
-        consumer.close()
-        producer.close()
+    runtime.serve(svc.shutdown_grace_s)
 
 
 if __name__ == "__main__":

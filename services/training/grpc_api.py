@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import NoReturn
 
 import grpc
 from sqlalchemy import select
@@ -14,13 +13,9 @@ from ctloop.contracts.topics import MODEL_PUBLISHED
 from ctloop.db import TrainingRound, session_scope
 from ctloop.model_repository import MANIFEST
 from ctloop.outbox import stage_event
+from ctloop.service import abort
 from ctloop.v1 import common_pb2, training_pb2, training_pb2_grpc
 from services.training.worker import SOURCE, NothingToTrain, RoundBusy, TrainingWorker
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("unreachable: abort raises")
 
 
 def round_message(r: TrainingRound) -> training_pb2.Round:
@@ -46,7 +41,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
     ) -> training_pb2.Round:
         model = request.model or None
         if model and model not in (self.worker.igniter, self.worker.sustainer):
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown model {model!r}")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown model {model!r}")
         started: dict[str, TrainingRound] = {}
         errors: list[Exception] = []
 
@@ -63,12 +58,12 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         if errors:
             code = grpc.StatusCode.FAILED_PRECONDITION
             if isinstance(errors[0], RoundBusy | NothingToTrain):
-                _abort(context, code, str(errors[0]))
-            _abort(context, grpc.StatusCode.INTERNAL, repr(errors[0]))
+                abort(context, code, str(errors[0]))
+            abort(context, grpc.StatusCode.INTERNAL, repr(errors[0]))
         with session_scope(self.worker.db) as s:
             latest = s.scalars(select(TrainingRound).order_by(TrainingRound.id.desc())).first()
             if latest is None:
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no round could start")
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no round could start")
             return round_message(latest)
 
     def ListRounds(
@@ -97,7 +92,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
     ) -> common_pb2.ModelVersionRef:
         model, version = request.to.model, int(request.to.version)
         if version not in self.worker.repo.published_versions(model):
-            _abort(context, grpc.StatusCode.NOT_FOUND, f"{model} v{version} is not published")
+            abort(context, grpc.StatusCode.NOT_FOUND, f"{model} v{version} is not published")
         key = f"{self.worker.repo.prefix}/{model}/{version}/{MANIFEST}"
         payload = ModelPublished(
             model=ModelRef(model=model, version=version),

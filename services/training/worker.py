@@ -110,7 +110,10 @@ class TrainingWorker:
     def due(self) -> str | None:
         now = datetime.now(UTC)
         with session_scope(self.db) as s:
-            if s.scalar(select(TrainingRound.id).where(TrainingRound.status == "running")):
+            if (
+                s.scalar(select(TrainingRound.id).where(TrainingRound.status == "running"))
+                is not None
+            ):
                 return None
             retry = s.scalars(
                 select(TrainingRound).where(TrainingRound.status == "retry").limit(1)
@@ -132,13 +135,12 @@ class TrainingWorker:
 
     def _igniter_round_open(self, s: Any) -> bool:
         """A finished igniter round that published nothing is not retried automatically."""
-        return bool(
-            s.scalar(
-                select(TrainingRound.id).where(
-                    TrainingRound.model == self.igniter, TrainingRound.status != "retry"
-                )
+        found = s.scalar(
+            select(TrainingRound.id).where(
+                TrainingRound.model == self.igniter, TrainingRound.status != "retry"
             )
         )
+        return found is not None  # (round 0 has id 0)
 
     def _volumes_in_rounds(self, s: Any, model: str) -> set[str]:
         rows = s.scalars(
@@ -173,7 +175,10 @@ class TrainingWorker:
 
     def _open_round(self, model: str) -> tuple[int, dict[str, list[str]], int]:
         with session_scope(self.db) as s:
-            if s.scalar(select(TrainingRound.id).where(TrainingRound.status == "running")):
+            if (
+                s.scalar(select(TrainingRound.id).where(TrainingRound.status == "running"))
+                is not None
+            ):
                 raise RoundBusy("a round is running")
             retry = s.scalars(
                 select(TrainingRound).where(
@@ -184,7 +189,8 @@ class TrainingWorker:
                 retry.status, retry.attempts = "running", retry.attempts + 1
                 return retry.id, dict(retry.volumes), retry.attempts
             plan = self._plan(model)
-            number = (s.scalar(select(func.max(TrainingRound.id))) or -1) + 1
+            latest = s.scalar(select(func.max(TrainingRound.id)))
+            number = 0 if latest is None else latest + 1
             if model == self.sustainer and number == 0:
                 number = 1
             s.add(TrainingRound(id=number, model=model, status="running", volumes=plan))
@@ -283,10 +289,11 @@ class TrainingWorker:
         reason: str = "",
         parent: ModelRef | None = None,
     ) -> TrainingRound:
-        metrics = metrics or {}
         with session_scope(self.db) as s:
             row = s.get(TrainingRound, number)
             assert row is not None
+            if metrics is None:  # (recovery) keep what the round recorded
+                metrics = dict(row.metrics)
             row.status, row.version, row.metrics, row.reason = status, version, metrics, reason
             if status != "retry":
                 row.finished_at = datetime.now(UTC)

@@ -137,3 +137,17 @@ def test_audit_entries_are_kept(db_url):
         entry = s.scalars(select(AuditEntry)).one()
         assert (entry.actor, entry.action, entry.site_id) == ("ann-1", "volume.read", "site-a")
         assert entry.detail == {"ip": "127.0.0.1"}
+
+
+def test_migrations_build_exactly_the_models_schema_and_rerun_as_a_no_op(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from ctloop.db import Base, engine_for
+
+    create_schema(db_url)  # a second upgrade changes nothing
+    with engine_for(db_url).connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one()
+    assert diff == []
+    assert version == "0001"

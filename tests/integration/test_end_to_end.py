@@ -179,6 +179,12 @@ def test_transfer_loop_end_to_end(platform):
     assert 0.0 < report["mean_dice"] <= 1.0
     assert "pancreas" in report["organ_dice"]  # skipped once, reviewed twice
     assert "ctloop_round_mean_dice" in metrics.get("/metrics").text
+    from ctloop.v1 import metrics_pb2, metrics_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{PORTS['METRICS'] + 1}") as ch:
+        grpc_report = metrics_pb2_grpc.MetricsStub(ch).GetReport(metrics_pb2.GetReportRequest())
+    (row,) = [r for r in grpc_report.rounds if r.model.model == igniter]
+    assert row.volumes_annotated == 3 and row.mean_dice == pytest.approx(report["mean_dice"])
     status = platform["ctloop"]("services", "status")
     assert status.returncode == 0, status.stdout
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import uuid
 from concurrent import futures
 
@@ -15,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy import func, select
 
 from ctloop.bus import EventProducer
+from ctloop.contracts import keys
 from ctloop.contracts.payloads import (
     BlobRef,
     ModelPublished,
@@ -149,7 +151,12 @@ def test_the_whole_pre_annotation_lifecycle(env, unique):
     )
     completed = payload_for(done)
     assert isinstance(completed, PredictionCompleted)
-    raw = ObjectStore(env["settings"]).get_bytes(completed.mask.bucket, completed.mask.key)
+    store = ObjectStore(env["settings"])
+    info = json.loads(
+        store.get_bytes(completed.mask.bucket, keys.prediction_info(f"w1-{unique}", igniter, 1))
+    )
+    assert info["uncertainty"] == pytest.approx(completed.uncertainty)
+    raw = store.get_bytes(completed.mask.bucket, completed.mask.key)
     served = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj)
     local = Segmenter(env["ckpt"])(p1.image.astype(np.float32), p1.affine)
     assert np.mean(served != local.label) < 1e-4

@@ -1,0 +1,124 @@
+"""Training rounds against the real S3, Kafka, SQL and torchrun: retry, failure, publication,
+one round at a time, recovery after a crash."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent import futures
+
+import grpc
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from ctloop.db import OutboxEvent, TrainingRound, session_scope
+from ctloop.model_repository import ModelRepository
+from ctloop.v1 import ingest_pb2_grpc
+from services.ingest.app import create_app
+from services.ingest.grpc_api import WorkflowService
+from services.training.worker import RoundBusy, TrainingWorker
+from services.training.workflow import WorkflowClient
+from tests.integration.services.conftest import nifti, phantom
+
+TINY = {"spacing": [8, 8, 8], "patch": [32, 32, 32], "channels": [8, 16], "strides": [2]}
+
+
+@pytest.fixture(scope="module")
+def world(svc_settings):
+    tag = uuid.uuid4().hex[:8]
+    settings = svc_settings.model_copy(
+        update={
+            "services": svc_settings.services.model_copy(
+                update={"igniter_model": f"igniter{tag}", "sustainer_model": f"sustainer{tag}"}
+            ),
+            "training": svc_settings.training.model_copy(
+                update={
+                    "igniter_min_volumes": 2,
+                    "debounce_s": 0.0,
+                    "holdout_every": 3,
+                    "igniter_steps": 0,
+                    "max_attempts": 2,
+                    "model": TINY,
+                }
+            ),
+        }
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ingest_pb2_grpc.add_WorkflowServicer_to_server(
+        WorkflowService(settings.database_url, settings.s3.bucket), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    workflow = WorkflowClient(f"127.0.0.1:{port}")
+    with TestClient(create_app(settings)) as api:
+        for i in range(3):
+            p = phantom("public", 40 + i)
+            r = api.post(
+                "/v1/volumes",
+                data={"site_id": "pub", "dataset": "public", "volume_id": f"t{i}-{tag}"},
+                files={
+                    "file": ("ct.nii.gz", nifti(p.image, p.affine), "application/gzip"),
+                    "label": ("l.nii.gz", nifti(p.label, p.affine), "application/gzip"),
+                },
+            )
+            assert r.status_code == 201, r.text
+        yield {"settings": settings, "workflow": workflow, "tag": tag}
+    workflow.close()
+    server.stop(0)
+
+
+def _events(settings, model: str) -> list[dict]:
+    with session_scope(settings.database_url) as s:
+        rows = s.scalars(
+            select(OutboxEvent).where(OutboxEvent.key == model).order_by(OutboxEvent.id)
+        )
+        return [{"type": r.headers["ce_type"], **json.loads(r.value)} for r in rows]
+
+
+def test_a_crashing_round_is_retried_then_failed_and_a_good_one_publishes(world):
+    settings, workflow = world["settings"], world["workflow"]
+    igniter = settings.services.igniter_model
+    worker = TrainingWorker(settings, workflow)
+    assert worker.due() == igniter
+
+    first = worker.tick()  # torchrun dies (0 steps is not a schedule)
+    assert first is not None and first.status == "retry" and "torchrun exited" in first.reason
+    assert worker.due() == igniter  # a retry is due
+    second = worker.tick()
+    assert second is not None and second.status == "failed" and second.attempts == 2
+    assert worker.due() is None  # a failed igniter round is not retried by itself
+    completed = [
+        e for e in _events(settings, igniter) if e["type"].endswith("training.completed.v1")
+    ]
+    assert [e["outcome"] for e in completed] == ["failed"]
+    assert ModelRepository(settings).published_versions(igniter) == []
+
+    good = settings.model_copy(
+        update={"training": settings.training.model_copy(update={"igniter_steps": 4})}
+    )
+    worker = TrainingWorker(good, workflow)
+    done = worker.run_round(igniter)  # as StartRound does
+    assert done.status == "published" and done.version == 1
+    assert done.volumes["holdout"] == [f"t2-{world['tag']}"]  # every 3rd volume
+    assert done.metrics["candidate_dice"] is not None
+    manifest = ModelRepository(good).manifest(igniter, 1)
+    assert manifest["round"] == done.id and manifest["training"]["steps"] == 4
+    published = [e for e in _events(good, igniter) if e["type"].endswith("model.published.v1")]
+    assert [(e["model"]["version"], e["round"]) for e in published] == [(1, done.id)]
+
+    # One round at a time.
+    with session_scope(good.database_url) as s:
+        s.add(TrainingRound(id=999, model=igniter, status="running"))
+    with pytest.raises(RoundBusy):
+        worker.run_round(igniter)
+
+    # A crash after the manifest but before the round was closed: recovery completes it.
+    with session_scope(good.database_url) as s:
+        s.delete(s.get(TrainingRound, 999))
+        s.get(TrainingRound, done.id).status = "running"
+    worker.recover()
+    with session_scope(good.database_url) as s:
+        row = s.get(TrainingRound, done.id)
+        assert (row.status, row.version) == ("published", 1)
+        assert row.metrics["candidate_dice"] == done.metrics["candidate_dice"]
