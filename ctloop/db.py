@@ -158,6 +158,32 @@ class OutboxEvent(Base):
     sent_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
 
 
+class User(Base):
+    """A person or a machine client; ``role`` is admin | reviewer | annotator | integration."""
+
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    role: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class SiteMembership(Base):
+    __tablename__ = "site_memberships"
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+
+
+class ApiToken(Base):
+    """A static API token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    label: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class AuditEntry(Base):
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
 
     @property
+    def admin_token_file(self) -> Path:
+        return self.run_dir / "admin-token"
+
+    @property
     def data_dir(self) -> Path:
         return self.run_dir / "data"
 

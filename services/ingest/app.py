@@ -14,12 +14,13 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ctloop.auth import ROLES, Principal
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import (
     AnnotationSubmitted,
@@ -46,6 +47,7 @@ from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.service import database_check, health_router
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
+from services.ingest.admin import Auth, admin_router
 from services.ingest.validation import (
     Grid,
     Limits,
@@ -155,8 +157,11 @@ def _label_map(raw: str | None) -> LabelMap:
         raise UploadRejected("bad_label_map", f"label_map: {exc}") from exc
 
 
-def volumes_router(ingest: Ingest) -> APIRouter:
+def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
     r = APIRouter(prefix="/v1/volumes", tags=["volumes"])
+    anyone = auth.require(*ROLES)
+    uploader = auth.require("admin", "integration", "reviewer")
+    annotator = auth.require("admin", "reviewer", "annotator")
 
     @r.post(
         "",
@@ -180,8 +185,11 @@ def volumes_router(ingest: Ingest) -> APIRouter:
             UploadFile | None, File(description="label NIfTI (labelled datasets)")
         ] = None,
         label_map: Annotated[str | None, Form(description='JSON {"organ": id}')] = None,
+        who: Principal = Depends(uploader),
     ) -> Any:
         site = _safe(site_id, "site id")
+        if not who.may_see(site):
+            raise UploadRejected("unknown_site", f"no site {site} of yours", 404)
         data = await ingest.read_upload(file, "volume")
         if data[:2] == b"PK":
             vol = read_dicom_zip(data, ingest.limits)
@@ -202,6 +210,8 @@ def volumes_router(ingest: Ingest) -> APIRouter:
 
         with session_scope(ingest.db) as s:
             existing = s.get(Volume, vid)
+            if existing is not None and not who.may_see(existing.site_id):
+                raise UploadRejected("exists", f"volume {vid} exists", 409)
             if existing is not None:
                 if existing.sha256 == sha and existing.site_id == site:
                     return JSONResponse(_volume_out(existing).model_dump(mode="json"), 200)
@@ -231,7 +241,7 @@ def volumes_router(ingest: Ingest) -> APIRouter:
         )
         try:
             with session_scope(ingest.db) as s:
-                if s.get(Site, site) is None:
+                if s.get(Site, site) is None:  # (only an admin gets here: may_see)
                     s.add(Site(id=site, name=site))
                     s.flush()
                 row = Volume(
@@ -250,7 +260,7 @@ def volumes_router(ingest: Ingest) -> APIRouter:
                 )
                 s.add(row)
                 stage_event(s, make_event(VOLUME_INGESTED, SOURCE, vid, payload))
-                audit(s, "api", "volume.create", vid, site_id=site, sha256=sha)
+                audit(s, who.user_id, "volume.create", vid, site_id=site, sha256=sha)
                 s.flush()
                 out = _volume_out(row)
         except IntegrityError as exc:  # a concurrent upload of the same id won
@@ -262,12 +272,15 @@ def volumes_router(ingest: Ingest) -> APIRouter:
 
     @r.get("", response_model=list[VolumeOut])
     def list_volumes(
+        who: Principal = Depends(anyone),
         site_id: str | None = None,
         dataset: Literal["public", "clinical"] | None = None,
         status: str | None = None,
     ) -> list[VolumeOut]:
         with session_scope(ingest.db) as s:
             q = select(Volume).order_by(Volume.created_at)
+            if not who.is_admin:
+                q = q.where(Volume.site_id.in_(who.sites))
             if site_id:
                 q = q.where(Volume.site_id == site_id)
             if dataset:
@@ -277,20 +290,20 @@ def volumes_router(ingest: Ingest) -> APIRouter:
             return [_volume_out(v) for v in s.scalars(q)]
 
     @r.get("/{volume_id}", response_model=VolumeOut, responses={404: {"model": ErrorOut}})
-    def get_volume(volume_id: str) -> VolumeOut:
+    def get_volume(volume_id: str, who: Principal = Depends(anyone)) -> VolumeOut:
         with session_scope(ingest.db) as s:
-            return _volume_out(_get_volume(s, volume_id))
+            return _volume_out(_get_volume(s, volume_id, who))
 
     @r.get(
         "/{volume_id}/image",
         response_class=Response,
         responses={200: {"content": {"application/gzip": {}}}},
     )
-    def get_image(volume_id: str) -> Response:
+    def get_image(volume_id: str, who: Principal = Depends(anyone)) -> Response:
         with session_scope(ingest.db) as s:
-            v = _get_volume(s, volume_id)
+            v = _get_volume(s, volume_id, who)
             key, version = v.s3_key, v.s3_version_id
-            audit(s, "api", "volume.read", volume_id, site_id=v.site_id)
+            audit(s, who.user_id, "volume.read", volume_id, site_id=v.site_id)
         return Response(
             ingest.store.get_bytes(ingest.bucket, key, version), media_type="application/gzip"
         )
@@ -300,9 +313,9 @@ def volumes_router(ingest: Ingest) -> APIRouter:
         response_model=PredictionOut,
         responses={404: {"model": ErrorOut}},
     )
-    def get_prediction(volume_id: str) -> PredictionOut:
+    def get_prediction(volume_id: str, who: Principal = Depends(anyone)) -> PredictionOut:
         with session_scope(ingest.db) as s:
-            p = _latest_prediction(s, volume_id)
+            p = _latest_prediction(s, volume_id, who)
             return PredictionOut(
                 volume_id=volume_id,
                 model=p.model,
@@ -316,11 +329,17 @@ def volumes_router(ingest: Ingest) -> APIRouter:
         response_class=Response,
         responses={200: {"content": {"application/gzip": {}}}},
     )
-    def get_prediction_mask(volume_id: str) -> Response:
+    def get_prediction_mask(volume_id: str, who: Principal = Depends(anyone)) -> Response:
         with session_scope(ingest.db) as s:
-            p = _latest_prediction(s, volume_id)
+            p = _latest_prediction(s, volume_id, who)
             key = p.s3_key
-            audit(s, "api", "prediction.read", volume_id, site_id=_get_volume(s, volume_id).site_id)
+            audit(
+                s,
+                who.user_id,
+                "prediction.read",
+                volume_id,
+                site_id=_get_volume(s, volume_id, who).site_id,
+            )
         return Response(ingest.store.get_bytes(ingest.bucket, key), media_type="application/gzip")
 
     @r.post(
@@ -332,7 +351,6 @@ def volumes_router(ingest: Ingest) -> APIRouter:
     async def submit_annotation(
         volume_id: str,
         mask: Annotated[UploadFile, File(description="corrected label NIfTI on the volume's grid")],
-        author: Annotated[str, Form()],
         minutes: Annotated[float, Form(ge=0, le=24 * 60)],
         organs: Annotated[
             str, Form(description='JSON {"organ": "accepted|corrected|skipped"}')
@@ -344,10 +362,11 @@ def volumes_router(ingest: Ingest) -> APIRouter:
             str | None, Form(description='"model:version" it started from')
         ] = None,
         label_map: Annotated[str | None, Form(description='JSON {"organ": id}')] = None,
+        who: Principal = Depends(annotator),
     ) -> AnnotationOut:
-        author = _safe(author, "author")
+        author = who.user_id
         with session_scope(ingest.db) as s:
-            v = _get_volume(s, volume_id)
+            v = _get_volume(s, volume_id, who)
             site, g = v.site_id, v.geometry
         volume_grid = Grid((g["shape"][0], g["shape"][1], g["shape"][2]), np.asarray(g["affine"]))
         data = await ingest.read_upload(mask, "mask")
@@ -438,15 +457,16 @@ def _model_ref(raw: str | None) -> ModelRef | None:
         ) from exc
 
 
-def _get_volume(s: Any, volume_id: str) -> Volume:
+def _get_volume(s: Any, volume_id: str, who: Principal) -> Volume:
     v = s.get(Volume, volume_id)
-    if v is None:
+    # Another site's volume is reported exactly like a missing one: no existence leak.
+    if v is None or not who.may_see(v.site_id):
         raise HTTPException(404, detail={"code": "not_found", "message": f"no volume {volume_id}"})
     return v
 
 
-def _latest_prediction(s: Any, volume_id: str) -> Prediction:
-    _get_volume(s, volume_id)
+def _latest_prediction(s: Any, volume_id: str, who: Principal) -> Prediction:
+    _get_volume(s, volume_id, who)
     p = s.scalars(
         select(Prediction)
         .where(Prediction.volume_id == volume_id)
@@ -488,6 +508,8 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     app.include_router(
         health_router("ingest", {"database": database_check(settings.database_url), "s3": s3_ready})
     )
-    app.include_router(volumes_router(ingest))
+    auth = Auth(settings.database_url)
+    app.include_router(volumes_router(ingest, auth))
+    app.include_router(admin_router(settings.database_url, auth))
     app.state.ingest = ingest
     return app

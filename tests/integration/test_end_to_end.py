@@ -103,7 +103,8 @@ def _upload(client: httpx.Client, volume_id: str, site: str, dataset: str, seed:
 def test_transfer_loop_end_to_end(platform):
     tag, logs = platform["tag"], platform["logs"]
     igniter, sustainer = f"igniter{tag}", f"sustainer{tag}"
-    client = httpx.Client(base_url=API, timeout=60)
+    token = (logs.parent / "admin-token").read_text().strip()
+    client = httpx.Client(base_url=API, timeout=60, headers={"Authorization": f"Bearer {token}"})
     for i in range(3):
         _upload(client, f"pub{i}-{tag}", "public-site", "public", seed=100 + i)
     clinical = {
@@ -133,7 +134,6 @@ def test_transfer_loop_end_to_end(platform):
             f"/v1/volumes/{vid}/annotations",
             files={"mask": ("m.nii.gz", nifti_gz_bytes(p.label, p.affine), "application/gzip")},
             data={
-                "author": "annotator-1",
                 "minutes": str(10.0 + n),
                 "from_model": f"{igniter}:1",
                 "organs": json.dumps({"pancreas": "skipped"} if n == 0 else {}),

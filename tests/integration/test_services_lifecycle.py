@@ -49,14 +49,19 @@ def test_services_run_answer_and_stop_gracefully(unique):
         pids = {name: _pid(status.stdout, name) for name in ("ingest", "inference")}
 
         p = generate_phantom("clinical-a", 21, "tiny")
+        run_dir = Path(os.environ.get("CTLOOP_RUN_DIR", REPO_ROOT / ".ctloop"))
+        token = (run_dir / "admin-token").read_text().strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        assert httpx.get("http://127.0.0.1:28600/v1/volumes").status_code == 401
         r = httpx.post(
             "http://127.0.0.1:28600/v1/volumes",
+            headers=auth,
             data={"site_id": "site-life", "dataset": "clinical", "volume_id": f"life-{unique}"},
             files={"file": ("ct.nii.gz", nifti_gz_bytes(p.image, p.affine), "application/gzip")},
             timeout=60,
         )
         assert r.status_code == 201, r.text
-        assert httpx.get(f"http://127.0.0.1:28600/v1/volumes/life-{unique}").json()[
+        assert httpx.get(f"http://127.0.0.1:28600/v1/volumes/life-{unique}", headers=auth).json()[
             "shape"
         ] == list(p.image.shape)
         assert httpx.get("http://127.0.0.1:28602/readyz").json()["ready"] is True

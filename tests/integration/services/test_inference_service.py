@@ -45,7 +45,7 @@ TINY = ModelConfig(spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32), channels=(8, 16)
 
 
 @pytest.fixture(scope="module")
-def env(svc_settings, tmp_path_factory):
+def env(svc_settings, tmp_path_factory, admin_headers):
     """Settings with model names of this module's own, a trained tiny checkpoint, the pieces."""
     tag = uuid.uuid4().hex[:8]
     services = svc_settings.services.model_copy(
@@ -60,7 +60,7 @@ def env(svc_settings, tmp_path_factory):
     relay = OutboxRelay(settings.database_url, producer)
     triton = TritonModels(settings)
     worker = InferenceWorker(settings, triton, relay)
-    with TestClient(create_app(settings, relay)) as api:
+    with TestClient(create_app(settings, relay), headers=admin_headers) as api:
         yield {
             "settings": settings,
             "ckpt": ckpt,

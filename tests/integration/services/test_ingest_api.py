@@ -34,16 +34,21 @@ def relay(svc_settings):
 
 
 @pytest.fixture(scope="module")
-def api(svc_settings, relay):
-    with TestClient(create_app(svc_settings, relay)) as client:
+def api(svc_settings, relay, admin_headers):
+    with TestClient(create_app(svc_settings, relay), headers=admin_headers) as client:
         yield client
 
 
-def _upload(api, image: bytes, site="site-a", dataset="clinical", label=None, **form):
+def _upload(api, image: bytes, site="site-a", dataset="clinical", label=None, headers=None, **form):
     files = {"file": ("ct.nii.gz", image, "application/gzip")}
     if label is not None:
         files["label"] = ("label.nii.gz", label, "application/gzip")
-    return api.post("/v1/volumes", data={"site_id": site, "dataset": dataset, **form}, files=files)
+    return api.post(
+        "/v1/volumes",
+        data={"site_id": site, "dataset": dataset, **form},
+        files=files,
+        headers=headers,
+    )
 
 
 def _counts(settings):
@@ -193,11 +198,11 @@ def test_label_on_another_grid_or_with_unknown_values_is_refused(api, svc_settin
         assert _counts(svc_settings) == before
 
 
-def test_oversized_upload_is_refused_before_it_is_read_whole(svc_settings, relay):
+def test_oversized_upload_is_refused_before_it_is_read_whole(svc_settings, relay, admin_headers):
     small = svc_settings.model_copy(
         update={"services": svc_settings.services.model_copy(update={"max_upload_mb": 1})}
     )
-    with TestClient(create_app(small, relay)) as client:
+    with TestClient(create_app(small, relay), headers=admin_headers) as client:
         r = _upload(client, b"\x1f\x8b" + b"\0" * (2 * 1024 * 1024))
     assert r.status_code == 413 and r.json()["code"] == "too_large"
 
@@ -226,20 +231,30 @@ def test_annotations_are_immutable_revisions_and_announced(api, svc_settings, re
     p = phantom(seed=10)
     vid = f"ann-{unique}"
     assert _upload(api, nifti(p.image, p.affine), volume_id=vid).status_code == 201
+    headers = {}
+    for name in ("ann-1", "ann-2"):
+        user = api.post(
+            "/v1/users", json={"id": f"{name}-{unique}", "role": "annotator", "sites": ["site-a"]}
+        )
+        assert user.status_code == 201, user.text
+        token = api.post(f"/v1/users/{name}-{unique}/tokens", json={"label": "test"}).json()
+        headers[name] = {"Authorization": f"Bearer {token['token']}"}
     form = {
-        "author": "ann-1",
         "minutes": "7.5",
         "organs": json.dumps({"liver": "accepted", "spleen": "skipped"}),
         "reviewed_slices": json.dumps([[0, 10]]),
         "from_model": "igniter:1",
     }
     files = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
-    first = api.post(f"/v1/volumes/{vid}/annotations", data=form, files=files)
+    first = api.post(
+        f"/v1/volumes/{vid}/annotations", data=form, files=files, headers=headers["ann-1"]
+    )
     assert first.status_code == 201, first.text
     assert first.json()["revision"] == 1
     second = api.post(
         f"/v1/volumes/{vid}/annotations",
-        data={**form, "author": "ann-2"},
+        data=form,
+        headers=headers["ann-2"],
         files={"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")},
     )
     assert second.json()["revision"] == 2
@@ -248,7 +263,10 @@ def test_annotations_are_immutable_revisions_and_announced(api, svc_settings, re
         revs = s.scalars(
             select(AnnotationRevision).where(AnnotationRevision.volume_id == vid)
         ).all()
-        assert sorted((r.revision, r.author) for r in revs) == [(1, "ann-1"), (2, "ann-2")]
+        assert sorted((r.revision, r.author) for r in revs) == [
+            (1, f"ann-1-{unique}"),
+            (2, f"ann-2-{unique}"),
+        ]
 
     relay.flush()
     events = wait_for_events(
@@ -295,7 +313,6 @@ def test_workflow_grpc_lists_ground_truth_for_training(api, svc_settings, unique
     vid = f"wf-{unique}"
     assert _upload(api, nifti(p.image, p.affine), volume_id=vid).status_code == 201
     form = {
-        "author": "ann-9",
         "minutes": "3",
         "organs": json.dumps({"spleen": "skipped"}),
         "reviewed_slices": json.dumps([[2, 9]]),
@@ -326,3 +343,107 @@ def test_workflow_grpc_lists_ground_truth_for_training(api, svc_settings, unique
     finally:
         client.close()
         server.stop(0)
+
+
+def test_every_endpoint_needs_a_valid_token(svc_settings, relay):
+    with TestClient(create_app(svc_settings, relay)) as anonymous:
+        assert anonymous.get("/v1/volumes").json()["code"] == "unauthenticated"
+        forged = {"Authorization": "Bearer ctl_forged-token-value"}
+        r = anonymous.get("/v1/volumes", headers=forged)
+        assert r.status_code == 401 and r.json()["code"] == "bad_token"
+        p = phantom(seed=50)
+        r = _upload(anonymous, nifti(p.image, p.affine))
+        assert r.status_code == 401
+        assert anonymous.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_users_see_and_change_only_their_sites(api, svc_settings, relay, unique):
+    site_a, site_b = f"sa-{unique}", f"sb-{unique}"
+    for site in (site_a, site_b):
+        assert api.post("/v1/sites", json={"id": site}).status_code == 201
+
+    def user(name: str, role: str, sites: list[str]) -> dict[str, str]:
+        assert (
+            api.post("/v1/users", json={"id": name, "role": role, "sites": sites}).status_code
+            == 201
+        )
+        token = api.post(f"/v1/users/{name}/tokens", json={}).json()
+        return {"Authorization": f"Bearer {token['token']}"}
+
+    annotator_a = user(f"ann-a-{unique}", "annotator", [site_a])
+    machine_a = user(f"pacs-a-{unique}", "integration", [site_a])
+    p = phantom(seed=51)
+    image = nifti(p.image, p.affine)
+    in_a = api.post(
+        "/v1/volumes",
+        headers=machine_a,
+        data={"site_id": site_a, "dataset": "clinical", "volume_id": f"va-{unique}"},
+        files={"file": ("ct.nii.gz", image, "application/gzip")},
+    )
+    assert in_a.status_code == 201, in_a.text
+    in_b = _upload(
+        api, nifti(phantom(seed=52).image, p.affine), site=site_b, volume_id=f"vb-{unique}"
+    )
+    assert in_b.status_code == 201
+
+    with TestClient(create_app(svc_settings, relay)) as c:
+        # The other site's volume does not exist for them, on every endpoint.
+        for path in (
+            f"/v1/volumes/vb-{unique}",
+            f"/v1/volumes/vb-{unique}/image",
+            f"/v1/volumes/vb-{unique}/prediction",
+            f"/v1/volumes/vb-{unique}/prediction/mask",
+        ):
+            r = c.get(path, headers=annotator_a)
+            assert r.status_code == 404, (path, r.text)
+        mask = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
+        r = c.post(
+            f"/v1/volumes/vb-{unique}/annotations",
+            headers=annotator_a,
+            files=mask,
+            data={"minutes": "1"},
+        )
+        assert r.status_code == 404
+        listed = {v["volume_id"] for v in c.get("/v1/volumes", headers=annotator_a).json()}
+        assert listed == {f"va-{unique}"}
+        assert {s["id"] for s in c.get("/v1/sites", headers=annotator_a).json()} == {site_a}
+        # Their own site's volume they can read and annotate; an annotator cannot upload.
+        assert c.get(f"/v1/volumes/va-{unique}/image", headers=annotator_a).status_code == 200
+        r = c.post(
+            f"/v1/volumes/va-{unique}/annotations",
+            headers=annotator_a,
+            files=mask,
+            data={"minutes": "2"},
+        )
+        assert r.status_code == 201 and r.json()["author"] == f"ann-a-{unique}"
+        assert _upload(c, image, site=site_a, headers=annotator_a).status_code == 403
+        # A machine client of site A cannot put data into site B; nor can anyone administer.
+        r = c.post(
+            "/v1/volumes",
+            headers=machine_a,
+            data={"site_id": site_b, "dataset": "clinical"},
+            files={"file": ("ct.nii.gz", image, "application/gzip")},
+        )
+        assert r.status_code == 404 and r.json()["code"] == "unknown_site"
+        assert c.post("/v1/sites", json={"id": "x"}, headers=machine_a).status_code == 403
+        assert c.get("/v1/audit", headers=annotator_a).status_code == 403
+
+    # Reads and writes of patient data are in the audit log, with who did them.
+    trail = api.get("/v1/audit", params={"resource": f"va-{unique}"}).json()
+    assert {(e["actor"], e["action"]) for e in trail} >= {
+        (f"pacs-a-{unique}", "volume.create"),
+        (f"ann-a-{unique}", "volume.read"),
+        (f"ann-a-{unique}", "annotation.create"),
+    }
+
+
+def test_a_revoked_token_stops_working(api, svc_settings, relay, unique):
+    assert (
+        api.post("/v1/users", json={"id": f"gone-{unique}", "role": "annotator"}).status_code == 201
+    )
+    issued = api.post(f"/v1/users/gone-{unique}/tokens", json={"label": "laptop"}).json()
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    with TestClient(create_app(svc_settings, relay)) as c:
+        assert c.get("/v1/volumes", headers=headers).status_code == 200
+        assert api.delete(f"/v1/tokens/{issued['sha256']}").status_code == 204
+        assert c.get("/v1/volumes", headers=headers).json()["code"] == "bad_token"

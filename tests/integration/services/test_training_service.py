@@ -25,7 +25,7 @@ TINY = {"spacing": [8, 8, 8], "patch": [32, 32, 32], "channels": [8, 16], "strid
 
 
 @pytest.fixture(scope="module")
-def world(svc_settings):
+def world(svc_settings, admin_headers):
     tag = uuid.uuid4().hex[:8]
     settings = svc_settings.model_copy(
         update={
@@ -51,7 +51,7 @@ def world(svc_settings):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     workflow = WorkflowClient(f"127.0.0.1:{port}")
-    with TestClient(create_app(settings)) as api:
+    with TestClient(create_app(settings), headers=admin_headers) as api:
         for i in range(3):
             p = phantom("public", 40 + i)
             r = api.post(

@@ -1,0 +1,93 @@
+"""Identity for the embedded default: users with one role, their sites, static API tokens.
+
+Tokens are random, shown once, stored only as SHA-256. On first start the ingest service creates
+an admin and writes its token to ``<run_dir>/admin-token`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy import select
+
+from ctloop.db import ApiToken, SiteMembership, User, session_scope
+
+Role = Literal["admin", "reviewer", "annotator", "integration"]
+ROLES: tuple[str, ...] = ("admin", "reviewer", "annotator", "integration")
+TOKEN_PREFIX = "ctl_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user, their role and the sites they may see."""
+
+    user_id: str
+    role: str
+    sites: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def may_see(self, site_id: str) -> bool:
+        return self.is_admin or site_id in self.sites
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_token(database_url: str, user_id: str, label: str = "") -> str:
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with session_scope(database_url) as s:
+        s.add(ApiToken(sha256=token_hash(token), user_id=user_id, label=label))
+    return token
+
+
+def principal_for(database_url: str, token: str) -> Principal | None:
+    if not token.startswith(TOKEN_PREFIX):
+        return None
+    with session_scope(database_url) as s:
+        row = s.get(ApiToken, token_hash(token))
+        if row is None or row.revoked_at is not None:
+            return None
+        user = s.get(User, row.user_id)
+        if user is None:
+            return None
+        sites = s.scalars(
+            select(SiteMembership.site_id).where(SiteMembership.user_id == user.id)
+        ).all()
+        return Principal(user_id=user.id, role=user.role, sites=frozenset(sites))
+
+
+def revoke_token(database_url: str, token_sha256: str) -> bool:
+    with session_scope(database_url) as s:
+        row = s.get(ApiToken, token_sha256)
+        if row is None or row.revoked_at is not None:
+            return False
+        row.revoked_at = datetime.now(UTC)
+        return True
+
+
+def ensure_admin_token(database_url: str, path: Path) -> str | None:
+    """Create the first admin and write its token to ``path`` (0600) unless an admin exists.
+
+    Returns the new token, or None when nothing was created.
+    """
+    with session_scope(database_url) as s:
+        if s.scalar(select(User.id).where(User.role == "admin").limit(1)) is not None:
+            return None
+        s.add(User(id="admin", role="admin"))
+    token = issue_token(database_url, "admin", label="bootstrap")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token
