@@ -158,6 +158,15 @@ class OutboxEvent(Base):
     sent_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
 
 
+class Lease(Base):
+    """Who is annotating a volume until when; an expired lease returns the task to the queue."""
+
+    __tablename__ = "leases"
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class User(Base):
     """A person or a machine client; ``role`` is admin | reviewer | annotator | integration."""
 

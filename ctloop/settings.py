@@ -92,6 +92,8 @@ class ServicesSettings(BaseModel):
     max_upload_mb: int = 1024  # one upload (volume, DICOM zip or mask), compressed
     max_volume_voxels: int = 1024 * 1024 * 1024  # decompressed size guard
     shutdown_grace_s: float = 20.0
+    lease_s: float = 30 * 60  # how long a claimed task stays with its annotator unless renewed
+    queue_strategy: Literal["uncertainty", "random", "sequential"] = "uncertainty"
     # Model names the inference service serves; the sustainer wins once it exists.
     igniter_model: str = "igniter"
     sustainer_model: str = "sustainer"

@@ -48,6 +48,7 @@ from ctloop.service import database_check, health_router
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from services.ingest.admin import Auth, admin_router
+from services.ingest.queue import lease_holder, queue_router, release
 from services.ingest.validation import (
     Grid,
     Limits,
@@ -368,6 +369,9 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         with session_scope(ingest.db) as s:
             v = _get_volume(s, volume_id, who)
             site, g = v.site_id, v.geometry
+        holder = lease_holder(ingest.db, volume_id)
+        if holder is not None and holder != author:
+            raise UploadRejected("leased", f"{volume_id} is leased to {holder}", 409)
         volume_grid = Grid((g["shape"][0], g["shape"][1], g["shape"][2]), np.asarray(g["affine"]))
         data = await ingest.read_upload(mask, "mask")
         array, grid = read_nifti(data, ingest.limits, "mask")
@@ -422,6 +426,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             raise UploadRejected(
                 "conflict", "another revision was submitted at the same time; retry", 409
             ) from exc
+        release(ingest.db, volume_id)
         ingest.published()
         with bind(volume_id=volume_id, site_id=site):
             log.info("annotation submitted", extra={"revision": rev, "minutes": minutes})
@@ -511,5 +516,7 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     auth = Auth(settings.database_url)
     app.include_router(volumes_router(ingest, auth))
     app.include_router(admin_router(settings.database_url, auth))
+    svc = settings.services
+    app.include_router(queue_router(settings.database_url, auth, svc.queue_strategy, svc.lease_s))
     app.state.ingest = ingest
     return app

@@ -447,3 +447,95 @@ def test_a_revoked_token_stops_working(api, svc_settings, relay, unique):
         assert c.get("/v1/volumes", headers=headers).status_code == 200
         assert api.delete(f"/v1/tokens/{issued['sha256']}").status_code == 204
         assert c.get("/v1/volumes", headers=headers).json()["code"] == "bad_token"
+
+
+def _team(api, unique: str, n_volumes: int, names=("q1", "q2")):
+    site = f"q-{unique}"
+    assert api.post("/v1/sites", json={"id": site}).status_code == 201
+    headers = {}
+    for name in names:
+        user = f"{name}-{unique}"
+        assert (
+            api.post(
+                "/v1/users", json={"id": user, "role": "annotator", "sites": [site]}
+            ).status_code
+            == 201
+        )
+        token = api.post(f"/v1/users/{user}/tokens", json={}).json()["token"]
+        headers[name] = {"Authorization": f"Bearer {token}"}
+    vids = []
+    for i in range(n_volumes):
+        p = phantom(seed=60 + i)
+        vid = f"q{i}-{unique}"
+        assert _upload(api, nifti(p.image, p.affine), site=site, volume_id=vid).status_code == 201
+        vids.append(vid)
+    return site, headers, vids
+
+
+def test_two_annotators_never_hold_the_same_volume(api, svc_settings, relay, unique):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, headers, vids = _team(api, unique, 3)
+    app = create_app(svc_settings, relay)
+
+    def claim(name: str) -> tuple[int, str | None]:
+        with TestClient(app) as c:
+            r = c.post("/v1/tasks/next", json={}, headers=headers[name])
+            return r.status_code, r.json().get("volume_id")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(claim, ["q1", "q2", "q1", "q2"]))
+    claimed = [vid for status, vid in results if status == 200]
+    assert sorted(claimed) == sorted(vids)  # each volume once
+    assert [status for status, _ in results].count(404) == 1  # the queue ran dry
+
+
+def test_leases_expire_renew_release_and_guard_submission(api, svc_settings, relay, unique):
+    import time
+
+    _, headers, (vid,) = _team(api, unique, 1)
+    with TestClient(create_app(svc_settings, relay)) as c:
+        first = c.post("/v1/tasks/next", json={"lease_seconds": 0.5}, headers=headers["q1"])
+        assert first.status_code == 200 and first.json()["volume_id"] == vid
+        assert (
+            c.post("/v1/tasks/next", json={}, headers=headers["q2"]).json()["code"] == "queue_empty"
+        )
+        p = phantom(seed=60)
+        mask = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
+        blocked = c.post(
+            f"/v1/volumes/{vid}/annotations",
+            headers=headers["q2"],
+            files=mask,
+            data={"minutes": "1"},
+        )
+        assert blocked.status_code == 409 and blocked.json()["code"] == "leased"
+
+        deadline = time.monotonic() + 10
+        taken = None
+        while time.monotonic() < deadline:  # the lease runs out and the task comes back
+            r = c.post("/v1/tasks/next", json={}, headers=headers["q2"])
+            if r.status_code == 200:
+                taken = r.json()
+                break
+            time.sleep(0.2)
+        assert taken is not None and taken["volume_id"] == vid
+        assert c.post(f"/v1/tasks/{vid}/renew", json={}, headers=headers["q1"]).status_code == 409
+        renewed = c.post(
+            f"/v1/tasks/{vid}/renew", json={"lease_seconds": 3600}, headers=headers["q2"]
+        )
+        assert renewed.status_code == 200 and renewed.json()["expires_at"] > taken["expires_at"]
+        assert c.delete(f"/v1/tasks/{vid}", headers=headers["q2"]).status_code == 204
+        again = c.post("/v1/tasks/next", json={}, headers=headers["q1"])
+        assert again.json()["volume_id"] == vid
+
+        done = c.post(
+            f"/v1/volumes/{vid}/annotations",
+            headers=headers["q1"],
+            files=mask,
+            data={"minutes": "4"},
+        )
+        assert done.status_code == 201
+        # Annotated: it leaves the queue, and its lease is gone.
+        assert (
+            c.post("/v1/tasks/next", json={}, headers=headers["q2"]).json()["code"] == "queue_empty"
+        )

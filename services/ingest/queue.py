@@ -1,0 +1,178 @@
+"""The annotation work queue: an annotator claims the next task and holds it under a lease.
+
+Tasks are the clinical volumes of the caller's sites that have no annotation yet. The next one
+is chosen by the active-learning strategy (most uncertain pre-annotation first by default;
+random or sequential as options). A claim is a lease: renewable, releasable, and it expires;
+two annotators never hold the same volume (the claim is one conditional write).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ctloop.auth import Principal
+from ctloop.db import AnnotationRevision, Lease, Prediction, Volume, audit, session_scope
+from services.ingest.admin import Auth
+
+Strategy = Literal["uncertainty", "random", "sequential"]
+
+
+class TaskOut(BaseModel):
+    volume_id: str
+    site_id: str
+    expires_at: datetime
+    model: str | None = Field(default=None, description="the pre-annotation to start from")
+    version: int | None = None
+    uncertainty: float | None = None
+
+
+class ClaimIn(BaseModel):
+    strategy: Strategy | None = None
+    lease_seconds: float | None = Field(default=None, gt=0, le=24 * 3600)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    volume_id: str
+    site_id: str
+    model: str | None
+    version: int | None
+    uncertainty: float | None
+    created_at: datetime
+
+
+def _error(status: int, code: str, message: str) -> HTTPException:
+    return HTTPException(status, detail={"code": code, "message": message})
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def lease_holder(database_url: str, volume_id: str) -> str | None:
+    """Who holds an unexpired lease on ``volume_id`` (None: nobody)."""
+    with session_scope(database_url) as s:
+        lease = s.get(Lease, volume_id)
+        return lease.holder if lease is not None and lease.expires_at > _now() else None
+
+
+def release(database_url: str, volume_id: str) -> None:
+    with session_scope(database_url) as s:
+        lease = s.get(Lease, volume_id)
+        if lease is not None:
+            s.delete(lease)
+
+
+def queue_router(database_url: str, auth: Auth, strategy: Strategy, lease_s: float) -> APIRouter:
+    r = APIRouter(prefix="/v1/tasks", tags=["work queue"])
+    worker = auth.require("admin", "reviewer", "annotator")
+    db = database_url
+
+    def candidates(who: Principal, order: Strategy) -> list[Candidate]:
+        with session_scope(db) as s:
+            annotated = select(AnnotationRevision.volume_id).distinct()
+            latest = (
+                select(Prediction.volume_id, func.max(Prediction.id).label("pid"))
+                .group_by(Prediction.volume_id)
+                .subquery()
+            )
+            q = (
+                select(
+                    Volume.id,
+                    Volume.site_id,
+                    Prediction.model,
+                    Prediction.version,
+                    Prediction.uncertainty,
+                    Volume.created_at,
+                )
+                .outerjoin(latest, latest.c.volume_id == Volume.id)
+                .outerjoin(Prediction, Prediction.id == latest.c.pid)
+                .where(Volume.dataset == "clinical", Volume.id.not_in(annotated))
+            )
+            if not who.is_admin:
+                q = q.where(Volume.site_id.in_(who.sites))
+            rows = [Candidate(*row) for row in s.execute(q).all()]
+        if order == "random":
+            random.shuffle(rows)
+        elif order == "uncertainty":
+            # Most uncertain first; volumes without a pre-annotation last.
+            rows.sort(key=lambda c: (c.uncertainty is None, -(c.uncertainty or 0.0), c.created_at))
+        else:
+            rows.sort(key=lambda c: (c.created_at, c.volume_id))
+        return rows
+
+    def try_claim(volume_id: str, holder: str, until: datetime) -> bool:
+        try:
+            with session_scope(db) as s:
+                s.add(Lease(volume_id=volume_id, holder=holder, expires_at=until))
+            return True
+        except IntegrityError:
+            pass
+        with session_scope(db) as s:
+            taken = s.execute(
+                update(Lease)
+                .where(Lease.volume_id == volume_id, Lease.expires_at <= _now())
+                .values(holder=holder, expires_at=until)
+            )
+            return bool(taken.rowcount == 1)  # type: ignore[attr-defined]
+
+    @r.post("/next", response_model=TaskOut, responses={204: {"description": "queue empty"}})
+    def claim_next(body: ClaimIn | None = None, who: Principal = Depends(worker)) -> TaskOut:
+        body = body or ClaimIn()
+        until = _now() + timedelta(seconds=body.lease_seconds or lease_s)
+        for c in candidates(who, body.strategy or strategy):
+            vid, site, model, version, uncertainty = (
+                c.volume_id,
+                c.site_id,
+                c.model,
+                c.version,
+                c.uncertainty,
+            )
+            if try_claim(vid, who.user_id, until):
+                with session_scope(db) as s:
+                    audit(s, who.user_id, "task.claim", vid, site_id=site)
+                return TaskOut(
+                    volume_id=vid,
+                    site_id=site,
+                    expires_at=until,
+                    model=model,
+                    version=version,
+                    uncertainty=uncertainty,
+                )
+        raise _error(404, "queue_empty", "no task is waiting in your sites")
+
+    def held(volume_id: str, who: Principal) -> Lease:
+        with session_scope(db) as s:
+            lease = s.get(Lease, volume_id)
+            if lease is None or lease.holder != who.user_id or lease.expires_at <= _now():
+                raise _error(409, "not_leased", f"you hold no lease on {volume_id}")
+            s.expunge(lease)
+            return lease
+
+    @r.post("/{volume_id}/renew", response_model=TaskOut)
+    def renew(
+        volume_id: str, body: ClaimIn | None = None, who: Principal = Depends(worker)
+    ) -> TaskOut:
+        held(volume_id, who)
+        until = _now() + timedelta(seconds=(body.lease_seconds if body else None) or lease_s)
+        with session_scope(db) as s:
+            lease = s.get(Lease, volume_id)
+            assert lease is not None
+            lease.expires_at = until
+            site = s.get(Volume, volume_id).site_id  # type: ignore[union-attr]
+        return TaskOut(volume_id=volume_id, site_id=site, expires_at=until)
+
+    @r.delete("/{volume_id}", status_code=204)
+    def give_back(volume_id: str, who: Principal = Depends(worker)) -> None:
+        held(volume_id, who)
+        release(db, volume_id)
+
+    return r
