@@ -12,11 +12,13 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import jwt
 from sqlalchemy import select
 
 from ctloop.db import ApiToken, SiteMembership, User, session_scope
+from ctloop.settings import AuthSettings
 
 Role = Literal["admin", "reviewer", "annotator", "integration"]
 ROLES: tuple[str, ...] = ("admin", "reviewer", "annotator", "integration")
@@ -64,6 +66,47 @@ def principal_for(database_url: str, token: str) -> Principal | None:
             select(SiteMembership.site_id).where(SiteMembership.user_id == user.id)
         ).all()
         return Principal(user_id=user.id, role=user.role, sites=frozenset(sites))
+
+
+class OidcVerifier:
+    """Verifies OIDC access tokens (signature from the issuer's JWKS, issuer, audience, expiry)
+    and maps their claims onto a :class:`Principal`."""
+
+    def __init__(self, cfg: AuthSettings) -> None:
+        if not cfg.oidc_issuer or not cfg.jwks_url:
+            raise ValueError("OIDC needs an issuer")
+        self.cfg = cfg
+        self.jwks = jwt.PyJWKClient(cfg.jwks_url, cache_keys=True, lifespan=300)
+
+    def principal(self, token: str) -> Principal | None:
+        try:
+            key = self.jwks.get_signing_key_from_jwt(token)
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=["RS256", "RS384", "RS512", "ES256", "ES384"],
+                audience=self.cfg.oidc_audience,
+                issuer=self.cfg.oidc_issuer,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        user = claims.get(self.cfg.username_claim) or claims.get("sub")
+        roles = _claim(claims, self.cfg.roles_claim)
+        role = next((r for r in ROLES if isinstance(roles, list) and r in roles), None)
+        sites = _claim(claims, self.cfg.sites_claim) or []
+        if not user or role is None or not isinstance(sites, list):
+            return None
+        return Principal(user_id=str(user), role=role, sites=frozenset(str(x) for x in sites))
+
+
+def _claim(claims: dict[str, Any], path: str) -> Any:
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def revoke_token(database_url: str, token_sha256: str) -> bool:

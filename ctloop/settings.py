@@ -99,6 +99,26 @@ class ServicesSettings(BaseModel):
     sustainer_model: str = "sustainer"
 
 
+class AuthSettings(BaseModel):
+    """OIDC bearer tokens (Keycloak-compatible) beside the static API tokens; off unless an
+    issuer is set."""
+
+    oidc_issuer: str | None = None  # e.g. https://keycloak.example/realms/ctloop
+    oidc_audience: str = "ctloop"
+    oidc_jwks_url: str | None = None  # default: Keycloak's <issuer>/protocol/openid-connect/certs
+    username_claim: str = "preferred_username"
+    roles_claim: str = "realm_access.roles"  # dotted path into the token's claims
+    sites_claim: str = "ctloop_sites"
+
+    @property
+    def jwks_url(self) -> str | None:
+        if self.oidc_jwks_url:
+            return self.oidc_jwks_url
+        if self.oidc_issuer:
+            return self.oidc_issuer.rstrip("/") + "/protocol/openid-connect/certs"
+        return None
+
+
 class TrainingSettings(BaseModel):
     """The round policy and how rounds train (see services/training)."""
 
@@ -134,6 +154,7 @@ class Settings(BaseSettings):
     db: DatabaseSettings = DatabaseSettings()
     services: ServicesSettings = ServicesSettings()
     training: TrainingSettings = TrainingSettings()
+    auth: AuthSettings = AuthSettings()
 
     @property
     def admin_token_file(self) -> Path:

@@ -10,7 +10,16 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from ctloop.auth import ROLES, Principal, issue_token, principal_for, revoke_token, token_hash
+from ctloop.auth import (
+    ROLES,
+    TOKEN_PREFIX,
+    OidcVerifier,
+    Principal,
+    issue_token,
+    principal_for,
+    revoke_token,
+    token_hash,
+)
 from ctloop.contracts import keys
 from ctloop.db import AuditEntry, Site, SiteMembership, User, audit, session_scope
 
@@ -22,8 +31,9 @@ def _error(status: int, code: str, message: str, **headers: str) -> HTTPExceptio
 class Auth:
     """FastAPI dependencies: who is calling, and may they."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, oidc: OidcVerifier | None = None) -> None:
         self.db = database_url
+        self.oidc = oidc
 
     def principal(self, request: Request) -> Principal:
         header = request.headers.get("authorization", "")
@@ -35,7 +45,11 @@ class Auth:
                 "send 'Authorization: Bearer <token>'",
                 **{"WWW-Authenticate": "Bearer"},
             )
-        who = principal_for(self.db, token.strip())
+        token = token.strip()
+        if token.startswith(TOKEN_PREFIX):
+            who = principal_for(self.db, token)
+        else:
+            who = self.oidc.principal(token) if self.oidc is not None else None
         if who is None:
             raise _error(
                 401,

@@ -7,12 +7,16 @@ outbox relay publishes the event.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import logging
+import zipfile
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import nibabel as nib
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
@@ -20,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from ctloop.auth import ROLES, Principal
+from ctloop.auth import ROLES, OidcVerifier, Principal
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import (
     AnnotationSubmitted,
@@ -30,6 +34,7 @@ from ctloop.contracts.payloads import (
     make_event,
 )
 from ctloop.contracts.topics import ANNOTATION_SUBMITTED, VOLUME_INGESTED
+from ctloop.core import dicom
 from ctloop.core.datasets import nifti_gz_bytes
 from ctloop.core.organs import LabelMap, UnknownLabel
 from ctloop.core.partial import OrganStatus, PartialLabel
@@ -192,8 +197,12 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         if not who.may_see(site):
             raise UploadRejected("unknown_site", f"no site {site} of yours", 404)
         data = await ingest.read_upload(file, "volume")
+        provenance = {"source": "nifti"}
         if data[:2] == b"PK":
             vol = read_dicom_zip(data, ingest.limits)
+            # Only pixel data and geometry are kept: every DICOM attribute (patient, study,
+            # institution, dates, UIDs) is dropped, which covers the PS3.15 Basic Profile.
+            provenance = {"source": "dicom", "deidentified": "all DICOM attributes dropped"}
             array, grid = vol.image, Grid(vol.image.shape, vol.affine)  # type: ignore[arg-type]
         else:
             array, grid = read_nifti(data, ingest.limits)
@@ -242,7 +251,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         )
         try:
             with session_scope(ingest.db) as s:
-                if s.get(Site, site) is None:  # (only an admin gets here: may_see)
+                if s.get(Site, site) is None:  # an admin, or a site named in an OIDC claim
                     s.add(Site(id=site, name=site))
                     s.flush()
                 row = Volume(
@@ -261,7 +270,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
                 )
                 s.add(row)
                 stage_event(s, make_event(VOLUME_INGESTED, SOURCE, vid, payload))
-                audit(s, who.user_id, "volume.create", vid, site_id=site, sha256=sha)
+                audit(s, who.user_id, "volume.create", vid, site_id=site, sha256=sha, **provenance)
                 s.flush()
                 out = _volume_out(row)
         except IntegrityError as exc:  # a concurrent upload of the same id won
@@ -342,6 +351,48 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
                 site_id=_get_volume(s, volume_id, who).site_id,
             )
         return Response(ingest.store.get_bytes(ingest.bucket, key), media_type="application/gzip")
+
+    def _nifti(key: str, version: str | None = None) -> nib.Nifti1Image:
+        raw = ingest.store.get_bytes(ingest.bucket, key, version)
+        return nib.Nifti1Image.from_bytes(gzip.decompress(raw))
+
+    @r.get(
+        "/{volume_id}/series.zip",
+        response_class=Response,
+        responses={200: {"content": {"application/zip": {}}}},
+    )
+    def get_series(volume_id: str, who: Principal = Depends(anyone)) -> Response:
+        """The volume as a DICOM CT series (the one ctloop's SEG objects reference)."""
+        with session_scope(ingest.db) as s:
+            v = _get_volume(s, volume_id, who)
+            key, version = v.s3_key, v.s3_version_id
+            audit(s, who.user_id, "volume.read", volume_id, site_id=v.site_id, form="dicom")
+        img = _nifti(key, version)
+        series = dicom.ct_series(np.asarray(img.dataobj), np.asarray(img.affine), volume_id)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for i, ds in enumerate(series):
+                zf.writestr(f"{volume_id}/{i:05d}.dcm", dicom.to_bytes(ds))
+        return Response(buf.getvalue(), media_type="application/zip")
+
+    @r.get(
+        "/{volume_id}/prediction/seg",
+        response_class=Response,
+        responses={200: {"content": {"application/dicom": {}}}, 404: {"model": ErrorOut}},
+    )
+    def get_prediction_seg(volume_id: str, who: Principal = Depends(anyone)) -> Response:
+        """The latest pre-annotation as a DICOM SEG referencing ``series.zip``."""
+        with session_scope(ingest.db) as s:
+            p = _latest_prediction(s, volume_id, who)
+            v = _get_volume(s, volume_id, who)
+            key, image_key, version = p.s3_key, v.s3_key, v.s3_version_id
+            algorithm = f"{p.model} v{p.version}"
+            audit(s, who.user_id, "prediction.read", volume_id, site_id=v.site_id, form="seg")
+        img = _nifti(image_key, version)
+        mask = np.asarray(_nifti(key).dataobj, dtype=np.uint8)
+        series = dicom.ct_series(np.asarray(img.dataobj), np.asarray(img.affine), volume_id)
+        seg = dicom.segmentation(mask, series, volume_id, f"prediction {algorithm}", algorithm)
+        return Response(dicom.to_bytes(seg), media_type="application/dicom")
 
     @r.post(
         "/{volume_id}/annotations",
@@ -513,7 +564,8 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     app.include_router(
         health_router("ingest", {"database": database_check(settings.database_url), "s3": s3_ready})
     )
-    auth = Auth(settings.database_url)
+    oidc = OidcVerifier(settings.auth) if settings.auth.oidc_issuer else None
+    auth = Auth(settings.database_url, oidc)
     app.include_router(volumes_router(ingest, auth))
     app.include_router(admin_router(settings.database_url, auth))
     svc = settings.services

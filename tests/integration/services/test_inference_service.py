@@ -297,3 +297,43 @@ def test_rollback_serves_an_older_version_again(env):
     worker.handle(rollback)
     assert worker.serving() == ModelRef(model=sustainer, version=1)
     assert env["triton"].serving_versions(sustainer) == [1]
+
+
+def test_pre_annotation_as_dicom_seg_referencing_the_series(env, unique, tmp_path):
+    import io
+    import zipfile
+
+    import highdicom as hd
+    import pydicom
+
+    from ctloop.core.datasets import load_dicom_series
+    from ctloop.core.organs import ORGAN_IDS
+
+    worker: InferenceWorker = env["worker"]
+    if worker.serving() is None:
+        worker.handle(_publish(env, env["settings"].services.igniter_model, 1))
+    _, event = _ingest(env, f"seg-{unique}", 7)
+    worker.handle(event)
+    api = env["api"]
+    seg = api.get(f"/v1/volumes/seg-{unique}/prediction/seg")
+    assert seg.status_code == 200 and seg.headers["content-type"] == "application/dicom"
+    series = api.get(f"/v1/volumes/seg-{unique}/series.zip")
+    assert series.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(series.content)) as zf:
+        zf.extractall(tmp_path)
+    files = sorted(tmp_path.rglob("*.dcm"))
+    volume = load_dicom_series(files).as_ras()
+    datasets = [pydicom.dcmread(f) for f in files]
+
+    back = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(seg.content)))
+    assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
+    mask = api.get(f"/v1/volumes/seg-{unique}/prediction/mask")
+    stored = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(mask.content)).dataobj)
+    assert stored.shape == volume.image.shape
+    uids = [d.SOPInstanceUID for d in sorted(datasets, key=lambda d: d.InstanceNumber)]
+    for description in back.SegmentSequence:
+        frames = back.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=[description.SegmentNumber]
+        )
+        got = np.transpose(frames[..., 0], (2, 1, 0)).astype(bool)
+        assert np.array_equal(got, stored == ORGAN_IDS[description.SegmentLabel])

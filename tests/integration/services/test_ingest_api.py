@@ -539,3 +539,88 @@ def test_leases_expire_renew_release_and_guard_submission(api, svc_settings, rel
         assert (
             c.post("/v1/tasks/next", json={}, headers=headers["q2"]).json()["code"] == "queue_empty"
         )
+
+
+@pytest.fixture(scope="module")
+def oidc_issuer():
+    """A real HTTP server publishing a JWKS, standing in for Keycloak's certs endpoint."""
+    import http.server
+    import threading
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    body = json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}).encode()
+
+    class Certs(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Certs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    issuer = f"http://127.0.0.1:{server.server_port}/realms/ctloop"
+    yield issuer, key
+    server.shutdown()
+
+
+def test_oidc_bearer_tokens_are_verified_and_scoped(svc_settings, relay, oidc_issuer, api, unique):
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    issuer, key = oidc_issuer
+    settings = svc_settings.model_copy(
+        update={"auth": svc_settings.auth.model_copy(update={"oidc_issuer": issuer})}
+    )
+    p = phantom(seed=70)
+    site = f"oidc-{unique}"
+    assert (
+        _upload(api, nifti(p.image, p.affine), site=site, volume_id=f"o-{unique}").status_code
+        == 201
+    )
+    assert (
+        _upload(api, nifti(p.image, p.affine), site="site-a", volume_id=f"o2-{unique}").status_code
+        == 201
+    )
+
+    def token(signer=key, **over):
+        claims = {
+            "iss": issuer,
+            "aud": "ctloop",
+            "exp": int(time.time()) + 300,
+            "sub": "u-1",
+            "preferred_username": f"kc-{unique}",
+            "realm_access": {"roles": ["offline_access", "annotator"]},
+            "ctloop_sites": [site],
+            **over,
+        }
+        return {
+            "Authorization": "Bearer " + jwt.encode(claims, signer, "RS256", headers={"kid": "k1"})
+        }
+
+    with TestClient(create_app(settings, relay)) as c:
+        good = c.get("/v1/volumes", headers=token())
+        assert good.status_code == 200, good.text
+        assert {v["volume_id"] for v in good.json()} == {f"o-{unique}"}
+        assert c.get(f"/v1/volumes/o2-{unique}", headers=token()).status_code == 404
+        other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        for bad in (
+            token(exp=int(time.time()) - 10),
+            token(aud="someone-else"),
+            token(iss="http://evil/realms/x"),
+            token(signer=other_key),
+            token(realm_access={"roles": ["offline_access"]}),
+        ):
+            r = c.get("/v1/volumes", headers=bad)
+            assert r.status_code == 401 and r.json()["code"] == "bad_token"
+        # Static tokens keep working beside OIDC.
+        assert c.get("/v1/volumes", headers=dict(api.headers)).status_code == 200
