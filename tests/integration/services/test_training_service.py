@@ -122,3 +122,43 @@ def test_a_crashing_round_is_retried_then_failed_and_a_good_one_publishes(world)
         row = s.get(TrainingRound, done.id)
         assert (row.status, row.version) == ("published", 1)
         assert row.metrics["candidate_dice"] == done.metrics["candidate_dice"]
+
+
+def test_partial_labels_reach_training_as_partial(world, tmp_path, admin_headers):
+    """What the annotator skipped or did not review is carried into the round's dataset."""
+    settings, workflow, tag = world["settings"], world["workflow"], world["tag"]
+    with TestClient(create_app(settings), headers=admin_headers) as api:
+        p = phantom("clinical-a", 80)
+        vid = f"part-{tag}"
+        r = api.post(
+            "/v1/volumes",
+            data={"site_id": "cli", "dataset": "clinical", "volume_id": vid},
+            files={"file": ("ct.nii.gz", nifti(p.image, p.affine), "application/gzip")},
+        )
+        assert r.status_code == 201
+        r = api.post(
+            f"/v1/volumes/{vid}/annotations",
+            files={"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")},
+            data={
+                "minutes": "5",
+                "organs": json.dumps({"spleen": "skipped"}),
+                "reviewed_slices": json.dumps([[3, 12]]),
+            },
+        )
+        assert r.status_code == 201, r.text
+    worker = TrainingWorker(settings, workflow)
+    worker._materialise(tmp_path / "round", [vid])
+    spec = json.loads((tmp_path / "round" / "dataset.json").read_text())
+    assert spec["training"][0]["partial"] == {
+        "organs": {"spleen": "skipped"},
+        "reviewed_slices": [[3, 12]],
+    }
+    # ...and the training code turns it into loss weights that drop those voxels.
+    from ctloop.core.train import DataSource, TrainConfig, load_items
+
+    items = load_items(
+        TrainConfig(sources=[DataSource(path=tmp_path / "round")], out=tmp_path / "x.pt")
+    )
+    weight = items[0]["weight"].numpy()[0]
+    assert weight[:, :, 13:].max() == 0 and weight[:, :, 3:13].max() == 1
+    assert float(items[0]["class_weight"][2]) == 0.0  # spleen
