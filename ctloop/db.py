@@ -89,6 +89,13 @@ class AnnotationRevision(Base):
     s3_key: Mapped[str] = mapped_column(String(512))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=_now)
+    # The optional review step: pending -> approved | sent_back (the only mutable part).
+    review_status: Mapped[str] = mapped_column(
+        String(16), default="pending", server_default="pending"
+    )
+    reviewer: Mapped[str | None] = mapped_column(String(128), default=None)
+    review_comment: Mapped[str] = mapped_column(Text, default="", server_default="")
+    reviewed_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Prediction(Base):

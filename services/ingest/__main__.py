@@ -27,7 +27,10 @@ def main() -> None:
     runtime = ServiceRuntime("ingest", settings.services.host, ep.http_port, ep.grpc_port)
     runtime.app = create_app(settings, relay)
     ingest_pb2_grpc.add_WorkflowServicer_to_server(
-        WorkflowService(settings.database_url, settings.s3.bucket), runtime.grpc_server()
+        WorkflowService(
+            settings.database_url, settings.s3.bucket, settings.services.review_required
+        ),
+        runtime.grpc_server(),
     )
     runtime.add_worker("outbox", relay.run)
     runtime.serve(settings.services.shutdown_grace_s)

@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import zipfile
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import nibabel as nib
@@ -88,6 +88,30 @@ class AnnotationOut(BaseModel):
     organs: dict[str, OrganStatus]
     reviewed_slices: list[tuple[int, int]] | None
     created_at: datetime
+    review_status: str = "pending"
+    reviewer: str | None = None
+    review_comment: str = ""
+
+
+class ReviewIn(BaseModel):
+    decision: Literal["approve", "send_back"]
+    comment: str = ""
+
+
+def _annotation_out(r: AnnotationRevision) -> AnnotationOut:
+    d = r.detail
+    return AnnotationOut(
+        volume_id=r.volume_id,
+        revision=r.revision,
+        author=r.author,
+        minutes=float(d.get("minutes", 0.0)),
+        organs=d.get("organs") or {},
+        reviewed_slices=d.get("reviewed_slices"),
+        created_at=r.created_at,
+        review_status=r.review_status,
+        reviewer=r.reviewer,
+        review_comment=r.review_comment,
+    )
 
 
 class PredictionOut(BaseModel):
@@ -351,6 +375,59 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
                 site_id=_get_volume(s, volume_id, who).site_id,
             )
         return Response(ingest.store.get_bytes(ingest.bucket, key), media_type="application/gzip")
+
+    reviewer = auth.require("admin", "reviewer")
+
+    @r.get("/{volume_id}/annotations", response_model=list[AnnotationOut])
+    def list_annotations(volume_id: str, who: Principal = Depends(anyone)) -> list[AnnotationOut]:
+        with session_scope(ingest.db) as s:
+            _get_volume(s, volume_id, who)
+            rows = s.scalars(
+                select(AnnotationRevision)
+                .where(AnnotationRevision.volume_id == volume_id)
+                .order_by(AnnotationRevision.revision)
+            )
+            return [_annotation_out(x) for x in rows]
+
+    @r.post(
+        "/{volume_id}/annotations/{revision}/review",
+        response_model=AnnotationOut,
+        responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+    )
+    def review_annotation(
+        volume_id: str, revision: int, body: ReviewIn, who: Principal = Depends(reviewer)
+    ) -> AnnotationOut:
+        """Approve a revision (it becomes training data when review is required) or send it
+        back (the volume returns to the work queue)."""
+        with session_scope(ingest.db) as s:
+            v = _get_volume(s, volume_id, who)
+            row = s.scalars(
+                select(AnnotationRevision).where(
+                    AnnotationRevision.volume_id == volume_id,
+                    AnnotationRevision.revision == revision,
+                )
+            ).first()
+            if row is None:
+                raise UploadRejected("not_found", f"{volume_id} has no revision {revision}", 404)
+            if row.review_status != "pending":
+                raise UploadRejected("reviewed", f"revision {revision} is {row.review_status}", 409)
+            if row.author == who.user_id:
+                raise UploadRejected("own_revision", "a reviewer cannot review their own work", 409)
+            row.review_status = "approved" if body.decision == "approve" else "sent_back"
+            row.reviewer, row.review_comment = who.user_id, body.comment
+            row.reviewed_at = datetime.now(UTC)
+            if body.decision == "send_back":
+                v.status = "sent_back"
+            audit(
+                s,
+                who.user_id,
+                f"annotation.{body.decision}",
+                volume_id,
+                site_id=v.site_id,
+                revision=revision,
+            )
+            s.flush()
+            return _annotation_out(row)
 
     def _nifti(key: str, version: str | None = None) -> nib.Nifti1Image:
         raw = ingest.store.get_bytes(ingest.bucket, key, version)

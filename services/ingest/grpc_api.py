@@ -13,9 +13,11 @@ from ctloop.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 
 class WorkflowService(ingest_pb2_grpc.WorkflowServicer):
-    def __init__(self, database_url: str, bucket: str) -> None:
+    def __init__(self, database_url: str, bucket: str, review_required: bool = False) -> None:
         self.db = database_url
         self.bucket = bucket
+        # Which revisions are ground truth: approved ones only, or any not sent back.
+        self.usable = ("approved",) if review_required else ("pending", "approved")
 
     def ListTrainingVolumes(
         self, request: ingest_pb2.ListTrainingVolumesRequest, context: grpc.ServicerContext
@@ -55,6 +57,7 @@ class WorkflowService(ingest_pb2_grpc.WorkflowServicer):
                     func.min(AnnotationRevision.created_at),
                     func.max(AnnotationRevision.revision),
                 )
+                .where(AnnotationRevision.review_status.in_(self.usable))
                 .group_by(AnnotationRevision.volume_id)
                 .order_by(func.min(AnnotationRevision.created_at), AnnotationRevision.volume_id)
             ).all()

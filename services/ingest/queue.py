@@ -78,7 +78,12 @@ def queue_router(database_url: str, auth: Auth, strategy: Strategy, lease_s: flo
 
     def candidates(who: Principal, order: Strategy) -> list[Candidate]:
         with session_scope(db) as s:
-            annotated = select(AnnotationRevision.volume_id).distinct()
+            # Done unless every revision was sent back by a reviewer.
+            annotated = (
+                select(AnnotationRevision.volume_id)
+                .where(AnnotationRevision.review_status != "sent_back")
+                .distinct()
+            )
             latest = (
                 select(Prediction.volume_id, func.max(Prediction.id).label("pid"))
                 .group_by(Prediction.volume_id)

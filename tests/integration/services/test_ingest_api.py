@@ -624,3 +624,88 @@ def test_oidc_bearer_tokens_are_verified_and_scoped(svc_settings, relay, oidc_is
             assert r.status_code == 401 and r.json()["code"] == "bad_token"
         # Static tokens keep working beside OIDC.
         assert c.get("/v1/volumes", headers=dict(api.headers)).status_code == 200
+
+
+def test_review_step_approves_or_sends_back(api, svc_settings, relay, unique):
+    from concurrent import futures
+
+    import grpc
+
+    from ctloop.v1 import ingest_pb2_grpc
+    from services.ingest.grpc_api import WorkflowService
+    from services.training.workflow import WorkflowClient
+
+    site, headers, (vid,) = _team(api, unique, 1, names=("ann", "rev"))
+    assert (
+        api.post(
+            "/v1/users", json={"id": f"boss-{unique}", "role": "reviewer", "sites": [site]}
+        ).status_code
+        == 201
+    )
+    boss = {
+        "Authorization": "Bearer "
+        + api.post(f"/v1/users/boss-{unique}/tokens", json={}).json()["token"]
+    }
+    p = phantom(seed=60)
+    mask = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ingest_pb2_grpc.add_WorkflowServicer_to_server(
+        WorkflowService(svc_settings.database_url, svc_settings.s3.bucket, review_required=True),
+        server,
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    approved_only = WorkflowClient(f"127.0.0.1:{port}")
+
+    def in_training() -> list[int]:
+        return [
+            v.label.key for v in approved_only.training_volumes("clinical") if v.volume_id == vid
+        ]
+
+    with TestClient(create_app(svc_settings, relay)) as c:
+        assert (
+            c.post(
+                f"/v1/volumes/{vid}/annotations",
+                headers=headers["ann"],
+                files=mask,
+                data={"minutes": "6"},
+            ).status_code
+            == 201
+        )
+        review = f"/v1/volumes/{vid}/annotations/1/review"
+        assert (
+            c.post(review, json={"decision": "approve"}, headers=headers["ann"]).status_code == 403
+        )
+        back = c.post(
+            review, json={"decision": "send_back", "comment": "spleen too big"}, headers=boss
+        )
+        assert back.status_code == 200 and back.json()["review_status"] == "sent_back"
+        assert (
+            c.post(review, json={"decision": "approve"}, headers=boss).json()["code"] == "reviewed"
+        )
+        # Sent back: the volume is a task again.
+        assert c.post("/v1/tasks/next", json={}, headers=headers["ann"]).json()["volume_id"] == vid
+        assert (
+            c.post(
+                f"/v1/volumes/{vid}/annotations",
+                headers=headers["ann"],
+                files=mask,
+                data={"minutes": "3"},
+            ).status_code
+            == 201
+        )
+        assert in_training() == []  # pending: not ground truth while review is required
+        ok = c.post(
+            f"/v1/volumes/{vid}/annotations/2/review", json={"decision": "approve"}, headers=boss
+        )
+        assert ok.status_code == 200 and ok.json()["reviewer"] == f"boss-{unique}"
+        assert in_training() == [keys.annotation_mask(site, vid, 2)]
+        listed = c.get(f"/v1/volumes/{vid}/annotations", headers=headers["ann"]).json()
+        assert [(a["revision"], a["review_status"]) for a in listed] == [
+            (1, "sent_back"),
+            (2, "approved"),
+        ]
+        assert listed[0]["review_comment"] == "spleen too big"
+    approved_only.close()
+    server.stop(0)
