@@ -21,7 +21,7 @@ HELM_VERSION      := v3.22.0
 
 PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
-.PHONY: help setup venv protos kafka-jars s3-gateway helm postgres \
+.PHONY: help setup venv protos kafka-jars s3-gateway helm postgres dicom-server \
         stack-up stack-down stack-status services-up services-down status \
         run test lint format unit integration clean
 
@@ -34,7 +34,7 @@ help:
 	@echo "make lint | format"
 
 # ---------------------------------------------------------------- set-up
-setup: venv protos kafka-jars s3-gateway helm postgres
+setup: venv protos kafka-jars s3-gateway helm postgres dicom-server
 
 venv: $(STAMPS)/venv
 $(STAMPS)/venv: requirements.lock.txt requirements-triton.txt pyproject.toml
@@ -83,6 +83,16 @@ $(STAMPS)/postgres:
 	if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
 	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; fi; \
+	fi
+	@touch $@
+
+# Orthanc with its DICOMweb plugin (Debian): the PACS the DICOMweb-ingest tests pull from.
+dicom-server: $(STAMPS)/dicom-server
+$(STAMPS)/dicom-server:
+	@mkdir -p $(STAMPS)
+	if ! [ -x /usr/sbin/Orthanc ] || ! [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb; \
+	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb; fi; \
 	fi
 	@touch $@
 

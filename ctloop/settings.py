@@ -94,6 +94,8 @@ class ServicesSettings(BaseModel):
     shutdown_grace_s: float = 20.0
     lease_s: float = 30 * 60  # how long a claimed task stays with its annotator unless renewed
     queue_strategy: Literal["uncertainty", "random", "sequential"] = "uncertainty"
+    # DICOMweb services (base URLs) volumes may be pulled from; nothing else is ever fetched.
+    dicomweb_sources: list[str] = Field(default_factory=list)
     # With review on, only revisions a reviewer approved are used for training.
     review_required: bool = False
     # Model names the inference service serves; the sustainer wins once it exists.

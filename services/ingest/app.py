@@ -16,14 +16,16 @@ import zipfile
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import httpx
 import nibabel as nib
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ctloop import dicomweb
 from ctloop.auth import ROLES, OidcVerifier, Principal
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import (
@@ -58,6 +60,7 @@ from services.ingest.validation import (
     Grid,
     Limits,
     UploadRejected,
+    read_dicom_instances,
     read_dicom_zip,
     read_nifti,
     validate_ct,
@@ -120,6 +123,15 @@ class PredictionOut(BaseModel):
     version: int
     uncertainty: float
     created_at: datetime
+
+
+class DicomWebIn(BaseModel):
+    url: str = Field(description="base URL of an allowed DICOMweb service")
+    study_uid: str
+    series_uid: str
+    site_id: str
+    dataset: Literal["public", "clinical"] = "clinical"
+    volume_id: str | None = None
 
 
 class ErrorOut(BaseModel):
@@ -193,53 +205,19 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
     uploader = auth.require("admin", "integration", "reviewer")
     annotator = auth.require("admin", "reviewer", "annotator")
 
-    @r.post(
-        "",
-        status_code=201,
-        response_model=VolumeOut,
-        responses={
-            200: {"model": VolumeOut},
-            409: {"model": ErrorOut},
-            413: {"model": ErrorOut},
-            422: {"model": ErrorOut},
-        },
-    )
-    async def upload_volume(
-        file: Annotated[
-            UploadFile, File(description="CT as NIfTI (.nii/.nii.gz) or a zip of one DICOM series")
-        ],
-        site_id: Annotated[str, Form()],
-        dataset: Annotated[Literal["public", "clinical"], Form()],
-        volume_id: Annotated[str | None, Form()] = None,
-        label: Annotated[
-            UploadFile | None, File(description="label NIfTI (labelled datasets)")
-        ] = None,
-        label_map: Annotated[str | None, Form(description='JSON {"organ": id}')] = None,
-        who: Principal = Depends(uploader),
+    def accept_volume(
+        who: Principal,
+        site: str,
+        dataset: Literal["public", "clinical"],
+        volume_id: str | None,
+        image: np.ndarray,
+        grid: Grid,
+        mask: np.ndarray | None,
+        sha: str,
+        provenance: dict[str, str],
     ) -> Any:
-        site = _safe(site_id, "site id")
-        if not who.may_see(site):
-            raise UploadRejected("unknown_site", f"no site {site} of yours", 404)
-        data = await ingest.read_upload(file, "volume")
-        provenance = {"source": "nifti"}
-        if data[:2] == b"PK":
-            vol = read_dicom_zip(data, ingest.limits)
-            # Only pixel data and geometry are kept: every DICOM attribute (patient, study,
-            # institution, dates, UIDs) is dropped, which covers the PS3.15 Basic Profile.
-            provenance = {"source": "dicom", "deidentified": "all DICOM attributes dropped"}
-            array, grid = vol.image, Grid(vol.image.shape, vol.affine)  # type: ignore[arg-type]
-        else:
-            array, grid = read_nifti(data, ingest.limits)
-        image = validate_ct(array, grid)
-        mask = None
-        if label is not None:
-            lab_array, lab_grid = read_nifti(
-                await ingest.read_upload(label, "label"), ingest.limits, "label"
-            )
-            mask = validate_mask(lab_array, lab_grid, grid, _label_map(label_map))
-        elif dataset == "public":
-            raise UploadRejected("label_required", "public (labelled) volumes need a label")
-        sha = hashlib.sha256(data).hexdigest()
+        """Store a validated volume (and label) under immutable keys; record and announce it.
+        The same bytes again answer 200 with the volume; other content under the id, 409."""
         vid = _safe(volume_id, "volume id") if volume_id else f"vol-{sha[:16]}"
 
         with session_scope(ingest.db) as s:
@@ -303,6 +281,93 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         with bind(volume_id=vid, site_id=site):
             log.info("volume ingested", extra={"dataset": dataset, "shape": grid.shape})
         return out
+
+    @r.post(
+        "",
+        status_code=201,
+        response_model=VolumeOut,
+        responses={
+            200: {"model": VolumeOut},
+            409: {"model": ErrorOut},
+            413: {"model": ErrorOut},
+            422: {"model": ErrorOut},
+        },
+    )
+    async def upload_volume(
+        file: Annotated[
+            UploadFile, File(description="CT as NIfTI (.nii/.nii.gz) or a zip of one DICOM series")
+        ],
+        site_id: Annotated[str, Form()],
+        dataset: Annotated[Literal["public", "clinical"], Form()],
+        volume_id: Annotated[str | None, Form()] = None,
+        label: Annotated[
+            UploadFile | None, File(description="label NIfTI (labelled datasets)")
+        ] = None,
+        label_map: Annotated[str | None, Form(description='JSON {"organ": id}')] = None,
+        who: Principal = Depends(uploader),
+    ) -> Any:
+        site = _safe(site_id, "site id")
+        if not who.may_see(site):
+            raise UploadRejected("unknown_site", f"no site {site} of yours", 404)
+        data = await ingest.read_upload(file, "volume")
+        provenance = {"source": "nifti"}
+        if data[:2] == b"PK":
+            vol = read_dicom_zip(data, ingest.limits)
+            # Only pixel data and geometry are kept: every DICOM attribute (patient, study,
+            # institution, dates, UIDs) is dropped, which covers the PS3.15 Basic Profile.
+            provenance = {"source": "dicom", "deidentified": "all DICOM attributes dropped"}
+            array, grid = vol.image, Grid(vol.image.shape, vol.affine)  # type: ignore[arg-type]
+        else:
+            array, grid = read_nifti(data, ingest.limits)
+        image = validate_ct(array, grid)
+        mask = None
+        if label is not None:
+            lab_array, lab_grid = read_nifti(
+                await ingest.read_upload(label, "label"), ingest.limits, "label"
+            )
+            mask = validate_mask(lab_array, lab_grid, grid, _label_map(label_map))
+        elif dataset == "public":
+            raise UploadRejected("label_required", "public (labelled) volumes need a label")
+        sha = hashlib.sha256(data).hexdigest()
+        return accept_volume(who, site, dataset, volume_id, image, grid, mask, sha, provenance)
+
+    @r.post(
+        "/dicomweb",
+        status_code=201,
+        response_model=VolumeOut,
+        responses={200: {"model": VolumeOut}, 403: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    )
+    def import_from_dicomweb(body: DicomWebIn, who: Principal = Depends(uploader)) -> Any:
+        """Pull one CT series from a PACS (QIDO-RS, WADO-RS) and ingest it like an upload."""
+        allowed = [u.rstrip("/") for u in ingest.settings.services.dicomweb_sources]
+        if body.url.rstrip("/") not in allowed:
+            raise UploadRejected(
+                "source_not_allowed", "that DICOMweb service is not configured", 403
+            )
+        if body.dataset == "public":
+            raise UploadRejected("label_required", "public (labelled) volumes need a label")
+        site = _safe(body.site_id, "site id")
+        if not who.may_see(site):
+            raise UploadRejected("unknown_site", f"no site {site} of yours", 404)
+        try:
+            dicomweb.series_instances(body.url, body.study_uid, body.series_uid)
+            blobs = dicomweb.retrieve_series(
+                body.url, body.study_uid, body.series_uid, ingest.limits.max_bytes
+            )
+        except (dicomweb.DicomWebError, httpx.HTTPError) as exc:
+            raise UploadRejected("dicomweb", f"could not retrieve the series: {exc}", 422) from exc
+        vol = read_dicom_instances(blobs)
+        grid = Grid((vol.image.shape[0], vol.image.shape[1], vol.image.shape[2]), vol.affine)
+        image = validate_ct(vol.image, grid)
+        sha = hashlib.sha256(b"".join(sorted(blobs))).hexdigest()
+        provenance = {
+            "source": "dicomweb",
+            "series_uid": body.series_uid,
+            "deidentified": "all DICOM attributes dropped",
+        }
+        return accept_volume(
+            who, site, body.dataset, body.volume_id, image, grid, None, sha, provenance
+        )
 
     @r.get("", response_model=list[VolumeOut])
     def list_volumes(

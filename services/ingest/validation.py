@@ -165,12 +165,20 @@ def read_dicom_zip(data: bytes, limits: Limits) -> Volume:
             raise UploadRejected("zip_bomb", f"{m.filename!r} expands {MAX_ZIP_RATIO}x+", 413)
     if total > limits.max_voxels * 2 + len(members) * 4096:
         raise UploadRejected("too_large", f"the zip expands to {total} bytes", 413)
+    blobs = []
+    for m in members:
+        with archive.open(m) as src:
+            blobs.append(src.read(m.file_size + 1)[: m.file_size + 1])
+    return read_dicom_instances(blobs)
+
+
+def read_dicom_instances(blobs: list[bytes]) -> Volume:
+    """One CT series from its instances' bytes (a zip's members, or a PACS's WADO-RS answer)."""
     with tempfile.TemporaryDirectory(prefix="ctloop-dicom-") as tmp:
         files = []
-        for i, m in enumerate(members):
-            target = Path(tmp) / f"{i:05d}.dcm"  # never the member's own name
-            with archive.open(m) as src:
-                target.write_bytes(src.read(m.file_size + 1)[: m.file_size + 1])
+        for i, blob in enumerate(blobs):
+            target = Path(tmp) / f"{i:05d}.dcm"  # never a name the sender chose
+            target.write_bytes(blob)
             files.append(target)
         try:
             volume = load_dicom_series(files).as_ras()

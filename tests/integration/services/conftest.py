@@ -90,3 +90,44 @@ def dicom_zip(p: Phantom, series_uids: tuple[str, ...] = ()) -> bytes:
             for f in files:
                 zf.write(f, f"series{n}/{f.name}")
     return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A real Orthanc PACS with its DICOMweb plugin (Debian's packages, installed by setup)."""
+    import json as _json
+
+    import httpx
+
+    from ctloop.stack.process import ManagedProcess
+
+    root = tmp_path_factory.mktemp("orthanc")
+    port = 18042
+    config = {
+        "Name": "ctloop-test-pacs",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": port,
+        "DicomPort": 14242,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(_json.dumps(config))
+    proc = ManagedProcess("orthanc", root, root)
+    proc.start(["/usr/sbin/Orthanc", str(root / "orthanc.json")])
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/system", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.is_running(), proc.log_tail()
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"Orthanc did not start:\n{proc.log_tail()}")
+    yield base
+    proc.stop()

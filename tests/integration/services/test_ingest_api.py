@@ -9,6 +9,7 @@ import json
 import struct
 import zipfile
 
+import nibabel as nib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -709,3 +710,48 @@ def test_review_step_approves_or_sends_back(api, svc_settings, relay, unique):
         assert listed[0]["review_comment"] == "spleen too big"
     approved_only.close()
     server.stop(0)
+
+
+def test_series_pulled_from_a_pacs_over_dicomweb(
+    api, svc_settings, relay, orthanc, admin_headers, unique
+):
+    import httpx
+
+    from ctloop.core.dicom import ct_series, to_bytes
+
+    p = phantom(seed=90)
+    series = ct_series(p.image, p.affine, f"pacs-{unique}")
+    for ds in series:
+        assert httpx.post(f"{orthanc}/instances", content=to_bytes(ds)).status_code == 200
+    dicomweb = f"{orthanc}/dicom-web"
+    allowed = svc_settings.model_copy(
+        update={
+            "services": svc_settings.services.model_copy(update={"dicomweb_sources": [dicomweb]})
+        }
+    )
+    request = {
+        "url": dicomweb,
+        "study_uid": series[0].StudyInstanceUID,
+        "series_uid": series[0].SeriesInstanceUID,
+        "site_id": "site-a",
+        "volume_id": f"pacs-{unique}",
+    }
+    with TestClient(create_app(allowed, relay), headers=admin_headers) as c:
+        r = c.post("/v1/volumes/dicomweb", json=request)
+        assert r.status_code == 201, r.text
+        assert r.json()["shape"] == list(p.image.shape)
+        image = c.get(f"/v1/volumes/pacs-{unique}/image")
+        stored = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(image.content)).dataobj)
+        assert np.array_equal(stored, p.image)
+        trail = c.get("/v1/audit", params={"resource": f"pacs-{unique}"}).json()
+        (created,) = [e for e in trail if e["action"] == "volume.create"]
+        assert created["detail"]["source"] == "dicomweb"
+        assert "dropped" in created["detail"]["deidentified"]
+        missing = c.post(
+            "/v1/volumes/dicomweb", json={**request, "series_uid": "1.2.3.4", "volume_id": None}
+        )
+        assert missing.status_code == 422 and missing.json()["code"] == "dicomweb"
+    # A service that is not configured is never contacted.
+    with TestClient(create_app(svc_settings, relay), headers=admin_headers) as c:
+        r = c.post("/v1/volumes/dicomweb", json=request)
+        assert r.status_code == 403 and r.json()["code"] == "source_not_allowed"
