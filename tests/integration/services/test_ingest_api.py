@@ -218,6 +218,11 @@ def test_dicom_series_zip_becomes_a_volume(api, unique):
     assert r.status_code == 201, r.text
     assert r.json()["shape"] == list(p.image.shape)
     assert np.allclose(r.json()["spacing"], p.spacing, atol=1e-4)
+    stored = nib.Nifti1Image.from_bytes(
+        gzip.decompress(api.get(f"/v1/volumes/dcm-{unique}/image").content)
+    )
+    assert np.allclose(stored.affine, p.affine, atol=1e-4)  # geometry round-trips
+    assert np.array_equal(np.asarray(stored.dataobj), p.image)
     mixed = api.post(
         "/v1/volumes",
         data={"site_id": "site-b", "dataset": "clinical"},
