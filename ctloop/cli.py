@@ -117,8 +117,16 @@ def _train(args: argparse.Namespace) -> int:
 
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             f.write(cfg.model_dump_json())
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", "-m", "ctloop.core.train", f.name]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            "-m",
+            "ctloop.core.train",
+            f.name,
+        ]
         return subprocess.call(cmd)
     summary = train(cfg)
     print(f"wrote {args.out} after {summary['steps']} steps in {summary['seconds']:.0f}s")
@@ -162,6 +170,47 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace) -> int:
+    """Administration through the ingest API, as the admin whose token is in .ctloop."""
+    import json
+    import os
+
+    import httpx
+
+    settings = get_settings()
+    svc = settings.services
+    url = args.api or f"http://{svc.host}:{svc.ingest.http_port}"
+    token = args.token or os.environ.get("CTLOOP_TOKEN")
+    if not token and settings.admin_token_file.exists():
+        token = settings.admin_token_file.read_text().strip()
+    if not token:
+        print(
+            f"error: no token (--token, CTLOOP_TOKEN or {settings.admin_token_file})",
+            file=sys.stderr,
+        )
+        return 2
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    if args.what == "site":
+        r = client.post("/v1/sites", json={"id": args.id, "name": args.name or args.id})
+    elif args.what == "user":
+        r = client.post("/v1/users", json={"id": args.id, "role": args.role, "sites": args.site})
+    elif args.what == "token":
+        r = client.post(f"/v1/users/{args.id}/tokens", json={"label": args.label})
+    else:
+        r = client.get(
+            "/v1/audit", params={"limit": args.limit, **({"resource": args.id} if args.id else {})}
+        )
+    if r.status_code >= 400:
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        print(
+            f"error: {r.status_code} {body.get('code', '')}: {body.get('message', r.text)}",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(r.json(), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +222,26 @@ def main(argv: list[str] | None = None) -> int:
     services.set_defaults(func=_stack)
     status = sub.add_parser("status", help="every server and service with its health")
     status.set_defaults(func=_status)
+    admin = sub.add_parser("admin", help="create sites, users and tokens; read the audit log")
+    admin.add_argument("--api", help="ingest API URL (default: from settings)")
+    admin.add_argument("--token", help="admin token (default: CTLOOP_TOKEN or .ctloop/admin-token)")
+    admin_sub = admin.add_subparsers(dest="what", required=True)
+    site = admin_sub.add_parser("site", help="add a site")
+    site.add_argument("id")
+    site.add_argument("--name")
+    user = admin_sub.add_parser("user", help="add a user with a role and sites")
+    user.add_argument("id")
+    user.add_argument(
+        "--role", required=True, choices=["admin", "reviewer", "annotator", "integration"]
+    )
+    user.add_argument("--site", action="append", default=[], help="repeat for several")
+    token = admin_sub.add_parser("token", help="issue a token for a user (printed once)")
+    token.add_argument("id")
+    token.add_argument("--label", default="")
+    audit_log = admin_sub.add_parser("audit", help="recent audit entries")
+    audit_log.add_argument("id", nargs="?", help="only this resource (e.g. a volume id)")
+    audit_log.add_argument("--limit", type=int, default=50)
+    admin.set_defaults(func=_admin)
     info = sub.add_parser("info", help="print how to reach the running stack")
     info.set_defaults(func=_info)
 

@@ -65,6 +65,25 @@ def test_services_run_answer_and_stop_gracefully(unique):
             "shape"
         ] == list(p.image.shape)
         assert httpx.get("http://127.0.0.1:28602/readyz").json()["ready"] is True
+
+        # Administration from the command line, as the admin of .ctloop/admin-token.
+        api = ["admin", "--api", "http://127.0.0.1:28600"]
+        assert _ctloop(*api, "site", f"site-{unique}").returncode == 0
+        made = _ctloop(
+            *api, "user", f"u-{unique}", "--role", "annotator", "--site", f"site-{unique}"
+        )
+        assert made.returncode == 0, made.stderr
+        issued = _ctloop(*api, "token", f"u-{unique}", "--label", "cli")
+        assert issued.returncode == 0, issued.stderr
+        import json as _json
+
+        user_token = _json.loads(issued.stdout)["token"]
+        mine = httpx.get(
+            "http://127.0.0.1:28600/v1/sites", headers={"Authorization": f"Bearer {user_token}"}
+        ).json()
+        assert [x["id"] for x in mine] == [f"site-{unique}"]
+        dup = _ctloop(*api, "site", f"site-{unique}")
+        assert dup.returncode == 1 and "exists" in dup.stderr
         assert "ctloop_predictions_total" in httpx.get("http://127.0.0.1:28602/metrics").text
 
         # A crashed service makes `ctloop status` fail, naming it.

@@ -15,7 +15,19 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["stack"], ["synth"], ["train"], ["segment"], ["experiment", "transfer"], ["info"]],
+    [
+        [],
+        ["stack"],
+        ["synth"],
+        ["train"],
+        ["segment"],
+        ["experiment", "transfer"],
+        ["info"],
+        ["services"],
+        ["status"],
+        ["admin"],
+        ["admin", "user"],
+    ],
 )
 def test_every_subcommand_has_help(command):
     result = _run(*command, "--help")
