@@ -18,11 +18,14 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    Select,
     String,
     Text,
     UniqueConstraint,
     create_engine,
     event,
+    func,
+    select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -280,6 +283,34 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
 def event_claimed(session: Session, consumer: str, event_id: str) -> bool:
     """Whether ``consumer`` has already handled ``event_id`` (read-only)."""
     return session.get(ProcessedEvent, (consumer, event_id)) is not None
+
+
+def waiting_for_annotation() -> Select[str, str, str, int, float, datetime]:
+    """Clinical volumes still to annotate (none, or only sent-back, revisions), with their
+    latest pre-annotation if any: (id, site, model, version, uncertainty, created_at)."""
+    done = (
+        select(AnnotationRevision.volume_id)
+        .where(AnnotationRevision.review_status != "sent_back")
+        .distinct()
+    )
+    latest = (
+        select(Prediction.volume_id, func.max(Prediction.id).label("pid"))
+        .group_by(Prediction.volume_id)
+        .subquery()
+    )
+    return (
+        select(
+            Volume.id,
+            Volume.site_id,
+            Prediction.model,
+            Prediction.version,
+            Prediction.uncertainty,
+            Volume.created_at,
+        )
+        .outerjoin(latest, latest.c.volume_id == Volume.id)
+        .outerjoin(Prediction, Prediction.id == latest.c.pid)
+        .where(Volume.dataset == "clinical", Volume.id.not_in(done))
+    )
 
 
 def next_annotation_revision(session: Session, volume_id: str) -> int:

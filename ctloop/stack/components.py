@@ -19,8 +19,12 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    import psycopg
 
 from ctloop.settings import Settings
 from ctloop.stack.process import ManagedProcess
@@ -463,33 +467,16 @@ class PostgresDatabase(Component):
             return Health(False, f"port {d.pg_port} closed")
         import psycopg
 
-        password = d.pg_password.get_secret_value()
         try:
-            with psycopg.connect(
-                host=d.pg_host,
-                port=d.pg_port,
-                user=d.pg_user,
-                password=password,
-                dbname="postgres",
-                connect_timeout=2,
-            ) as conn:
+            with self.connect(connect_timeout=2) as conn:
                 conn.execute("SELECT 1")
         except psycopg.Error as exc:
             return Health(False, f"not accepting connections: {exc}".strip())
         return Health(True, "accepting connections")
 
     def after_start(self) -> None:
-        import psycopg
-
         d = self.settings.db
-        with psycopg.connect(
-            host=d.pg_host,
-            port=d.pg_port,
-            user=d.pg_user,
-            password=d.pg_password.get_secret_value(),
-            dbname="postgres",
-            autocommit=True,
-        ) as conn:
+        with self.connect(autocommit=True) as conn:
             exists = conn.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (d.pg_database,)
             ).fetchone()
@@ -498,6 +485,20 @@ class PostgresDatabase(Component):
         from ctloop.db import create_schema
 
         create_schema(self.settings.database_url)
+
+    def connect(self, dbname: str = "postgres", **options: Any) -> psycopg.Connection[Any]:
+        """A connection as the stack's PostgreSQL user (to ``postgres`` unless told)."""
+        import psycopg
+
+        d = self.settings.db
+        return psycopg.connect(
+            host=d.pg_host,
+            port=d.pg_port,
+            user=d.pg_user,
+            password=d.pg_password.get_secret_value(),
+            dbname=dbname,
+            **options,
+        )
 
     def describe(self) -> str:
         d = self.settings.db

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 from prometheus_client import Counter, Histogram
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from ctloop.contracts import keys
 from ctloop.contracts.events import CloudEvent, UnknownSubject
@@ -37,13 +37,13 @@ from ctloop.contracts.topics import PREDICTION_COMPLETED
 from ctloop.core.datasets import nifti_gz_bytes
 from ctloop.core.packaging import segmentation_spec
 from ctloop.db import (
-    AnnotationRevision,
     Prediction,
     ServingModel,
     Volume,
     claim_event,
     event_claimed,
     session_scope,
+    waiting_for_annotation,
 )
 from ctloop.log import bind
 from ctloop.model_repository import ModelLoadFailed, TritonModels
@@ -148,21 +148,12 @@ class InferenceWorker:
                 self._load(ref)
 
     def waiting_volumes(self) -> list[str]:
-        """Clinical volumes with no annotation yet: never predicted first, then most uncertain."""
+        """Volumes waiting for annotation: never predicted first, then the latest
+        pre-annotation's uncertainty, highest first."""
         with session_scope(self.db) as s:
-            annotated = select(AnnotationRevision.volume_id).distinct()
-            latest = (
-                select(Prediction.volume_id, func.max(Prediction.uncertainty).label("u"))
-                .group_by(Prediction.volume_id)
-                .subquery()
-            )
-            rows = s.execute(
-                select(Volume.id, latest.c.u)
-                .outerjoin(latest, latest.c.volume_id == Volume.id)
-                .where(Volume.dataset == "clinical", Volume.id.not_in(annotated))
-                .order_by(latest.c.u.is_not(None), latest.c.u.desc(), Volume.created_at)
-            ).all()
-        return [r[0] for r in rows]
+            rows = list(s.execute(waiting_for_annotation()).all())
+        rows.sort(key=lambda r: (r.uncertainty is not None, -(r.uncertainty or 0.0), r.created_at))
+        return [r.id for r in rows]
 
     def repredict_waiting(self) -> int:
         serving = self.serving()

@@ -20,8 +20,8 @@ from ctloop.auth import (
     revoke_token,
     token_hash,
 )
-from ctloop.contracts import keys
 from ctloop.db import AuditEntry, Site, SiteMembership, User, audit, session_scope
+from services.ingest.validation import safe_id
 
 
 def _error(status: int, code: str, message: str, **headers: str) -> HTTPException:
@@ -109,13 +109,6 @@ class AuditOut(BaseModel):
     detail: dict[str, Any]
 
 
-def _safe(value: str, what: str) -> str:
-    try:
-        return keys.safe_id(value, what)
-    except keys.InvalidKeyPart as exc:
-        raise _error(422, "bad_id", str(exc)) from exc
-
-
 def admin_router(database_url: str, auth: Auth) -> APIRouter:
     r = APIRouter(prefix="/v1", tags=["admin"])
     admin = auth.require("admin")
@@ -123,7 +116,7 @@ def admin_router(database_url: str, auth: Auth) -> APIRouter:
 
     @r.post("/sites", status_code=201, response_model=SiteOut)
     def create_site(body: SiteIn, who: Principal = Depends(admin)) -> SiteOut:
-        site = _safe(body.id, "site id")
+        site = safe_id(body.id, "site id")
         with session_scope(db) as s:
             if s.get(Site, site) is not None:
                 raise _error(409, "exists", f"site {site} exists")
@@ -139,10 +132,10 @@ def admin_router(database_url: str, auth: Auth) -> APIRouter:
 
     @r.post("/users", status_code=201, response_model=UserOut)
     def create_user(body: UserIn, who: Principal = Depends(admin)) -> UserOut:
-        user = _safe(body.id, "user id")
+        user = safe_id(body.id, "user id")
         if body.role not in ROLES:
             raise _error(422, "bad_role", f"role must be one of {', '.join(ROLES)}")
-        sites = [_safe(x, "site id") for x in body.sites]
+        sites = [safe_id(x, "site id") for x in body.sites]
         with session_scope(db) as s:
             if s.get(User, user) is not None:
                 raise _error(409, "exists", f"user {user} exists")

@@ -63,6 +63,7 @@ from services.ingest.validation import (
     read_dicom_instances,
     read_dicom_zip,
     read_nifti,
+    safe_id,
     validate_ct,
     validate_mask,
 )
@@ -218,7 +219,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
     ) -> Any:
         """Store a validated volume (and label) under immutable keys; record and announce it.
         The same bytes again answer 200 with the volume; other content under the id, 409."""
-        vid = _safe(volume_id, "volume id") if volume_id else f"vol-{sha[:16]}"
+        vid = safe_id(volume_id, "volume id") if volume_id else f"vol-{sha[:16]}"
 
         with session_scope(ingest.db) as s:
             existing = s.get(Volume, vid)
@@ -306,7 +307,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         label_map: Annotated[str | None, Form(description='JSON {"organ": id}')] = None,
         who: Principal = Depends(uploader),
     ) -> Any:
-        site = _safe(site_id, "site id")
+        site = safe_id(site_id, "site id")
         if not who.may_see(site):
             raise UploadRejected("unknown_site", f"no site {site} of yours", 404)
         data = await ingest.read_upload(file, "volume")
@@ -346,7 +347,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             )
         if body.dataset == "public":
             raise UploadRejected("label_required", "public (labelled) volumes need a label")
-        site = _safe(body.site_id, "site id")
+        site = safe_id(body.site_id, "site id")
         if not who.may_see(site):
             raise UploadRejected("unknown_site", f"no site {site} of yours", 404)
         try:
@@ -636,19 +637,12 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
     return r
 
 
-def _safe(value: str, what: str) -> str:
-    try:
-        return keys.safe_id(value, what)
-    except keys.InvalidKeyPart as exc:
-        raise UploadRejected("bad_id", str(exc)) from exc
-
-
 def _model_ref(raw: str | None) -> ModelRef | None:
     if not raw:
         return None
     name, _, version = raw.partition(":")
     try:
-        return ModelRef(model=_safe(name, "model"), version=int(version))
+        return ModelRef(model=safe_id(name, "model"), version=int(version))
     except (ValueError, ValidationError) as exc:
         raise UploadRejected(
             "bad_model_ref", f"from_model must be 'model:version' ({exc})"

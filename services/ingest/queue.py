@@ -15,11 +15,11 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from ctloop.auth import Principal
-from ctloop.db import AnnotationRevision, Lease, Prediction, Volume, audit, session_scope
+from ctloop.db import Lease, Volume, audit, session_scope, waiting_for_annotation
 from services.ingest.admin import Auth
 
 Strategy = Literal["uncertainty", "random", "sequential"]
@@ -78,33 +78,13 @@ def queue_router(database_url: str, auth: Auth, strategy: Strategy, lease_s: flo
 
     def candidates(who: Principal, order: Strategy) -> list[Candidate]:
         with session_scope(db) as s:
-            # Done unless every revision was sent back by a reviewer.
-            annotated = (
-                select(AnnotationRevision.volume_id)
-                .where(AnnotationRevision.review_status != "sent_back")
-                .distinct()
-            )
-            latest = (
-                select(Prediction.volume_id, func.max(Prediction.id).label("pid"))
-                .group_by(Prediction.volume_id)
-                .subquery()
-            )
-            q = (
-                select(
-                    Volume.id,
-                    Volume.site_id,
-                    Prediction.model,
-                    Prediction.version,
-                    Prediction.uncertainty,
-                    Volume.created_at,
-                )
-                .outerjoin(latest, latest.c.volume_id == Volume.id)
-                .outerjoin(Prediction, Prediction.id == latest.c.pid)
-                .where(Volume.dataset == "clinical", Volume.id.not_in(annotated))
-            )
+            q = waiting_for_annotation()
             if not who.is_admin:
                 q = q.where(Volume.site_id.in_(who.sites))
-            rows = [Candidate(*row) for row in s.execute(q).all()]
+            rows = [
+                Candidate(r.id, r.site_id, r.model, r.version, r.uncertainty, r.created_at)
+                for r in s.execute(q).all()
+            ]
         if order == "random":
             random.shuffle(rows)
         elif order == "uncertainty":

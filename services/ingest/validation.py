@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
+from ctloop.contracts import keys
 from ctloop.core.datasets import DatasetError, Volume, load_dicom_series
 from ctloop.core.organs import LabelMap, UnknownLabel
 
@@ -49,6 +50,14 @@ class Grid:
     def spacing(self) -> tuple[float, float, float]:
         s = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
         return float(s[0]), float(s[1]), float(s[2])
+
+
+def safe_id(value: str, what: str) -> str:
+    """``value`` if it is a safe key segment, else a 422 ``bad_id``."""
+    try:
+        return keys.safe_id(value, what)
+    except keys.InvalidKeyPart as exc:
+        raise UploadRejected("bad_id", str(exc)) from exc
 
 
 def _gunzip_bounded(data: bytes, limit: int) -> bytes:

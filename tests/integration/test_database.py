@@ -2,7 +2,6 @@
 
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +19,7 @@ from ctloop.db import (
 )
 from ctloop.settings import Settings
 from ctloop.stack import LocalStack
+from ctloop.stack.components import PostgresDatabase
 
 
 @pytest.fixture(scope="session")
@@ -44,17 +44,9 @@ def db_url(request, tmp_path, unique) -> Iterator[str]:
         yield url
         return
     pg: Settings = request.getfixturevalue("postgres_settings")
-    d = pg.db
     name = f"test_{unique}"
-    admin = dict(
-        host=d.pg_host,
-        port=d.pg_port,
-        user=d.pg_user,
-        password=d.pg_password.get_secret_value(),
-        dbname="postgres",
-        autocommit=True,
-    )
-    with psycopg.connect(**admin) as conn:
+    server = PostgresDatabase(pg)
+    with server.connect(autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = pg.database_url.rsplit("/", 1)[0] + f"/{name}"
     create_schema(url)
@@ -62,7 +54,7 @@ def db_url(request, tmp_path, unique) -> Iterator[str]:
     from ctloop.db import engine_for
 
     engine_for(url).dispose()
-    with psycopg.connect(**admin) as conn:
+    with server.connect(autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
