@@ -123,6 +123,46 @@ class AuthSettings(BaseModel):
         return None
 
 
+class SecretEnv(BaseModel):
+    """An environment variable a training Job pod reads from a Kubernetes Secret."""
+
+    name: str  # e.g. CTLOOP_S3__SECRET_KEY
+    secret: str
+    key: str
+
+
+class KubernetesLauncherSettings(BaseModel):
+    """How a round runs as a Kubernetes Job (``training.launcher = "kubernetes"``); see
+    services/training/launcher.py. The Helm chart sets every field."""
+
+    api_url: str = "https://kubernetes.default.svc"
+    namespace: str | None = None  # default: the training service's own namespace
+    kind: Literal["job", "pytorchjob"] = "job"  # pytorchjob needs the Kubeflow training operator
+    image: str = ""  # the ctloop (CUDA) image the Job runs
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    service_account: str = "default"  # of the Job pods (they need no API rights)
+    nodes: int = 1  # pods; training.nproc_per_node processes (GPUs) in each
+    gpu_resource: str = "nvidia.com/gpu"  # "" trains on CPU (gloo)
+    cpu: str = "4"
+    memory: str = "32Gi"
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+    shm_size: str = "8Gi"  # /dev/shm for DataLoader workers and NCCL
+    scratch_size: str = "100Gi"  # the round's data inside the pod
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    priority_class: str | None = None
+    headless_service: str = ""  # subdomain of the pods; multi-node rendezvous by pod hostname
+    rdzv_port: int = 29500
+    labels: dict[str, str] = Field(default_factory=dict)
+    secret_env: list[SecretEnv] = Field(default_factory=list)  # S3 credentials for the pods
+    s3_prefix: str = "training/jobs"  # the rounds' inputs and outputs, in the data bucket
+    timeout_s: float = 6 * 3600.0
+    poll_s: float = 10.0
+    ttl_after_finished_s: int = 3600  # clean-up if the service cannot delete the Job itself
+
+
 class TrainingSettings(BaseModel):
     """The round policy and how rounds train (see services/training)."""
 
@@ -139,6 +179,9 @@ class TrainingSettings(BaseModel):
     max_attempts: int = 2
     tick_s: float = 2.0
     model: dict[str, Any] = Field(default_factory=dict)  # ModelConfig overrides (spacing, ...)
+    # Where rounds run: torchrun here ("local") or a Kubernetes Job ("kubernetes").
+    launcher: Literal["local", "kubernetes"] = "local"
+    kubernetes: KubernetesLauncherSettings = KubernetesLauncherSettings()
 
 
 class Settings(BaseSettings):
