@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import kubernetes_validate
 import pytest
 
 from ctloop.core.train import DataSource, TrainConfig
-from ctloop.settings import KubernetesLauncherSettings, SecretEnv, Settings, TrainingSettings
+from ctloop.settings import (
+    REPO_ROOT,
+    KubernetesLauncherSettings,
+    SecretEnv,
+    Settings,
+    TrainingSettings,
+)
 from services.training import job
 from services.training.launcher import (
     KubernetesApi,
@@ -144,6 +151,12 @@ def test_a_pytorchjob_has_one_master_and_the_other_nodes_as_workers(tmp_path):
     assert manifest["spec"]["nprocPerNode"] == "4"
     replicas = manifest["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
+    schema = json.loads((REPO_ROOT / "tools" / "crd-schemas" / "pytorchjob.json").read_text())
+    jsonschema.validate(manifest, schema)
+    for replica in replicas.values():  # the pod templates are core PodTemplates, strictly
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
+        template["template"] = replica["template"]
+        kubernetes_validate.validate(template, K8S_VERSION, strict=True)
     container = replicas["Worker"]["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch"  # the operator finds the container by this name
     assert "--rdzv-from-env" in container["command"]
