@@ -23,7 +23,7 @@ PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
 .PHONY: help setup venv protos kafka-jars s3-gateway helm postgres dicom-server \
         stack-up stack-down stack-status services-up services-down status \
-        run test lint format unit integration clean
+        run test lint format unit integration helm-check clean
 
 help:
 	@echo "make run           set up, start the local stack, run the main job"
@@ -32,6 +32,7 @@ help:
 	@echo "make stack-up | stack-down | stack-status"
 	@echo "make services-up | services-down | status"
 	@echo "make lint | format"
+	@echo "make helm-check    lint, render and validate the Helm chart offline (tests/helm)"
 
 # ---------------------------------------------------------------- set-up
 setup: venv protos kafka-jars s3-gateway helm postgres dicom-server
@@ -120,6 +121,12 @@ status:
 run: services-up
 	$(CTLOOP) info
 
+# ---------------------------------------------------------------- deployment
+# The Helm chart, offline: helm lint + template (defaults and k8s/examples/*.yaml), every
+# rendered object validated with kubernetes-validate --strict, then the invariants in tests/helm.
+helm-check: setup
+	HELM=$(TOOLS)/bin/helm PY=$(PY) tools/helm-check.sh
+
 # ---------------------------------------------------------------- quality
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -136,7 +143,7 @@ unit: setup
 integration: setup
 	$(VENV)/bin/pytest tests/integration
 
-test: setup lint
+test: setup lint helm-check
 	$(VENV)/bin/pytest tests
 
 clean: services-down stack-down
