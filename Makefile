@@ -38,7 +38,7 @@ help:
 setup: venv protos kafka-jars s3-gateway helm postgres dicom-server
 
 venv: $(STAMPS)/venv
-$(STAMPS)/venv: requirements.lock.txt requirements-triton.txt pyproject.toml
+$(STAMPS)/venv: requirements.lock.txt requirements-triton.txt requirements-nodeps.txt pyproject.toml
 	@mkdir -p $(STAMPS)
 	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) on PATH"; exit 1; }
 	@$(PYTHON_BOOT) -c 'import sysconfig,sys; sys.exit(0 if sysconfig.get_config_var("Py_ENABLE_SHARED") else "need a Python built with a shared libpython (Triton python backend)")'
@@ -47,6 +47,7 @@ $(STAMPS)/venv: requirements.lock.txt requirements-triton.txt pyproject.toml
 	@echo "installing Python dependencies (torch alone is a few GB the first time)..."
 	$(PY) -m pip install -q -r requirements.lock.txt
 	$(PY) -m pip install -q --no-deps -r requirements-triton.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 

@@ -79,6 +79,9 @@ class DatabaseSettings(BaseModel):
 class Endpoint(BaseModel):
     http_port: int
     grpc_port: int
+    # Where the other services reach this one (e.g. its Kubernetes Service name); by default
+    # ``services.host``, which is also the address every service binds to.
+    address: str | None = None
 
 
 class ServicesSettings(BaseModel):
@@ -101,6 +104,11 @@ class ServicesSettings(BaseModel):
     # Model names the inference service serves; the sustainer wins once it exists.
     igniter_model: str = "igniter"
     sustainer_model: str = "sustainer"
+
+    def grpc_target(self, name: Literal["ingest", "inference", "training", "metrics"]) -> str:
+        """``host:port`` of a service's gRPC API, as another service dials it."""
+        ep: Endpoint = getattr(self, name)
+        return f"{ep.address or self.host}:{ep.grpc_port}"
 
 
 class AuthSettings(BaseModel):

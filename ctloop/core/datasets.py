@@ -204,6 +204,7 @@ def write_decathlon(
         "training": training,
         "test": [],
     }
+    root.mkdir(parents=True, exist_ok=True)  # an empty dataset (e.g. no held-out volume) too
     (root / "dataset.json").write_text(json.dumps(spec, indent=2))
     return DecathlonDataset.open(root)
 

@@ -45,11 +45,7 @@ class Auth:
                 "send 'Authorization: Bearer <token>'",
                 **{"WWW-Authenticate": "Bearer"},
             )
-        token = token.strip()
-        if token.startswith(TOKEN_PREFIX):
-            who = principal_for(self.db, token)
-        else:
-            who = self.oidc.principal(token) if self.oidc is not None else None
+        who = self.verify(token)
         if who is None:
             raise _error(
                 401,
@@ -58,6 +54,13 @@ class Auth:
                 **{"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         return who
+
+    def verify(self, token: str) -> Principal | None:
+        """The principal a bearer token stands for (None: unknown, revoked or invalid)."""
+        token = token.strip()
+        if token.startswith(TOKEN_PREFIX):
+            return principal_for(self.db, token)
+        return self.oidc.principal(token) if self.oidc is not None else None
 
     def require(self, *roles: str) -> Callable[..., Principal]:
         def dependency(who: Principal = Depends(self.principal)) -> Principal:

@@ -55,7 +55,8 @@ from ctloop.service import database_check, health_router
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from services.ingest.admin import Auth, admin_router
-from services.ingest.queue import lease_holder, queue_router, release
+from services.ingest.monailabel import Backends, monailabel_router
+from services.ingest.queue import WorkQueue, lease_holder, queue_router, release
 from services.ingest.validation import (
     Grid,
     Limits,
@@ -559,17 +560,8 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         label_map: Annotated[str | None, Form(description='JSON {"organ": id}')] = None,
         who: Principal = Depends(annotator),
     ) -> AnnotationOut:
-        author = who.user_id
         with session_scope(ingest.db) as s:
-            v = _get_volume(s, volume_id, who)
-            site, g = v.site_id, v.geometry
-        holder = lease_holder(ingest.db, volume_id)
-        if holder is not None and holder != author:
-            raise UploadRejected("leased", f"{volume_id} is leased to {holder}", 409)
-        volume_grid = Grid((g["shape"][0], g["shape"][1], g["shape"][2]), np.asarray(g["affine"]))
-        data = await ingest.read_upload(mask, "mask")
-        array, grid = read_nifti(data, ingest.limits, "mask")
-        canonical = validate_mask(array, grid, volume_grid, _label_map(label_map))
+            _get_volume(s, volume_id, who)
         try:
             partial = PartialLabel(
                 organs=json.loads(organs),
@@ -577,64 +569,96 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             )
         except (ValueError, ValidationError, UnknownLabel) as exc:
             raise UploadRejected("bad_review", f"organs / reviewed_slices: {exc}") from exc
-        origin = _model_ref(from_model)
-
-        with session_scope(ingest.db) as s:
-            rev = next_annotation_revision(s, volume_id)
-        key = keys.annotation_mask(site, volume_id, rev)
-        obj = ingest.store.put_bytes(
-            ingest.bucket, key, nifti_gz_bytes(canonical, volume_grid.affine)
-        )
-        payload = AnnotationSubmitted(
-            volume_id=volume_id,
-            site_id=site,
-            revision=rev,
-            author=author,
-            mask=BlobRef(bucket=ingest.bucket, key=key, version_id=obj.version_id),
-            organs=partial.organs,
-            reviewed_slices=partial.reviewed_slices,
-            minutes=minutes,
-            from_model=origin,
-        )
-        detail = {
-            "minutes": minutes,
-            "organs": partial.organs,
-            "s3_version_id": obj.version_id,
-            "reviewed_slices": partial.reviewed_slices,
-            "from_model": origin.model_dump() if origin else None,
-        }
-        try:
-            with session_scope(ingest.db) as s:
-                row = AnnotationRevision(
-                    volume_id=volume_id, revision=rev, author=author, s3_key=key, detail=detail
-                )
-                s.add(row)
-                vol = s.get(Volume, volume_id)
-                assert vol is not None
-                vol.status = "annotated"
-                stage_event(s, make_event(ANNOTATION_SUBMITTED, SOURCE, volume_id, payload))
-                audit(s, author, "annotation.create", volume_id, site_id=site, revision=rev)
-                s.flush()
-                created = row.created_at
-        except IntegrityError as exc:
-            raise UploadRejected(
-                "conflict", "another revision was submitted at the same time; retry", 409
-            ) from exc
-        release(ingest.db, volume_id)
-        ingest.published()
-        with bind(volume_id=volume_id, site_id=site):
-            log.info("annotation submitted", extra={"revision": rev, "minutes": minutes})
-        return AnnotationOut(
-            volume_id=volume_id,
-            revision=rev,
-            author=author,
-            minutes=minutes,
-            organs=partial.organs,
-            reviewed_slices=partial.reviewed_slices,
-            created_at=created,
+        data = await ingest.read_upload(mask, "mask")
+        return record_annotation(
+            ingest,
+            who,
+            volume_id,
+            data,
+            minutes,
+            partial,
+            _model_ref(from_model),
+            _label_map(label_map),
         )
 
     return r
+
+
+def record_annotation(
+    ingest: Ingest,
+    who: Principal,
+    volume_id: str,
+    data: bytes,
+    minutes: float,
+    partial: PartialLabel,
+    origin: ModelRef | None,
+    label_map: LabelMap,
+) -> AnnotationOut:
+    """Validate a corrected mask and store it as the volume's next immutable revision (the
+    REST API and the MONAI Label layer both submit through here); releases the caller's lease."""
+    author = who.user_id
+    with session_scope(ingest.db) as s:
+        v = _get_volume(s, volume_id, who)
+        site, g = v.site_id, v.geometry
+    holder = lease_holder(ingest.db, volume_id)
+    if holder is not None and holder != author:
+        raise UploadRejected("leased", f"{volume_id} is leased to {holder}", 409)
+    volume_grid = Grid((g["shape"][0], g["shape"][1], g["shape"][2]), np.asarray(g["affine"]))
+    array, grid = read_nifti(data, ingest.limits, "mask")
+    canonical = validate_mask(array, grid, volume_grid, label_map)
+
+    with session_scope(ingest.db) as s:
+        rev = next_annotation_revision(s, volume_id)
+    key = keys.annotation_mask(site, volume_id, rev)
+    obj = ingest.store.put_bytes(ingest.bucket, key, nifti_gz_bytes(canonical, volume_grid.affine))
+    payload = AnnotationSubmitted(
+        volume_id=volume_id,
+        site_id=site,
+        revision=rev,
+        author=author,
+        mask=BlobRef(bucket=ingest.bucket, key=key, version_id=obj.version_id),
+        organs=partial.organs,
+        reviewed_slices=partial.reviewed_slices,
+        minutes=minutes,
+        from_model=origin,
+    )
+    detail = {
+        "minutes": minutes,
+        "organs": partial.organs,
+        "s3_version_id": obj.version_id,
+        "reviewed_slices": partial.reviewed_slices,
+        "from_model": origin.model_dump() if origin else None,
+    }
+    try:
+        with session_scope(ingest.db) as s:
+            row = AnnotationRevision(
+                volume_id=volume_id, revision=rev, author=author, s3_key=key, detail=detail
+            )
+            s.add(row)
+            vol = s.get(Volume, volume_id)
+            assert vol is not None
+            vol.status = "annotated"
+            stage_event(s, make_event(ANNOTATION_SUBMITTED, SOURCE, volume_id, payload))
+            audit(s, author, "annotation.create", volume_id, site_id=site, revision=rev)
+            s.flush()
+            created = row.created_at
+    except IntegrityError as exc:
+        raise UploadRejected(
+            "conflict", "another revision was submitted at the same time; retry", 409
+        ) from exc
+    release(ingest.db, volume_id)
+    ingest.published()
+    with bind(volume_id=volume_id, site_id=site):
+        log.info("annotation submitted", extra={"revision": rev, "minutes": minutes})
+    return AnnotationOut(
+        volume_id=volume_id,
+        revision=rev,
+        author=author,
+        minutes=minutes,
+        organs=partial.organs,
+        reviewed_slices=partial.reviewed_slices,
+        created_at=created,
+    )
 
 
 def _model_ref(raw: str | None) -> ModelRef | None:
@@ -705,6 +729,10 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     app.include_router(volumes_router(ingest, auth))
     app.include_router(admin_router(settings.database_url, auth))
     svc = settings.services
-    app.include_router(queue_router(settings.database_url, auth, svc.queue_strategy, svc.lease_s))
+    queue = WorkQueue(settings.database_url, svc.queue_strategy, svc.lease_s)
+    app.include_router(queue_router(queue, auth))
+    backends = Backends(svc.grpc_target("inference"), svc.grpc_target("training"))
+    app.include_router(monailabel_router(ingest, auth, queue, backends))
+    app.state.backends = backends
     app.state.ingest = ingest
     return app

@@ -71,13 +71,16 @@ def release(database_url: str, volume_id: str) -> None:
             s.delete(lease)
 
 
-def queue_router(database_url: str, auth: Auth, strategy: Strategy, lease_s: float) -> APIRouter:
-    r = APIRouter(prefix="/v1/tasks", tags=["work queue"])
-    worker = auth.require("admin", "reviewer", "annotator")
-    db = database_url
+class WorkQueue:
+    """Claims on the annotation queue, shared by the REST queue and the MONAI Label layer."""
 
-    def candidates(who: Principal, order: Strategy) -> list[Candidate]:
-        with session_scope(db) as s:
+    def __init__(self, database_url: str, strategy: Strategy, lease_s: float) -> None:
+        self.db = database_url
+        self.strategy = strategy
+        self.lease_s = lease_s
+
+    def candidates(self, who: Principal, order: Strategy) -> list[Candidate]:
+        with session_scope(self.db) as s:
             q = waiting_for_annotation()
             if not who.is_admin:
                 q = q.where(Volume.site_id.in_(who.sites))
@@ -94,14 +97,14 @@ def queue_router(database_url: str, auth: Auth, strategy: Strategy, lease_s: flo
             rows.sort(key=lambda c: (c.created_at, c.volume_id))
         return rows
 
-    def try_claim(volume_id: str, holder: str, until: datetime) -> bool:
+    def _try_claim(self, volume_id: str, holder: str, until: datetime) -> bool:
         try:
-            with session_scope(db) as s:
+            with session_scope(self.db) as s:
                 s.add(Lease(volume_id=volume_id, holder=holder, expires_at=until))
             return True
         except IntegrityError:
             pass
-        with session_scope(db) as s:
+        with session_scope(self.db) as s:
             taken = s.execute(
                 update(Lease)
                 .where(Lease.volume_id == volume_id, Lease.expires_at <= _now())
@@ -109,30 +112,42 @@ def queue_router(database_url: str, auth: Auth, strategy: Strategy, lease_s: flo
             )
             return bool(taken.rowcount == 1)  # type: ignore[attr-defined]
 
-    @r.post("/next", response_model=TaskOut, responses={204: {"description": "queue empty"}})
+    def claim(
+        self, who: Principal, strategy: Strategy | None = None, lease_s: float | None = None
+    ) -> TaskOut | None:
+        """Lease the next waiting volume of the caller's sites (None: nothing is waiting)."""
+        until = _now() + timedelta(seconds=lease_s or self.lease_s)
+        for c in self.candidates(who, strategy or self.strategy):
+            if self._try_claim(c.volume_id, who.user_id, until):
+                with session_scope(self.db) as s:
+                    audit(s, who.user_id, "task.claim", c.volume_id, site_id=c.site_id)
+                return TaskOut(
+                    volume_id=c.volume_id,
+                    site_id=c.site_id,
+                    expires_at=until,
+                    model=c.model,
+                    version=c.version,
+                    uncertainty=c.uncertainty,
+                )
+        return None
+
+
+def queue_router(queue: WorkQueue, auth: Auth) -> APIRouter:
+    r = APIRouter(prefix="/v1/tasks", tags=["work queue"])
+    worker = auth.require("admin", "reviewer", "annotator")
+    db, lease_s = queue.db, queue.lease_s
+
+    @r.post(
+        "/next",
+        response_model=TaskOut,
+        responses={404: {"description": "queue empty (code queue_empty)"}},
+    )
     def claim_next(body: ClaimIn | None = None, who: Principal = Depends(worker)) -> TaskOut:
         body = body or ClaimIn()
-        until = _now() + timedelta(seconds=body.lease_seconds or lease_s)
-        for c in candidates(who, body.strategy or strategy):
-            vid, site, model, version, uncertainty = (
-                c.volume_id,
-                c.site_id,
-                c.model,
-                c.version,
-                c.uncertainty,
-            )
-            if try_claim(vid, who.user_id, until):
-                with session_scope(db) as s:
-                    audit(s, who.user_id, "task.claim", vid, site_id=site)
-                return TaskOut(
-                    volume_id=vid,
-                    site_id=site,
-                    expires_at=until,
-                    model=model,
-                    version=version,
-                    uncertainty=uncertainty,
-                )
-        raise _error(404, "queue_empty", "no task is waiting in your sites")
+        task = queue.claim(who, body.strategy, body.lease_seconds)
+        if task is None:
+            raise _error(404, "queue_empty", "no task is waiting in your sites")
+        return task
 
     def held(volume_id: str, who: Principal) -> Lease:
         with session_scope(db) as s:

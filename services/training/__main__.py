@@ -22,7 +22,7 @@ def main() -> None:
     producer = EventProducer(settings, client_id=CONSUMER)
     relay = OutboxRelay(settings.database_url, producer)
     svc = settings.services
-    worker = TrainingWorker(settings, WorkflowClient(f"{svc.host}:{svc.ingest.grpc_port}"), relay)
+    worker = TrainingWorker(settings, WorkflowClient(svc.grpc_target("ingest")), relay)
 
     runtime = ServiceRuntime("training", svc.host, svc.training.http_port, svc.training.grpc_port)
     runtime.health_app({"database": database_check(settings.database_url)})

@@ -9,14 +9,7 @@ the volume still waiting is re-predicted with it -> the metrics service reports 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -24,8 +17,8 @@ import pytest
 
 from ctloop.core.datasets import nifti_gz_bytes
 from ctloop.core.phantom import generate_phantom
-from ctloop.settings import REPO_ROOT
 from ctloop.v1 import training_pb2, training_pb2_grpc
+from tests.integration.platform import run_platform, until
 
 PORTS = {"INGEST": 28700, "INFERENCE": 28702, "TRAINING": 28704, "METRICS": 28706}
 API = f"http://127.0.0.1:{PORTS['INGEST']}"
@@ -33,57 +26,8 @@ API = f"http://127.0.0.1:{PORTS['INGEST']}"
 
 @pytest.fixture
 def platform(tmp_path: Path):
-    tag = uuid.uuid4().hex[:8]
-    env = {
-        **os.environ,
-        "CTLOOP_RUN_DIR": str(tmp_path / "run"),
-        "CTLOOP_DB__URL": f"sqlite:///{tmp_path / 'workflow.db'}",
-        "CTLOOP_SERVICES__IGNITER_MODEL": f"igniter{tag}",
-        "CTLOOP_SERVICES__SUSTAINER_MODEL": f"sustainer{tag}",
-        "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": "3",
-        "CTLOOP_TRAINING__ROUND_MIN_NEW": "3",
-        "CTLOOP_TRAINING__DEBOUNCE_S": "2",
-        "CTLOOP_TRAINING__HOLDOUT_EVERY": "3",
-        "CTLOOP_TRAINING__NPROC_PER_NODE": "2",
-        "CTLOOP_TRAINING__IGNITER_STEPS": "16",
-        "CTLOOP_TRAINING__SUSTAINER_STEPS": "8",
-        "CTLOOP_TRAINING__ACCEPT_TOLERANCE": "1.0",
-        "CTLOOP_TRAINING__TICK_S": "1",
-        "CTLOOP_TRAINING__MODEL": json.dumps(
-            {"spacing": [8, 8, 8], "patch": [32, 32, 32], "channels": [8, 16], "strides": [2]}
-        ),
-    }
-    for name, port in PORTS.items():
-        env[f"CTLOOP_SERVICES__{name}__HTTP_PORT"] = str(port)
-        env[f"CTLOOP_SERVICES__{name}__GRPC_PORT"] = str(port + 1)
-
-    def ctloop(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "ctloop.cli", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    up = ctloop("services", "up")
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield {"env": env, "tag": tag, "ctloop": ctloop, "logs": tmp_path / "run" / "logs"}
-    finally:
-        ctloop("services", "down")
-
-
-def _until(what: str, check: Callable[[], Any], timeout_s: float, logs: Path) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(1.0)
-    tails = {p.name: p.read_text()[-1500:] for p in sorted(logs.glob("*.log"))}
-    raise AssertionError(f"timed out waiting for {what}; logs:\n{json.dumps(tails, indent=1)}")
+    with run_platform(tmp_path, PORTS) as running:
+        yield running
 
 
 def _upload(client: httpx.Client, volume_id: str, site: str, dataset: str, seed: int):
@@ -120,7 +64,7 @@ def test_transfer_loop_end_to_end(platform):
         return True
 
     # The igniter trains on the public volumes, is published, and pre-annotates the clinical ones.
-    _until("igniter pre-annotations", lambda: predicted_by(igniter, clinical), 300, logs)
+    until("igniter pre-annotations", lambda: predicted_by(igniter, clinical), 300, logs)
     pred = client.get(f"/v1/volumes/cli0-{tag}/prediction").json()
     assert pred["version"] == 1 and 0.0 <= pred["uncertainty"] <= 1.0
     mask = client.get(f"/v1/volumes/cli0-{tag}/prediction/mask")
@@ -150,7 +94,7 @@ def test_transfer_loop_end_to_end(platform):
         done = [r for r in rounds if r.model == sustainer and r.status in ("published", "failed")]
         return done[0] if done else None
 
-    rnd = _until("a published sustainer round", sustainer_round, 300, logs)
+    rnd = until("a published sustainer round", sustainer_round, 300, logs)
     assert rnd.status == "published" and rnd.version == 1, rnd
     assert set(rnd.volumes) == {corrected[0], corrected[1]}  # every 3rd is held out
     versions = training.ListModelVersions(training_pb2.ListModelVersionsRequest(model=sustainer))
@@ -162,7 +106,7 @@ def test_transfer_loop_end_to_end(platform):
 
     # Triton serves it and the volume still waiting for annotation is re-predicted with it.
     waiting = [v for v in clinical if v not in corrected]
-    _until("sustainer pre-annotation", lambda: predicted_by(sustainer, waiting), 180, logs)
+    until("sustainer pre-annotation", lambda: predicted_by(sustainer, waiting), 180, logs)
 
     # The metrics service reports the round the annotators worked on.
     metrics = httpx.Client(base_url=f"http://127.0.0.1:{PORTS['METRICS']}", timeout=30)
@@ -173,7 +117,7 @@ def test_transfer_loop_end_to_end(platform):
                 return r
         return None
 
-    report = _until("the round in the metrics report", igniter_round, 120, logs)
+    report = until("the round in the metrics report", igniter_round, 120, logs)
     assert report["version"] == 1 and report["round"] == 0
     assert report["minutes_per_ct"] == pytest.approx(11.0)
     assert 0.0 < report["mean_dice"] <= 1.0
@@ -213,7 +157,7 @@ def test_transfer_loop_end_to_end(platform):
                 and again[0]["minutes_per_ct"] == pytest.approx(report["minutes_per_ct"])
             )
 
-        _until("the rebuilt metrics", same_round, 120, logs)
+        until("the rebuilt metrics", same_round, 120, logs)
     finally:
         consumer.close()
         producer.close()

@@ -1,0 +1,170 @@
+"""3D Slicer's MONAILabel flow against ctloop, driven by MONAI Label's own Python client
+(``monailabel.client.MONAILabelClient``, the code the Slicer extension's calls mirror):
+auth -> info -> datastore -> next sample -> infer -> save label -> train -> train status,
+all four services real processes on the real stack."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client.client import MONAILabelClient, MONAILabelClientException
+
+from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.organs import FOREGROUND, ORGAN_IDS
+from ctloop.core.phantom import generate_phantom
+from tests.integration.platform import run_platform, until
+
+PORTS = {"INGEST": 28720, "INFERENCE": 28722, "TRAINING": 28724, "METRICS": 28726}
+
+
+@pytest.fixture
+def platform(tmp_path: Path):
+    # Rounds start only when asked for (through MONAI Label's /train), not by the policy.
+    extra = {"CTLOOP_TRAINING__ROUND_MIN_NEW": "1000"}
+    with run_platform(tmp_path, PORTS, extra) as running:
+        yield running
+
+
+def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
+    tag, logs, api = platform["tag"], platform["logs"], platform["api"]
+    igniter, sustainer = f"igniter{tag}", f"sustainer{tag}"
+    admin = httpx.Client(
+        base_url=api, timeout=60, headers={"Authorization": f"Bearer {platform['admin_token']}"}
+    )
+    for site in ("hospital-a", "hospital-b", "public-site"):
+        assert admin.post("/v1/sites", json={"id": site}).status_code == 201
+    r = admin.post("/v1/users", json={"id": "rita", "role": "reviewer", "sites": ["hospital-a"]})
+    assert r.status_code == 201, r.text
+    rita_token = admin.post("/v1/users/rita/tokens", json={"label": "slicer"}).json()["token"]
+
+    def upload(vid: str, site: str, dataset: str, seed: int):
+        p = generate_phantom("public" if dataset == "public" else "clinical-a", seed, "tiny")
+        files = {"file": ("ct.nii.gz", nifti_gz_bytes(p.image, p.affine), "application/gzip")}
+        if dataset == "public":
+            files["label"] = ("l.nii.gz", nifti_gz_bytes(p.label, p.affine), "application/gzip")
+        data = {"site_id": site, "dataset": dataset, "volume_id": vid}
+        r = admin.post("/v1/volumes", files=files, data=data)
+        assert r.status_code == 201, r.text
+        return p
+
+    for i in range(3):
+        upload(f"pub{i}-{tag}", "public-site", "public", 100 + i)
+    mine = {f"a{i}-{tag}": upload(f"a{i}-{tag}", "hospital-a", "clinical", 200 + i) for i in (0, 1)}
+    theirs = f"b0-{tag}"
+    upload(theirs, "hospital-b", "clinical", 300)
+
+    def pre_annotated() -> bool:
+        for vid in [*mine, theirs]:
+            r = admin.get(f"/v1/volumes/{vid}/prediction")
+            if r.status_code != 200 or r.json()["model"] != igniter:
+                return False
+        return True
+
+    until("igniter pre-annotations", pre_annotated, 300, logs)
+
+    # Slicer: the server wants auth; user name + API token give a bearer token.
+    client = MONAILabelClient(api, tmpdir=str(tmp_path))
+    assert client.auth_enabled()
+    with pytest.raises(MONAILabelClientException):
+        client.info()  # no token yet
+    with pytest.raises(MONAILabelClientException):
+        client.auth_token("somebody-else", rita_token)
+    client.update_auth(client.auth_token("rita", rita_token))
+    assert client.auth_valid_token()
+
+    info = client.info()
+    assert info["labels"] == list(FOREGROUND)
+    assert {"segmentation", igniter, sustainer} <= set(info["models"])
+    assert info["models"]["segmentation"]["labels"]["liver"] == ORGAN_IDS["liver"]
+    assert {"uncertainty", "random", "sequential"} <= set(info["strategies"])
+    assert info["datastore"] == {
+        "total": 2,
+        "completed": 0,
+        "label_tags": {"final": 0, "original": 2},
+    }
+
+    # Only her site's volumes are in her datastore; another site's image is not found.
+    store = client.datastore()
+    assert set(store["objects"]) == set(mine)
+    rita = httpx.Client(base_url=api, timeout=60, headers={"Authorization": f"Bearer {rita_token}"})
+    assert rita.get("/datastore/image", params={"image": theirs}).status_code == 404
+    assert rita.post("/infer/segmentation", params={"image": theirs}).status_code == 404
+
+    saved = []
+    for n in range(2):
+        sample = client.next_sample("uncertainty", {})
+        vid = sample["id"]
+        assert vid in mine and vid not in saved and sample["model"] == igniter
+        # The sample is a leased task of hers (renewable like one from /v1/tasks/next).
+        assert rita.post(f"/v1/tasks/{vid}/renew").status_code == 200
+
+        image = rita.get("/datastore/image", params={"image": vid})
+        assert image.status_code == 200
+        grid = nib.Nifti1Image.from_bytes(gzip.decompress(image.content))
+        result_file, params = client.infer("segmentation", vid, {})
+        assert params["model"] == igniter and params["version"] == 1
+        pred = nib.load(result_file)
+        assert pred.shape == grid.shape
+        assert np.allclose(pred.affine, grid.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= set(ORGAN_IDS.values())
+
+        # Her correction: the truth (the phantom's label), pancreas left unreviewed once.
+        truth = mine[vid].label
+        label_path = tmp_path / f"{vid}-label.nii.gz"
+        label_path.write_bytes(nifti_gz_bytes(truth, mine[vid].affine))
+        extra = {"organs": {"pancreas": "skipped"}, "minutes": 7.5} if n == 0 else {}
+        out = client.save_label(vid, str(label_path), tag="final", params=extra)
+        assert out["revision"] == 1
+        saved.append(vid)
+
+        back = nib.load(client.download_label(vid, "final"))
+        assert np.array_equal(np.asarray(back.dataobj, np.uint8), truth)
+        (rev,) = rita.get(f"/v1/volumes/{vid}/annotations").json()
+        assert rev["author"] == "rita"
+        if n == 0:
+            assert rev["organs"] == {"pancreas": "skipped"} and rev["minutes"] == 7.5
+        else:
+            assert rev["organs"] == {} and 0.0 <= rev["minutes"] < 30.0  # since her claim
+
+    with pytest.raises(MONAILabelClientException):
+        client.next_sample("uncertainty", {})  # nothing of hers is left
+    assert client.datastore()["objects"][saved[0]]["labels"]["final"]["ext"] == ".nii.gz"
+    assert client.info()["datastore"]["completed"] == 2
+
+    # A sustainer round on her annotations, started and watched from the client.
+    task = client.train_start(sustainer, {})
+    assert task["type"] == "train" and task["model"] == sustainer
+
+    def finished():
+        status = client.train_status()
+        return status if status["status"] != "RUNNING" else None
+
+    done = until("the sustainer round", finished, 300, logs)
+    assert done["status"] == "DONE" and done["ctloop_status"] == "published", str(done)
+    assert not client.train_status(check_if_running=True)
+
+    # Once Triton has loaded it, the new model answers inference by name and as the default.
+    def serving() -> bool:
+        r = rita.post(f"/infer/{sustainer}", params={"image": saved[0], "output": "json"})
+        assert r.status_code in (200, 409), r.text  # 409 not_serving: still loading
+        return r.status_code == 200
+
+    until("the sustainer serving", serving, 120, logs)
+    _, params = client.infer("segmentation", saved[0], {})
+    assert params["model"] == sustainer and params["version"] == 1
+
+    # Every read and write went into the audit log, with who did it.
+    entries = admin.get("/v1/audit", params={"limit": 1000}).json()
+    rita_did = {(e["action"], e["resource"]) for e in entries if e["actor"] == "rita"}
+    for vid in saved:
+        for action in ("task.claim", "volume.read", "prediction.read", "annotation.create"):
+            assert (action, vid) in rita_did, (action, vid)
+        assert ("annotation.read", vid) in rita_did
+    assert any(a == "training.start" for a, _ in rita_did)
+    via = [e for e in entries if e["actor"] == "rita" and e["action"] == "volume.read"]
+    assert all(e["detail"].get("via") == "monailabel" for e in via)
