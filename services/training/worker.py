@@ -13,9 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -48,8 +45,9 @@ from ctloop.db import TrainingRound, claim_event, session_scope
 from ctloop.log import bind
 from ctloop.model_repository import MANIFEST, ModelRepository
 from ctloop.outbox import OutboxRelay, stage_event
-from ctloop.settings import REPO_ROOT, Settings
+from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
+from services.training.launcher import Launcher, launcher_for
 from services.training.workflow import WorkflowClient
 
 log = logging.getLogger("ctloop.training")
@@ -83,6 +81,7 @@ class TrainingWorker:
         self.igniter = settings.services.igniter_model
         self.sustainer = settings.services.sustainer_model
         self.work_dir = settings.data_dir / "training"
+        self.launcher: Launcher = launcher_for(settings)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ events and policy
@@ -397,27 +396,8 @@ class TrainingWorker:
         return nib.Nifti1Image.from_bytes(gzip.decompress(raw))
 
     def _torchrun(self, config: TrainConfig, work: Path) -> None:
-        cfg_path = work / "train.json"
-        cfg_path.write_text(config.model_dump_json(indent=2))
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={self.cfg.nproc_per_node}",
-            "-m",
-            "ctloop.core.train",
-            str(cfg_path),
-        ]
-        env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-        log.info(
-            "torchrun", extra={"nproc_per_node": self.cfg.nproc_per_node, "config": str(cfg_path)}
-        )
-        with open(work / "train.log", "w") as out:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
-        if proc.returncode != 0 or not config.out.exists():
-            tail = (work / "train.log").read_text()[-2000:]
-            raise RuntimeError(f"torchrun exited {proc.returncode}:\n{tail}")
+        """Train the candidate: torchrun here, or a Kubernetes Job (``training.launcher``)."""
+        self.launcher.run(config, work)
 
     def _holdout_dice(self, checkpoint: Path, folder: Path) -> float | None:
         from ctloop.core.datasets import DecathlonDataset
