@@ -26,7 +26,7 @@ PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
         run test lint format unit integration helm-check clean
 
 help:
-	@echo "make run           set up, start the local stack, run the main job"
+	@echo "make run           set up, run the main job: a transfer run with its report (RUN_PRESET=small)"
 	@echo "make test          set up, lint, type-check, run unit + integration tests"
 	@echo "make setup         install everything (idempotent)"
 	@echo "make stack-up | stack-down | stack-status"
@@ -117,10 +117,11 @@ services-down:
 status:
 	$(CTLOOP) status
 
-# The main job. Until the simulated-annotator transfer run lands it brings the stack and the
-# four services up and says how to reach them.
-run: services-up
-	$(CTLOOP) info
+# The main job: a human-in-the-loop transfer run (simulated annotators at two sites) on the real
+# stack and services, round by round, ending with the report in runs/latest/.
+RUN_PRESET ?= small
+run: stack-up
+	$(CTLOOP) run --preset $(RUN_PRESET)
 
 # ---------------------------------------------------------------- deployment
 # The Helm chart, offline: helm lint + template (defaults and k8s/examples/*.yaml), every

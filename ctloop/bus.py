@@ -113,6 +113,7 @@ class EventConsumer:
         dead_letters: EventProducer,
         retry: RetryPolicy | None = None,
     ) -> None:
+        group_id = settings.kafka.group_prefix + group_id
         self._consumer = KafkaConsumer(
             *[str(t) for t in topics],
             bootstrap_servers=settings.kafka.bootstrap_servers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -211,6 +212,34 @@ def _admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from ctloop.transfer.run import RunFailed, TransferRun, folder_volumes
+
+    data = None
+    if args.public or args.clinical:
+        if not (args.public and args.clinical):
+            print("error: --public and --clinical go together", file=sys.stderr)
+            return 2
+        data = folder_volumes(args.public, args.clinical, args.evaluation)
+        args.annotators = 0  # no truth to simulate with: people annotate
+    run = TransferRun(
+        args.preset,
+        annotators_per_site=args.annotators,
+        seed=args.seed,
+        port_base=args.port_base,
+        data=data,
+        keep_services=args.keep_services,
+    )
+    try:
+        report = run.run()
+    except RunFailed as exc:
+        print(f"error: the run failed: {exc}", file=sys.stderr)
+        return 1
+    ours = report["igniter_vs_final"]
+    print(json.dumps({"run_id": report["run_id"], **ours}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +310,32 @@ def main(argv: list[str] | None = None) -> int:
     transfer.add_argument("--clinical-site", default="clinical-a")
     transfer.add_argument("--seed", type=int, default=0)
     transfer.set_defaults(func=_experiment)
+
+    run = sub.add_parser(
+        "run",
+        help="the main job: a human-in-the-loop transfer run on the real services, with a report",
+    )
+    run.add_argument("--preset", default="small", choices=["tiny", "small", "full"])
+    run.add_argument(
+        "--annotators",
+        type=int,
+        default=2,
+        help="simulated annotators per site (0: people annotate through the API)",
+    )
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--port-base",
+        type=int,
+        default=28800,
+        help="the run's services listen on PORT_BASE..PORT_BASE+7",
+    )
+    run.add_argument("--public", type=Path, help="your labelled public dataset (Decathlon folder)")
+    run.add_argument("--clinical", type=Path, help="your unlabelled clinical dataset")
+    run.add_argument("--evaluation", type=Path, help="reference-labelled clinical volumes")
+    run.add_argument(
+        "--keep-services", action="store_true", help="leave the run's services up at the end"
+    )
+    run.set_defaults(func=_run)
     args = parser.parse_args(argv)
     configure_logging(get_settings().log_level)
     from pydantic import ValidationError

@@ -24,6 +24,9 @@ class KafkaSettings(BaseModel):
     external_bootstrap: str | None = None
     topic_partitions: int = 3
     heap: str = "512m"
+    # Prepended to every consumer group: two platform instances on one cluster (e.g. a
+    # `ctloop run` beside `make services-up`) then never share a group.
+    group_prefix: str = ""
 
     @property
     def bootstrap_servers(self) -> str:
@@ -200,6 +203,8 @@ class Settings(BaseSettings):
     )
 
     run_dir: Path = Field(default=REPO_ROOT / ".ctloop")
+    # Where the metrics service writes transfer-run reports (runs/<run-id>/, runs/latest).
+    runs_dir: Path = Field(default=REPO_ROOT / "runs")
     # Installed by `make setup` (Kafka jars, versitygw, helm); shared by every run directory.
     tools_dir: Path = Field(default=REPO_ROOT / ".ctloop" / "tools")
     log_level: str = "INFO"

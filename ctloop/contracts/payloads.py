@@ -21,7 +21,9 @@ from ctloop.contracts.topics import (
     EventType,
 )
 
-Dataset = Literal["public", "clinical"]
+# public: labelled, trains the igniter; clinical: unlabelled, to annotate; evaluation: clinical
+# volumes with reference labels, never trained on, scored against every model that serves.
+Dataset = Literal["public", "clinical", "evaluation"]
 
 
 class Payload(BaseModel):

@@ -94,8 +94,8 @@ class InferenceWorker:
             self.on_model_published(event.id, payload)
 
     def on_volume_ingested(self, event_id: str, v: VolumeIngested) -> None:
-        if v.dataset != "clinical":
-            self._mark_done(event_id)  # labelled volumes need no pre-annotation
+        if v.dataset == "public":
+            self._mark_done(event_id)  # labelled training volumes need no pre-annotation
             return
         serving = self.serving()
         if serving is None:
@@ -105,6 +105,9 @@ class InferenceWorker:
         self.predict(v.volume_id, serving, event_id=event_id)
 
     def on_model_published(self, event_id: str, m: ModelPublished) -> None:
+        if m.model.model not in self.preference:
+            self._mark_done(event_id)  # another platform's model (or an unconfigured one)
+            return
         with session_scope(self.db) as s:
             if not claim_event(s, CONSUMER, event_id):
                 return
@@ -153,7 +156,12 @@ class InferenceWorker:
         with session_scope(self.db) as s:
             rows = list(s.execute(waiting_for_annotation()).all())
         rows.sort(key=lambda r: (r.uncertainty is not None, -(r.uncertainty or 0.0), r.created_at))
-        return [r.id for r in rows]
+        with session_scope(self.db) as s:
+            # Evaluation volumes are scored against every model that serves: after the waiting.
+            scored = s.scalars(
+                select(Volume.id).where(Volume.dataset == "evaluation").order_by(Volume.created_at)
+            )
+            return [r.id for r in rows] + list(scored)
 
     def repredict_waiting(self) -> int:
         serving = self.serving()

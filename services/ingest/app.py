@@ -31,6 +31,7 @@ from ctloop.contracts import keys
 from ctloop.contracts.payloads import (
     AnnotationSubmitted,
     BlobRef,
+    Dataset,
     ModelRef,
     VolumeIngested,
     make_event,
@@ -132,7 +133,7 @@ class DicomWebIn(BaseModel):
     study_uid: str
     series_uid: str
     site_id: str
-    dataset: Literal["public", "clinical"] = "clinical"
+    dataset: Dataset = "clinical"
     volume_id: str | None = None
 
 
@@ -210,7 +211,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
     def accept_volume(
         who: Principal,
         site: str,
-        dataset: Literal["public", "clinical"],
+        dataset: Dataset,
         volume_id: str | None,
         image: np.ndarray,
         grid: Grid,
@@ -300,7 +301,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             UploadFile, File(description="CT as NIfTI (.nii/.nii.gz) or a zip of one DICOM series")
         ],
         site_id: Annotated[str, Form()],
-        dataset: Annotated[Literal["public", "clinical"], Form()],
+        dataset: Annotated[Dataset, Form()],
         volume_id: Annotated[str | None, Form()] = None,
         label: Annotated[
             UploadFile | None, File(description="label NIfTI (labelled datasets)")
@@ -328,8 +329,8 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
                 await ingest.read_upload(label, "label"), ingest.limits, "label"
             )
             mask = validate_mask(lab_array, lab_grid, grid, _label_map(label_map))
-        elif dataset == "public":
-            raise UploadRejected("label_required", "public (labelled) volumes need a label")
+        elif dataset != "clinical":
+            raise UploadRejected("label_required", f"{dataset} (labelled) volumes need a label")
         sha = hashlib.sha256(data).hexdigest()
         return accept_volume(who, site, dataset, volume_id, image, grid, mask, sha, provenance)
 
@@ -346,8 +347,8 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             raise UploadRejected(
                 "source_not_allowed", "that DICOMweb service is not configured", 403
             )
-        if body.dataset == "public":
-            raise UploadRejected("label_required", "public (labelled) volumes need a label")
+        if body.dataset != "clinical":
+            raise UploadRejected("label_required", f"{body.dataset} volumes need a label")
         site = safe_id(body.site_id, "site id")
         if not who.may_see(site):
             raise UploadRejected("unknown_site", f"no site {site} of yours", 404)
@@ -375,7 +376,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
     def list_volumes(
         who: Principal = Depends(anyone),
         site_id: str | None = None,
-        dataset: Literal["public", "clinical"] | None = None,
+        dataset: Dataset | None = None,
         status: str | None = None,
     ) -> list[VolumeOut]:
         with session_scope(ingest.db) as s:
@@ -599,7 +600,9 @@ def record_annotation(
     author = who.user_id
     with session_scope(ingest.db) as s:
         v = _get_volume(s, volume_id, who)
-        site, g = v.site_id, v.geometry
+        site, g, dataset = v.site_id, v.geometry, v.dataset
+    if dataset != "clinical":
+        raise UploadRejected("not_annotatable", f"{volume_id} is a {dataset} volume", 409)
     holder = lease_holder(ingest.db, volume_id)
     if holder is not None and holder != author:
         raise UploadRejected("leased", f"{volume_id} is leased to {holder}", 409)

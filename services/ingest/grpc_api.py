@@ -70,7 +70,7 @@ class WorkflowService(ingest_pb2_grpc.WorkflowServicer):
                         AnnotationRevision.revision == latest_rev,
                     )
                 ).one()
-                if v is None:
+                if v is None or v.dataset != "clinical":
                     continue
                 review = {k: latest.detail.get(k) for k in ("organs", "reviewed_slices")}
                 out.append(

@@ -7,17 +7,33 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from typing import Any
 
 import grpc
+from fastapi import HTTPException
+from fastapi.responses import Response
 
 from ctloop.bus import EventConsumer, EventProducer
+from ctloop.contracts.keys import safe_id
 from ctloop.contracts.topics import Topic
 from ctloop.log import configure_logging
 from ctloop.service import ServiceRuntime
 from ctloop.settings import get_settings
 from ctloop.storage import ObjectStore
 from ctloop.v1 import common_pb2, metrics_pb2, metrics_pb2_grpc
+from services.metrics.report import (
+    FILES,
+    REPORT_PREFIX,
+    RunInfo,
+    build_report,
+    render_files,
+    write_report,
+)
 from services.metrics.state import MetricsState
+
+
+def _not_found(message: str) -> HTTPException:
+    return HTTPException(404, detail={"code": "not_found", "message": message})
 
 
 class MetricsService(metrics_pb2_grpc.MetricsServicer):
@@ -68,7 +84,48 @@ def main() -> None:
 
     @app.get("/v1/report")
     def report() -> dict[str, object]:
-        return {"rounds": state.report(), "events_seen": state.events_seen}
+        return {
+            "rounds": state.report(),
+            "evaluation": state.evaluation(),
+            "events_seen": state.events_seen,
+        }
+
+    store, bucket = ObjectStore(settings), settings.s3.bucket
+
+    def _run_id(run_id: str) -> str:
+        if run_id == "latest":
+            key = f"{REPORT_PREFIX}/latest"
+            if not store.exists(bucket, key):
+                raise _not_found("no run has a report yet")
+            return store.get_bytes(bucket, key).decode()
+        try:
+            return safe_id(run_id, "run id")
+        except ValueError as exc:
+            raise HTTPException(422, detail={"code": "bad_id", "message": str(exc)}) from exc
+
+    @app.post("/v1/runs/{run_id}/report", tags=["runs"])
+    def write_run_report(run_id: str, info: RunInfo) -> dict[str, Any]:
+        """Build a transfer run's report from the events seen so far and write it
+        (``runs/<run-id>/`` and the object store); answers the report's JSON."""
+        rid = _run_id(run_id)
+        built = build_report(rid, info, state)
+        write_report(render_files(built), rid, settings.runs_dir, store, bucket)
+        return built
+
+    @app.get("/v1/runs", tags=["runs"])
+    def list_runs() -> list[str]:
+        keys = store.list_keys(bucket, f"{REPORT_PREFIX}/")
+        return sorted({k.split("/")[1] for k in keys if k.count("/") == 2})
+
+    @app.get("/v1/runs/{run_id}/{name}", tags=["runs"])
+    def get_run_file(run_id: str, name: str) -> Response:
+        """One of a run's report files (``report.json``, ``report.md``, the PNG plots);
+        ``latest`` names the newest run."""
+        rid = _run_id(run_id)
+        key = f"{REPORT_PREFIX}/{rid}/{name}"
+        if name not in FILES or not store.exists(bucket, key):
+            raise _not_found(f"run {rid} has no {name}")
+        return Response(store.get_bytes(bucket, key), media_type=FILES[name])
 
     metrics_pb2_grpc.add_MetricsServicer_to_server(MetricsService(state), runtime.grpc_server())
     runtime.add_consumer(EventConsumer(settings, group, topics, state.handle, producer), producer)

@@ -4,6 +4,10 @@ A "round" here is the model version whose pre-annotations the annotators correct
 ``annotation.submitted`` that names ``from_model``, the Dice between that version's
 pre-annotation and the correction (over the organs and slices the annotator reviewed) and the
 minutes it took. Replayed events are counted once.
+
+Independently of the annotators, every model version that pre-annotates an *evaluation* volume
+(clinical volumes uploaded with reference labels, never trained on) is scored against that label:
+the Dice per organ and mean on the clinical data that the report compares across rounds.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from ctloop.contracts.payloads import (
     ModelPublished,
     PredictionCompleted,
     TrainingCompleted,
+    VolumeIngested,
     payload_for,
 )
-from ctloop.core.metrics import organ_dice
+from ctloop.core.metrics import mean_dice, organ_dice
 from ctloop.core.partial import PartialLabel
 from ctloop.storage import ObjectStore
 
@@ -40,6 +45,9 @@ ROUND_MINUTES = Gauge(
     "ctloop_round_minutes_per_ct", "Annotation minutes per CT", ["model", "version"]
 )
 ROUND_VOLUMES = Gauge("ctloop_round_volumes_annotated", "Volumes annotated", ["model", "version"])
+EVAL_DICE = Gauge(
+    "ctloop_evaluation_mean_dice", "Mean Dice on the evaluation volumes", ["model", "version"]
+)
 
 
 @dataclass
@@ -73,6 +81,9 @@ class MetricsState:
         self._predictions: dict[tuple[str, str, int], tuple[str, str, str | None]] = {}
         self._rounds: dict[tuple[str, int], RoundStats] = {}
         self._round_of: dict[tuple[str, int], int] = {}
+        self._evaluation: dict[str, tuple[str, str, str | None]] = {}  # volume -> its label
+        # (model, version) -> volume -> (mean Dice, Dice per organ)
+        self._scores: dict[tuple[str, int], dict[str, tuple[float, dict[str, float]]]] = {}
         self.events_seen = 0
 
     def handle(self, event: CloudEvent) -> None:
@@ -91,6 +102,21 @@ class MetricsState:
                     payload.mask.key,
                     payload.mask.version_id,
                 )
+                label = self._evaluation.get(payload.volume_id)
+            if label is not None:
+                self._score(payload.volume_id, key[1:], key_of(payload.mask), label)
+        elif isinstance(payload, VolumeIngested) and payload.dataset == "evaluation":
+            if payload.label is None:
+                return
+            label = key_of(payload.label)
+            with self._lock:
+                self._evaluation[payload.volume_id] = label
+                # The volume's predictions may have been seen first (topics are not ordered).
+                seen = [
+                    (k[1:], m) for k, m in self._predictions.items() if k[0] == payload.volume_id
+                ]
+            for ref, mask in seen:
+                self._score(payload.volume_id, ref, mask, label)
         elif isinstance(payload, ModelPublished) and payload.round is not None:
             with self._lock:
                 self._round_of[(payload.model.model, payload.model.version)] = payload.round
@@ -127,6 +153,41 @@ class MetricsState:
             if per:
                 stats.dice.append(float(np.mean(list(per.values()))))
 
+    def _score(
+        self,
+        volume_id: str,
+        ref: tuple[str, int],
+        mask: tuple[str, str, str | None],
+        label: tuple[str, str, str | None],
+    ) -> None:
+        pred, truth = self._mask(*mask), self._mask(*label)
+        score = (mean_dice(pred, truth), organ_dice(pred, truth))
+        with self._lock:
+            self._scores.setdefault(ref, {})[volume_id] = score
+
+    def evaluation(self) -> list[dict[str, Any]]:
+        """Per model version: Dice on the evaluation volumes (mean over volumes and organs)."""
+        with self._lock:
+            scores = {ref: dict(v) for ref, v in self._scores.items()}
+        out = []
+        for (model, version), per_volume in sorted(scores.items()):
+            organs: dict[str, list[float]] = defaultdict(list)
+            for _, per_organ in per_volume.values():
+                for organ, d in per_organ.items():
+                    organs[organ].append(d)
+            mean = float(np.mean([m for m, _ in per_volume.values()]))
+            EVAL_DICE.labels(model, str(version)).set(mean)
+            out.append(
+                {
+                    "model": model,
+                    "version": version,
+                    "volumes": len(per_volume),
+                    "mean_dice": mean,
+                    "organ_dice": {o: float(np.mean(v)) for o, v in sorted(organs.items())},
+                }
+            )
+        return out
+
     def _mask(self, bucket: str, key: str, version: str | None) -> np.ndarray:
         raw = self.store.get_bytes(bucket, key, version)
         return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj, dtype=np.uint8)
@@ -145,3 +206,7 @@ class MetricsState:
                 ROUND_VOLUMES.labels(*labels).set(summary["volumes_annotated"])
                 rounds.append(summary)
         return rounds
+
+
+def key_of(ref: Any) -> tuple[str, str, str | None]:
+    return (ref.bucket, ref.key, ref.version_id)

@@ -1,0 +1,525 @@
+"""``ctloop run``: a human-in-the-loop transfer, round by round, on the real stack and services.
+
+1. Brings the local stack up (if it is not) and starts the four services as a platform of this
+   run: its own workflow database and run folder (``runs/<run-id>/platform``), its own model
+   names, consumer groups and ports, so it never mixes with ``make services-up`` or another run.
+2. Ingests a labelled public dataset, an unlabelled clinical dataset spread over two hospital
+   sites, and a small reference-labelled clinical *evaluation* set (synthetic phantoms of the
+   preset's size, or the user's NIfTI folders).
+3. The platform trains the igniter and pre-annotates the clinical volumes; then, each round,
+   simulated annotators at both sites claim tasks through the API, correct them (flexible
+   strategy early, full correction later) and submit with the minutes of the time model; the
+   training service's policy trains a sustainer on the corrections, the inference service serves
+   it and re-predicts what is left, the metrics service scores every serving model on the
+   evaluation set.
+4. The metrics service writes the report (``runs/<run-id>/``, ``runs/latest``).
+
+With ``--annotators 0`` nobody is simulated: people annotate through the API (or Slicer) while
+the run watches the rounds and writes the report at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+from numpy.typing import NDArray
+
+from ctloop.core.datasets import DecathlonDataset, nifti_gz_bytes
+from ctloop.core.phantom import generate_phantom
+from ctloop.settings import Settings, get_settings
+from ctloop.stack import LocalStack
+from ctloop.stack.services import service_components
+from ctloop.transfer.annotator import Plan, SimulatedAnnotator, Strategy, TimeModel
+from ctloop.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+
+SITES = ("hospital-a", "hospital-b")
+PUBLIC_SITE = "public-site"
+
+
+@dataclass(frozen=True)
+class RunPreset:
+    size: str
+    n_public: int
+    clinical_per_site: int
+    n_evaluation: int
+    rounds: int
+    batch: int  # volumes annotated per round (over both sites)
+    flexible_rounds: int
+    igniter_steps: int
+    sustainer_steps: int
+    public_replay: int
+    holdout_every: int
+    nproc_per_node: int
+    model: dict[str, Any] = field(default_factory=dict)
+    expected: str = ""
+
+
+PRESETS: dict[str, RunPreset] = {
+    # A test of the whole path in about two minutes; the numbers mean nothing.
+    "tiny": RunPreset(
+        size="tiny", n_public=3, clinical_per_site=2, n_evaluation=2, rounds=2, batch=2,
+        flexible_rounds=1, igniter_steps=24, sustainer_steps=12, public_replay=1,
+        holdout_every=1000, nproc_per_node=1,
+        model={"spacing": [8, 8, 8], "patch": [32, 32, 32], "channels": [8, 16], "strides": [2]},
+        expected="~2-3 min on 2 cores",
+    ),
+    # `make run`: the README's numbers come from this preset.
+    "small": RunPreset(
+        size="small", n_public=10, clinical_per_site=9, n_evaluation=4, rounds=3, batch=6,
+        flexible_rounds=1, igniter_steps=400, sustainer_steps=200, public_replay=4,
+        holdout_every=1000, nproc_per_node=1, expected="~15 min on 2 cores",
+    ),
+    # Realistic sizes (512x512x~260); for a GPU machine.
+    "full": RunPreset(
+        size="full", n_public=30, clinical_per_site=50, n_evaluation=10, rounds=5, batch=20,
+        flexible_rounds=2, igniter_steps=4000, sustainer_steps=2000, public_replay=8,
+        holdout_every=10, nproc_per_node=1,
+        model={"spacing": [1.5, 1.5, 2.0], "patch": [128, 128, 96],
+               "channels": [32, 64, 128, 256], "strides": [2, 2, 2]},
+        expected="several hours on one GPU; days on 2 CPU cores",
+    ),
+}  # fmt: skip
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Volumes:
+    """The run's data: id -> (site, image, affine, label or None)."""
+
+    public: dict[str, tuple[NDArray[Any], NDArray[np.float64], NDArray[np.uint8]]]
+    clinical: dict[str, tuple[str, NDArray[Any], NDArray[np.float64]]]
+    evaluation: dict[str, tuple[NDArray[Any], NDArray[np.float64], NDArray[np.uint8]]]
+    truth: dict[str, NDArray[np.uint8]] = field(default_factory=dict)  # clinical, if known
+
+
+def synthetic_volumes(preset: RunPreset, seed: int) -> Volumes:
+    public, clinical, evaluation, truth = {}, {}, {}, {}
+    for i in range(preset.n_public):
+        p = generate_phantom("public", seed + i, preset.size)
+        public[f"pub-{i:03d}"] = (p.image, p.affine, p.label)
+    n = 0
+    for site in SITES:
+        for _ in range(preset.clinical_per_site):
+            p = generate_phantom("clinical-a", seed + 10_000 + n, preset.size)
+            vid = f"cli-{n:03d}"
+            clinical[vid] = (site, p.image, p.affine)
+            truth[vid] = p.label
+            n += 1
+    for i in range(preset.n_evaluation):
+        p = generate_phantom("clinical-a", seed + 20_000 + i, preset.size)
+        evaluation[f"eval-{i:03d}"] = (p.image, p.affine, p.label)
+    return Volumes(public, clinical, evaluation, truth)
+
+
+def folder_volumes(public: Path, clinical: Path, evaluation: Path | None) -> Volumes:
+    """The user's data: Decathlon folders (``dataset.json``) or plain NIfTI folders."""
+
+    def load(folder: Path, labelled: bool) -> list[Any]:
+        ds = DecathlonDataset.open(folder)
+        vols = list(ds)
+        if labelled and any(v.label is None for v in vols):
+            raise RunFailed(f"{folder}: every volume needs a label")
+        return vols
+
+    pub = {v.id: (v.image, v.affine, v.label) for v in load(public, True)}
+    cli = {
+        v.id: (SITES[i % len(SITES)], v.image, v.affine)
+        for i, v in enumerate(load(clinical, False))
+    }
+    ev = {v.id: (v.image, v.affine, v.label) for v in load(evaluation, True)} if evaluation else {}
+    return Volumes(pub, cli, ev)
+
+
+class TransferRun:
+    def __init__(
+        self,
+        preset_name: str,
+        annotators_per_site: int = 2,
+        seed: int = 0,
+        port_base: int = 28800,
+        data: Volumes | None = None,
+        echo: Callable[[str], None] = print,
+        keep_services: bool = False,
+    ) -> None:
+        self.preset_name = preset_name
+        self.preset = PRESETS[preset_name]
+        self.annotators_per_site = annotators_per_site
+        self.seed = seed
+        self.port_base = port_base
+        self.echo = echo
+        self.keep_services = keep_services
+        self.run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        self.base = get_settings()
+        self.folder = self.base.runs_dir / self.run_id
+        self.data = data
+        self.strategy = Strategy()
+        self.time = TimeModel()
+        self.started = time.monotonic()
+        self.status: dict[str, Any] = {"phase": "starting"}
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------ platform
+    def _env(self) -> dict[str, str]:
+        p, rid = self.preset, self.run_id
+        platform = self.folder / "platform"
+        env = {
+            "CTLOOP_RUN_DIR": str(platform),
+            "CTLOOP_DB__URL": f"sqlite:///{platform / 'workflow.db'}",
+            "CTLOOP_RUNS_DIR": str(self.base.runs_dir),
+            "CTLOOP_KAFKA__GROUP_PREFIX": f"run-{rid}-",
+            "CTLOOP_SERVICES__IGNITER_MODEL": f"igniter-{rid}",
+            "CTLOOP_SERVICES__SUSTAINER_MODEL": f"sustainer-{rid}",
+            "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": str(len(self.data.public) if self.data else 1),
+            "CTLOOP_TRAINING__ROUND_MIN_NEW": str(p.batch),
+            "CTLOOP_TRAINING__DEBOUNCE_S": "3",
+            "CTLOOP_TRAINING__TICK_S": "1",
+            "CTLOOP_TRAINING__HOLDOUT_EVERY": str(p.holdout_every),
+            "CTLOOP_TRAINING__PUBLIC_REPLAY": str(p.public_replay),
+            "CTLOOP_TRAINING__NPROC_PER_NODE": str(p.nproc_per_node),
+            "CTLOOP_TRAINING__IGNITER_STEPS": str(p.igniter_steps),
+            "CTLOOP_TRAINING__SUSTAINER_STEPS": str(p.sustainer_steps),
+            "CTLOOP_TRAINING__ACCEPT_TOLERANCE": "1.0",
+            "CTLOOP_TRAINING__MODEL": json.dumps(p.model),
+        }
+        for i, name in enumerate(("INGEST", "INFERENCE", "TRAINING", "METRICS")):
+            env[f"CTLOOP_SERVICES__{name}__HTTP_PORT"] = str(self.port_base + 2 * i)
+            env[f"CTLOOP_SERVICES__{name}__GRPC_PORT"] = str(self.port_base + 2 * i + 1)
+        return env
+
+    def start_platform(self) -> None:
+        self.echo(f"run {self.run_id}: preset {self.preset_name} ({self.preset.expected})")
+        LocalStack(self.base, echo=lambda line: self.echo(f"  stack  {line}")).up()
+        os.environ.update(self._env())
+        self.settings = Settings()
+        self.platform = LocalStack(
+            self.settings,
+            echo=lambda line: self.echo(f"  svc    {line}"),
+            components=service_components(self.settings),
+        )
+        self.platform.up()
+        svc = self.settings.services
+        self.api = f"http://{svc.host}:{svc.ingest.http_port}"
+        self.metrics = httpx.Client(
+            base_url=f"http://{svc.host}:{svc.metrics.http_port}", timeout=120
+        )
+        self.training = training_pb2_grpc.TrainingStub(
+            grpc.insecure_channel(svc.grpc_target("training"))
+        )
+        self.inference = inference_pb2_grpc.InferenceStub(
+            grpc.insecure_channel(svc.grpc_target("inference"))
+        )
+        token = self.settings.admin_token_file.read_text().strip()
+        self.admin = httpx.Client(
+            base_url=self.api, timeout=120, headers={"Authorization": f"Bearer {token}"}
+        )
+        self.igniter, self.sustainer = svc.igniter_model, svc.sustainer_model
+
+    def stop_platform(self) -> None:
+        if hasattr(self, "platform") and not self.keep_services:
+            self.platform.down()
+
+    # ------------------------------------------------------------ data and people
+    def ingest(self) -> None:
+        assert self.data is not None
+        for site in (PUBLIC_SITE, *SITES):
+            r = self.admin.post("/v1/sites", json={"id": site})
+            if r.status_code not in (201, 409):
+                raise RunFailed(f"creating site {site}: {r.text}")
+
+        def upload(vid: str, site: str, dataset: str, image: Any, affine: Any, label: Any) -> None:
+            files = {"file": ("ct.nii.gz", nifti_gz_bytes(image, affine), "application/gzip")}
+            if label is not None:
+                files["label"] = ("label.nii.gz", nifti_gz_bytes(label, affine), "application/gzip")
+            r = self.admin.post(
+                "/v1/volumes",
+                files=files,
+                data={"site_id": site, "dataset": dataset, "volume_id": vid},
+            )
+            if r.status_code not in (200, 201):
+                raise RunFailed(f"uploading {vid}: {r.status_code} {r.text}")
+
+        total = len(self.data.public) + len(self.data.clinical) + len(self.data.evaluation)
+        done = 0
+        for vid, (image, affine, label) in self.data.public.items():
+            upload(vid, PUBLIC_SITE, "public", image, affine, label)
+            done += 1
+        self.echo(f"  ingest {done}/{total} volumes (public, labelled)")
+        for vid, (image, affine, label) in self.data.evaluation.items():
+            upload(vid, SITES[0], "evaluation", image, affine, label)
+            done += 1
+        for vid, (site, image, affine) in self.data.clinical.items():
+            upload(vid, site, "clinical", image, affine, None)
+            done += 1
+        self.echo(f"  ingest {done}/{total} volumes (+ clinical and evaluation)")
+
+    def people(self) -> list[SimulatedAnnotator]:
+        assert self.data is not None
+        team = []
+        for site in SITES:
+            for n in range(1, self.annotators_per_site + 1):
+                user = f"{site.split('-')[-1]}-annotator-{n}"
+                r = self.admin.post(
+                    "/v1/users", json={"id": user, "role": "annotator", "sites": [site]}
+                )
+                if r.status_code not in (201, 409):
+                    raise RunFailed(f"creating user {user}: {r.text}")
+                token = self.admin.post(f"/v1/users/{user}/tokens", json={"label": "sim"})
+                token.raise_for_status()
+                team.append(
+                    SimulatedAnnotator(
+                        user,
+                        site,
+                        self.api,
+                        token.json()["token"],
+                        self.data.truth,
+                        self.strategy,
+                        self.time,
+                    )
+                )
+        return team
+
+    # ------------------------------------------------------------ watching the platform
+    def rounds(self) -> list[training_pb2.Round]:
+        return list(self.training.ListRounds(training_pb2.ListRoundsRequest(), timeout=30).rounds)
+
+    def serving(self) -> tuple[str, int] | None:
+        status = self.inference.GetModelStatus(inference_pb2.GetModelStatusRequest(), timeout=30)
+        if not status.serving.model:
+            return None
+        return status.serving.model, status.serving.version
+
+    def wait(self, what: str, check: Callable[[], Any], timeout_s: float) -> Any:
+        self.status["phase"] = what
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                result = check()
+            except (grpc.RpcError, httpx.HTTPError) as exc:
+                result = None
+                self.status["last_error"] = f"{type(exc).__name__}"
+            if result:
+                return result
+            time.sleep(2.0)
+        logs = self.settings.logs_dir
+        tails = {p.name: p.read_text()[-1200:] for p in sorted(logs.glob("*.log"))}
+        raise RunFailed(f"timed out waiting for {what}:\n{json.dumps(tails, indent=1)}")
+
+    def predicted_by(self, ref: tuple[str, int]) -> bool:
+        """Every volume still waiting and every evaluation volume has ``ref``'s prediction."""
+        waiting = [
+            v["volume_id"]
+            for v in self.admin.get("/v1/volumes", params={"dataset": "clinical"}).json()
+            if v["status"] not in ("annotated",)
+        ]
+        ids = [*waiting, *(self.data.evaluation if self.data else [])]
+        for vid in ids:
+            r = self.admin.get(f"/v1/volumes/{vid}/prediction")
+            if r.status_code != 200 or (r.json()["model"], r.json()["version"]) != ref:
+                return False
+        return True
+
+    def scored(self, ref: tuple[str, int]) -> bool:
+        n = len(self.data.evaluation) if self.data else 0
+        if n == 0:
+            return True
+        rows = self.metrics.get("/v1/report").json()["evaluation"]
+        return any((e["model"], e["version"]) == ref and e["volumes"] == n for e in rows)
+
+    def progress(self) -> None:
+        """One line whenever something changes: round, annotations, training, latest Dice."""
+        last = ""
+        while not self._stop.wait(3.0):
+            try:
+                rs = self.rounds()
+                cur = rs[-1] if rs else None
+                train = f"{cur.model.split('-')[0]} round {cur.round}: {cur.status}" if cur else "-"
+                ev = self.metrics.get("/v1/report").json()["evaluation"]
+                dice = (
+                    f"{ev[-1]['mean_dice']:.3f} ({ev[-1]['model'].split('-')[0]} "
+                    f"v{ev[-1]['version']})"
+                    if ev
+                    else "-"
+                )
+            except (grpc.RpcError, httpx.HTTPError, KeyError, ValueError):
+                continue
+            s = self.status
+            line = (
+                f"round {s.get('round', 0)}/{self.preset.rounds} | annotated "
+                f"{s.get('annotated', 0)}/{s.get('to_annotate', 0)} | training {train} | "
+                f"latest Dice {dice} | {s['phase']}"
+            )
+            if line != last:
+                elapsed = time.monotonic() - self.started
+                self.echo(f"  [{elapsed:6.0f}s] {line}")
+                last = line
+
+    # ------------------------------------------------------------ the rounds
+    def annotate_round(self, team: list[SimulatedAnnotator], number: int) -> list[Plan]:
+        flexible = number <= self.preset.flexible_rounds
+        per_site = max(1, self.preset.batch // len(SITES))
+        quota = dict.fromkeys(SITES, per_site)
+        lock = threading.Lock()
+
+        def claim_and_plan(person: SimulatedAnnotator) -> list[tuple[SimulatedAnnotator, Plan]]:
+            mine: list[tuple[SimulatedAnnotator, Plan]] = []
+            while True:
+                with lock:
+                    if quota[person.site_id] <= 0:
+                        return mine
+                    quota[person.site_id] -= 1
+                task = person.claim()
+                if task is None:
+                    return mine
+                mine.append((person, person.plan(task, flexible)))
+
+        self.status |= {"phase": f"annotators claim round {number}", "round": number}
+        with ThreadPoolExecutor(len(team)) as pool:
+            work = [w for ws in pool.map(claim_and_plan, team) for w in ws]
+        if not work:
+            return []
+        if self.time.k is None:
+            k = self.time.calibrate([p for _, p in work])
+            self.echo(
+                f"  time model calibrated on {len(work)} first-round volumes: k = {k:.4f} min "
+                f"per edit unit (mean {self.time.target_first_round} min per CT)"
+            )
+        self.status["phase"] = f"annotators submit round {number}"
+
+        def submit(item: tuple[SimulatedAnnotator, Plan]) -> Plan:
+            person, plan = item
+            person.submit(plan)
+            with lock:
+                self.status["annotated"] = self.status.get("annotated", 0) + 1
+            return plan
+
+        with ThreadPoolExecutor(len(team)) as pool:
+            return list(pool.map(submit, work))
+
+    def next_model(self, before: int) -> tuple[str, int]:
+        """Wait for the round the corrections start, then for its model to serve and re-predict."""
+        rnd = self.wait(
+            "the sustainer round",
+            lambda: next(
+                (
+                    r
+                    for r in self.rounds()
+                    if r.model == self.sustainer
+                    and r.round > before
+                    and r.status in ("published", "rejected", "failed")
+                ),
+                None,
+            ),
+            3600,
+        )
+        self.echo(
+            f"  round {rnd.round}: sustainer {rnd.status}"
+            + (f" as v{rnd.version}" if rnd.version else f" ({rnd.reason})")
+        )
+        ref = self.wait("a serving model", self.serving, 600)
+        if rnd.status == "published":
+            ref = self.wait(
+                f"{self.sustainer} v{rnd.version} serving",
+                lambda: (s := self.serving()) == (self.sustainer, rnd.version) and s,
+                600,
+            )
+        self.wait("re-predictions", lambda: self.predicted_by(ref), 1800)
+        self.wait("evaluation scores", lambda: self.scored(ref), 600)
+        return ref
+
+    def run(self) -> dict[str, Any]:
+        if self.data is None:
+            self.data = synthetic_volumes(self.preset, self.seed)
+        self.start_platform()
+        watcher = threading.Thread(target=self.progress, daemon=True)
+        watcher.start()
+        try:
+            self.ingest()
+            self.status["to_annotate"] = min(
+                len(self.data.clinical), self.preset.rounds * self.preset.batch
+            )
+            ref = self.wait(
+                "the igniter",
+                lambda: (s := self.serving()) and s[0] == self.igniter and s,
+                3600,
+            )
+            self.wait("igniter pre-annotations", lambda: self.predicted_by(ref), 1800)
+            self.wait("evaluation scores", lambda: self.scored(ref), 600)
+            team = self.people() if self.data.truth and self.annotators_per_site > 0 else []
+            if not team:
+                self.echo(
+                    f"  annotate through the API at {self.api} (admin token in "
+                    f"{self.settings.admin_token_file}); the run follows the rounds"
+                )
+            for number in range(1, self.preset.rounds + 1):
+                last = max((r.round for r in self.rounds()), default=0)
+                if team:
+                    if not self.annotate_round(team, number):
+                        self.echo("  the clinical set is done")
+                        break
+                else:
+                    self.status |= {"round": number, "phase": "waiting for people"}
+                ref = self.next_model(last)
+            report = self.write_report()
+        finally:
+            self._stop.set()
+            watcher.join(timeout=10)
+            self.stop_platform()
+        return report
+
+    def write_report(self) -> dict[str, Any]:
+        assert self.data is not None
+        info = {
+            "preset": self.preset_name,
+            "igniter": self.igniter,
+            "sustainer": self.sustainer,
+            "volumes": {
+                "public": len(self.data.public),
+                "clinical": len(self.data.clinical),
+                "evaluation": len(self.data.evaluation),
+                **{
+                    site: sum(1 for s, *_ in self.data.clinical.values() if s == site)
+                    for site in SITES
+                },
+            },
+            "annotators": [
+                f"{site.split('-')[-1]}-annotator-{n}"
+                for site in SITES
+                for n in range(1, self.annotators_per_site + 1)
+            ],
+            "time_model": self.time.describe() | {"strategy": asdict(self.strategy)},
+            "settings": asdict(self.preset) | {"seed": self.seed},
+        }
+
+        def complete() -> dict[str, Any] | None:
+            rep: dict[str, Any] = self.metrics.get("/v1/report").json()
+            mine = [r for r in rep["rounds"] if r["model"] in (self.igniter, self.sustainer)]
+            done = sum(r["volumes_annotated"] for r in mine)
+            return rep if done >= self.status.get("annotated", 0) else None
+
+        self.wait("the metrics service to catch up", complete, 300)
+        r = self.metrics.post(f"/v1/runs/{self.run_id}/report", json=info)
+        if r.status_code != 200:
+            raise RunFailed(f"the metrics service could not write the report: {r.text}")
+        report: dict[str, Any] = r.json()
+        self.echo(f"report: {self.folder}/report.md (runs/latest -> {self.run_id})")
+        return report
