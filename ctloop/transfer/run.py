@@ -351,9 +351,13 @@ class TransferRun:
         while not self._stop.wait(3.0):
             try:
                 rs = self.rounds()
-                cur = rs[-1] if rs else None
+                cur = max(rs, key=lambda r: r.round) if rs else None
                 train = f"{cur.model.split('-')[0]} round {cur.round}: {cur.status}" if cur else "-"
-                ev = self.metrics.get("/v1/report").json()["evaluation"]
+                ev = [
+                    e
+                    for e in self.metrics.get("/v1/report").json()["evaluation"]
+                    if e["model"] in (self.igniter, self.sustainer)
+                ]
                 dice = (
                     f"{ev[-1]['mean_dice']:.3f} ({ev[-1]['model'].split('-')[0]} "
                     f"v{ev[-1]['version']})"

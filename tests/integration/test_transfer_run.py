@@ -1,0 +1,151 @@
+"""The main job on its tiny preset, end to end: ``ctloop run`` brings up its own platform on the
+real stack, simulated annotators at two sites work through the API for two rounds, sustainers
+train, and the metrics service writes the report. The report's numbers are then checked against
+what was really stored (annotation minutes in the workflow database, prediction masks in S3
+against the phantoms' truth), not recomputed with the report's own code."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctloop.contracts import keys
+from ctloop.core.organs import ORGAN_IDS
+from ctloop.core.phantom import generate_phantom
+from ctloop.settings import REPO_ROOT, Settings
+from ctloop.storage import ObjectStore
+from ctloop.transfer.run import PRESETS
+
+PORT_BASE = 28940
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray, k: int) -> float | None:
+    p, t = pred == k, truth == k
+    total = int(p.sum() + t.sum())
+    return None if total == 0 else 2.0 * float((p & t).sum()) / total
+
+
+@pytest.fixture
+def run_env(tmp_path: Path):
+    env = {**os.environ, "CTLOOP_RUNS_DIR": str(tmp_path / "runs")}
+    yield env
+    # The run leaves its services up (--keep-services): stop them as their platform.
+    for platform in (tmp_path / "runs").glob("*/platform"):
+        down = {**env, "CTLOOP_RUN_DIR": str(platform)}
+        for i, name in enumerate(("INGEST", "INFERENCE", "TRAINING", "METRICS")):
+            down[f"CTLOOP_SERVICES__{name}__HTTP_PORT"] = str(PORT_BASE + 2 * i)
+            down[f"CTLOOP_SERVICES__{name}__GRPC_PORT"] = str(PORT_BASE + 2 * i + 1)
+        subprocess.run(
+            [sys.executable, "-m", "ctloop.cli", "services", "down"],
+            cwd=REPO_ROOT,
+            env=down,
+            capture_output=True,
+            timeout=120,
+        )
+
+
+def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: Path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctloop.cli",
+            "run",
+            "--preset",
+            "tiny",
+            "--port-base",
+            str(PORT_BASE),
+            "--keep-services",
+        ],
+        cwd=REPO_ROOT,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "time model calibrated" in proc.stdout and "round 2/2" in proc.stdout  # progress
+
+    runs = tmp_path / "runs"
+    latest = runs / "latest"
+    assert latest.is_symlink()
+    report = json.loads((latest / "report.json").read_text())
+    for name in ("dice_by_round.png", "minutes_by_round.png"):
+        assert (latest / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (latest / "report.md").read_text()
+    assert "+19.7 %" in md and "13.87" in md and "| round | model |" in md
+
+    # Structure: igniter first, then one sustainer per round; the paper beside ours.
+    preset = PRESETS["tiny"]
+    rounds = report["rounds"]
+    assert [r["role"] for r in rounds] == ["igniter"] + ["sustainer"] * preset.rounds
+    assert [r["version"] for r in rounds] == [1, *range(1, preset.rounds + 1)]
+    assert report["paper"]["first_round_minutes_per_ct"] == 13.87
+    assert sum(r["volumes_annotated"] for r in rounds) == preset.rounds * preset.batch
+    for r in rounds:
+        assert 0.0 <= r["dice"]["mean"] <= 1.0 and r["dice"]["volumes"] == preset.n_evaluation
+    # The time model is calibrated on the first round: its mean is the paper's.
+    assert rounds[0]["minutes_per_ct"] == pytest.approx(13.87, abs=0.01)
+
+    # Minutes per round = the minutes the annotators really submitted (workflow database).
+    run_id = report["run_id"]
+    db = sqlite3.connect(runs / run_id / "platform" / "workflow.db")
+    stored: dict[tuple[str, int], list[float]] = {}
+    for (detail,) in db.execute("SELECT detail FROM annotation_revisions"):
+        d = json.loads(detail)
+        ref = (d["from_model"]["model"], d["from_model"]["version"])
+        stored.setdefault(ref, []).append(d["minutes"])
+    for r in rounds:
+        minutes = stored.get((r["model"], r["version"]))
+        if minutes:
+            assert r["minutes_per_ct"] == pytest.approx(float(np.mean(minutes)), abs=1e-6)
+            assert r["volumes_annotated"] == len(minutes)
+    # Annotators from both sites took part.
+    authors = {a for (a,) in db.execute("SELECT author FROM annotation_revisions")}
+    assert any(a.startswith("a-") for a in authors) and any(a.startswith("b-") for a in authors)
+
+    # Dice = the stored pre-annotations of the evaluation volumes against the phantoms' truth.
+    settings = Settings()
+    store = ObjectStore(settings)
+    truths = [
+        generate_phantom("clinical-a", 20_000 + i, preset.size).label
+        for i in range(preset.n_evaluation)
+    ]
+    for r in rounds:
+        per_volume = []
+        for i, truth in enumerate(truths):
+            key = keys.prediction_mask(f"eval-{i:03d}", r["model"], r["version"])
+            raw = store.get_bytes(settings.s3.bucket, key)
+            pred = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj)
+            organs = [k for k in ORGAN_IDS.values() if k and np.any(truth == k)]
+            per_volume.append(np.mean([_dice(pred, truth, k) or 0.0 for k in organs]))
+        assert r["dice"]["mean"] == pytest.approx(float(np.mean(per_volume)), abs=1e-6)
+
+    # Trends and headline follow from the rows.
+    minutes = [r["minutes_per_ct"] for r in rounds if r["minutes_per_ct"] is not None]
+    assert report["trends"]["minutes_per_ct"] == minutes
+    falling = all(b < a for a, b in itertools.pairwise(minutes))
+    assert report["trends"]["minutes_fall_every_round"] == falling
+    ours = report["igniter_vs_final"]
+    assert ours["igniter_dice"] == rounds[0]["dice"]["mean"]
+    assert ours["final_sustainer_dice"] == rounds[-1]["dice"]["mean"]
+
+    # The metrics service serves the same report over its API.
+    api = httpx.Client(base_url=f"http://127.0.0.1:{PORT_BASE + 6}", timeout=30)
+    assert run_id in api.get("/v1/runs").json()
+    served = api.get("/v1/runs/latest/report.json")
+    assert served.status_code == 200 and served.json()["run_id"] == run_id
+    assert api.get(f"/v1/runs/{run_id}/minutes_by_round.png").content[:4] == b"\x89PNG"
+    assert api.get(f"/v1/runs/{run_id}/secrets.txt").status_code == 404
+    assert api.get("/v1/runs/..%2F..%2Fetc/report.json").status_code in (404, 422)
