@@ -97,6 +97,14 @@ class InferenceWorker:
         if v.dataset == "public":
             self._mark_done(event_id)  # labelled training volumes need no pre-annotation
             return
+        with session_scope(self.db) as s:
+            ours = s.get(Volume, v.volume_id) is not None
+        if not ours:
+            # Ingest commits the row before the event leaves the outbox: a volume missing here
+            # belongs to another platform instance on the same cluster (e.g. a replayed topic).
+            log.info("volume of another platform; ignored", extra={"volume_id": v.volume_id})
+            self._mark_done(event_id)
+            return
         serving = self.serving()
         if serving is None:
             log.info("no model serves yet; volume waits", extra={"volume_id": v.volume_id})
