@@ -205,7 +205,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 log.info(
                     f"step {step}/{cfg.steps} loss {running / cfg.log_every:.4f} "
                     f"{step / elapsed:.2f} steps/s",
-                    extra={"step": step, "loss": running / cfg.log_every,
+                    extra={"step": step, "steps": cfg.steps, "loss": running / cfg.log_every,
                            "steps_per_s": step / elapsed, "lr": sched.get_last_lr()[0]},
                 )  # fmt: skip
                 running = 0.0

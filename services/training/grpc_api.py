@@ -18,8 +18,10 @@ from ctloop.v1 import common_pb2, training_pb2, training_pb2_grpc
 from services.training.worker import SOURCE, NothingToTrain, RoundBusy, TrainingWorker
 
 
-def round_message(r: TrainingRound) -> training_pb2.Round:
+def round_message(r: TrainingRound, progress: tuple[int, int] = (0, 0)) -> training_pb2.Round:
     return training_pb2.Round(
+        step=progress[0],
+        steps=progress[1],
         round=r.id,
         model=r.model,
         status=r.status,
@@ -71,7 +73,14 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
     ) -> training_pb2.RoundList:
         with session_scope(self.worker.db) as s:
             rows = s.scalars(select(TrainingRound).order_by(TrainingRound.id))
-            return training_pb2.RoundList(rounds=[round_message(r) for r in rows])
+            return training_pb2.RoundList(
+                rounds=[
+                    round_message(
+                        r, self.worker.progress(r.id) if r.status == "running" else (0, 0)
+                    )
+                    for r in rows
+                ]
+            )
 
     def ListModelVersions(
         self, request: training_pb2.ListModelVersionsRequest, context: grpc.ServicerContext

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -398,6 +399,25 @@ class TrainingWorker:
     def _torchrun(self, config: TrainConfig, work: Path) -> None:
         """Train the candidate: torchrun here, or a Kubernetes Job (``training.launcher``)."""
         self.launcher.run(config, work)
+
+    def progress(self, number: int) -> tuple[int, int]:
+        """(step, steps) of a running round, from rank 0's log (0, 0 when not known yet)."""
+        log_path = self.work_dir / f"round-{number:04d}" / "train.log"
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                tail = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return 0, 0
+        for line in reversed(tail):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "step" in rec and "steps" in rec:
+                return int(rec["step"]), int(rec["steps"])
+        return 0, 0
 
     def _holdout_dice(self, checkpoint: Path, folder: Path) -> float | None:
         from ctloop.core.datasets import DecathlonDataset
