@@ -482,9 +482,14 @@ class TransferRun:
             for number in range(1, self.preset.rounds + 1):
                 last = max((r.round for r in self.rounds()), default=0)
                 if team:
-                    if not self.annotate_round(team, number):
+                    done = self.annotate_round(team, number)
+                    if not done:
                         self.echo("  the clinical set is done")
                         break
+                    if len(done) < self.preset.batch:  # the policy waits for a full batch
+                        self.training.StartRound(
+                            training_pb2.StartRoundRequest(model=self.sustainer), timeout=60
+                        )
                 else:
                     self.status |= {"round": number, "phase": "waiting for people"}
                 ref = self.next_model(last)
