@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import urllib3
 from minio import Minio
 from minio.commonconfig import ENABLED
 from minio.error import S3Error
@@ -25,12 +26,22 @@ class ObjectStore:
     def __init__(self, settings: Settings) -> None:
         s = settings.s3
         self.settings = settings
+        # Bounded: while the store is down a call fails within seconds (the API answers 503)
+        # instead of hanging on minio's default retries.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=120.0),
+            maxsize=16,
+            retries=urllib3.Retry(
+                total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        )
         self.client = Minio(
             s.endpoint,
             access_key=s.access_key,
             secret_key=s.secret_key.get_secret_value(),
             secure=s.secure,
             region=s.region,
+            http_client=http,
         )
 
     @property

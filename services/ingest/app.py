@@ -19,11 +19,15 @@ from typing import Annotated, Any, Literal
 import httpx
 import nibabel as nib
 import numpy as np
+import urllib3
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from minio.error import ServerError
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ctloop import dicomweb
 from ctloop.auth import ROLES, OidcVerifier, Principal
@@ -69,6 +73,7 @@ from services.ingest.validation import (
     validate_ct,
     validate_mask,
 )
+from services.ingest.workbench import workbench_router
 
 log = logging.getLogger("ctloop.ingest")
 SOURCE = "/ctloop/ingest"
@@ -712,14 +717,42 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     async def rejected(_: Request, exc: UploadRejected) -> JSONResponse:
         return JSONResponse({"code": exc.code, "message": exc.message}, status_code=exc.status)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # routing's 404/405 too, not only ours
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
         body = (
             exc.detail
             if isinstance(exc.detail, dict)
-            else {"code": "error", "message": str(exc.detail)}
+            else {"code": codes.get(exc.status_code, "error"), "message": str(exc.detail)}
         )
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        problems = "; ".join(f"{e['where']}: {e['problem']}" for e in errors)
+        return JSONResponse(
+            {"code": "invalid_request", "message": problems, "errors": errors}, status_code=422
+        )
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # A dependency (object store, database) is down: the request changed nothing that
+        # stays (S3 objects without their database row are unreferenced), so it can be retried.
+        log.warning("dependency unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return JSONResponse(
+            {
+                "code": "unavailable",
+                "message": "a storage dependency is not answering; retry shortly",
+            },
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    for kind in (urllib3.exceptions.HTTPError, OperationalError, ServerError):
+        app.add_exception_handler(kind, unavailable)
 
     def s3_ready() -> tuple[bool, str]:
         return ingest.store.client.bucket_exists(ingest.bucket), ingest.bucket
@@ -736,6 +769,7 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     app.include_router(queue_router(queue, auth))
     backends = Backends(svc.grpc_target("inference"), svc.grpc_target("training"))
     app.include_router(monailabel_router(ingest, auth, queue, backends))
+    app.include_router(workbench_router(ingest, auth, queue))
     app.state.backends = backends
     app.state.ingest = ingest
     return app

@@ -16,26 +16,7 @@ from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.topics import Topic
 from ctloop.core.datasets import nifti_gz_bytes
 from ctloop.core.phantom import Phantom, generate_phantom
-from ctloop.db import create_schema
 from ctloop.settings import Settings
-
-
-@pytest.fixture(scope="module")
-def svc_settings(settings: Settings, tmp_path_factory) -> Settings:
-    db = tmp_path_factory.mktemp("db") / "workflow.db"
-    url = f"sqlite:///{db}"
-    create_schema(url)
-    return settings.model_copy(update={"db": settings.db.model_copy(update={"url": url})})
-
-
-@pytest.fixture(scope="module")
-def admin_headers(svc_settings: Settings, tmp_path_factory) -> dict[str, str]:
-    """The bootstrap admin of this module's database, as request headers."""
-    from ctloop.auth import ensure_admin_token
-
-    token = ensure_admin_token(svc_settings.database_url, tmp_path_factory.mktemp("t") / "admin")
-    assert token is not None
-    return {"Authorization": f"Bearer {token}"}
 
 
 def nifti(array: np.ndarray, affine: np.ndarray) -> bytes:

@@ -547,36 +547,6 @@ def test_leases_expire_renew_release_and_guard_submission(api, svc_settings, rel
         )
 
 
-@pytest.fixture(scope="module")
-def oidc_issuer():
-    """A real HTTP server publishing a JWKS, standing in for Keycloak's certs endpoint."""
-    import http.server
-    import threading
-
-    import jwt
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    body = json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}).encode()
-
-    class Certs(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Certs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    issuer = f"http://127.0.0.1:{server.server_port}/realms/ctloop"
-    yield issuer, key
-    server.shutdown()
-
-
 def test_oidc_bearer_tokens_are_verified_and_scoped(svc_settings, relay, oidc_issuer, api, unique):
     import time
 
