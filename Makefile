@@ -35,7 +35,7 @@ help:
 	@echo "make helm-check    lint, render and validate the Helm chart offline (tests/helm)"
 
 # ---------------------------------------------------------------- set-up
-setup: venv protos kafka-jars s3-gateway helm postgres dicom-server
+setup: venv protos kafka-jars s3-gateway helm postgres dicom-server browser
 
 venv: $(STAMPS)/venv
 $(STAMPS)/venv: requirements.lock.txt requirements-triton.txt requirements-nodeps.txt pyproject.toml
@@ -95,6 +95,17 @@ $(STAMPS)/dicom-server:
 	if ! [ -x /usr/sbin/Orthanc ] || ! [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb; \
 	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb; fi; \
+	fi
+	@touch $@
+
+# Chromium from Debian: the web workbench's browser test drives it with Playwright (no
+# `playwright install`: that downloads a browser build, and only package registries are reached).
+browser: $(STAMPS)/browser
+$(STAMPS)/browser:
+	@mkdir -p $(STAMPS)
+	if ! [ -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi; \
 	fi
 	@touch $@
 
