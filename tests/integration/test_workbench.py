@@ -117,7 +117,8 @@ def test_annotator_corrects_a_task_in_the_browser(platform):
         # Next task: a lease from the queue, the volume open in three views.
         page.click("#next-task")
         page.wait_for_selector("#workbench:not([hidden])")
-        page.wait_for_function("document.querySelector('#view-axial .caption').textContent")
+        # (no wait_for_function: it evaluates strings, which the page's CSP forbids)
+        page.wait_for_selector("#view-axial .caption:not(:empty)")
         vid = page.evaluate("ctloopWorkbench.task.volumeId")
         assert vid in clinical
         meta = me.get(f"/v1/volumes/{vid}/viewer").json()
