@@ -23,11 +23,12 @@ PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
 .PHONY: help setup venv protos kafka-jars s3-gateway helm postgres dicom-server \
         stack-up stack-down stack-status services-up services-down status \
-        run test lint format unit integration helm-check clean
+        run test test-reliability lint format unit integration helm-check clean
 
 help:
 	@echo "make run           set up, run the main job: a transfer run with its report (RUN_PRESET=small)"
 	@echo "make test          set up, lint, type-check, run unit + integration tests"
+	@echo "make test-reliability [LONG=1]  faults, load, bad input, API fuzzing"
 	@echo "make setup         install everything (idempotent)"
 	@echo "make stack-up | stack-down | stack-status"
 	@echo "make services-up | services-down | status"
@@ -158,6 +159,11 @@ integration: setup
 
 test: setup lint helm-check
 	$(VENV)/bin/pytest tests
+
+# Faults, load, bad input and API fuzzing against the real stack (also part of `make test`);
+# LONG=1 runs the load test for five minutes with more clients.
+test-reliability: setup
+	CTLOOP_RELIABILITY_LONG=$(if $(LONG),1,0) $(VENV)/bin/pytest tests/integration/reliability
 
 clean: services-down stack-down
 	rm -rf $(RUN_DIR)/data $(RUN_DIR)/state $(RUN_DIR)/stamps ctloop/v1

@@ -1,0 +1,157 @@
+"""Load: concurrent simulated annotators and uploaders for a bounded time against ingest running
+as a real process (HTTP over TCP) on the real stack. No 5xx, no lost work, no volume held by two
+annotators; latency percentiles are printed (not asserted: machines here are noisy).
+
+``CTLOOP_RELIABILITY_LONG=1`` runs longer with more clients (``make test-reliability LONG=1``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.phantom import generate_phantom
+from ctloop.db import AnnotationRevision, Volume, session_scope
+from ctloop.settings import Settings
+from ctloop.storage import ObjectStore
+from tests.integration.platform import run_platform
+
+PORTS = {"INGEST": 29520, "INFERENCE": 29522, "TRAINING": 29524, "METRICS": 29526}
+LONG = os.environ.get("CTLOOP_RELIABILITY_LONG") == "1"
+DURATION_S = 300.0 if LONG else 20.0
+ANNOTATORS, UPLOADERS = (8, 4) if LONG else (4, 2)
+
+
+@pytest.fixture
+def platform(tmp_path: Path):
+    with run_platform(tmp_path, PORTS) as running:
+        yield running
+
+
+@pytest.mark.timeout(900 if LONG else 300)
+def test_concurrent_annotators_and_uploads(platform, unique):
+    api = platform["api"]
+    admin = httpx.Client(
+        base_url=api, timeout=60, headers={"Authorization": f"Bearer {platform['admin_token']}"}
+    )
+    assert admin.post("/v1/sites", json={"id": "load"}).status_code == 201
+    tokens = {}
+    for n in range(ANNOTATORS + UPLOADERS):
+        user, role = (f"ann{n}", "annotator") if n < ANNOTATORS else (f"up{n}", "integration")
+        r = admin.post("/v1/users", json={"id": user, "role": role, "sites": ["load"]})
+        assert r.status_code == 201, r.text
+        tokens[user] = admin.post(f"/v1/users/{user}/tokens", json={}).json()["token"]
+    ph = generate_phantom("clinical-a", 1, "tiny")
+    image = ph.image.astype(np.int16)
+    mask = nifti_gz_bytes(ph.label, ph.affine)
+
+    def volume_bytes(n: int) -> bytes:
+        varied = image.copy()
+        varied.flat[n % varied.size] += 1  # other bytes: another volume, not a repeat
+        return nifti_gz_bytes(varied, ph.affine)
+
+    latencies: dict[str, list[float]] = defaultdict(list)
+    statuses: dict[str, list[int]] = defaultdict(list)
+    accepted_uploads: list[str] = []
+    accepted_annotations: list[str] = []
+    claims: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + DURATION_S
+
+    def timed(op: str, send) -> httpx.Response:
+        t0 = time.perf_counter()
+        r = send()
+        with lock:
+            latencies[op].append(time.perf_counter() - t0)
+            statuses[op].append(r.status_code)
+        return r
+
+    def uploader(user: str, n0: int) -> None:
+        c = httpx.Client(
+            base_url=api, timeout=60, headers={"Authorization": f"Bearer {tokens[user]}"}
+        )
+        n = n0
+        while time.monotonic() < stop:
+            vid = f"ld-{unique}-{n}"
+            r = timed(
+                "upload",
+                lambda vid=vid, n=n: c.post(
+                    "/v1/volumes",
+                    files={"file": ("ct.nii.gz", volume_bytes(n), "application/gzip")},
+                    data={"site_id": "load", "dataset": "clinical", "volume_id": vid},
+                ),
+            )
+            if r.status_code == 201:
+                with lock:
+                    accepted_uploads.append(vid)
+            n += 1000
+
+    def annotator(user: str) -> None:
+        c = httpx.Client(
+            base_url=api, timeout=60, headers={"Authorization": f"Bearer {tokens[user]}"}
+        )
+        while time.monotonic() < stop:
+            r = timed("claim", lambda: c.post("/v1/tasks/next", json={"strategy": "random"}))
+            if r.status_code == 404:
+                time.sleep(0.2)
+                continue
+            if r.status_code != 200:
+                continue
+            vid = r.json()["volume_id"]
+            with lock:
+                claims.append((user, vid))
+            timed("image", lambda vid=vid: c.get(f"/v1/volumes/{vid}/image"))
+            r = timed(
+                "annotate",
+                lambda vid=vid: c.post(
+                    f"/v1/volumes/{vid}/annotations",
+                    files={"mask": ("m.nii.gz", mask, "application/gzip")},
+                    data={"minutes": "2"},
+                ),
+            )
+            if r.status_code == 201:
+                with lock:
+                    accepted_annotations.append(vid)
+
+    threads = [
+        threading.Thread(target=uploader, args=(f"up{ANNOTATORS + i}", i)) for i in range(UPLOADERS)
+    ] + [threading.Thread(target=annotator, args=(f"ann{i}",)) for i in range(ANNOTATORS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    print(f"\nload for {DURATION_S:.0f}s, {ANNOTATORS} annotators, {UPLOADERS} uploaders")
+    for op, values in sorted(latencies.items()):
+        p50, p95, p99 = np.percentile(values, [50, 95, 99]) * 1000
+        print(
+            f"  {op:<9} n={len(values):<5} p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  p99 {p99:7.1f} ms"
+        )
+    server_errors = {op: [s for s in v if s >= 500] for op, v in statuses.items()}
+    assert not any(server_errors.values()), server_errors
+    assert accepted_uploads and accepted_annotations, dict(statuses)
+
+    # Nothing lost: every accepted upload and annotation is in SQL and S3; no volume was
+    # claimed by two annotators; every annotated volume was claimed by its annotator.
+    settings = Settings().model_copy(
+        update={"db": Settings().db.model_copy(update={"url": platform["env"]["CTLOOP_DB__URL"]})}
+    )
+    store = ObjectStore(settings)
+    with session_scope(settings.database_url) as s:
+        volumes = {v.id: v.s3_key for v in s.scalars(select(Volume))}
+        revisions = list(s.scalars(select(AnnotationRevision)))
+    assert set(accepted_uploads) <= set(volumes)
+    assert all(store.exists(settings.s3.bucket, volumes[v]) for v in accepted_uploads)
+    annotated = [r.volume_id for r in revisions]
+    assert sorted(annotated) == sorted(accepted_annotations)
+    assert all(store.exists(settings.s3.bucket, r.s3_key) for r in revisions)
+    claimed = [vid for _, vid in claims]
+    assert len(claimed) == len(set(claimed)), "a volume was handed to two annotators"
