@@ -149,14 +149,17 @@ class InferenceWorker:
                 return ModelRef(model=name, version=rows[name])
         return None
 
-    def ensure_loaded(self) -> None:
-        """After a restart (or a Triton restart) load what the database says serves."""
+    def ensure_loaded(self) -> int:
+        """After a restart (or a Triton restart) load what the database says serves; the
+        number of versions it had to load."""
         with session_scope(self.db) as s:
             rows = list(s.scalars(select(ServingModel)))
             refs = [ModelRef(model=r.model, version=r.version) for r in rows]
+        loaded = 0
         for ref in refs:
             if ref.version not in self.triton.serving_versions(ref.model):
-                self._load(ref)
+                loaded += int(self._load(ref))
+        return loaded
 
     def waiting_volumes(self) -> list[str]:
         """Volumes waiting for annotation: never predicted first, then the latest
@@ -205,16 +208,22 @@ class InferenceWorker:
                 if event_id:
                     self._mark_done(event_id)
                 return None
-            t0 = time.monotonic()
-            img = nib.Nifti1Image.from_bytes(
-                gzip.decompress(self.store.get_bytes(self.bucket, key, version))
-            )
+            t0, started_at = time.monotonic(), time.time()
+            stages = _Stages()
+            raw = self.store.get_bytes(self.bucket, key, version)
+            stages.mark("fetch")
+            img = nib.Nifti1Image.from_bytes(gzip.decompress(raw))
             image = np.asarray(img.dataobj, dtype=np.float32)
+            stages.mark("decode")
             labels, uncertainty = self.triton.segment(
                 model.model, image, np.asarray(img.affine), model.version
             )
+            stages.mark("triton")
             mask_key = keys.prediction_mask(volume_id, model.model, model.version)
-            obj = self.store.put_bytes(self.bucket, mask_key, nifti_gz_bytes(labels, img.affine))
+            encoded = nifti_gz_bytes(labels, img.affine)
+            stages.mark("encode")
+            obj = self.store.put_bytes(self.bucket, mask_key, encoded)
+            stages.mark("store")
             seconds = time.monotonic() - t0
             info = {
                 "volume_id": volume_id,
@@ -223,6 +232,8 @@ class InferenceWorker:
                 "uncertainty": uncertainty,
                 "seconds": seconds,
                 "mask": mask_key,
+                "started_at": started_at,  # epoch seconds
+                "stage_seconds": stages.seconds,  # fetch, decode, triton, encode, store
             }
             self.store.put_bytes(
                 self.bucket,
@@ -266,3 +277,16 @@ class InferenceWorker:
     def _mark_done(self, event_id: str) -> None:
         with session_scope(self.db) as s:
             claim_event(s, CONSUMER, event_id)
+
+
+class _Stages:
+    """Seconds spent in each stage of a prediction, in order (``mark`` ends a stage)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def mark(self, stage: str) -> None:
+        now = time.monotonic()
+        self.seconds[stage] = now - self._last
+        self._last = now
