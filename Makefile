@@ -23,7 +23,7 @@ PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
 .PHONY: help setup venv protos kafka-jars s3-gateway helm postgres dicom-server \
         stack-up stack-down stack-status services-up services-down status \
-        run test test-reliability lint format unit integration helm-check clean
+        run test test-reliability lint format unit integration helm-check bench clean
 
 help:
 	@echo "make run           set up, run the main job: a transfer run with its report (RUN_PRESET=small)"
@@ -34,6 +34,7 @@ help:
 	@echo "make services-up | services-down | status"
 	@echo "make lint | format"
 	@echo "make helm-check    lint, render and validate the Helm chart offline (tests/helm)"
+	@echo "make bench         benchmarks vs in-process baselines (BENCH_PRESET=quick|full)"
 
 # ---------------------------------------------------------------- set-up
 setup: venv protos kafka-jars s3-gateway helm postgres dicom-server browser
@@ -140,6 +141,14 @@ run: stack-up
 # rendered object validated with kubernetes-validate --strict, then the invariants in tests/helm.
 helm-check: setup
 	HELM=$(TOOLS)/bin/helm PY=$(PY) tools/helm-check.sh
+
+# ---------------------------------------------------------------- benchmarks
+# Each benchmark against its in-process baseline, same run, interleaved; results in
+# bench/results/latest.{json,md}. BENCH_ARGS="--only preannotation ingest" runs a subset.
+BENCH_PRESET ?= quick
+BENCH_ARGS   ?=
+bench: stack-up
+	$(PY) -m bench --preset $(BENCH_PRESET) $(BENCH_ARGS)
 
 # ---------------------------------------------------------------- quality
 lint: setup

@@ -1,0 +1,77 @@
+"""5. Ingest: upload throughput through the REST API (a labelled CT: volume and label as
+gzipped NIfTI, validated in full, stored, recorded and announced) against a direct ``minio``
+put of the same bytes into the same S3 gateway."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.common import Context, interleaved, median, result
+from bench.session import SITE, Session
+from bench.workload import phantom_ct
+from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.storage import ObjectStore
+
+NAME = "5_ingest"
+
+
+def run(ctx: Context, session: Session) -> dict[str, Any]:
+    preset = ctx.preset
+    p = session.platform()
+    ct = phantom_ct(preset.volume_size, seed=2)
+    label = nifti_gz_bytes(ct.label, ct.affine)
+    size_mb = (len(ct.nifti_gz) + len(label)) / 1e6
+    store = ObjectStore(p.settings)
+    bucket = p.settings.s3.bucket
+    written: list[tuple[str, str | None]] = []
+
+    with p.client() as client:
+
+        def platform_side(i: int) -> float:
+            files = {
+                "file": ("ct.nii.gz", ct.nifti_gz, "application/gzip"),
+                "label": ("label.nii.gz", label, "application/gzip"),
+            }
+            data = {"site_id": SITE, "dataset": "public", "volume_id": f"b5-{p.tag}-{i}"}
+            t0 = time.perf_counter()
+            r = client.post("/v1/volumes", files=files, data=data)
+            seconds = time.perf_counter() - t0
+            if r.status_code != 201:
+                raise RuntimeError(f"upload refused: {r.status_code} {r.text}")
+            return size_mb / seconds
+
+        def baseline(i: int) -> float:
+            t0 = time.perf_counter()
+            for part, blob in (("image", ct.nifti_gz), ("label", label)):
+                key = f"bench/{p.tag}/b5-{i}/{part}.nii.gz"
+                obj = store.put_bytes(bucket, key, blob, "application/gzip")
+                written.append((key, obj.version_id))
+            return size_mb / (time.perf_counter() - t0)
+
+        platform_side(-1)  # warm-up
+        baseline(-1)
+        ours, theirs = interleaved(preset.ingest_repeats, platform_side, baseline)
+    for key, version in written:  # the baseline's objects are not the platform's data
+        store.client.remove_object(bucket, key, version_id=version)
+    ratio = median(ours) / median(theirs)
+    return result(
+        NAME,
+        "Ingest",
+        "upload throughput (CT + label)",
+        "MB/s",
+        ours,
+        theirs,
+        {
+            "volume_shape": list(ct.image.shape),
+            "upload_mb": round(size_mb, 2),
+            "phantom_size": preset.volume_size,
+            "repeats": preset.ingest_repeats,
+            "what_ingest_does": "reads, decompresses and validates both files, stores both in "
+            "S3, commits the volume row with its outbox event",
+        },
+        baseline_name="direct minio put",
+        higher_is_better=True,
+        target="≥ 0.8",
+        target_met=ratio >= 0.8,
+    )

@@ -1,0 +1,58 @@
+"""Every benchmark runs on its smallest preset and writes its result entry (no timings are
+asserted: benchmarks are not tests; ``make bench`` measures)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctloop.settings import REPO_ROOT
+
+BENCHMARKS = {
+    "1_preannotation",
+    "2_throughput",
+    "3_training",
+    "4_round",
+    "5_ingest",
+    "6_bus",
+    "7_memory",
+}
+
+
+@pytest.mark.timeout(900)  # two platforms start on 2 loaded cores: minutes
+def test_every_benchmark_runs_on_the_smoke_preset_and_writes_its_result(tmp_path: Path):
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--port-base",
+            "29100",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    doc = json.loads((out / "latest.json").read_text())
+    assert doc["preset"] == "smoke" and doc["machine"]["cores"]
+    assert set(doc["benchmarks"]) == BENCHMARKS
+    for name, entry in doc["benchmarks"].items():
+        for key in ("ctloop_median", "baseline_median", "ratio"):
+            assert isinstance(entry[key], float) and math.isfinite(entry[key]), (name, key)
+        assert entry["settings"] and entry["unit"] and entry["baseline"], name
+    table = (out / "latest.md").read_text()
+    assert table.count("\n| ") >= 1 + len(BENCHMARKS)  # header + one row per benchmark
