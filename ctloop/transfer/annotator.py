@@ -10,8 +10,8 @@ Flexible labelling (per organ, Dice of the pre-annotation on the slices reviewed
   reviewed (half the volume); an organ at or above ``accept_early`` is *accepted* as drawn, one
   between ``skip_early`` and ``accept_early`` is *skipped* (nearly right: not worth the time yet;
   training does not trust it), one below is *corrected* on the reviewed slices;
-* later rounds: every slice is reviewed, organs at or above ``accept_late`` are accepted, every
-  other organ is corrected.
+* later rounds (after the preset's ``flexible_rounds``): every slice is reviewed, organs at or
+  above ``accept_late`` are accepted, every other organ is corrected.
 
 Time model (minutes for one CT)::
 
@@ -20,7 +20,9 @@ Time model (minutes for one CT)::
             + k * sum over corrected organs and reviewed slices that need an edit of
                   (slice_base + min(1, changed voxels / voxels of pred or truth in the slice))
 
-A slice needs an edit when more than ``max(min_voxels, tolerance * union)`` voxels differ. ``k``
+A slice needs an edit when the organ's outline in it is visibly off: the overlap of prediction
+and truth in the slice (intersection over union) is below ``slice_ok`` (0.9; a person does not
+redraw a boundary that is a voxel out) and the organ covers at least ``min_voxels`` there. The effort of an edited slice grows with how much of it is wrong. ``k``
 (minutes per edit unit) is calibrated once, on the first round's volumes, so that their mean
 equals the paper's 13.87 minutes per CT; every later round's minutes follow from how much less
 the better model leaves to edit.
@@ -59,9 +61,9 @@ class Strategy:
 class TimeModel:
     open_min: float = 1.0
     check_min: float = 0.1
-    slice_base: float = 0.5
+    slice_base: float = 0.25
     min_voxels: int = 3
-    tolerance: float = 0.02
+    slice_ok: float = 0.9
     k: float | None = None  # minutes per edit unit; None until calibrated
     calibrated_on: int = 0
     target_first_round: float = PAPER_FIRST_ROUND_MINUTES
@@ -93,7 +95,7 @@ class TimeModel:
             "check_min": self.check_min,
             "slice_base": self.slice_base,
             "min_voxels": self.min_voxels,
-            "tolerance": self.tolerance,
+            "slice_ok": self.slice_ok,
             "k_minutes_per_unit": self.k,
             "calibrated_on_volumes": self.calibrated_on,
             "calibration_target_minutes": self.target_first_round,
@@ -157,7 +159,7 @@ def plan_correction(
             corrected.append(k)
             changed = np.logical_xor(p, t).sum(axis=(0, 1))
             union = np.logical_or(p, t).sum(axis=(0, 1))
-            need = changed > np.maximum(time.min_voxels, time.tolerance * union)
+            need = (union >= time.min_voxels) & (changed > (1.0 - time.slice_ok) * union)
             share = np.minimum(1.0, changed[need] / np.maximum(union[need], 1))
             units += float(np.sum(time.slice_base + share))
     mask = pred.copy()
