@@ -199,7 +199,12 @@ class Settings(BaseSettings):
     """Everything configurable, in one place."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CTLOOP_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+        env_prefix="CTLOOP_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        # CTLOOP_SERVICES__INGEST__HTTP_PORT alone changes that port and keeps the rest.
+        nested_model_default_partial_update=True,
     )
 
     run_dir: Path = Field(default=REPO_ROOT / ".ctloop")
