@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from ctloop.bus import EventConsumer, EventProducer
 from ctloop.contracts.topics import Topic
 from ctloop.db import create_schema
@@ -13,6 +16,8 @@ from ctloop.settings import get_settings
 from ctloop.v1 import inference_pb2_grpc
 from services.inference.grpc_api import InferenceService
 from services.inference.worker import CONSUMER, InferenceWorker
+
+log = logging.getLogger("ctloop.inference")
 
 
 def main() -> None:
@@ -40,6 +45,21 @@ def main() -> None:
         EventConsumer(settings, CONSUMER, topics, worker.handle, producer), producer
     )
     runtime.add_worker("outbox", relay.run)
+
+    def keep_loaded(stop: threading.Event) -> None:
+        """At start, and after a Triton restart, load again what serves and pre-annotate what
+        waits: volumes that arrived while Triton was down went to the dead letters, and a
+        re-prediction pass cut short by a crash is not redone by its (already claimed) event."""
+        pending = True
+        while not stop.wait(0.5 if pending else 5.0):
+            try:
+                if worker.ensure_loaded() or pending:
+                    worker.repredict_waiting()
+                pending = False
+            except Exception as exc:  # Triton down: try again on the next tick
+                log.debug("models not reloaded yet", extra={"error": repr(exc)})
+
+    runtime.add_worker("models", keep_loaded)
     runtime.serve(settings.services.shutdown_grace_s)
 
 
