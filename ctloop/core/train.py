@@ -100,9 +100,9 @@ def load_items(cfg: TrainConfig) -> list[dict[str, Any]]:
 class _Patches(torch.utils.data.Dataset[list[dict[str, Any]]]):
     """Cached preprocessed volumes -> a list of random patches per volume."""
 
-    def __init__(self, cached: CacheDataset, cfg: TrainConfig) -> None:
+    def __init__(self, cached: CacheDataset, model: ModelConfig, samples: int) -> None:
         self.cached = cached
-        self.augment = augment_transforms(cfg.model, cfg.samples_per_volume)
+        self.augment = augment_transforms(model, samples)
 
     def __len__(self) -> int:
         return len(self.cached)
@@ -159,7 +159,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     items = load_items(cfg)
     cached = CacheDataset(items, transform=preprocess_transforms(model_cfg), progress=False)
-    patches = _Patches(cached, cfg)
+    # Patches of the network actually trained: a fine-tune's parent may differ from cfg.model.
+    patches = _Patches(cached, model_cfg, cfg.samples_per_volume)
     sampler: DistributedSampler[list[dict[str, Any]]] = DistributedSampler(
         patches, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
     )

@@ -60,3 +60,24 @@ def test_segmentation_comes_back_on_the_input_grid(tiny_checkpoint):
 def test_segmenter_refuses_a_2d_image(tiny_checkpoint):
     with pytest.raises(ValueError, match="3-D"):
         Segmenter(tiny_checkpoint)(np.zeros((8, 8), np.float32), np.eye(4))
+
+
+def test_a_fine_tune_keeps_its_parents_architecture_and_patches(tiny_checkpoint, tmp_path):
+    """The sustainer's TrainConfig may name another network (the default one here, whose
+    patches would not fit these small volumes): a fine-tune trains its parent's."""
+    import torch
+
+    vols = [phantom_volume(generate_phantom("clinical-a", s, "tiny"), f"c{s}") for s in range(2)]
+    write_decathlon(tmp_path / "ds", vols, "tiny")
+    out = tmp_path / "child.pt"
+    train(
+        TrainConfig(
+            sources=[DataSource(path=tmp_path / "ds")],
+            out=out,
+            init_from=tiny_checkpoint,
+            steps=2,
+        )
+    )
+    child = torch.load(out, map_location="cpu", weights_only=False)
+    parent = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)
+    assert child["config"] == parent["config"]
