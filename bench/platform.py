@@ -28,9 +28,9 @@ from ctloop.contracts.topics import MODEL_PUBLISHED, Topic
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.model_repository import MANIFEST, ModelRepository
 from ctloop.settings import REPO_ROOT, Settings
+from ctloop.stack.services import instance_env
 
 log = logging.getLogger("ctloop.bench")
-SERVICES = ("INGEST", "INFERENCE", "TRAINING", "METRICS")
 
 
 class Platform:
@@ -151,19 +151,12 @@ def bench_platform(
     tag = uuid.uuid4().hex[:8]
     env = {
         **os.environ,
-        "CTLOOP_RUN_DIR": str(root / "run"),
-        "CTLOOP_DB__URL": f"sqlite:///{root / 'workflow.db'}",
-        "CTLOOP_KAFKA__GROUP_PREFIX": f"bench-{tag}-",
-        "CTLOOP_SERVICES__IGNITER_MODEL": f"igniter{tag}",
-        "CTLOOP_SERVICES__SUSTAINER_MODEL": f"sustainer{tag}",
+        **instance_env(root / "run", port_base, tag, group_prefix=f"bench-{tag}-"),
         # No round unless a benchmark asks for one.
         "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": "1000000",
         "CTLOOP_TRAINING__ROUND_MIN_NEW": "1000000",
         **(extra_env or {}),
     }
-    for i, name in enumerate(SERVICES):
-        env[f"CTLOOP_SERVICES__{name}__HTTP_PORT"] = str(port_base + 2 * i)
-        env[f"CTLOOP_SERVICES__{name}__GRPC_PORT"] = str(port_base + 2 * i + 1)
     root.mkdir(parents=True, exist_ok=True)
     platform = Platform(root, port_base, env, tag)
     t0 = time.monotonic()

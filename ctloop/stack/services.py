@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import httpx
 
@@ -60,3 +61,28 @@ class ServiceProcess(Component):
 
 def service_components(settings: Settings) -> list[Component]:
     return [ServiceProcess(settings, name, module) for name, module in SERVICES.items()]
+
+
+def instance_env(
+    run_dir: Path,
+    port_base: int,
+    tag: str,
+    group_prefix: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a separate platform instance on the shared stack: its own run folder
+    and SQLite workflow database, ports (HTTP ``port_base + 2i``, gRPC the next, in the order of
+    ``SERVICES``), model names ending in ``tag`` and, with ``group_prefix``, its own consumer
+    groups. Tests, benchmarks and ``ctloop run`` start their services with it."""
+    env = {
+        "CTLOOP_RUN_DIR": str(run_dir),
+        "CTLOOP_DB__URL": f"sqlite:///{run_dir / 'workflow.db'}",
+        "CTLOOP_SERVICES__IGNITER_MODEL": f"igniter{tag}",
+        "CTLOOP_SERVICES__SUSTAINER_MODEL": f"sustainer{tag}",
+    }
+    if group_prefix is not None:
+        env["CTLOOP_KAFKA__GROUP_PREFIX"] = group_prefix
+    for i, name in enumerate(SERVICES):
+        env[f"CTLOOP_SERVICES__{name.upper()}__HTTP_PORT"] = str(port_base + 2 * i)
+        env[f"CTLOOP_SERVICES__{name.upper()}__GRPC_PORT"] = str(port_base + 2 * i + 1)
+    return {**env, **(extra or {})}

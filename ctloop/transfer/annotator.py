@@ -22,10 +22,11 @@ Time model (minutes for one CT)::
 
 A slice needs an edit when the organ's outline in it is visibly off: the overlap of prediction
 and truth in the slice (intersection over union) is below ``slice_ok`` (0.9; a person does not
-redraw a boundary that is a voxel out) and the organ covers at least ``min_voxels`` there. The effort of an edited slice grows with how much of it is wrong. ``k``
-(minutes per edit unit) is calibrated once, on the first round's volumes, so that their mean
-equals the paper's 13.87 minutes per CT; every later round's minutes follow from how much less
-the better model leaves to edit.
+redraw a boundary that is a voxel out) and the organ covers at least ``min_voxels`` there. The
+effort of an edited slice grows with how much of it is wrong. ``k`` (minutes per edit unit) is
+calibrated once, on the first round's volumes, so that their mean equals the paper's 13.87
+minutes per CT; every later round's minutes follow from how much less the better model leaves
+to edit.
 """
 
 from __future__ import annotations

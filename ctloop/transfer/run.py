@@ -40,7 +40,7 @@ from ctloop.core.datasets import DecathlonDataset, nifti_gz_bytes
 from ctloop.core.phantom import generate_phantom
 from ctloop.settings import Settings, get_settings
 from ctloop.stack import LocalStack
-from ctloop.stack.services import service_components
+from ctloop.stack.services import instance_env, service_components
 from ctloop.transfer.annotator import Plan, SimulatedAnnotator, Strategy, TimeModel
 from ctloop.v1 import (
     inference_pb2,
@@ -183,12 +183,8 @@ class TransferRun:
         p, rid = self.preset, self.run_id
         platform = self.folder / "platform"
         env = {
-            "CTLOOP_RUN_DIR": str(platform),
-            "CTLOOP_DB__URL": f"sqlite:///{platform / 'workflow.db'}",
+            **instance_env(platform, self.port_base, f"-{rid}", group_prefix=f"run-{rid}-"),
             "CTLOOP_RUNS_DIR": str(self.base.runs_dir),
-            "CTLOOP_KAFKA__GROUP_PREFIX": f"run-{rid}-",
-            "CTLOOP_SERVICES__IGNITER_MODEL": f"igniter-{rid}",
-            "CTLOOP_SERVICES__SUSTAINER_MODEL": f"sustainer-{rid}",
             "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": str(len(self.data.public) if self.data else 1),
             "CTLOOP_TRAINING__ROUND_MIN_NEW": str(p.batch),
             "CTLOOP_TRAINING__DEBOUNCE_S": "3",
@@ -201,9 +197,6 @@ class TransferRun:
             "CTLOOP_TRAINING__ACCEPT_TOLERANCE": "1.0",
             "CTLOOP_TRAINING__MODEL": json.dumps(p.model),
         }
-        for i, name in enumerate(("INGEST", "INFERENCE", "TRAINING", "METRICS")):
-            env[f"CTLOOP_SERVICES__{name}__HTTP_PORT"] = str(self.port_base + 2 * i)
-            env[f"CTLOOP_SERVICES__{name}__GRPC_PORT"] = str(self.port_base + 2 * i + 1)
         return env
 
     def start_platform(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ctloop.settings import REPO_ROOT
+from ctloop.stack.services import instance_env
 
 # A model small enough to train in seconds on 2 cores.
 TINY_MODEL = {"spacing": [8, 8, 8], "patch": [32, 32, 32], "channels": [8, 16], "strides": [2]}
@@ -28,10 +29,7 @@ def run_platform(
     tag = uuid.uuid4().hex[:8]
     env = {
         **os.environ,
-        "CTLOOP_RUN_DIR": str(tmp_path / "run"),
-        "CTLOOP_DB__URL": f"sqlite:///{tmp_path / 'workflow.db'}",
-        "CTLOOP_SERVICES__IGNITER_MODEL": f"igniter{tag}",
-        "CTLOOP_SERVICES__SUSTAINER_MODEL": f"sustainer{tag}",
+        **instance_env(tmp_path / "run", ports["INGEST"], tag),
         "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": "3",
         "CTLOOP_TRAINING__ROUND_MIN_NEW": "3",
         "CTLOOP_TRAINING__DEBOUNCE_S": "2",
@@ -44,9 +42,6 @@ def run_platform(
         "CTLOOP_TRAINING__MODEL": json.dumps(TINY_MODEL),
         **(extra_env or {}),
     }
-    for name, port in ports.items():
-        env[f"CTLOOP_SERVICES__{name}__HTTP_PORT"] = str(port)
-        env[f"CTLOOP_SERVICES__{name}__GRPC_PORT"] = str(port + 1)
 
     def ctloop(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
