@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -112,22 +113,22 @@ class Volumes:
     truth: dict[str, NDArray[np.uint8]] = field(default_factory=dict)  # clinical, if known
 
 
-def synthetic_volumes(preset: RunPreset, seed: int) -> Volumes:
+def synthetic_volumes(preset: RunPreset, seed: int, prefix: str = "") -> Volumes:
     public, clinical, evaluation, truth = {}, {}, {}, {}
     for i in range(preset.n_public):
         p = generate_phantom("public", seed + i, preset.size)
-        public[f"pub-{i:03d}"] = (p.image, p.affine, p.label)
+        public[f"{prefix}pub-{i:03d}"] = (p.image, p.affine, p.label)
     n = 0
     for site in SITES:
         for _ in range(preset.clinical_per_site):
             p = generate_phantom("clinical-a", seed + 10_000 + n, preset.size)
-            vid = f"cli-{n:03d}"
+            vid = f"{prefix}cli-{n:03d}"
             clinical[vid] = (site, p.image, p.affine)
             truth[vid] = p.label
             n += 1
     for i in range(preset.n_evaluation):
         p = generate_phantom("clinical-a", seed + 20_000 + i, preset.size)
-        evaluation[f"eval-{i:03d}"] = (p.image, p.affine, p.label)
+        evaluation[f"{prefix}eval-{i:03d}"] = (p.image, p.affine, p.label)
     return Volumes(public, clinical, evaluation, truth)
 
 
@@ -450,7 +451,14 @@ class TransferRun:
 
     def run(self) -> dict[str, Any]:
         if self.data is None:
-            self.data = synthetic_volumes(self.preset, self.seed)
+            # Volume ids carry the run id: S3 keys and the event history are shared with
+            # every other run and platform instance on this stack.
+            self.data = synthetic_volumes(self.preset, self.seed, prefix=f"r{self.run_id}-")
+
+        def stop(signum: int, _: Any) -> None:
+            raise SystemExit(128 + signum)  # unwind: the run's services are stopped below
+
+        signal.signal(signal.SIGTERM, stop)
         self.start_platform()
         watcher = threading.Thread(target=self.progress, daemon=True)
         watcher.start()

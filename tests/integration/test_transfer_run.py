@@ -125,7 +125,7 @@ def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: P
     for r in rounds:
         per_volume = []
         for i, truth in enumerate(truths):
-            key = keys.prediction_mask(f"eval-{i:03d}", r["model"], r["version"])
+            key = keys.prediction_mask(f"r{run_id}-eval-{i:03d}", r["model"], r["version"])
             raw = store.get_bytes(settings.s3.bucket, key)
             pred = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj)
             organs = [k for k in ORGAN_IDS.values() if k and np.any(truth == k)]
