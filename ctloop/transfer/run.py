@@ -85,7 +85,7 @@ PRESETS: dict[str, RunPreset] = {
     "small": RunPreset(
         size="small", n_public=10, clinical_per_site=9, n_evaluation=4, rounds=3, batch=6,
         flexible_rounds=3, igniter_steps=400, sustainer_steps=150, public_replay=4,
-        holdout_every=1000, nproc_per_node=1, expected="~15 min on 2 cores",
+        holdout_every=1000, nproc_per_node=1, expected="~13 min on 2 cores",
     ),
     # Realistic sizes (512x512x~260); for a GPU machine.
     "full": RunPreset(
