@@ -55,7 +55,7 @@ def _env(run: Path) -> dict[str, str]:
         "CTLOOP_TRAINING__ROUND_MIN_NEW": "2",
         "CTLOOP_TRAINING__DEBOUNCE_S": "2",
         "CTLOOP_TRAINING__HOLDOUT_EVERY": "1000",
-        "CTLOOP_TRAINING__IGNITER_STEPS": "60",
+        "CTLOOP_TRAINING__IGNITER_STEPS": "150",  # long enough to be killed in the middle
         "CTLOOP_TRAINING__SUSTAINER_STEPS": "8",
         "CTLOOP_TRAINING__ACCEPT_TOLERANCE": "1.0",
         "CTLOOP_TRAINING__TICK_S": "1",
@@ -224,8 +224,6 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
 
     # Kafka down: uploads are still accepted (the outbox keeps their events) and announced
     # once the broker is back.
-    for i in range(3):
-        assert _upload(p, f"pub-{i}", "public", 10 + i).status_code == 201
     p.kill("kafka")
     r = _upload(p, "during-kafka", "clinical", 2)
     p.invariant("upload accepted while Kafka is down", r.status_code == 201, r.text)
@@ -242,8 +240,10 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
         with session_scope(s.database_url) as db:
             return bool(db.scalar(select(TrainingRound).where(TrainingRound.status == "running")))
 
+    for i in range(3):  # the public volumes start the igniter's round
+        assert _upload(p, f"pub-{i}", "public", 10 + i).status_code == 201
     p.until("the igniter round to start", round_running, 180)
-    time.sleep(3)
+    time.sleep(2)
     p.kill("training")
     p.ctloop("services", "up")
 
