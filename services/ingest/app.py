@@ -689,14 +689,20 @@ def _get_volume(s: Any, volume_id: str, who: Principal) -> Volume:
     return v
 
 
-def _latest_prediction(s: Any, volume_id: str, who: Principal) -> Prediction:
-    _get_volume(s, volume_id, who)
-    p = s.scalars(
+def latest_prediction(s: Any, volume_id: str) -> Prediction | None:
+    """The volume's newest pre-annotation, if it has one."""
+    p: Prediction | None = s.scalars(
         select(Prediction)
         .where(Prediction.volume_id == volume_id)
         .order_by(Prediction.created_at.desc(), Prediction.id.desc())
         .limit(1)
     ).first()
+    return p
+
+
+def _latest_prediction(s: Any, volume_id: str, who: Principal) -> Prediction:
+    _get_volume(s, volume_id, who)
+    p = latest_prediction(s, volume_id)
     if p is None:
         raise HTTPException(
             404,

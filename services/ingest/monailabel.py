@@ -142,7 +142,12 @@ def _multipart(params: dict[str, Any], filename: str, data: bytes) -> Response:
 
 def monailabel_router(ingest: Any, auth: Auth, queue: WorkQueue, backends: Backends) -> APIRouter:
     # Imported here: app.py imports this module to mount the router.
-    from services.ingest.app import _get_volume, _latest_prediction, record_annotation
+    from services.ingest.app import (
+        _get_volume,
+        _latest_prediction,
+        latest_prediction,
+        record_annotation,
+    )
 
     r = APIRouter(tags=["MONAI Label compatibility"])
     anyone = auth.require("admin", "reviewer", "annotator", "integration")
@@ -305,16 +310,9 @@ def monailabel_router(ingest: Any, auth: Auth, queue: WorkQueue, backends: Backe
         minutes = extra.get("minutes")
         if not isinstance(minutes, int | float) or not 0 <= minutes <= 24 * 60:
             minutes = minutes_since_claim(image, who)
-        origin = None
         with session_scope(ingest.db) as s:
-            p = s.scalars(
-                select(Prediction)
-                .where(Prediction.volume_id == image)
-                .order_by(Prediction.created_at.desc(), Prediction.id.desc())
-                .limit(1)
-            ).first()
-            if p is not None:
-                origin = ModelRef(model=p.model, version=p.version)
+            p = latest_prediction(s, image)
+            origin = ModelRef(model=p.model, version=p.version) if p is not None else None
         data = await ingest.read_upload(label, "label")
         out = record_annotation(
             ingest, who, image, data, float(minutes), partial, origin, label_map
