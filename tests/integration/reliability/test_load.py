@@ -155,3 +155,5 @@ def test_concurrent_annotators_and_uploads(platform, unique):
     assert all(store.exists(settings.s3.bucket, r.s3_key) for r in revisions)
     claimed = [vid for _, vid in claims]
     assert len(claimed) == len(set(claimed)), "a volume was handed to two annotators"
+    authors = {r.volume_id: r.author for r in revisions}
+    assert {(authors[v], v) for v in annotated} <= set(claims), "annotated without a claim"
