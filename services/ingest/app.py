@@ -47,6 +47,7 @@ from ctloop.core.organs import LabelMap, UnknownLabel
 from ctloop.core.partial import OrganStatus, PartialLabel
 from ctloop.db import (
     AnnotationRevision,
+    Lease,
     Prediction,
     Site,
     Volume,
@@ -61,7 +62,7 @@ from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from services.ingest.admin import Auth, admin_router
 from services.ingest.monailabel import Backends, monailabel_router
-from services.ingest.queue import WorkQueue, lease_holder, queue_router, release
+from services.ingest.queue import WorkQueue, lease_holder, queue_router
 from services.ingest.validation import (
     Grid,
     Limits,
@@ -642,6 +643,14 @@ def record_annotation(
             row = AnnotationRevision(
                 volume_id=volume_id, revision=rev, author=author, s3_key=key, detail=detail
             )
+            # The lease is checked again and released in the revision's own transaction: a
+            # claim that listed this volume before now finds it annotated and rolls back.
+            lease = s.get(Lease, volume_id)
+            now = datetime.now(UTC)
+            if lease is not None and lease.expires_at > now and lease.holder != author:
+                raise UploadRejected("leased", f"{volume_id} is leased to {lease.holder}", 409)
+            if lease is not None:
+                s.delete(lease)
             s.add(row)
             vol = s.get(Volume, volume_id)
             assert vol is not None
@@ -654,7 +663,6 @@ def record_annotation(
         raise UploadRejected(
             "conflict", "another revision was submitted at the same time; retry", 409
         ) from exc
-    release(ingest.db, volume_id)
     ingest.published()
     with bind(volume_id=volume_id, site_id=site):
         log.info("annotation submitted", extra={"revision": rev, "minutes": minutes})

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from ctloop.auth import Principal
 from ctloop.db import Lease, Volume, audit, session_scope, waiting_for_annotation
@@ -47,6 +48,10 @@ class Candidate:
     version: int | None
     uncertainty: float | None
     created_at: datetime
+
+
+class _NoLongerWaiting(Exception):
+    """Rolls a claim back: the volume was annotated after the candidates were listed."""
 
 
 def _error(status: int, code: str, message: str) -> HTTPException:
@@ -98,19 +103,41 @@ class WorkQueue:
         return rows
 
     def _try_claim(self, volume_id: str, holder: str, until: datetime) -> bool:
+        """Lease ``volume_id`` if nobody holds it and it is still waiting for annotation.
+
+        The lease write and the "still waiting" check are one transaction: the candidate list
+        was read earlier, and the volume may have been annotated (and its lease released, in
+        the annotation's own transaction) since then."""
+
+        def waiting(s: Session) -> bool:
+            q = waiting_for_annotation().where(Volume.id == volume_id)
+            return s.execute(q).first() is not None
+
         try:
             with session_scope(self.db) as s:
                 s.add(Lease(volume_id=volume_id, holder=holder, expires_at=until))
+                s.flush()
+                if not waiting(s):
+                    raise _NoLongerWaiting
             return True
+        except _NoLongerWaiting:
+            return False
         except IntegrityError:
-            pass
-        with session_scope(self.db) as s:
-            taken = s.execute(
-                update(Lease)
-                .where(Lease.volume_id == volume_id, Lease.expires_at <= _now())
-                .values(holder=holder, expires_at=until)
-            )
-            return bool(taken.rowcount == 1)  # type: ignore[attr-defined]
+            pass  # someone holds (or held) a lease: take it over only if it has expired
+        try:
+            with session_scope(self.db) as s:
+                taken = s.execute(
+                    update(Lease)
+                    .where(Lease.volume_id == volume_id, Lease.expires_at <= _now())
+                    .values(holder=holder, expires_at=until)
+                )
+                if taken.rowcount != 1:  # type: ignore[attr-defined]
+                    return False
+                if not waiting(s):
+                    raise _NoLongerWaiting
+            return True
+        except _NoLongerWaiting:
+            return False
 
     def claim(
         self, who: Principal, strategy: Strategy | None = None, lease_s: float | None = None

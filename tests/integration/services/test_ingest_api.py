@@ -20,7 +20,7 @@ from ctloop.contracts import keys
 from ctloop.contracts.payloads import AnnotationSubmitted, VolumeIngested, payload_for
 from ctloop.contracts.topics import Topic
 from ctloop.core.organs import ORGAN_IDS
-from ctloop.db import AnnotationRevision, OutboxEvent, Volume, session_scope
+from ctloop.db import AnnotationRevision, Lease, OutboxEvent, Volume, session_scope
 from ctloop.outbox import OutboxRelay
 from ctloop.storage import ObjectStore
 from services.ingest.app import create_app
@@ -545,6 +545,34 @@ def test_leases_expire_renew_release_and_guard_submission(api, svc_settings, rel
         assert (
             c.post("/v1/tasks/next", json={}, headers=headers["q2"]).json()["code"] == "queue_empty"
         )
+
+
+def test_a_claim_from_a_list_read_before_the_annotation_landed_is_refused(
+    api, svc_settings, relay, unique
+):
+    """The queue lists candidates, then leases one: an annotation that lands in between (and
+    releases its lease) must make that lease fail, not hand out an annotated volume."""
+    from datetime import UTC, datetime, timedelta
+
+    from services.ingest.queue import WorkQueue
+
+    _, headers, (vid,) = _team(api, unique, 1)
+    queue = WorkQueue(svc_settings.database_url, "sequential", 60.0)
+    with TestClient(create_app(svc_settings, relay)) as c:
+        assert c.post("/v1/tasks/next", json={}, headers=headers["q1"]).json()["volume_id"] == vid
+        p = phantom(seed=60)
+        done = c.post(
+            f"/v1/volumes/{vid}/annotations",
+            headers=headers["q1"],
+            files={"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")},
+            data={"minutes": "1"},
+        )
+        assert done.status_code == 201
+    # The stale candidate (listed while q1 still held it): its lease is gone, the claim fails.
+    until = datetime.now(UTC) + timedelta(seconds=60)
+    assert not queue._try_claim(vid, f"q2-{unique}", until)
+    with session_scope(svc_settings.database_url) as s:
+        assert s.get(Lease, vid) is None
 
 
 def test_oidc_bearer_tokens_are_verified_and_scoped(svc_settings, relay, oidc_issuer, api, unique):
