@@ -5,7 +5,6 @@ Every dataset carries its own label map; loading maps labels to canonical organ 
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
+from isal import igzip, isal_zlib
 from nibabel import orientations
 from nibabel.spatialimages import SpatialImage
 from numpy.typing import NDArray
@@ -68,11 +68,29 @@ def save_nifti(path: Path, array: NDArray, affine: NDArray) -> None:
     nib.save(img, str(path))
 
 
+# gzip through ISA-L (``isal``): the same format as the stdlib's, ~5x faster to write and ~2x
+# faster to read, which is most of what ingest and inference spend on a blob.
+gzip_error = cast(type[Exception], isal_zlib.error)
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    return igzip.compress(data, 1)
+
+
+def gunzip_bytes(data: bytes) -> bytes:
+    return isal_zlib.decompress(data, 16 + isal_zlib.MAX_WBITS)
+
+
 def nifti_gz_bytes(array: NDArray, affine: NDArray) -> bytes:
     """A volume or mask as gzipped NIfTI bytes: the form ctloop stores blobs in."""
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm", "sec")
-    return gzip.compress(img.to_bytes(), compresslevel=1)
+    return gzip_bytes(img.to_bytes())
+
+
+def nifti_from_gz(data: bytes) -> nib.Nifti1Image:
+    """The NIfTI image in gzipped bytes (a blob ctloop stored)."""
+    return nib.Nifti1Image.from_bytes(gunzip_bytes(data))
 
 
 def load_nifti(path: Path) -> tuple[NDArray, NDArray[np.float64]]:

@@ -69,6 +69,7 @@ class LabelMap:
         self._lut = np.full(size, -1, dtype=np.int16)
         for organ, value in self.organ_to_id.items():
             self._lut[value] = ORGAN_IDS[organ]
+        self._lut8 = np.where(self._lut < 0, 0, self._lut).astype(np.uint8)  # after the check
 
     @classmethod
     def canonical(cls) -> LabelMap:
@@ -87,8 +88,13 @@ class LabelMap:
 
         Raises :class:`UnknownLabel` when the volume holds a value the map does not declare.
         """
-        values = np.unique(label)
+        lo, hi = int(label.min()), int(label.max())
+        if lo >= 0 and hi < len(self._lut) and label.dtype != np.uint64:
+            # Which values occur: a count per value, not a sort (masks are ~10^7 voxels).
+            values = np.flatnonzero(np.bincount(label.ravel(), minlength=hi + 1))
+        else:
+            values = np.unique(label)
         unknown = [int(v) for v in values if v < 0 or v >= len(self._lut) or self._lut[v] < 0]
         if unknown:
             raise UnknownLabel(f"label values {unknown} are not in the dataset's label map")
-        return self._lut[label].astype(np.uint8)
+        return self._lut8[label]

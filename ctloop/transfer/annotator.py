@@ -31,18 +31,16 @@ to edit.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.datasets import nifti_from_gz, nifti_gz_bytes
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 
 log = logging.getLogger("ctloop.annotator")
@@ -218,7 +216,7 @@ class SimulatedAnnotator:
         info.raise_for_status()
         raw = self.client.get(f"/v1/volumes/{vid}/prediction/mask")
         raw.raise_for_status()
-        img = nib.Nifti1Image.from_bytes(gzip.decompress(raw.content))
+        img = nifti_from_gz(raw.content)
         pred = np.asarray(img.dataobj, dtype=np.uint8)
         model = f"{info.json()['model']}:{info.json()['version']}"
         return plan_correction(

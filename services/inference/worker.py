@@ -11,13 +11,11 @@ Every handler claims its event id in the same transaction as its effect (idempot
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import time
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
 from prometheus_client import Counter, Histogram
 from sqlalchemy import select
@@ -34,7 +32,7 @@ from ctloop.contracts.payloads import (
     payload_for,
 )
 from ctloop.contracts.topics import PREDICTION_COMPLETED
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.datasets import nifti_from_gz, nifti_gz_bytes
 from ctloop.core.packaging import segmentation_spec
 from ctloop.db import (
     Prediction,
@@ -212,7 +210,7 @@ class InferenceWorker:
             stages = _Stages()
             raw = self.store.get_bytes(self.bucket, key, version)
             stages.mark("fetch")
-            img = nib.Nifti1Image.from_bytes(gzip.decompress(raw))
+            img = nifti_from_gz(raw)
             image = np.asarray(img.dataobj, dtype=np.float32)
             stages.mark("decode")
             labels, uncertainty = self.triton.segment(

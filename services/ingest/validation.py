@@ -9,16 +9,16 @@ from __future__ import annotations
 import io
 import tempfile
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import nibabel as nib
 import numpy as np
+from isal import isal_zlib
 from numpy.typing import NDArray
 
 from ctloop.contracts import keys
-from ctloop.core.datasets import DatasetError, Volume, load_dicom_series
+from ctloop.core.datasets import DatasetError, Volume, gzip_error, load_dicom_series
 from ctloop.core.organs import LabelMap, UnknownLabel
 
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
@@ -62,10 +62,10 @@ def safe_id(value: str, what: str) -> str:
 
 def _gunzip_bounded(data: bytes, limit: int) -> bytes:
     """Decompress gzip without ever holding more than ``limit`` bytes (decompression bombs)."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    d = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
     try:
         out = d.decompress(data, limit + 1)
-    except zlib.error as exc:
+    except gzip_error as exc:
         raise UploadRejected("corrupt_gzip", f"the gzip stream is corrupt ({exc})") from exc
     if len(out) > limit or d.unconsumed_tail:
         raise UploadRejected("too_large", f"decompresses to more than {limit} bytes", status=413)
@@ -148,7 +148,7 @@ def validate_mask(
             raise UploadRejected("float_mask", "the mask holds non-integer values")
         array = values.astype(np.int64)
     try:
-        return label_map.to_canonical(np.asarray(array, dtype=np.int64))
+        return label_map.to_canonical(array)
     except UnknownLabel as exc:
         raise UploadRejected("unknown_label", str(exc)) from exc
 

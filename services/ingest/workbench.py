@@ -25,7 +25,6 @@ maps them onto the screen (radiological convention) with the ``views`` the viewe
 
 from __future__ import annotations
 
-import gzip
 import logging
 import re
 import threading
@@ -45,6 +44,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from ctloop.auth import ROLES, Principal
+from ctloop.core.datasets import gzip_bytes, nifti_from_gz
 from ctloop.core.organs import ORGANS
 from ctloop.db import AnnotationRevision, Lease, ServingModel, Volume, audit, session_scope
 from ctloop.db import waiting_for_annotation as waiting_query
@@ -216,7 +216,7 @@ class VolumeCache:
                 self._items.move_to_end((key, version))
                 return hit
         raw = ingest.store.get_bytes(ingest.bucket, key, version)
-        data = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj)
+        data = np.asarray(nifti_from_gz(raw).dataobj)
         if data.dtype != np.int16:
             data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
         with self._lock:
@@ -233,7 +233,7 @@ def _gzip_response(payload: bytes, request: Request, headers: dict[str, str]) ->
     decoding is theirs, the page gets the raw array). Patient data: never cached on disk."""
     headers = {**headers, "Cache-Control": "no-store"}
     if "gzip" in request.headers.get("accept-encoding", ""):
-        payload = gzip.compress(payload, compresslevel=1)
+        payload = gzip_bytes(payload)
         headers["Content-Encoding"] = "gzip"
     return Response(payload, media_type="application/octet-stream", headers=headers)
 
@@ -435,7 +435,7 @@ def workbench_router(ingest: Ingest, auth: Auth, queue: WorkQueue) -> APIRouter:
             action = "annotation.read" if source.kind == "revision" else "prediction.read"
             audit(s, who.user_id, action, volume_id, site_id=v.site_id, via="workbench")
         raw = ingest.store.get_bytes(ingest.bucket, key, version)
-        mask = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj, np.uint8)
+        mask = np.asarray(nifti_from_gz(raw).dataobj, np.uint8)
         origin = f"{source.model}:{source.version}" if source.kind == "prediction" else ""
         return _gzip_response(
             mask.tobytes(order="F"),

@@ -12,14 +12,12 @@ the Dice per organ and mean on the clinical data that the report compares across
 
 from __future__ import annotations
 
-import gzip
 import logging
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from prometheus_client import Counter, Gauge
 
@@ -33,6 +31,7 @@ from ctloop.contracts.payloads import (
     VolumeIngested,
     payload_for,
 )
+from ctloop.core.datasets import nifti_from_gz
 from ctloop.core.metrics import mean_dice, organ_dice
 from ctloop.core.partial import PartialLabel
 from ctloop.storage import ObjectStore
@@ -190,7 +189,7 @@ class MetricsState:
 
     def _mask(self, bucket: str, key: str, version: str | None) -> np.ndarray:
         raw = self.store.get_bytes(bucket, key, version)
-        return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj, dtype=np.uint8)
+        return np.asarray(nifti_from_gz(raw).dataobj, dtype=np.uint8)
 
     def report(self) -> list[dict[str, Any]]:
         with self._lock:

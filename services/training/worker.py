@@ -10,7 +10,6 @@ retried, then marked failed; a version is never half-published (manifest last).
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from ctloop.contracts.payloads import (
 )
 from ctloop.contracts.topics import MODEL_PUBLISHED, TRAINING_COMPLETED, TRAINING_STARTED
 from ctloop.core.datasets import Volume as CoreVolume
-from ctloop.core.datasets import write_decathlon
+from ctloop.core.datasets import nifti_from_gz, write_decathlon
 from ctloop.core.infer import Segmenter
 from ctloop.core.metrics import mean_dice
 from ctloop.core.model import ModelConfig
@@ -394,7 +393,7 @@ class TrainingWorker:
 
     def _load(self, ref: BlobRef) -> nib.Nifti1Image:
         raw = self.store.get_bytes(ref.bucket, ref.key, ref.version_id)
-        return nib.Nifti1Image.from_bytes(gzip.decompress(raw))
+        return nifti_from_gz(raw)
 
     def _torchrun(self, config: TrainConfig, work: Path) -> None:
         """Train the candidate: torchrun here, or a Kubernetes Job (``training.launcher``)."""
