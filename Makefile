@@ -18,6 +18,7 @@ CTLOOP      := $(VENV)/bin/ctloop
 KAFKA_LIBS  := $(TOOLS)/kafka/libs
 VERSITYGW_VERSION := v1.8.0
 HELM_VERSION      := v3.22.0
+GECKODRIVER_VERSION := 0.37.1
 
 PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
@@ -100,16 +101,21 @@ $(STAMPS)/dicom-server:
 	fi
 	@touch $@
 
-# Chromium from Debian: the web workbench's browser test drives it with Playwright (no
-# `playwright install`: that downloads a browser build, and only package registries are reached).
-browser: $(STAMPS)/browser
+# Browsers from Debian for the web workbench's browser test: Chromium (driven by Playwright; no
+# `playwright install`, which downloads a browser build) and Firefox ESR (driven by Selenium
+# through geckodriver, built from crates.io). Only package registries are reached.
+browser: $(STAMPS)/browser $(TOOLS)/bin/geckodriver
 $(STAMPS)/browser:
 	@mkdir -p $(STAMPS)
-	if ! [ -x /usr/bin/chromium ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
-	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi; \
+	if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/firefox-esr ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium firefox-esr; \
 	fi
 	@touch $@
+
+$(TOOLS)/bin/geckodriver:
+	@mkdir -p $(TOOLS)
+	cargo install --quiet --locked geckodriver --version $(GECKODRIVER_VERSION) --root $(abspath $(TOOLS))
 
 # ---------------------------------------------------------------- local stack
 stack-up: setup

@@ -1,17 +1,18 @@
-"""The web workbench in a real browser (headless Chromium, Debian's package, driven by
-Playwright) against the four services as processes on the real stack:
+"""The web workbench in real browsers (Debian's Chromium driven by Playwright, Debian's Firefox
+ESR driven by Selenium and geckodriver) against the four services as processes on the real
+stack:
 
 an annotator signs in with a token, takes the next task from the queue, paints a correction on
 one organ (and undoes a second stroke), accepts the other organs and submits. Through the API the
 new revision is then exactly the pre-annotation plus the painted voxels, with the organs'
 statuses as clicked and the minutes spent. Screenshots of the viewer and the dashboard are kept
-in ``test-artifacts/``.
+in ``test-artifacts/`` (one pair per browser).
 """
 
 from __future__ import annotations
 
 import gzip
-import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -23,10 +24,10 @@ from ctloop.core.datasets import nifti_gz_bytes
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
 from ctloop.settings import REPO_ROOT
+from tests.integration.browsers import missing, open_page
 from tests.integration.platform import run_platform, until
 
 PORTS = {"INGEST": 28960, "INFERENCE": 28962, "TRAINING": 28964, "METRICS": 28966}
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 PAINTED = "spleen"
 
@@ -70,15 +71,14 @@ def _voxel(view: dict, dims: list[int], index: int, row: int, col: int) -> tuple
 
 @pytest.fixture
 def platform(tmp_path: Path):
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed: run `make setup` (target browser)")
     with run_platform(tmp_path, PORTS) as running:
         yield running
 
 
-def test_annotator_corrects_a_task_in_the_browser(platform):
-    from playwright.sync_api import sync_playwright
-
+@pytest.mark.parametrize("browser", ["chromium", "firefox"])
+def test_annotator_corrects_a_task_in_the_browser(platform, browser):
+    if why := missing(browser):
+        pytest.fail(f"{browser}: {why}")
     tag, logs, api = platform["tag"], platform["logs"], platform["api"]
     admin = httpx.Client(
         base_url=api, timeout=60, headers={"Authorization": f"Bearer {platform['admin_token']}"}
@@ -100,25 +100,20 @@ def test_annotator_corrects_a_task_in_the_browser(platform):
     me = httpx.Client(base_url=api, timeout=60, headers={"Authorization": f"Bearer {token}"})
     ARTIFACTS.mkdir(exist_ok=True)
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1500, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with open_page(browser) as page:
         page.goto(f"{api}/ui/")
 
         # Sign in with the token; the task list shows the annotator's site.
         page.fill("#token", token)
         page.click("#signin-form button[type=submit]")
-        page.wait_for_selector("#tasks:not([hidden])")
-        assert site in page.inner_text("#sites")
-        assert all(v in page.inner_text("#waiting") for v in clinical)
+        page.wait_for("#tasks:not([hidden])")
+        assert site in page.text("#sites")
+        assert all(v in page.text("#waiting") for v in clinical)
 
         # Next task: a lease from the queue, the volume open in three views.
         page.click("#next-task")
-        page.wait_for_selector("#workbench:not([hidden])")
-        # (no wait_for_function: it evaluates strings, which the page's CSP forbids)
-        page.wait_for_selector("#view-axial .caption:not(:empty)")
+        page.wait_for("#workbench:not([hidden])")
+        page.wait_for("#view-axial .caption:not(:empty)")
         vid = page.evaluate("ctloopWorkbench.task.volumeId")
         assert vid in clinical
         meta = me.get(f"/v1/volumes/{vid}/viewer").json()
@@ -126,9 +121,9 @@ def test_annotator_corrects_a_task_in_the_browser(platform):
         pre = _nifti(me.get(f"/v1/volumes/{vid}/prediction/mask").content)
 
         # The spleen, brush one step larger than the default (3 -> 4), on the middle axial plane.
-        page.keyboard.press(str(FOREGROUND.index(PAINTED) + 1))
-        page.keyboard.press("]")
-        radius = int(page.input_value("#brush-size"))
+        page.press(str(FOREGROUND.index(PAINTED) + 1))
+        page.press("]")
+        radius = int(page.value("#brush-size"))
         assert radius == 4
         axial = meta["views"]["axial"]
         dims = meta["shape"]
@@ -137,39 +132,34 @@ def test_annotator_corrects_a_task_in_the_browser(platform):
         row, col = n_rows // 2, n_cols // 2 - 6
 
         def at(r: int, c: int) -> dict[str, float]:
-            return page.evaluate(f"ctloopWorkbench.views[0].clientPoint({r}, {c})")
+            return dict(page.evaluate(f"ctloopWorkbench.views[0].clientPoint({r}, {c})"))
 
         # A stroke of four brush positions along one row ...
-        start, end = at(row, col), at(row, col + 3)
-        page.mouse.move(start["x"], start["y"])
-        page.mouse.down()
-        page.mouse.move(end["x"], end["y"], steps=6)
-        page.mouse.up()
+        page.drag([at(row, col), at(row, col + 3)])
         # ... and a second dab elsewhere, undone with Ctrl+Z (redo and undo again on the way).
-        extra = at(row - 12, col + 12)
-        page.mouse.click(extra["x"], extra["y"])
-        page.keyboard.press("Control+z")
-        page.keyboard.press("Control+y")
-        page.keyboard.press("Control+z")
+        page.click_at(at(row - 12, col + 12))
+        page.press("Control+z")
+        page.press("Control+y")
+        page.press("Control+z")
 
         # Accept every other organ with its own button; the painted one became "corrected".
         for organ in FOREGROUND:
             if organ != PAINTED:
                 page.click(f'#organs tr[data-organ="{organ}"] button[data-status="accepted"]')
-        page.wait_for_timeout(1200)  # let the timer count a second of work
-        viewer_png = ARTIFACTS / "workbench-viewer.png"
-        page.screenshot(path=str(viewer_png))
+        time.sleep(1.2)  # let the timer count a second of work
+        viewer_png = ARTIFACTS / f"workbench-viewer-{browser}.png"
+        page.screenshot(viewer_png)
 
         page.click("#submit")
-        page.wait_for_selector("body[data-submitted]")
-        assert page.get_attribute("body", "data-submitted") == f"{vid}:1"
+        page.wait_for("body[data-submitted]")
+        assert page.attribute("body", "data-submitted") == f"{vid}:1"
 
         page.goto(f"{api}/ui/dashboard.html")
-        page.wait_for_selector("body[data-loaded]")
-        assert site in page.inner_text("#queues")
-        dashboard_png = ARTIFACTS / "workbench-dashboard.png"
-        page.screenshot(path=str(dashboard_png), full_page=True)
-        browser.close()
+        page.wait_for("body[data-loaded]")
+        assert site in page.text("#queues")
+        dashboard_png = ARTIFACTS / f"workbench-dashboard-{browser}.png"
+        page.screenshot(dashboard_png, full_page=True)
+        errors = page.errors()
     assert not errors, errors
     print(f"screenshots: {viewer_png} {dashboard_png}")
 
