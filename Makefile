@@ -19,10 +19,11 @@ KAFKA_LIBS  := $(TOOLS)/kafka/libs
 VERSITYGW_VERSION := v1.8.0
 HELM_VERSION      := v3.22.0
 GECKODRIVER_VERSION := 0.37.1
+KEYCLOAK_VERSION    := 26.7.3
 
 PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
-.PHONY: help setup venv protos kafka-jars s3-gateway helm postgres dicom-server \
+.PHONY: help setup venv protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak \
         stack-up stack-down stack-status services-up services-down status \
         run test test-reliability lint format unit integration helm-check bench clean
 
@@ -38,7 +39,7 @@ help:
 	@echo "make bench         benchmarks vs in-process baselines (BENCH_PRESET=quick|full)"
 
 # ---------------------------------------------------------------- set-up
-setup: venv protos kafka-jars s3-gateway helm postgres dicom-server browser
+setup: venv protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak
 
 venv: $(STAMPS)/venv
 $(STAMPS)/venv: requirements.lock.txt requirements-triton.txt requirements-nodeps.txt pyproject.toml
@@ -69,6 +70,21 @@ $(STAMPS)/kafka-jars: tools/kafka/pom.xml
 	rm -rf $(KAFKA_LIBS)
 	mvn -q -B -f tools/kafka/pom.xml dependency:copy-dependencies \
 	    -DoutputDirectory=$(abspath $(KAFKA_LIBS)) -DincludeScope=runtime
+	@touch $@
+
+# Keycloak (its Quarkus distribution, from Maven Central): the OIDC provider the tests sign in
+# with, as a hospital's would (built once for an in-memory database; tests/integration/keycloak.py
+# starts it).
+keycloak: $(STAMPS)/keycloak-$(KEYCLOAK_VERSION)
+$(STAMPS)/keycloak-$(KEYCLOAK_VERSION):
+	@mkdir -p $(STAMPS) $(TOOLS)
+	@command -v mvn >/dev/null || { echo "need Maven (Debian: maven)"; exit 1; }
+	rm -rf $(TOOLS)/keycloak $(TOOLS)/keycloak-dl
+	mvn -q -B dependency:copy -Dartifact=org.keycloak:keycloak-quarkus-dist:$(KEYCLOAK_VERSION):zip \
+	    -DoutputDirectory=$(abspath $(TOOLS)/keycloak-dl)
+	cd $(TOOLS) && unzip -q keycloak-dl/keycloak-quarkus-dist-$(KEYCLOAK_VERSION).zip \
+	    && mv keycloak-$(KEYCLOAK_VERSION) keycloak && rm -rf keycloak-dl
+	KC_DB=dev-mem $(TOOLS)/keycloak/bin/kc.sh build --db=dev-mem >/dev/null
 	@touch $@
 
 s3-gateway: $(TOOLS)/bin/versitygw

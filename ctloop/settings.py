@@ -121,6 +121,10 @@ class AuthSettings(BaseModel):
     oidc_issuer: str | None = None  # e.g. https://keycloak.example/realms/ctloop
     oidc_audience: str = "ctloop"
     oidc_jwks_url: str | None = None  # default: Keycloak's <issuer>/protocol/openid-connect/certs
+    # The web workbench's sign-in: a public client of the issuer (authorization code + PKCE,
+    # redirect URI ``<ingest>/ui/``). Unset: the page only takes pasted tokens.
+    oidc_client_id: str | None = None
+    oidc_scope: str = "openid"
     username_claim: str = "preferred_username"
     roles_claim: str = "realm_access.roles"  # dotted path into the token's claims
     sites_claim: str = "ctloop_sites"

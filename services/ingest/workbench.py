@@ -33,6 +33,7 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 import nibabel as nib
@@ -61,16 +62,26 @@ log = logging.getLogger("ctloop.ingest.workbench")
 WEB_DIR = Path(__file__).with_name("web")
 _WEB_FILE = re.compile(r"^[a-z0-9_-]+\.(html|js|css|svg)$")
 _MEDIA = {"html": "text/html", "js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
-# The page loads nothing from elsewhere and runs no inline script.
-_PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
+
+
+def page_headers(oidc_issuer: str | None) -> dict[str, str]:
+    """The page loads nothing from elsewhere and runs no inline script; it talks to ctloop and,
+    with OIDC sign-in, to the issuer (discovery, token and refresh requests)."""
+    connect = "'self'"
+    if oidc_issuer:
+        origin = urlsplit(oidc_issuer)
+        connect += f" {origin.scheme}://{origin.netloc}"
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'self'; img-src 'self' data: blob:; connect-src {connect}; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        ),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",
+    }
+
+
 # Decoded volumes kept in this process for slicing: a 512x512x300 int16 CT is 150 MB.
 VOLUME_CACHE_BYTES = 1 << 30
 # Scrolling reads hundreds of planes; one audit entry per user and volume per period says it.
@@ -103,6 +114,18 @@ class ViewOut(BaseModel):
     row_mm: float
     col_mm: float
     size: int = Field(description="number of planes along axis")
+
+
+class OidcClientOut(BaseModel):
+    issuer: str
+    client_id: str
+    scope: str
+
+
+class WorkbenchConfigOut(BaseModel):
+    oidc: OidcClientOut | None = Field(
+        description="sign in at this issuer (authorization code + PKCE); null: tokens only"
+    )
 
 
 class OrganOut(BaseModel):
@@ -249,6 +272,8 @@ def workbench_router(ingest: Ingest, auth: Auth, queue: WorkQueue) -> APIRouter:
     anyone = auth.require(*ROLES)
     worker = auth.require("admin", "reviewer", "annotator")
     cache = VolumeCache()
+    auth_cfg = ingest.settings.auth
+    headers = page_headers(auth_cfg.oidc_issuer if auth_cfg.oidc_client_id else None)
     audited: dict[tuple[str, str], float] = {}
     audited_lock = threading.Lock()
 
@@ -264,7 +289,20 @@ def workbench_router(ingest: Ingest, auth: Auth, queue: WorkQueue) -> APIRouter:
         path = WEB_DIR / name
         if match is None or not path.is_file():
             raise HTTPException(404, detail={"code": "not_found", "message": f"no page {name}"})
-        return FileResponse(path, media_type=_MEDIA[match.group(1)], headers=_PAGE_HEADERS)
+        return FileResponse(path, media_type=_MEDIA[match.group(1)], headers=headers)
+
+    @r.get("/v1/workbench/config", response_model=WorkbenchConfigOut)
+    def config() -> WorkbenchConfigOut:
+        """What the page needs before anyone signs in: the OIDC provider to send annotators to
+        (null: sign in with a pasted token). Public, like the issuer's own discovery document."""
+        cfg = ingest.settings.auth
+        if not (cfg.oidc_issuer and cfg.oidc_client_id):
+            return WorkbenchConfigOut(oidc=None)
+        return WorkbenchConfigOut(
+            oidc=OidcClientOut(
+                issuer=cfg.oidc_issuer, client_id=cfg.oidc_client_id, scope=cfg.oidc_scope
+            )
+        )
 
     # ------------------------------------------------------------------ tasks
     @r.get("/v1/workbench/tasks", response_model=TasksOut)

@@ -55,6 +55,18 @@ def test_every_service_gets_valid_settings_pointing_at_the_release():
         assert s.services.grpc_target("inference") == "ctloop-inference:50052"
 
 
+def test_oidc_values_reach_the_services_settings_and_the_workbench_sign_in():
+    issuer = "https://sso.hospital.example/realms/radiology"
+    docs = render(
+        set_values=(f"auth.oidcIssuer={issuer}", "auth.workbenchClientId=ctloop-workbench")
+    )
+    ingest = settings_of(service_container(docs, "ingest"))
+    assert ingest.auth.oidc_issuer == issuer
+    assert ingest.auth.oidc_client_id == "ctloop-workbench"
+    off = settings_of(service_container(render(), "ingest"))
+    assert off.auth.oidc_issuer is None and off.auth.oidc_client_id is None
+
+
 def test_the_training_service_launches_gpu_jobs_that_validate_strictly():
     import kubernetes_validate
 

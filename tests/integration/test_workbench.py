@@ -7,13 +7,16 @@ one organ (and undoes a second stroke), accepts the other organs and submits. Th
 new revision is then exactly the pre-annotation plus the painted voxels, with the organs'
 statuses as clicked and the minutes spent. Screenshots of the viewer and the dashboard are kept
 in ``test-artifacts/`` (one pair per browser).
+
+And an annotator of a hospital that runs Keycloak signs in there (authorization code + PKCE, a
+real Keycloak with the hospital's realm): back in the page with a token that names her role and
+sites, she keeps working after it expired (the page renews it) and her revision is hers.
 """
 
 from __future__ import annotations
 
 import gzip
 import time
-from pathlib import Path
 
 import httpx
 import nibabel as nib
@@ -25,9 +28,14 @@ from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
 from ctloop.settings import REPO_ROOT
 from tests.integration.browsers import missing, open_page
+from tests.integration.keycloak import User, run_keycloak
 from tests.integration.platform import run_platform, until
 
 PORTS = {"INGEST": 28960, "INFERENCE": 28962, "TRAINING": 28964, "METRICS": 28966}
+KEYCLOAK_PORT = 28970
+KC_SITE = "kc-site"
+ALICE = User("alice", "alice-pw", "annotator", (KC_SITE,))
+ACCESS_TOKEN_S = 10  # short, so the page has to renew it during the test
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 PAINTED = "spleen"
 
@@ -69,34 +77,64 @@ def _voxel(view: dict, dims: list[int], index: int, row: int, col: int) -> tuple
     return v[0], v[1], v[2]
 
 
-@pytest.fixture
-def platform(tmp_path: Path):
-    with run_platform(tmp_path, PORTS) as running:
+@pytest.fixture(scope="module")
+def keycloak(tmp_path_factory):
+    api = f"http://127.0.0.1:{PORTS['INGEST']}"
+    log = tmp_path_factory.mktemp("keycloak") / "keycloak.log"
+    with run_keycloak(KEYCLOAK_PORT, [ALICE], log, api, access_token_s=ACCESS_TOKEN_S) as kc:
+        yield kc
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, keycloak):
+    """The platform, signing in at the test Keycloak too, with a serving igniter."""
+    oidc = {
+        "CTLOOP_AUTH__OIDC_ISSUER": keycloak.issuer,
+        "CTLOOP_AUTH__OIDC_CLIENT_ID": keycloak.client_id,
+    }
+    with run_platform(tmp_path_factory.mktemp("platform"), PORTS, oidc) as running:
+        admin = _admin(running)
+        for i in range(3):
+            _upload(admin, f"pub{i}-{running['tag']}", "public-site", "public", seed=300 + i)
         yield running
+
+
+def _admin(platform) -> httpx.Client:
+    return httpx.Client(
+        base_url=platform["api"],
+        timeout=60,
+        headers={"Authorization": f"Bearer {platform['admin_token']}"},
+    )
+
+
+def _clinical(platform, site: str, names: list[str]) -> list[str]:
+    """Clinical volumes uploaded to ``site``, once the igniter has pre-annotated them."""
+    admin = _admin(platform)
+    r = admin.post("/v1/sites", json={"id": site})
+    assert r.status_code in (201, 409), r.text
+    vids = [f"{n}-{platform['tag']}" for n in names]
+    for i, vid in enumerate(vids):
+        _upload(admin, vid, site, "clinical", seed=400 + i)
+
+    def pre_annotated() -> bool:
+        return all(admin.get(f"/v1/volumes/{v}/prediction").status_code == 200 for v in vids)
+
+    until("the igniter's pre-annotations", pre_annotated, 300, platform["logs"])
+    return vids
 
 
 @pytest.mark.parametrize("browser", ["chromium", "firefox"])
 def test_annotator_corrects_a_task_in_the_browser(platform, browser):
     if why := missing(browser):
         pytest.fail(f"{browser}: {why}")
-    tag, logs, api = platform["tag"], platform["logs"], platform["api"]
-    admin = httpx.Client(
-        base_url=api, timeout=60, headers={"Authorization": f"Bearer {platform['admin_token']}"}
-    )
-    site = f"hosp-{tag}"
-    for i in range(3):
-        _upload(admin, f"pub{i}-{tag}", "public-site", "public", seed=300 + i)
-    clinical = [f"cli{i}-{tag}" for i in range(2)]
-    for i, vid in enumerate(clinical):
-        _upload(admin, vid, site, "clinical", seed=400 + i)
-
-    def pre_annotated() -> bool:
-        return all(admin.get(f"/v1/volumes/{v}/prediction").status_code == 200 for v in clinical)
-
-    until("the igniter's pre-annotations", pre_annotated, 300, logs)
-    r = admin.post("/v1/users", json={"id": f"ann-{tag}", "role": "annotator", "sites": [site]})
+    tag, api = platform["tag"], platform["api"]
+    admin = _admin(platform)
+    site = f"hosp-{browser}-{tag}"
+    clinical = _clinical(platform, site, [f"cli{i}-{browser}" for i in range(2)])
+    user = f"ann-{browser}-{tag}"
+    r = admin.post("/v1/users", json={"id": user, "role": "annotator", "sites": [site]})
     assert r.status_code == 201, r.text
-    token = admin.post(f"/v1/users/ann-{tag}/tokens", json={"label": "browser"}).json()["token"]
+    token = admin.post(f"/v1/users/{user}/tokens", json={"label": "browser"}).json()["token"]
     me = httpx.Client(base_url=api, timeout=60, headers={"Authorization": f"Bearer {token}"})
     ARTIFACTS.mkdir(exist_ok=True)
 
@@ -117,7 +155,7 @@ def test_annotator_corrects_a_task_in_the_browser(platform, browser):
         vid = page.evaluate("ctloopWorkbench.task.volumeId")
         assert vid in clinical
         meta = me.get(f"/v1/volumes/{vid}/viewer").json()
-        assert meta["lease_holder"] == f"ann-{tag}"
+        assert meta["lease_holder"] == user
         pre = _nifti(me.get(f"/v1/volumes/{vid}/prediction/mask").content)
 
         # The spleen, brush one step larger than the default (3 -> 4), on the middle axial plane.
@@ -165,7 +203,7 @@ def test_annotator_corrects_a_task_in_the_browser(platform, browser):
 
     # Through the API: one revision, statuses as clicked, minutes spent ...
     (rev,) = me.get(f"/v1/volumes/{vid}/annotations").json()
-    assert rev["author"] == f"ann-{tag}" and rev["revision"] == 1
+    assert rev["author"] == user and rev["revision"] == 1
     assert rev["organs"] == {o: ("corrected" if o == PAINTED else "accepted") for o in FOREGROUND}
     assert rev["reviewed_slices"] is None and 0 < rev["minutes"] < 10
     # ... and the mask is the pre-annotation plus exactly the painted voxels.
@@ -182,3 +220,52 @@ def test_annotator_corrects_a_task_in_the_browser(platform, browser):
     assert changed > 0
     assert np.array_equal(mask, expected), f"{int((mask != expected).sum())} voxels differ"
     assert me.get("/v1/workbench/tasks").json()["mine"] == []  # the lease was released
+
+
+@pytest.mark.parametrize("browser", ["chromium", "firefox"])
+def test_annotator_signs_in_at_the_hospitals_keycloak(platform, keycloak, browser):
+    if why := missing(browser):
+        pytest.fail(f"{browser}: {why}")
+    (vid,) = _clinical(platform, KC_SITE, [f"kc-{browser}"])
+    admin = _admin(platform)
+    with open_page(browser) as page:
+        page.goto(f"{platform['api']}/ui/")
+        page.wait_for("#sso-box:not([hidden])")
+        assert "127.0.0.1" in page.text("#sso")
+        page.click("#sso")
+
+        # Keycloak's own login page; then back in the workbench with the code exchanged.
+        page.wait_for("#username")
+        page.fill("#username", ALICE.name)
+        page.fill("#password", ALICE.password)
+        page.click("#kc-login")
+        page.wait_for("#tasks:not([hidden])")
+        assert page.evaluate("location.search") == ""  # the one-time code left the address
+        assert page.text("#who") == "alice (annotator)"
+        assert KC_SITE in page.text("#sites") and vid in page.text("#waiting")
+
+        # The access token runs out; the next request renews it and goes through.
+        first = page.evaluate("sessionStorage.getItem('ctloop.token')")
+        time.sleep(ACCESS_TOKEN_S + 2)
+        page.click("#refresh-tasks")
+        until(
+            "a renewed token",
+            lambda: page.evaluate("sessionStorage.getItem('ctloop.token')") != first,
+            30,
+            platform["logs"],
+        )
+        assert page.text("#signin-error") == ""
+
+        # Her task and her revision: accept every organ, submit.
+        page.click("#next-task")
+        page.wait_for("#workbench:not([hidden])")
+        task = page.evaluate("ctloopWorkbench.task.volumeId")
+        assert admin.get(f"/v1/volumes/{task}/viewer").json()["lease_holder"] == ALICE.name
+        page.click("#accept-rest")
+        page.click("#submit")
+        page.wait_for("body[data-submitted]")
+        errors = page.errors()
+    assert not errors, errors
+    (rev,) = admin.get(f"/v1/volumes/{task}/annotations").json()
+    assert rev["author"] == ALICE.name
+    assert set(rev["organs"].values()) == {"accepted"}

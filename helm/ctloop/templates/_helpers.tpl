@@ -203,6 +203,10 @@ imagePullSecrets:
 - name: CTLOOP_AUTH__OIDC_ISSUER
   value: {{ . | quote }}
 {{- end }}
+{{- with .Values.auth.workbenchClientId }}
+- name: CTLOOP_AUTH__OIDC_CLIENT_ID
+  value: {{ . | quote }}
+{{- end }}
 - name: CTLOOP_AUTH__OIDC_AUDIENCE
   value: {{ .Values.auth.oidcAudience | quote }}
 - name: CTLOOP_AUTH__ROLES_CLAIM

@@ -1,6 +1,8 @@
 // The ctloop API from the page: the bearer token (kept for this tab only) and JSON / binary
 // requests to the same origin. Standard fetch only, so Chromium and Firefox behave alike.
 
+import * as oidc from "./oidc.js";
+
 const TOKEN_KEY = "ctloop.token";
 
 export class ApiError extends Error {
@@ -21,6 +23,7 @@ export function signIn(value) {
 
 export function signOut() {
   sessionStorage.removeItem(TOKEN_KEY);
+  oidc.forget();
 }
 
 async function request(method, path, body) {
@@ -30,7 +33,16 @@ async function request(method, path, body) {
     headers["Content-Type"] = "application/json";
     payload = JSON.stringify(body);
   }
-  const response = await fetch(path, { method, headers, body: payload, cache: "no-store" });
+  let response = await fetch(path, { method, headers, body: payload, cache: "no-store" });
+  if (response.status === 401) {
+    // An OIDC access token lives minutes: renew it once and send the request again.
+    const renewed = await oidc.refresh();
+    if (renewed) {
+      signIn(renewed);
+      headers.Authorization = `Bearer ${renewed}`;
+      response = await fetch(path, { method, headers, body: payload, cache: "no-store" });
+    }
+  }
   if (!response.ok) {
     let code = "error";
     let message = `${method} ${path}: HTTP ${response.status}`;

@@ -2,6 +2,7 @@
 // tools, per-organ status, reviewed slices, the timer, and the submission of a revision.
 
 import * as api from "./api.js";
+import * as oidc from "./oidc.js";
 import { View } from "./viewer.js";
 import { gzipBlob, LabelVolume, niftiBytes, PlaneCache } from "./volume.js";
 
@@ -67,13 +68,33 @@ class Workbench {
   }
 
   async start() {
-    if (!api.token()) return this.show("signin");
+    try {
+      const signedIn = await oidc.complete(); // back from the OIDC provider's login page?
+      if (signedIn) api.signIn(signedIn);
+    } catch (err) {
+      $("#signin-error").textContent = err.message;
+    }
+    if (!api.token()) return this.offerSignIn();
     try {
       await this.loadTasks();
     } catch (err) {
       api.signOut();
       $("#signin-error").textContent = err.message;
-      this.show("signin");
+      await this.offerSignIn();
+    }
+  }
+
+  async offerSignIn() {
+    this.show("signin");
+    try {
+      this.provider = await oidc.config();
+    } catch (_) {
+      this.provider = null;
+    }
+    if (this.provider) {
+      const host = new URL(this.provider.issuer).host;
+      $("#sso").textContent = `Sign in with ${host}`;
+      $("#sso-box").hidden = false;
     }
   }
 
@@ -440,15 +461,24 @@ class Workbench {
   bind() {
     $("#signin-form").addEventListener("submit", async (e) => {
       e.preventDefault();
+      oidc.forget(); // a pasted token is not renewed
       api.signIn($("#token").value);
       $("#token").value = "";
       $("#signin-error").textContent = "";
       await this.start();
     });
+    $("#sso").addEventListener("click", async () => {
+      $("#signin-error").textContent = "";
+      try {
+        await oidc.begin(this.provider);
+      } catch (err) {
+        $("#signin-error").textContent = err.message;
+      }
+    });
     $("#sign-out").addEventListener("click", () => {
       api.signOut();
       this.task = null;
-      this.show("signin");
+      this.offerSignIn();
     });
     $("#next-task").addEventListener("click", () => this.nextTask());
     $("#refresh-tasks").addEventListener("click", () => this.loadTasks());

@@ -171,3 +171,23 @@ def test_views_follow_the_radiological_convention_for_any_axis_order():
     assert views["axial"].axis == 0 and views["axial"].size == 30
     assert not views["axial"].flip_rows and not views["axial"].flip_cols
     assert nib.aff2axcodes(lps) == ("S", "P", "L")
+
+
+def test_the_page_learns_its_sign_in_from_the_config_and_may_reach_only_that_issuer(svc_settings):
+    with TestClient(create_app(svc_settings)) as anonymous:
+        assert anonymous.get("/v1/workbench/config").json() == {"oidc": None}
+        csp = anonymous.get("/ui/").headers["content-security-policy"]
+        assert "connect-src 'self';" in csp
+    issuer = "https://sso.hospital.example:8443/realms/radiology"
+    auth = svc_settings.auth.model_copy(
+        update={"oidc_issuer": issuer, "oidc_client_id": "ctloop-workbench"}
+    )
+    with TestClient(create_app(svc_settings.model_copy(update={"auth": auth}))) as anonymous:
+        config = anonymous.get("/v1/workbench/config").json()  # before anyone signs in
+        assert config == {
+            "oidc": {"issuer": issuer, "client_id": "ctloop-workbench", "scope": "openid"}
+        }
+        csp = anonymous.get("/ui/").headers["content-security-policy"]
+        assert "connect-src 'self' https://sso.hospital.example:8443;" in csp
+        assert "script-src" not in csp and "default-src 'self'" in csp
+        assert anonymous.get("/v1/volumes").status_code == 401  # the rest still needs a token
