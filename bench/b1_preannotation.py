@@ -19,7 +19,15 @@ from typing import Any
 
 import grpc
 
-from bench.common import Context, find_pids, interleaved, median, proc_status_kib, result
+from bench.common import (
+    Context,
+    find_pids,
+    interleaved,
+    median,
+    proc_status_kib,
+    reset_peak_rss,
+    result,
+)
 from bench.platform import CompletionWatcher, Platform
 from bench.session import SITE, STUB, Session
 from bench.workload import CT, phantom_ct
@@ -79,7 +87,6 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
     )
     inference = inference_pb2_grpc.InferenceStub(channel)
     pids = p.service_pids()
-    idle_rss = {n: proc_status_kib(pid, "VmRSS") for n, pid in pids.items()}
 
     breakdowns: list[dict[str, float]] = []
     grpc_seconds: list[float] = []
@@ -124,6 +131,11 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
         breakdowns.clear()
         grpc_seconds.clear()
         local_stages.clear()
+        # Memory is measured from here: the warm size, and the peak over the measured repeats
+        # (what one more volume costs, not the first request's one-off allocations).
+        idle_rss = {n: proc_status_kib(pid, "VmRSS") for n, pid in pids.items()}
+        for pid in [*pids.values(), *session.igniter_stubs, *stubs]:
+            reset_peak_rss(pid)
         ours, theirs = interleaved(repeats, platform_side, baseline)
     channel.close()
 

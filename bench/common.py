@@ -129,6 +129,14 @@ def proc_status_kib(pid: int, field_name: str) -> int | None:
     return None
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Restart ``VmHWM`` from the current RSS (Linux ``clear_refs`` 5), so a peak read later
+    covers only what ran after this call (warm-up allocations are not counted)."""
+    # Not ours, or gone: the peak then covers the process's whole life.
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def find_pids(cmdline_part: str) -> list[int]:
     """Processes whose command line contains ``cmdline_part`` (read-only look-up)."""
     found = []

@@ -212,13 +212,16 @@ class InferenceWorker:
             stages.mark("fetch")
             img = nifti_from_gz(raw)
             image = np.asarray(img.dataobj, dtype=np.float32)
+            affine = np.asarray(img.affine, dtype=np.float64)
+            # Only the array goes on: the blob and the decompressed file are dropped before
+            # the request to Triton (which copies the volume twice while it is in flight).
+            del raw, img
             stages.mark("decode")
-            labels, uncertainty = self.triton.segment(
-                model.model, image, np.asarray(img.affine), model.version
-            )
+            labels, uncertainty = self.triton.segment(model.model, image, affine, model.version)
+            del image
             stages.mark("triton")
             mask_key = keys.prediction_mask(volume_id, model.model, model.version)
-            encoded = nifti_gz_bytes(labels, img.affine)
+            encoded = nifti_gz_bytes(labels, affine)
             stages.mark("encode")
             obj = self.store.put_bytes(self.bucket, mask_key, encoded)
             stages.mark("store")
