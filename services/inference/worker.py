@@ -48,6 +48,7 @@ from ctloop.model_repository import ModelLoadFailed, TritonModels
 from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
+from ctloop.timing import Laps
 
 log = logging.getLogger("ctloop.inference")
 CONSUMER = "inference"
@@ -207,24 +208,24 @@ class InferenceWorker:
                     self._mark_done(event_id)
                 return None
             t0, started_at = time.monotonic(), time.time()
-            stages = _Stages()
+            stages = Laps()
             raw = self.store.get_bytes(self.bucket, key, version)
-            stages.mark("fetch")
+            stages.lap("fetch")
             img = nifti_from_gz(raw)
             image = np.asarray(img.dataobj, dtype=np.float32)
             affine = np.asarray(img.affine, dtype=np.float64)
             # Only the array goes on: the blob and the decompressed file are dropped before
             # the request to Triton (which copies the volume twice while it is in flight).
             del raw, img
-            stages.mark("decode")
+            stages.lap("decode")
             labels, uncertainty = self.triton.segment(model.model, image, affine, model.version)
             del image
-            stages.mark("triton")
+            stages.lap("triton")
             mask_key = keys.prediction_mask(volume_id, model.model, model.version)
             encoded = nifti_gz_bytes(labels, affine)
-            stages.mark("encode")
+            stages.lap("encode")
             obj = self.store.put_bytes(self.bucket, mask_key, encoded)
-            stages.mark("store")
+            stages.lap("store")
             seconds = time.monotonic() - t0
             info = {
                 "volume_id": volume_id,
@@ -278,16 +279,3 @@ class InferenceWorker:
     def _mark_done(self, event_id: str) -> None:
         with session_scope(self.db) as s:
             claim_event(s, CONSUMER, event_id)
-
-
-class _Stages:
-    """Seconds spent in each stage of a prediction, in order (``mark`` ends a stage)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.monotonic()
-
-    def mark(self, stage: str) -> None:
-        now = time.monotonic()
-        self.seconds[stage] = now - self._last
-        self._last = now

@@ -69,6 +69,10 @@ def test_clinical_volume_is_stored_recorded_and_announced(api, svc_settings, rel
     assert body["shape"] == list(p.image.shape)
     assert np.allclose(body["spacing"], p.spacing)
     assert body["status"] == "ingested" and body["labelled"] is False
+    # Where the time went, as a Server-Timing header: decode, encode, store, commit (ms).
+    laps = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+    assert set(laps) >= {"decode", "encode", "store", "commit"}
+    assert all(float(ms) >= 0 for ms in laps.values())
 
     store = ObjectStore(svc_settings)
     stored = store.get_bytes(svc_settings.s3.bucket, keys.volume_image("site-a", f"vol-{unique}"))
