@@ -184,10 +184,14 @@ class KafkaBroker(Component):
 
 
 def _kafka_cluster_id() -> str:
-    # Kafka cluster ids are 16 random bytes, URL-safe base64 without padding.
+    """16 random bytes, URL-safe base64 without padding, never starting with "-": the storage
+    tool's argument parser would take such an id for an option (1 start in 64 failed so)."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 _LOG4J2_XML = """<Configuration status="WARN">
