@@ -129,10 +129,10 @@ class Private:
 @pytest.fixture
 def private(tmp_path: Path) -> Iterator[Private]:
     p = Private(tmp_path / "run")
-    p.up()
-    token = (p.run / "admin-token").read_text().strip()
-    p.api.headers["Authorization"] = f"Bearer {token}"
-    try:
+    try:  # a stack that fails half-way up is still taken down (it would hold the ports)
+        p.up()
+        token = (p.run / "admin-token").read_text().strip()
+        p.api.headers["Authorization"] = f"Bearer {token}"
         yield p
     finally:
         subprocess.run(
