@@ -174,7 +174,7 @@ class Ingest:
         self.store = ObjectStore(settings)
         self.bucket = settings.s3.bucket
         self.relay = relay
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest-put")
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest-work")
         svc = settings.services
         self.limits = Limits(
             max_bytes=svc.max_upload_mb * 1024 * 1024, max_voxels=svc.max_volume_voxels
@@ -203,13 +203,11 @@ def encode_ct(image: np.ndarray, grid: Grid) -> bytes:
     """A validated CT as the blob ctloop stores: int16 when every value is a whole HU that
     fits (half the bytes of float32), float32 otherwise."""
     sample = image[:, :, 0]  # one plane: a scanner's float HU fail here, cheaply
-    whole = (
-        bool(np.all(sample == np.rint(sample)))
-        and bool(np.all(image == np.rint(image)))
-        and image.min() >= -32768
-        and image.max() <= 32767
-    )
-    return nifti_gz_bytes(np.rint(image).astype(np.int16) if whole else image, grid.affine)
+    if np.all(sample == np.rint(sample)) and image.min() >= -32768 and image.max() <= 32767:
+        rounded = np.rint(image)  # one full-size copy, used for the check and the result
+        if np.array_equal(rounded, image):
+            return nifti_gz_bytes(rounded.astype(np.int16), grid.affine)
+    return nifti_gz_bytes(image, grid.affine)
 
 
 def _label_map(raw: str | None) -> LabelMap:
