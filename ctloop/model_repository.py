@@ -22,8 +22,12 @@ from tritonclient.utils import InferenceServerException
 
 from ctloop.contracts import keys
 from ctloop.contracts.triton import ModelSpec
+from ctloop.core.infer import Preprocessor, Segmentation, finish
+from ctloop.core.model import ModelConfig
+from ctloop.core.packaging import INTERFACE
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
+from ctloop.timing import Laps
 
 MANIFEST = "manifest.json"
 
@@ -98,25 +102,61 @@ class TritonModels:
             if m.get("name") == model and m.get("state") == "READY" and m.get("version")
         )
 
-    def segment(
-        self, model: str, image: np.ndarray, affine: np.ndarray, version: int | None = None
-    ) -> tuple[np.ndarray, float]:
-        """Labels and uncertainty of a volume from a served segmentation model
-        (inputs and outputs as in :mod:`ctloop.core.packaging`)."""
-        inputs = [
-            triton_grpc.InferInput("IMAGE", list(image.shape), "FP32"),
-            triton_grpc.InferInput("AFFINE", [4, 4], "FP64"),
-        ]
-        inputs[0].set_data_from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-        inputs[1].set_data_from_numpy(np.ascontiguousarray(affine, dtype=np.float64))
-        result = self.client.infer(
-            model, inputs, model_version="" if version is None else str(version)
-        )
-        labels = result.as_numpy("LABELS")
-        uncertainty = result.as_numpy("UNCERTAINTY")
-        if labels is None or uncertainty is None:
-            raise RuntimeError(f"{model} answered without LABELS/UNCERTAINTY")
-        return labels, float(uncertainty[0])
+    def probabilities(self, model: str, version: int, x: np.ndarray) -> np.ndarray:
+        """Class probabilities (C, x, y, z) of a model-grid volume from a served segmentation
+        model (inputs and outputs as in :mod:`ctloop.core.packaging`)."""
+        request = triton_grpc.InferInput("INPUT", list(x.shape), "FP32")
+        request.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        result = self.client.infer(model, [request], model_version=str(version))
+        probs = result.as_numpy("PROBABILITIES")
+        if probs is None:
+            raise RuntimeError(f"{model} v{version} answered without PROBABILITIES")
+        return probs.copy()  # a writable array of its own, not a view of the response buffer
 
     def close(self) -> None:
         self.client.close()
+
+
+class IncompatibleModel(RuntimeError):
+    """A published version whose model.py speaks another interface than this code."""
+
+
+class TritonSegmenter:
+    """Segments volumes with a served model: resampling to the model grid and back here, the
+    network in Triton (the same three steps as :class:`ctloop.core.infer.Segmenter`).
+
+    Each version's preprocessing (spacing, HU window) comes from its manifest, read once.
+    """
+
+    def __init__(self, triton: TritonModels, repository: ModelRepository) -> None:
+        self.triton = triton
+        self.repository = repository
+        self._preprocessors: dict[tuple[str, int], Preprocessor] = {}
+
+    def preprocessor(self, model: str, version: int) -> Preprocessor:
+        found = self._preprocessors.get((model, version))
+        if found is None:
+            manifest = self.repository.manifest(model, version)
+            if manifest.get("interface") != INTERFACE:
+                raise IncompatibleModel(
+                    f"{model} v{version} was packaged for model interface "
+                    f"{manifest.get('interface', 1)}, this platform speaks {INTERFACE}: "
+                    "publish the checkpoint again as a new version"
+                )
+            cfg = ModelConfig.model_validate(manifest["model_config"])
+            found = self._preprocessors[(model, version)] = Preprocessor(cfg)
+        return found
+
+    def __call__(
+        self, model: str, version: int, image: np.ndarray, affine: np.ndarray
+    ) -> Segmentation:
+        """``image`` (x, y, z) in HU with its voxel->mm ``affine``; timings: preprocess,
+        triton (the network and the transfer), resample."""
+        laps = Laps()
+        x = self.preprocessor(model, version)(image, affine)
+        laps.lap("preprocess")
+        probs = self.triton.probabilities(model, version, x.image)
+        laps.lap("triton")
+        label, uncertainty = finish(probs, x.affine, affine, image.shape)
+        laps.lap("resample")
+        return Segmentation(label=label, uncertainty=uncertainty, timings=laps.seconds)

@@ -18,5 +18,11 @@ class Laps:
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
         self._last = now
 
+    def extend(self, seconds: dict[str, float]) -> None:
+        """Stages timed by the callee that just returned: they end now."""
+        for name, value in seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
+        self._last = time.perf_counter()
+
     def server_timing(self) -> str:
         return ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in self.seconds.items())

@@ -1,12 +1,20 @@
 """Inference: MONAI sliding-window segmentation back on the volume's own grid.
 
-The same :class:`Segmenter` runs in-process and inside Triton's python backend, so both give the
-same mask for the same weights and volume.
+Three parts, so the platform can place each where it is cheapest and still run the same code:
+
+- :class:`Preprocessor` resamples a volume (any grid, HU) to the model's grid and windows it;
+- :class:`Network` runs the sliding window and gives class probabilities on that grid;
+- :func:`finish` scores the uncertainty and resamples the argmax back onto the input grid.
+
+:class:`Segmenter` chains them in-process. The platform runs the preprocessing and the finish
+in the inference service and only the network in Triton (:mod:`ctloop.core.triton_model`), so
+what crosses to Triton is the model-grid volume (a few MB) instead of the scanner-grid one.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +22,10 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
+from monai.transforms import Compose
 from numpy.typing import NDArray
 from scipy import ndimage
+from torch import nn
 
 from ctloop.core.model import ModelConfig, load_checkpoint, preprocess_transforms
 
@@ -31,8 +41,107 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """A volume on the model's grid, windowed to [0, 1], and that grid's voxel->mm affine."""
+
+    image: NDArray[np.float32]  # (x, y, z)
+    affine: NDArray[np.float64]
+
+
+class Preprocessor:
+    """Resamples a volume in HU on any grid to the model's spacing and windows it."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.pre = preprocess_transforms(cfg, with_label=False)
+        # For column-major volumes (what NIfTI readers give): the same, axes reversed.
+        flipped = cfg.model_copy(update={"spacing": tuple(reversed(cfg.spacing))})
+        self.pre_reversed = preprocess_transforms(flipped, with_label=False)
+
+    def __call__(self, image: NDArray, affine: NDArray) -> ModelInput:
+        """``image`` (x, y, z) in HU with its voxel->mm ``affine``, in either memory order."""
+        if image.ndim != 3:
+            raise ValueError(f"expected a 3-D volume, got shape {image.shape}")
+        volume = np.asarray(image).astype(np.float32, order="K", copy=False)
+        affine = np.asarray(affine, dtype=np.float64)
+        if volume.flags.c_contiguous or not volume.flags.f_contiguous:
+            return self._run(self.pre, volume, affine)
+        # A column-major (x, y, z) array is a row-major (z, y, x) one: resampled as that (with
+        # the affine's axes reversed), it needs no reordering copy and runs several times faster
+        # than through a strided view; the small model-grid result is turned back.
+        rev = self._run(self.pre_reversed, volume.T, affine[:, [2, 1, 0, 3]])
+        return ModelInput(
+            image=np.ascontiguousarray(rev.image.T), affine=rev.affine[:, [2, 1, 0, 3]]
+        )
+
+    @staticmethod
+    def _run(pre: Compose, volume: NDArray[np.float32], affine: NDArray) -> ModelInput:
+        with warnings.catch_warnings():  # a read-only view of a decoded blob: only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.as_tensor(volume)
+        src = MetaTensor(tensor[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+        x = pre({"image": src})["image"]
+        return ModelInput(
+            image=np.ascontiguousarray(x.as_tensor()[0].numpy(), dtype=np.float32),
+            affine=np.asarray(x.affine, dtype=np.float64),
+        )
+
+
+class Network:
+    """The network of a checkpoint under MONAI's sliding window: model-grid volume in, class
+    probabilities on the same grid out."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        net: nn.Module,
+        device: str | torch.device = "cpu",
+        sw_batch_size: int | None = None,
+        sw_overlap: float | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.sw_batch_size = sw_batch_size or cfg.sw_batch_size
+        self.sw_overlap = cfg.sw_overlap if sw_overlap is None else sw_overlap
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor | NDArray) -> torch.Tensor:
+        """``x`` (x, y, z) model-grid input; probabilities (C, x, y, z), float32, on the
+        network's device."""
+        t = torch.as_tensor(x, dtype=torch.float32)
+        if t.ndim != 3:
+            raise ValueError(f"expected a 3-D model-grid volume, got shape {tuple(t.shape)}")
+        logits = sliding_window_inference(  # one tensor: the predictor returns one
+            t[None, None].to(self.device),
+            roi_size=self.cfg.patch,
+            sw_batch_size=self.sw_batch_size,
+            predictor=self.net,
+            overlap=self.sw_overlap,
+            mode="gaussian",
+        )
+        assert isinstance(logits, torch.Tensor)
+        return torch.softmax(logits.float(), dim=1)[0]
+
+
+@torch.inference_mode()
+def finish(
+    probs: torch.Tensor | NDArray,
+    model_affine: NDArray,
+    affine: NDArray,
+    shape: tuple[int, ...],
+) -> tuple[NDArray[np.uint8], float]:
+    """Labels on the input grid (``affine``, ``shape``) and the uncertainty score, from class
+    probabilities (C, x, y, z) on the model grid."""
+    p = torch.as_tensor(probs, dtype=torch.float32)
+    uncertainty = _mean_entropy(p.cpu().numpy())
+    label = _resample_argmax(p, np.asarray(model_affine), np.asarray(affine), tuple(shape))
+    return label, uncertainty
+
+
 class Segmenter:
-    """Loads a checkpoint once; segments volumes given in HU on any grid."""
+    """Loads a checkpoint once; segments volumes given in HU on any grid, in-process."""
 
     def __init__(
         self,
@@ -44,38 +153,25 @@ class Segmenter:
         cfg, net, meta = load_checkpoint(checkpoint)
         self.cfg: ModelConfig = cfg
         self.meta = meta
-        self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
-        self.sw_batch_size = sw_batch_size or cfg.sw_batch_size
-        self.sw_overlap = cfg.sw_overlap if sw_overlap is None else sw_overlap
-        self.pre = preprocess_transforms(cfg, with_label=False)
+        self.preprocess = Preprocessor(cfg)
+        self.network = Network(cfg, net, device, sw_batch_size, sw_overlap)
 
-    @torch.inference_mode()
+    @property
+    def sw_batch_size(self) -> int:
+        return self.network.sw_batch_size
+
+    @property
+    def sw_overlap(self) -> float:
+        return self.network.sw_overlap
+
     def __call__(self, image: NDArray, affine: NDArray) -> Segmentation:
         """``image`` (x, y, z) in HU with its voxel->mm ``affine``."""
-        if image.ndim != 3:
-            raise ValueError(f"expected a 3-D volume, got shape {image.shape}")
         t0 = time.perf_counter()
-        src = MetaTensor(
-            torch.as_tensor(np.asarray(image, dtype=np.float32))[None],
-            affine=torch.as_tensor(affine, dtype=torch.float64),
-        )
-        x = self.pre({"image": src})["image"]
-        model_affine = np.asarray(x.affine, dtype=np.float64)
+        x = self.preprocess(image, affine)
         t1 = time.perf_counter()
-        logits = sliding_window_inference(  # one tensor: the predictor returns one
-            x[None].as_tensor().to(self.device),
-            roi_size=self.cfg.patch,
-            sw_batch_size=self.sw_batch_size,
-            predictor=self.net,
-            overlap=self.sw_overlap,
-            mode="gaussian",
-        )
-        assert isinstance(logits, torch.Tensor)
-        probs = torch.softmax(logits.float(), dim=1)[0]  # (C, x, y, z) on the device
-        uncertainty = _mean_entropy(probs.cpu().numpy())
+        probs = self.network(x.image)
         t2 = time.perf_counter()
-        label = _resample_argmax(probs, model_affine, np.asarray(affine), image.shape)
+        label, uncertainty = finish(probs, x.affine, affine, image.shape)
         t3 = time.perf_counter()
         timings = {"preprocess": t1 - t0, "network": t2 - t1, "resample": t3 - t2}
         return Segmentation(label=label, uncertainty=uncertainty, timings=timings)

@@ -70,6 +70,8 @@ class LabelMap:
         for organ, value in self.organ_to_id.items():
             self._lut[value] = ORGAN_IDS[organ]
         self._lut8 = np.where(self._lut < 0, 0, self._lut).astype(np.uint8)  # after the check
+        # Every declared id is its own canonical id: a checked uint8 volume needs no mapping.
+        self.is_identity = all(ORGAN_IDS[o] == v for o, v in self.organ_to_id.items())
 
     @classmethod
     def canonical(cls) -> LabelMap:
@@ -91,10 +93,12 @@ class LabelMap:
         lo, hi = int(label.min()), int(label.max())
         if lo >= 0 and hi < len(self._lut) and label.dtype != np.uint64:
             # Which values occur: a count per value, not a sort (masks are ~10^7 voxels).
-            values = np.flatnonzero(np.bincount(label.ravel(), minlength=hi + 1))
+            values = np.flatnonzero(np.bincount(label.ravel(order="K"), minlength=hi + 1))
         else:
             values = np.unique(label)
         unknown = [int(v) for v in values if v < 0 or v >= len(self._lut) or self._lut[v] < 0]
         if unknown:
             raise UnknownLabel(f"label values {unknown} are not in the dataset's label map")
+        if self.is_identity and label.dtype == np.uint8:
+            return label.view(np.uint8)  # the values were just checked: already canonical
         return self._lut8[label]

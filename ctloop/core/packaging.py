@@ -1,8 +1,9 @@
 """A trained checkpoint as a Triton model-repository version (pure: files, config, manifest).
 
 The python-backend ``model.py`` (:mod:`ctloop.core.triton_model`) loads ``weights.pt`` and runs
-the same sliding-window inference as in-process code, on CPU or GPU. Publishing the package
-into S3 is :meth:`ctloop.model_repository.ModelRepository.publish_version`.
+the same sliding-window network as in-process code, on CPU or GPU: model-grid volume in, class
+probabilities out (the caller resamples, see :class:`ctloop.model_repository.TritonSegmenter`).
+Publishing the package into S3 is :meth:`ctloop.model_repository.ModelRepository.publish_version`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ from ctloop.core.model import load_checkpoint
 # Read, never imported here: it imports triton_python_backend_utils, which only Triton has.
 TRITON_MODEL_PY = Path(__file__).with_name("triton_model.py")
 
-INPUTS = (
-    TensorSpec("IMAGE", "TYPE_FP32", (-1, -1, -1)),
-    TensorSpec("AFFINE", "TYPE_FP64", (4, 4)),
-)
-OUTPUTS = (
-    TensorSpec("LABELS", "TYPE_UINT8", (-1, -1, -1)),
-    TensorSpec("UNCERTAINTY", "TYPE_FP32", (1,)),
-)
+INPUTS = (TensorSpec("INPUT", "TYPE_FP32", (-1, -1, -1)),)
+OUTPUTS = (TensorSpec("PROBABILITIES", "TYPE_FP32", (-1, -1, -1, -1)),)
+# What a version's model.py takes and gives; in its manifest, checked before it is used.
+# 2: model-grid input, probabilities out (1, the first, took the scanner-grid CT and gave labels).
+INTERFACE = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,7 @@ def package_checkpoint(
         "training": meta,
         "metrics": metrics or {},
         "model_config": cfg.model_dump(mode="json"),
+        "interface": INTERFACE,
         "inputs": [t.name for t in spec.inputs],
         "outputs": [t.name for t in spec.outputs],
     }

@@ -27,7 +27,8 @@ def main() -> None:
     producer = EventProducer(settings, client_id=CONSUMER)
     relay = OutboxRelay(settings.database_url, producer)
     triton = TritonModels(settings)
-    worker = InferenceWorker(settings, triton, relay)
+    repository = ModelRepository(settings)
+    worker = InferenceWorker(settings, triton, relay, repository)
     worker.ensure_loaded()
 
     ep = settings.services.inference
@@ -38,7 +39,7 @@ def main() -> None:
 
     runtime.health_app({"triton": triton_ready})
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceService(worker, ModelRepository(settings)), runtime.grpc_server()
+        InferenceService(worker, repository), runtime.grpc_server()
     )
     topics = [Topic.VOLUME_INGESTED, Topic.MODEL_PUBLISHED]
     runtime.add_consumer(

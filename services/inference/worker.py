@@ -44,7 +44,13 @@ from ctloop.db import (
     waiting_for_annotation,
 )
 from ctloop.log import bind
-from ctloop.model_repository import ModelLoadFailed, TritonModels
+from ctloop.model_repository import (
+    IncompatibleModel,
+    ModelLoadFailed,
+    ModelRepository,
+    TritonModels,
+    TritonSegmenter,
+)
 from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
@@ -74,13 +80,20 @@ class PredictionResult:
 
 class InferenceWorker:
     def __init__(
-        self, settings: Settings, triton: TritonModels, relay: OutboxRelay | None = None
+        self,
+        settings: Settings,
+        triton: TritonModels,
+        relay: OutboxRelay | None = None,
+        repository: ModelRepository | None = None,
     ) -> None:
         self.settings = settings
         self.db = settings.database_url
         self.store = ObjectStore(settings)
         self.bucket = settings.s3.bucket
         self.triton = triton
+        self.repository = repository or ModelRepository(settings, self.store)
+        # Resampling here, the network in Triton: only model-grid tensors cross to Triton.
+        self.segmenter = TritonSegmenter(triton, self.repository)
         self.relay = relay
         self.preference = (settings.services.sustainer_model, settings.services.igniter_model)
 
@@ -132,8 +145,9 @@ class InferenceWorker:
     def _load(self, ref: ModelRef) -> bool:
         with bind(model=ref.model, model_version=ref.version):
             try:
+                self.segmenter.preprocessor(ref.model, ref.version)  # its manifest fits
                 self.triton.serve_version(segmentation_spec(ref.model), ref.version)
-            except ModelLoadFailed:
+            except (ModelLoadFailed, IncompatibleModel):
                 LOAD_FAILURES.inc()
                 log.exception("new version failed to load; the previous one keeps serving")
                 return False
@@ -214,13 +228,12 @@ class InferenceWorker:
             img = nifti_from_gz(raw)
             image = np.asarray(img.dataobj, dtype=np.float32)
             affine = np.asarray(img.affine, dtype=np.float64)
-            # Only the array goes on: the blob and the decompressed file are dropped before
-            # the request to Triton (which copies the volume twice while it is in flight).
-            del raw, img
+            del raw, img  # only the array goes on
             stages.lap("decode")
-            labels, uncertainty = self.triton.segment(model.model, image, affine, model.version)
+            seg = self.segmenter(model.model, model.version, image, affine)
             del image
-            stages.lap("triton")
+            labels, uncertainty = seg.label, seg.uncertainty
+            stages.extend(seg.timings)  # preprocess, triton, resample
             mask_key = keys.prediction_mask(volume_id, model.model, model.version)
             encoded = nifti_gz_bytes(labels, affine)
             stages.lap("encode")
@@ -235,7 +248,8 @@ class InferenceWorker:
                 "seconds": seconds,
                 "mask": mask_key,
                 "started_at": started_at,  # epoch seconds
-                "stage_seconds": stages.seconds,  # fetch, decode, triton, encode, store
+                # fetch, decode, preprocess, triton, resample, encode, store
+                "stage_seconds": stages.seconds,
             }
             self.store.put_bytes(
                 self.bucket,

@@ -72,6 +72,7 @@ from services.ingest.validation import (
     read_dicom_instances,
     read_dicom_zip,
     read_nifti,
+    read_nifti_upload,
     safe_id,
     validate_ct,
     validate_mask,
@@ -202,12 +203,22 @@ class Ingest:
 def encode_ct(image: np.ndarray, grid: Grid) -> bytes:
     """A validated CT as the blob ctloop stores: int16 when every value is a whole HU that
     fits (half the bytes of float32), float32 otherwise."""
+    if np.issubdtype(image.dtype, np.integer):
+        if image.min() >= -32768 and image.max() <= 32767:
+            return nifti_gz_bytes(image.astype(np.int16, copy=False), grid.affine)
+        return nifti_gz_bytes(image.astype(np.float32), grid.affine)
     sample = image[:, :, 0]  # one plane: a scanner's float HU fail here, cheaply
     if np.all(sample == np.rint(sample)) and image.min() >= -32768 and image.max() <= 32767:
         rounded = np.rint(image)  # one full-size copy, used for the check and the result
         if np.array_equal(rounded, image):
             return nifti_gz_bytes(rounded.astype(np.int16), grid.affine)
-    return nifti_gz_bytes(image, grid.affine)
+    return nifti_gz_bytes(image.astype(np.float32, copy=False), grid.affine)
+
+
+# The data types of a stored CT blob and label: an upload already in that form (and otherwise
+# clean, see ``validation._stored_form``) is stored as it came, not decoded and encoded again.
+STORED_CT_DTYPES = ("int16", "float32")
+STORED_LABEL_DTYPES = ("uint8",)
 
 
 def _label_map(raw: str | None) -> LabelMap:
@@ -365,8 +376,10 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             # institution, dates, UIDs) is dropped, which covers the PS3.15 Basic Profile.
             provenance = {"source": "dicom", "deidentified": "all DICOM attributes dropped"}
             array, grid = vol.image, Grid(vol.image.shape, vol.affine)  # type: ignore[arg-type]
+            storable = False
         else:
-            array, grid = read_nifti(data, ingest.limits)
+            upload = read_nifti_upload(data, ingest.limits, dtypes=STORED_CT_DTYPES)
+            array, grid, storable = upload.array, upload.grid, upload.storable
         image = validate_ct(array, grid)
         timings.lap("decode")
         mask_job = None
@@ -375,14 +388,20 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             mapping = _label_map(label_map)
 
             def mask_blob(raw: bytes) -> bytes:
-                lab_array, lab_grid = read_nifti(raw, ingest.limits, "label")
-                mask = validate_mask(lab_array, lab_grid, grid, mapping)
+                lab = read_nifti_upload(raw, ingest.limits, "label", STORED_LABEL_DTYPES)
+                mask = validate_mask(lab.array, lab.grid, grid, mapping)
+                same_grid = np.array_equal(lab.grid.affine, grid.affine)
+                if lab.storable and mapping.is_identity and same_grid:
+                    return raw  # checked, canonical and on the volume's exact grid: kept
                 return nifti_gz_bytes(mask, grid.affine)
 
             mask_job = ingest.pool.submit(mask_blob, label_data)
         elif dataset != "clinical":
             raise UploadRejected("label_required", f"{dataset} (labelled) volumes need a label")
-        image_blob = encode_ct(image, grid)
+        # The upload's own bytes when they are already a stored blob (most NIfTI CTs: int16 or
+        # float32, gzipped, no extensions): checked in full above, kept as they came.
+        image_blob = data if storable else encode_ct(image, grid)
+        provenance["stored"] = "as uploaded" if storable else "re-encoded"
         timings.lap("encode")
         mask_bytes = mask_job.result() if mask_job is not None else None
         timings.lap("label")  # what the label's check took beyond the image's encoding

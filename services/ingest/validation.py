@@ -60,25 +60,57 @@ def safe_id(value: str, what: str) -> str:
         raise UploadRejected("bad_id", str(exc)) from exc
 
 
-def _gunzip_bounded(data: bytes, limit: int) -> bytes:
-    """Decompress gzip without ever holding more than ``limit`` bytes (decompression bombs)."""
-    d = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
-    try:
-        out = d.decompress(data, limit + 1)
-    except gzip_error as exc:
-        raise UploadRejected("corrupt_gzip", f"the gzip stream is corrupt ({exc})") from exc
-    if len(out) > limit or d.unconsumed_tail:
-        raise UploadRejected("too_large", f"decompresses to more than {limit} bytes", status=413)
-    if not d.eof:
-        raise UploadRejected("truncated", "the gzip stream ends early (truncated upload?)")
-    return out
+def _gunzip_bounded(data: bytes, limit: int) -> tuple[bytes, bool]:
+    """Decompress gzip without ever holding more than ``limit`` bytes (decompression bombs);
+    and whether it was one gzip member with nothing after it (what ctloop's readers take)."""
+    out, members, rest = bytearray(), 0, data
+    while rest:
+        d = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
+        try:
+            chunk = d.decompress(rest, limit + 1 - len(out))
+        except gzip_error as exc:
+            raise UploadRejected("corrupt_gzip", f"the gzip stream is corrupt ({exc})") from exc
+        if members == 0 and not d.unused_data:
+            if len(chunk) > limit or d.unconsumed_tail:
+                raise UploadRejected(
+                    "too_large", f"decompresses to more than {limit} bytes", status=413
+                )
+            if not d.eof:
+                raise UploadRejected("truncated", "the gzip stream ends early (truncated upload?)")
+            return chunk, True  # the common case: one member, no copy
+        out += chunk
+        members += 1
+        if len(out) > limit or d.unconsumed_tail:
+            raise UploadRejected("too_large", f"decompresses to more than {limit} bytes", 413)
+        if not d.eof:
+            raise UploadRejected("truncated", "the gzip stream ends early (truncated upload?)")
+        rest = d.unused_data  # the next member (bgzip writes many)
+    return bytes(out), False
+
+
+@dataclass(frozen=True)
+class NiftiUpload:
+    array: NDArray
+    grid: Grid
+    # The upload's own bytes are a blob as ctloop stores it (see ``_stored_form``): keeping
+    # them saves re-encoding the volume.
+    storable: bool
 
 
 def read_nifti(data: bytes, limits: Limits, what: str = "volume") -> tuple[NDArray, Grid]:
     """Parse NIfTI bytes (plain or gzipped) into an array and its grid; header checked first."""
-    raw = data
+    upload = read_nifti_upload(data, limits, what)
+    return upload.array, upload.grid
+
+
+def read_nifti_upload(
+    data: bytes, limits: Limits, what: str = "volume", dtypes: tuple[str, ...] = ()
+) -> NiftiUpload:
+    """:func:`read_nifti`, and whether the bytes may be stored as they came (``dtypes``: the
+    stored forms' data types; none: never)."""
+    raw, single_member = data, False
     if data[:2] == b"\x1f\x8b":
-        raw = _gunzip_bounded(data, limits.max_voxels * 8 + 352 + 1024)
+        raw, single_member = _gunzip_bounded(data, limits.max_voxels * 8 + 352 + 1024)
     if len(raw) < 348:
         raise UploadRejected("not_nifti", f"the {what} is not a NIfTI file (too short)")
     try:
@@ -106,7 +138,32 @@ def read_nifti(data: bytes, limits: Limits, what: str = "volume") -> tuple[NDArr
     affine = np.asarray(img.affine, dtype=np.float64)
     grid = Grid(shape=(shape[0], shape[1], shape[2]), affine=affine)
     _check_grid(grid, what)
-    return array, grid
+    storable = single_member and _stored_form(img, raw, dtypes)
+    return NiftiUpload(array, grid, storable)
+
+
+def _stored_form(img: nib.Nifti1Image, raw: bytes, dtypes: tuple[str, ...]) -> bool:
+    """True if the decompressed file is what ctloop would write for this array: NIfTI-1, a
+    stored data type, exact values (no scaling), no extensions (DICOM headers, JSON sidecars)
+    and no free text (description, aux file, intent name, db name) that could carry patient
+    details, one affine (sform and qform agree if both are set), data right after the header."""
+    if type(img) is not nib.Nifti1Image or str(img.get_data_dtype()) not in dtypes:
+        return False
+    h = img.header
+    slope, inter = h["scl_slope"], h["scl_inter"]
+    if not (np.isnan(slope) or slope in (0.0, 1.0)) or not (np.isnan(inter) or inter == 0.0):
+        return False
+    if raw[348:352] != b"\0\0\0\0" or int(h["vox_offset"]) not in (0, 352):
+        return False
+    if any(bytes(h[f].item()).strip(b"\0 ") for f in ("descrip", "aux_file", "intent_name")):
+        return False
+    if bytes(h["db_name"].item()).strip(b"\0 ") or bytes(h["data_type"].item()).strip(b"\0 "):
+        return False
+    sform, s_code = h.get_sform(coded=True)
+    qform, q_code = h.get_qform(coded=True)
+    if not (s_code or q_code) or (s_code and q_code and not np.allclose(sform, qform, atol=1e-4)):
+        return False
+    return len(raw) == 352 + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
 
 
 def _check_grid(grid: Grid, what: str) -> None:
@@ -121,11 +178,17 @@ def _check_grid(grid: Grid, what: str) -> None:
             )
 
 
-def validate_ct(array: NDArray, grid: Grid) -> NDArray[np.float32]:
-    image = np.asarray(array, dtype=np.float32)
-    if not np.all(np.isfinite(image)):
-        raise UploadRejected("not_finite", "the volume holds NaN or infinite values")
-    lo, hi = float(image.min()), float(image.max())
+def validate_ct(array: NDArray, grid: Grid) -> NDArray:
+    """The volume if its values are CT Hounsfield units: integer volumes as they are, others as
+    float32 (NaN and infinities refused)."""
+    if np.issubdtype(array.dtype, np.integer):
+        image: NDArray = array
+        lo, hi = float(array.min()), float(array.max())
+    else:
+        image = np.asarray(array, dtype=np.float32)
+        lo, hi = float(image.min()), float(image.max())  # NaN propagates, infinities show
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise UploadRejected("not_finite", "the volume holds NaN or infinite values")
     if lo < -3000 or hi > 40000:
         raise UploadRejected("not_hu", f"values {lo:.0f}..{hi:.0f} are not CT Hounsfield units")
     return image

@@ -1,6 +1,7 @@
 """A trained checkpoint, packaged as a Triton version, answers like in-process inference."""
 
 import numpy as np
+import pytest
 
 from ctloop.core.datasets import synthesize_dataset
 from ctloop.core.infer import Segmenter
@@ -8,7 +9,12 @@ from ctloop.core.model import ModelConfig
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.phantom import generate_phantom
 from ctloop.core.train import DataSource, TrainConfig, train
-from ctloop.model_repository import ModelRepository, TritonModels
+from ctloop.model_repository import (
+    IncompatibleModel,
+    ModelRepository,
+    TritonModels,
+    TritonSegmenter,
+)
 
 
 def test_exported_package_answers_through_triton_with_the_in_process_mask(
@@ -34,18 +40,44 @@ def test_exported_package_answers_through_triton_with_the_in_process_mask(
     manifest = repo.manifest(spec.name, 1)
     assert manifest["training"]["training_volumes"] == ["public_00000", "public_00001"]
     assert manifest["parent_version"] is None and manifest["metrics"] == {"public_dice": 0.5}
+    assert manifest["interface"] == 2 and manifest["inputs"] == ["INPUT"]
 
     triton = TritonModels(settings)
     triton.serve_version(spec, 1)
     try:
         phantom = generate_phantom("clinical-b", 11, "tiny")
         image = phantom.image.astype(np.float32)
-        served, served_uncertainty = triton.segment(spec.name, image, phantom.affine)
+        served = TritonSegmenter(triton, repo)(spec.name, 1, image, phantom.affine)
         local = Segmenter(checkpoint)(image, phantom.affine)
-        assert served.shape == image.shape and served.dtype == np.uint8
+        assert served.label.shape == image.shape and served.label.dtype == np.uint8
         # Same code, same weights: the same mask (bar a rare float tie under other threading).
-        assert np.mean(served != local.label) < 1e-4
-        assert abs(served_uncertainty - local.uncertainty) < 1e-4
+        assert np.mean(served.label != local.label) < 1e-4
+        assert abs(served.uncertainty - local.uncertainty) < 1e-4
+        assert set(served.timings) == {"preprocess", "triton", "resample"}
+
+        # What crosses to Triton is the model-grid volume, and probabilities come back.
+        x = TritonSegmenter(triton, repo).preprocessor(spec.name, 1)(image, phantom.affine)
+        probs = triton.probabilities(spec.name, 1, x.image)
+        assert probs.shape == (len(manifest["model_config"]["organs"]), *x.image.shape)
+        assert np.allclose(probs.sum(axis=0), 1.0, atol=1e-4)
+        # A wrong-rank input is refused by Triton with a clear error, not a crash.
+        with pytest.raises(Exception, match=r"3-D|dims|shape"):
+            triton.probabilities(spec.name, 1, x.image[0])
     finally:
         triton.client.unload_model(spec.name)
+        triton.close()
+
+
+def test_a_version_packaged_for_another_interface_is_refused_with_a_clear_error(settings, unique):
+    """Versions published by an earlier ctloop (model.py taking the scanner-grid CT, no
+    ``interface`` in the manifest) are not sent model-grid tensors: the error says what to do."""
+    spec = segmentation_spec(f"old_{unique}")
+    manifest = {"model_config": ModelConfig().model_dump(mode="json"), "inputs": ["IMAGE"]}
+    repo = ModelRepository(settings)
+    repo.publish_version(spec, 1, {"model.py": b"# an older model.py"}, manifest)
+    triton = TritonModels(settings)
+    try:
+        with pytest.raises(IncompatibleModel, match=r"interface 1.*publish the checkpoint again"):
+            TritonSegmenter(triton, repo).preprocessor(spec.name, 1)
+    finally:
         triton.close()

@@ -20,7 +20,14 @@ from ctloop.contracts import keys
 from ctloop.contracts.payloads import AnnotationSubmitted, VolumeIngested, payload_for
 from ctloop.contracts.topics import Topic
 from ctloop.core.organs import ORGAN_IDS
-from ctloop.db import AnnotationRevision, Lease, OutboxEvent, Volume, session_scope
+from ctloop.db import (
+    AnnotationRevision,
+    AuditEntry,
+    Lease,
+    OutboxEvent,
+    Volume,
+    session_scope,
+)
 from ctloop.outbox import OutboxRelay
 from ctloop.storage import ObjectStore
 from services.ingest.app import create_app
@@ -132,6 +139,54 @@ def test_public_volume_with_a_label_in_another_numbering(api, svc_settings, uniq
     assert np.array_equal(stored, p.label)  # canonical ids in storage
 
 
+def _stored(settings, key: str) -> bytes:
+    return ObjectStore(settings).get_bytes(settings.s3.bucket, key)
+
+
+def _stored_form(settings, volume_id: str) -> str:
+    """What the audit log says ingest did with the upload's bytes."""
+    with session_scope(settings.database_url) as s:
+        (row,) = s.scalars(
+            select(AuditEntry).where(
+                AuditEntry.resource == volume_id, AuditEntry.action == "volume.create"
+            )
+        )
+        return str(row.detail["stored"])
+
+
+def test_a_clean_nifti_is_kept_as_uploaded_and_anything_else_is_rewritten(
+    api, svc_settings, unique
+):
+    """An upload already in ctloop's stored form (gzipped NIfTI-1, int16/float32 CT or uint8
+    canonical label, no scaling, no extensions, no free text) is stored byte for byte: no
+    decode/encode round trip. Anything else is re-encoded, which also drops what it carried."""
+    p = phantom("public", 6)
+    image16, label = nifti(p.image.astype(np.int16), p.affine), nifti(p.label, p.affine)
+    r = _upload(api, image16, dataset="public", label=label, volume_id=f"keep-{unique}")
+    assert r.status_code == 201, r.text
+    assert _stored(svc_settings, keys.volume_image("site-a", f"keep-{unique}")) == image16
+    assert _stored(svc_settings, keys.volume_label("site-a", f"keep-{unique}")) == label
+    assert _stored_form(svc_settings, f"keep-{unique}") == "as uploaded"
+
+    # A description (scanners put names and dates there) and an extension (dcm2niix puts the
+    # DICOM header there): decoded, checked and written afresh without them.
+    img = nib.Nifti1Image(p.image.astype(np.int16), p.affine)
+    img.header["descrip"] = b"DOE^JANE 1970-01-01"
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"PatientName=DOE^JANE"))
+    tagged = gzip.compress(img.to_bytes())
+    # bgzip-style: the same file as several gzip members one after the other.
+    body = img.to_bytes()
+    members = b"".join(gzip.compress(body[i : i + 4096]) for i in range(0, len(body), 4096))
+    for name, data in (("tagged", tagged), ("members", members)):
+        r = _upload(api, data, volume_id=f"{name}-{unique}")
+        assert r.status_code == 201, (name, r.text)
+        blob = _stored(svc_settings, keys.volume_image("site-a", f"{name}-{unique}"))
+        stored = nib.Nifti1Image.from_bytes(gzip.decompress(blob))
+        assert np.array_equal(np.asarray(stored.dataobj), p.image)
+        assert bytes(stored.header["descrip"].item()) == b"" and not stored.header.extensions
+        assert _stored_form(svc_settings, f"{name}-{unique}") == "re-encoded"
+
+
 def _huge_header() -> bytes:
     """A NIfTI header that claims 4096^3 float64 voxels (a decompression bomb by promise)."""
     hdr = bytearray(348)
@@ -149,6 +204,8 @@ def _bad_uploads():
     good = nifti(p.image, p.affine)
     nan = p.image.astype(np.float32)
     nan[0, 0, 0] = np.nan
+    inf = p.image.astype(np.float32)
+    inf[1, 2, 3] = -np.inf
     squashed = p.affine.copy()
     squashed[2, 2] = 1e-4
     traversal = io.BytesIO()
@@ -161,6 +218,8 @@ def _bad_uploads():
         "two_d": (nifti(p.image[:, :, 0], p.affine), "not_3d"),
         "four_d": (nifti(np.stack([p.image, p.image], -1), p.affine), "not_3d"),
         "nan": (nifti(nan, p.affine), "not_finite"),
+        "infinite": (nifti(inf, p.affine), "not_finite"),
+        "trailing_junk": (good + b"junk" * 16, "corrupt_gzip"),
         "absurd_spacing": (nifti(p.image, squashed), "bad_spacing"),
         "bomb": (_huge_header(), "too_large"),
         "traversal_zip": (traversal.getvalue(), "unsafe_path"),

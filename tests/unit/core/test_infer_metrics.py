@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ctloop.core.datasets import phantom_volume, write_decathlon
-from ctloop.core.infer import Segmenter
+from ctloop.core.infer import Preprocessor, Segmenter
 from ctloop.core.metrics import mean_dice, organ_dice, organ_surface_distance
 from ctloop.core.model import ModelConfig
 from ctloop.core.organs import ORGAN_IDS
@@ -55,6 +55,20 @@ def test_segmentation_comes_back_on_the_input_grid(tiny_checkpoint):
     assert seg.label.dtype == np.uint8
     assert set(np.unique(seg.label)) <= set(ORGAN_IDS.values())
     assert 0.0 <= seg.uncertainty <= 1.0
+
+
+@pytest.mark.parametrize("spacing", [(4.0, 4.0, 4.0), (3.0, 5.0, 6.0)])
+def test_a_column_major_volume_gives_the_same_model_input(spacing):
+    """NIfTI readers give column-major arrays; the preprocessor resamples them as their
+    row-major transpose (several times faster) and must land on the very same model grid."""
+    p = generate_phantom("clinical-b", 2, "small")
+    pre = Preprocessor(ModelConfig(spacing=spacing))
+    row_major = pre(p.image.astype(np.float32), p.affine)
+    column_major = pre(np.asfortranarray(p.image.astype(np.int16)), p.affine)
+    assert column_major.image.flags.c_contiguous
+    assert column_major.image.shape == row_major.image.shape
+    np.testing.assert_allclose(column_major.image, row_major.image, atol=1e-6)
+    np.testing.assert_allclose(column_major.affine, row_major.affine)
 
 
 def test_segmenter_refuses_a_2d_image(tiny_checkpoint):
