@@ -32,13 +32,13 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
     segmenter = Segmenter(session.checkpoint)
     segmenter(cts[0].image, cts[0].affine)  # warm-up
 
-    with CompletionWatcher(p) as watch, p.client() as client:
+    with CompletionWatcher(p) as watch:
 
         def platform_side(r: int) -> float:
             ids = [f"b2-{p.tag}-{r}-{i}" for i in range(n)]
             t0 = time.time()
             with ThreadPoolExecutor(max_workers=n) as pool:
-                list(pool.map(lambda a: upload(p, client, *a), zip(cts, ids, strict=True)))
+                list(pool.map(lambda a: upload(p, *a), zip(cts, ids, strict=True)))
             last = max(watch.wait(v, served) for v in ids)
             return n / (last - t0) * 60.0
 

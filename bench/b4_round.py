@@ -99,7 +99,7 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
         parts: list[dict[str, float]] = []
         with CompletionWatcher(p) as watch, p.client() as client:
             for i, vid in ids.items():
-                upload(p, client, cts[i], vid)
+                upload(p, cts[i], vid)
             for vid in ids.values():
                 watch.wait(vid, igniter)
 

@@ -8,6 +8,7 @@ train one network.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -91,7 +92,9 @@ class LabelMap:
         Raises :class:`UnknownLabel` when the volume holds a value the map does not declare.
         """
         lo, hi = int(label.min()), int(label.max())
-        if lo >= 0 and hi < len(self._lut) and label.dtype != np.uint64:
+        if lo >= 0 and hi < len(self._lut) and bool(np.all(self._lut[lo : hi + 1] >= 0)):
+            values: Any = ()  # every id from the least to the greatest is declared
+        elif lo >= 0 and hi < len(self._lut) and label.dtype != np.uint64:
             # Which values occur: a count per value, not a sort (masks are ~10^7 voxels).
             values = np.flatnonzero(np.bincount(label.ravel(order="K"), minlength=hi + 1))
         else:

@@ -73,6 +73,21 @@ class Component(ABC):
         """Where a client reaches this component."""
         return ""
 
+    def listens(self) -> list[tuple[str, int]]:
+        """The addresses the component's process binds: free before it starts, or another
+        process (an orphan of an earlier run, another program) would answer its health checks
+        while ours fails to bind."""
+        return []
+
+    def check_ports_free(self) -> None:
+        taken = [f"{h}:{p}" for h, p in self.listens() if port_open(h, p, timeout_s=0.5)]
+        if taken:
+            raise StackError(
+                f"{self.name}: {', '.join(taken)} already answers, but not from a process this "
+                f"stack started (no live pid in {self.process.pid_file}). Stop whatever holds it "
+                "(`ss -ltnp` shows the owner) or give this stack other ports (CTLOOP_* settings)."
+            )
+
 
 def port_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
     try:
@@ -165,6 +180,10 @@ class KafkaBroker(Component):
     def command(self) -> list[str]:
         return self._java("kafka.Kafka", str(self.config_path))
 
+    def listens(self) -> list[tuple[str, int]]:
+        k = self.settings.kafka
+        return [(k.host, k.port), (k.host, k.controller_port)]
+
     def health(self) -> Health:
         k = self.settings.kafka
         if not port_open(k.host, k.port):
@@ -247,6 +266,9 @@ class S3Gateway(Component):
             "ROOT_ACCESS_KEY": s.access_key,
             "ROOT_SECRET_KEY": s.secret_key.get_secret_value(),
         }
+
+    def listens(self) -> list[tuple[str, int]]:
+        return [(self.settings.s3.host, self.settings.s3.port)]
 
     def health(self) -> Health:
         s = self.settings.s3
@@ -354,6 +376,10 @@ class TritonServer(Component):
             "AWS_DEFAULT_REGION": s3.region,
             "CTLOOP_RUN_DIR": str(self.settings.run_dir),
         }
+
+    def listens(self) -> list[tuple[str, int]]:
+        t = self.settings.triton
+        return [(t.host, t.http_port), (t.host, t.grpc_port), (t.host, t.metrics_port)]
 
     def health(self) -> Health:
         t = self.settings.triton
@@ -464,6 +490,9 @@ class PostgresDatabase(Component):
                 str(self.data_dir),
             ]
         )
+
+    def listens(self) -> list[tuple[str, int]]:
+        return [(self.settings.db.pg_host, self.settings.db.pg_port)]
 
     def health(self) -> Health:
         d = self.settings.db

@@ -75,6 +75,7 @@ class LocalStack:
         if c.process.is_running():
             started = False
         else:
+            c.check_ports_free()
             c.prepare()
             c.process.start(c.command(), env=c.env(), cwd=c.data_dir)
             started = True

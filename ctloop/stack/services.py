@@ -43,6 +43,10 @@ class ServiceProcess(Component):
         path = os.environ.get("PYTHONPATH", "")
         return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{path}" if path else str(REPO_ROOT)}
 
+    def listens(self) -> list[tuple[str, int]]:
+        host, ep = self.settings.services.host, self.endpoint
+        return [(host, ep.http_port)] + ([(host, ep.grpc_port)] if ep.grpc_port else [])
+
     def health(self) -> Health:
         url = f"http://{self.settings.services.host}:{self.endpoint.http_port}/readyz"
         try:

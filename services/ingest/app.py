@@ -24,6 +24,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Requ
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from minio.error import ServerError
+from numpy.typing import NDArray
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -68,7 +69,10 @@ from services.ingest.queue import WorkQueue, lease_holder, queue_router
 from services.ingest.validation import (
     Grid,
     Limits,
+    NiftiUpload,
     UploadRejected,
+    check_mask_grid,
+    mask_values,
     read_dicom_instances,
     read_dicom_zip,
     read_nifti,
@@ -370,6 +374,19 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         timings: Laps,
     ) -> Any:
         provenance = {"source": "nifti"}
+        label_job = None
+        if label_data is not None:
+            # The label is read and its values checked while the image is: both decompress and
+            # scan on their own core. Its grid is compared with the image's once both are known.
+            mapping = _label_map(label_map)
+
+            def read_label(raw: bytes) -> tuple[NiftiUpload, NDArray[np.uint8]]:
+                lab = read_nifti_upload(raw, ingest.limits, "label", STORED_LABEL_DTYPES)
+                return lab, mask_values(lab.array, mapping)
+
+            label_job = ingest.pool.submit(read_label, label_data)
+        elif dataset != "clinical":
+            raise UploadRejected("label_required", f"{dataset} (labelled) volumes need a label")
         if data[:2] == b"PK":
             vol = read_dicom_zip(data, ingest.limits)
             # Only pixel data and geometry are kept: every DICOM attribute (patient, study,
@@ -382,29 +399,20 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             array, grid, storable = upload.array, upload.grid, upload.storable
         image = validate_ct(array, grid)
         timings.lap("decode")
-        mask_job = None
-        if label_data is not None:
-            # The label is checked (and encoded) while the image is encoded.
-            mapping = _label_map(label_map)
-
-            def mask_blob(raw: bytes) -> bytes:
-                lab = read_nifti_upload(raw, ingest.limits, "label", STORED_LABEL_DTYPES)
-                mask = validate_mask(lab.array, lab.grid, grid, mapping)
-                same_grid = np.array_equal(lab.grid.affine, grid.affine)
-                if lab.storable and mapping.is_identity and same_grid:
-                    return raw  # checked, canonical and on the volume's exact grid: kept
-                return nifti_gz_bytes(mask, grid.affine)
-
-            mask_job = ingest.pool.submit(mask_blob, label_data)
-        elif dataset != "clinical":
-            raise UploadRejected("label_required", f"{dataset} (labelled) volumes need a label")
         # The upload's own bytes when they are already a stored blob (most NIfTI CTs: int16 or
         # float32, gzipped, no extensions): checked in full above, kept as they came.
         image_blob = data if storable else encode_ct(image, grid)
         provenance["stored"] = "as uploaded" if storable else "re-encoded"
         timings.lap("encode")
-        mask_bytes = mask_job.result() if mask_job is not None else None
-        timings.lap("label")  # what the label's check took beyond the image's encoding
+        mask_bytes = None
+        if label_job is not None:
+            lab, mask = label_job.result()
+            check_mask_grid(lab.grid, grid)
+            # Checked, canonical and on the volume's exact grid: kept as it came.
+            same_grid = np.array_equal(lab.grid.affine, grid.affine)
+            keep = lab.storable and mapping.is_identity and same_grid
+            mask_bytes = label_data if keep else nifti_gz_bytes(mask, grid.affine)
+        timings.lap("label")  # what the label's check took beyond the image's
         sha = hashlib.sha256(data).hexdigest()
         return accept_volume(
             who, site, dataset, volume_id, image_blob, grid, mask_bytes, sha, provenance, timings

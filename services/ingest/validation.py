@@ -198,6 +198,11 @@ def validate_mask(
     array: NDArray, grid: Grid, volume: Grid, label_map: LabelMap
 ) -> NDArray[np.uint8]:
     """A mask on the volume's grid with only the dataset's label values, as canonical ids."""
+    check_mask_grid(grid, volume)
+    return mask_values(array, label_map)
+
+
+def check_mask_grid(grid: Grid, volume: Grid) -> None:
     if grid.shape != volume.shape or not np.allclose(grid.affine, volume.affine, atol=1e-3):
         raise UploadRejected(
             "grid_mismatch",
@@ -205,6 +210,10 @@ def validate_mask(
             f"differs from the volume's {volume.shape} "
             f"(spacing {tuple(round(s, 3) for s in volume.spacing)})",
         )
+
+
+def mask_values(array: NDArray, label_map: LabelMap) -> NDArray[np.uint8]:
+    """The mask in canonical ids; refused if it holds a value the label map does not declare."""
     if not np.issubdtype(array.dtype, np.integer):
         values = np.asarray(array, dtype=np.float64)
         if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):

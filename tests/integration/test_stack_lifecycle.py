@@ -3,6 +3,7 @@ and ports), so the session's stack keeps serving the other tests."""
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -119,3 +120,19 @@ def test_up_status_down_leaves_nothing_behind(second_stack_env):
     assert _processes_under(env["CTLOOP_RUN_DIR"]) == []
     for name, pid in pids.items():
         assert not _alive(int(pid)), f"{name} (pid {pid}) still running"
+
+
+def test_a_port_held_by_another_process_is_refused_not_reported_as_started(second_stack_env):
+    """An orphan of an earlier run (or any other program) on a component's port would answer
+    the health check while the component itself fails to bind: `stack up` must say so instead
+    of reporting the component started."""
+    port = int(second_stack_env["CTLOOP_S3__PORT"])
+    with socket.create_server(("127.0.0.1", port)) as squatter:
+        squatter.listen()
+        up = _make("stack-up", second_stack_env)
+        assert up.returncode != 0
+        assert f"s3: 127.0.0.1:{port} already answers" in up.stdout + up.stderr
+        run_dir = second_stack_env["CTLOOP_RUN_DIR"]
+        assert not (Path(run_dir) / "state" / "s3.pid").exists()
+        assert _processes_under(run_dir) == []
+    _make("stack-down", second_stack_env)

@@ -42,6 +42,18 @@ def test_label_value_outside_the_map_is_refused():
         lm.to_canonical(np.array([[[0, 1, 7]]]))
 
 
+def test_a_value_in_a_gap_of_the_map_is_refused_and_a_canonical_mask_passes_as_is():
+    lm = LabelMap({"liver": 1, "spleen": 5})  # 2..4 are not declared
+    with pytest.raises(UnknownLabel, match=r"\[3\]"):
+        lm.to_canonical(np.array([[[0, 1, 3, 5]]], dtype=np.uint8))
+    canonical = LabelMap.canonical()
+    assert canonical.is_identity and not lm.is_identity
+    mask = np.asfortranarray(np.arange(len(ORGAN_IDS), dtype=np.uint8).reshape(1, 1, -1))
+    assert np.array_equal(canonical.to_canonical(mask), mask)
+    with pytest.raises(UnknownLabel, match=rf"\[{len(ORGAN_IDS)}\]"):
+        canonical.to_canonical(mask + 1)
+
+
 def test_unknown_organ_name_is_refused():
     with pytest.raises(UnknownLabel, match="brain"):
         LabelMap({"brain": 1})
