@@ -97,6 +97,19 @@ class Platform:
         )
         return r.status, dict(r.headers), r.data.decode(errors="replace")
 
+    def put_volume(self, volume_id: str, body: bytes, site: str) -> tuple[int, str]:
+        """PUT /v1/volumes/{id}: a clinical CT as the request body (urllib3, as above)."""
+        if self._pool is None:
+            self._pool = urllib3.PoolManager(maxsize=16, timeout=urllib3.Timeout(total=600))
+        token = (self.run_dir / "admin-token").read_text().strip()
+        r = self._pool.request(
+            "PUT",
+            f"{self.api}/v1/volumes/{volume_id}?site_id={site}&dataset=clinical",
+            body=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/gzip"},
+        )
+        return r.status, r.data.decode(errors="replace")
+
     def logs_tail(self, chars: int = 1500) -> str:
         logs = self.run_dir / "logs"
         return json.dumps({p.name: p.read_text()[-chars:] for p in sorted(logs.glob("*.log"))})

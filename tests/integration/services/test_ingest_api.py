@@ -271,6 +271,60 @@ def test_oversized_upload_is_refused_before_it_is_read_whole(svc_settings, relay
     assert r.status_code == 413 and r.json()["code"] == "too_large"
 
 
+def test_a_ct_put_as_the_request_body_is_ingested_like_an_upload(
+    api, svc_settings, relay, admin_headers, unique
+):
+    """``PUT /v1/volumes/{id}``: the file itself as the body (no multipart framing), the same
+    checks, storage, event and answers as ``POST``."""
+    p = phantom(seed=9)
+    data = nifti(p.image, p.affine)
+    vid = f"put-{unique}"
+    url = f"/v1/volumes/{vid}?site_id=site-a&dataset=clinical"
+    gz = {"Content-Type": "application/gzip"}
+    r = api.put(url, content=data, headers=gz)
+    assert r.status_code == 201, r.text
+    assert r.json()["volume_id"] == vid and r.json()["shape"] == list(p.image.shape)
+    assert "decode;dur=" in r.headers["server-timing"]
+    assert _stored(svc_settings, keys.volume_image("site-a", vid)) == data
+    relay.flush()
+    (event,) = wait_for_events(svc_settings, Topic.VOLUME_INGESTED, lambda e: e.subject == vid)
+    assert payload_for(event).site_id == "site-a"
+    # The same bytes again: 200 with the same volume; other bytes under the id: 409.
+    again = api.put(url, content=data, headers=gz)
+    assert (again.status_code, again.json()) == (200, r.json())
+    other = phantom(seed=10)
+    clash = api.put(url, content=nifti(other.image, other.affine), headers=gz)
+    assert clash.status_code == 409 and clash.json()["code"] == "exists"
+
+    # Refusals change nothing.
+    before = _counts(svc_settings)
+    bad = f"/v1/volumes/bad-put-{unique}?site_id=site-a"
+    cases = [
+        (api.put(bad, content=data, headers={"Content-Type": "text/plain"}), 415),
+        (api.put(bad, content=b"\x1f\x8b" + b"junk" * 64, headers=gz), 422),
+        (api.put(bad, content=b"", headers=gz), 422),
+        (api.put(bad + "&dataset=public", content=data, headers=gz), 422),
+        (api.put(bad.replace("site-a", "../etc"), content=data, headers=gz), 422),
+    ]
+    assert [(c.status_code, c.json()["code"]) for c, _ in cases] == [
+        (415, "unsupported_media_type"),
+        (422, "corrupt_gzip"),
+        (422, "empty"),
+        (422, "label_required"),
+        (422, "bad_id"),
+    ]
+    small = svc_settings.model_copy(
+        update={"services": svc_settings.services.model_copy(update={"max_upload_mb": 1})}
+    )
+    with TestClient(create_app(small, relay), headers=admin_headers) as client:
+        big = client.put(bad, content=b"\x1f\x8b" + b"\0" * (2 * 1024 * 1024), headers=gz)
+    assert big.status_code == 413 and big.json()["code"] == "too_large"
+    assert _counts(svc_settings) == before
+    assert not ObjectStore(svc_settings).exists(
+        svc_settings.s3.bucket, keys.volume_image("site-a", f"bad-put-{unique}")
+    )
+
+
 def test_dicom_series_zip_becomes_a_volume(api, unique):
     p = phantom(seed=8)
     r = api.post(
