@@ -208,7 +208,9 @@ def _resample_argmax(
     tx, ty, tz = (
         _linear_taps(m[d, d], m[d, 3], dst_shape[d], p.shape[d + 1], p.device) for d in range(3)
     )
-    label = torch.empty(tuple(dst_shape), dtype=torch.uint8, device=p.device)
+    # Filled as (z, y, x): its transpose is the (x, y, z) label in NIfTI's column-major order,
+    # so writing the mask needs no reordering copy.
+    label_zyx = torch.empty(tuple(reversed(dst_shape)), dtype=torch.uint8, device=p.device)
     slab = max(1, SLAB_ELEMENTS // (p.shape[0] * dst_shape[0] * dst_shape[1]))
     # Each step gathers along the outermost axis (contiguous rows), then moves the next axis
     # out: (z, C, x, y) -> (y, z, C, x) -> (x, y, z, C), so the argmax runs over the last axis.
@@ -218,8 +220,8 @@ def _resample_argmax(
         pz = _lerp(pz_all, tz[0][z], tz[1][z], tz[2][z])  # (s, C, X, Y)
         py = _lerp(pz.permute(3, 0, 1, 2).contiguous(), *ty)  # (y, s, C, X)
         px = _lerp(py.permute(3, 0, 1, 2).contiguous(), *tx)  # (x, y, s, C)
-        label[:, :, z] = px.argmax(dim=3).to(torch.uint8)  # first maximum wins ties
-    return label.cpu().numpy()
+        label_zyx[z] = px.argmax(dim=3).to(torch.uint8).permute(2, 1, 0)  # first max wins ties
+    return label_zyx.cpu().numpy().T
 
 
 # Class probabilities per slab of the separable resampling (64 MiB of float32).

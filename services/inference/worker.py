@@ -16,7 +16,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 from prometheus_client import Counter, Histogram
 from sqlalchemy import select
 
@@ -32,7 +31,7 @@ from ctloop.contracts.payloads import (
     payload_for,
 )
 from ctloop.contracts.topics import PREDICTION_COMPLETED
-from ctloop.core.datasets import nifti_from_gz, nifti_gz_bytes
+from ctloop.core.datasets import nifti_array_from_gz, nifti_gz_bytes
 from ctloop.core.packaging import segmentation_spec
 from ctloop.db import (
     Prediction,
@@ -225,10 +224,8 @@ class InferenceWorker:
             stages = Laps()
             raw = self.store.get_bytes(self.bucket, key, version)
             stages.lap("fetch")
-            img = nifti_from_gz(raw)
-            image = np.asarray(img.dataobj, dtype=np.float32)
-            affine = np.asarray(img.affine, dtype=np.float64)
-            del raw, img  # only the array goes on
+            image, affine = nifti_array_from_gz(raw)  # the stored type; float32 in preprocess
+            del raw  # only the array goes on
             stages.lap("decode")
             seg = self.segmenter(model.model, model.version, image, affine)
             del image
