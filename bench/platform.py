@@ -86,29 +86,29 @@ class Platform:
         sides pay the same client; httpx's sync client needs ~1.4 s to send 90 MB on this kind of
         machine (urllib3: 0.05 s), which would be charged to the platform.
         """
-        if self._pool is None:
-            self._pool = urllib3.PoolManager(maxsize=16, timeout=urllib3.Timeout(total=600))
-        token = (self.run_dir / "admin-token").read_text().strip()
-        r = self._pool.request(
-            "POST",
-            f"{self.api}/v1/volumes",
-            fields={**data, **files},
-            headers={"Authorization": f"Bearer {token}"},
+        r = self._http().request(
+            "POST", f"{self.api}/v1/volumes", fields={**data, **files}, headers=self._auth()
         )
         return r.status, dict(r.headers), r.data.decode(errors="replace")
 
     def put_volume(self, volume_id: str, body: bytes, site: str) -> tuple[int, str]:
         """PUT /v1/volumes/{id}: a clinical CT as the request body (urllib3, as above)."""
-        if self._pool is None:
-            self._pool = urllib3.PoolManager(maxsize=16, timeout=urllib3.Timeout(total=600))
-        token = (self.run_dir / "admin-token").read_text().strip()
-        r = self._pool.request(
+        r = self._http().request(
             "PUT",
             f"{self.api}/v1/volumes/{volume_id}?site_id={site}&dataset=clinical",
             body=body,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/gzip"},
+            headers={**self._auth(), "Content-Type": "application/gzip"},
         )
         return r.status, r.data.decode(errors="replace")
+
+    def _http(self) -> urllib3.PoolManager:
+        if self._pool is None:
+            self._pool = urllib3.PoolManager(maxsize=16, timeout=urllib3.Timeout(total=600))
+        return self._pool
+
+    def _auth(self) -> dict[str, str]:
+        token = (self.run_dir / "admin-token").read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
 
     def logs_tail(self, chars: int = 1500) -> str:
         logs = self.run_dir / "logs"

@@ -12,8 +12,10 @@ import io
 import json
 import logging
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -360,17 +362,25 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             log.info("volume ingested", extra={"dataset": dataset, "shape": grid.shape})
         return out
 
-    @r.post(
-        "",
-        status_code=201,
-        response_model=VolumeOut,
-        responses={
-            200: {"model": VolumeOut},
-            409: {"model": ErrorOut},
-            413: {"model": ErrorOut},
-            422: {"model": ErrorOut},
-        },
-    )
+    # What an upload answers besides 201 (POST and PUT alike).
+    upload_responses: dict[int | str, dict[str, Any]] = {
+        200: {"model": VolumeOut},
+        409: {"model": ErrorOut},
+        413: {"model": ErrorOut},
+        422: {"model": ErrorOut},
+    }
+
+    async def ingest_timed(response: Response, job: Callable[[Laps], Any]) -> Any:
+        """``job`` (:func:`ingest_upload` with its arguments) off the event loop (decoding and
+        checking is CPU work, other requests go on), with where the time went as a W3C
+        ``Server-Timing`` header."""
+        timings = Laps()
+        out = await run_in_threadpool(job, timings)
+        target = out if isinstance(out, Response) else response
+        target.headers["Server-Timing"] = timings.server_timing()
+        return out
+
+    @r.post("", status_code=201, response_model=VolumeOut, responses=upload_responses)
     async def upload_volume(
         file: Annotated[
             UploadFile, File(description="CT as NIfTI (.nii/.nii.gz) or a zip of one DICOM series")
@@ -390,27 +400,16 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
             raise UploadRejected("unknown_site", f"no site {site} of yours", 404)
         data = await ingest.read_upload(file, "volume")
         label_data = await ingest.read_upload(label, "label") if label is not None else None
-        # Decoding and validating is CPU work: off the event loop, so other requests go on.
-        timings = Laps()
-        out = await run_in_threadpool(
-            ingest_upload, who, site, dataset, volume_id, data, label_data, label_map, timings
+        return await ingest_timed(
+            response,
+            partial(ingest_upload, who, site, dataset, volume_id, data, label_data, label_map),
         )
-        # Where the time went, for clients and the ingest benchmark (W3C Server-Timing).
-        target = out if isinstance(out, Response) else response
-        target.headers["Server-Timing"] = timings.server_timing()
-        return out
 
     @r.put(
         "/{volume_id}",
         status_code=201,
         response_model=VolumeOut,
-        responses={
-            200: {"model": VolumeOut},
-            409: {"model": ErrorOut},
-            413: {"model": ErrorOut},
-            415: {"model": ErrorOut},
-            422: {"model": ErrorOut},
-        },
+        responses={**upload_responses, 415: {"model": ErrorOut}},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -449,13 +448,8 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
                 "label_required", f"{dataset} (labelled) volumes need a label: use POST"
             )
         data = await ingest.read_body(request, "volume")
-        timings = Laps()
-        out = await run_in_threadpool(
-            ingest_upload, who, site, dataset, vid, data, None, None, timings
-        )
-        target = out if isinstance(out, Response) else response
-        target.headers["Server-Timing"] = timings.server_timing()
-        return out
+        job = partial(ingest_upload, who, site, dataset, vid, data, None, None)
+        return await ingest_timed(response, job)
 
     def ingest_upload(
         who: Principal,
