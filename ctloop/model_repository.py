@@ -111,7 +111,7 @@ class TritonModels:
         probs = result.as_numpy("PROBABILITIES")
         if probs is None:
             raise RuntimeError(f"{model} v{version} answered without PROBABILITIES")
-        return probs.copy()  # a writable array of its own, not a view of the response buffer
+        return probs  # a read-only view of the response: nothing writes to it
 
     def close(self) -> None:
         self.client.close()

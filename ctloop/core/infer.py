@@ -13,7 +13,6 @@ what crosses to Triton is the model-grid volume (a few MB) instead of the scanne
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from scipy import ndimage
 from torch import nn
 
 from ctloop.core.model import ModelConfig, load_checkpoint, preprocess_transforms
+from ctloop.timing import Laps
 
 # Voxels whose foreground probability exceeds this count towards the uncertainty score.
 UNCERTAINTY_REGION_P = 0.05
@@ -77,10 +77,9 @@ class Preprocessor:
 
     @staticmethod
     def _run(pre: Compose, volume: NDArray[np.float32], affine: NDArray) -> ModelInput:
-        with warnings.catch_warnings():  # a read-only view of a decoded blob: only read here
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            tensor = torch.as_tensor(volume)
-        src = MetaTensor(tensor[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+        src = MetaTensor(
+            _read_only_tensor(volume)[None], affine=torch.as_tensor(affine, dtype=torch.float64)
+        )
         x = pre({"image": src})["image"]
         return ModelInput(
             image=np.ascontiguousarray(x.as_tensor()[0].numpy(), dtype=np.float32),
@@ -134,10 +133,20 @@ def finish(
 ) -> tuple[NDArray[np.uint8], float]:
     """Labels on the input grid (``affine``, ``shape``) and the uncertainty score, from class
     probabilities (C, x, y, z) on the model grid."""
-    p = torch.as_tensor(probs, dtype=torch.float32)
+    p = _read_only_tensor(probs).float()
     uncertainty = _mean_entropy(p.cpu().numpy())
     label = _resample_argmax(p, np.asarray(model_affine), np.asarray(affine), tuple(shape))
     return label, uncertainty
+
+
+def _read_only_tensor(data: torch.Tensor | NDArray) -> torch.Tensor:
+    """A tensor over ``data`` without a copy, also when it is a read-only view of a decoded
+    blob or of a gRPC response (torch warns about those; nothing here writes to them)."""
+    if isinstance(data, torch.Tensor):
+        return data
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(data)
 
 
 class Segmenter:
@@ -166,15 +175,14 @@ class Segmenter:
 
     def __call__(self, image: NDArray, affine: NDArray) -> Segmentation:
         """``image`` (x, y, z) in HU with its voxel->mm ``affine``."""
-        t0 = time.perf_counter()
+        laps = Laps()
         x = self.preprocess(image, affine)
-        t1 = time.perf_counter()
+        laps.lap("preprocess")
         probs = self.network(x.image)
-        t2 = time.perf_counter()
+        laps.lap("network")
         label, uncertainty = finish(probs, x.affine, affine, image.shape)
-        t3 = time.perf_counter()
-        timings = {"preprocess": t1 - t0, "network": t2 - t1, "resample": t3 - t2}
-        return Segmentation(label=label, uncertainty=uncertainty, timings=timings)
+        laps.lap("resample")
+        return Segmentation(label=label, uncertainty=uncertainty, timings=laps.seconds)
 
 
 def _mean_entropy(probs: NDArray) -> float:

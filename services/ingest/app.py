@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import zipfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -202,34 +202,31 @@ class Ingest:
         the size limit."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limits.max_bytes:
-            raise UploadRejected(
-                "too_large", f"the {what} exceeds {self.limits.max_bytes} bytes", 413
-            )
-        body, size = bytearray(), 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.limits.max_bytes:
-                raise UploadRejected(
-                    "too_large", f"the {what} exceeds {self.limits.max_bytes} bytes", 413
-                )
-            body += chunk
-        if size == 0:
-            raise UploadRejected("empty", f"the {what} is empty")
-        return bytes(body)
+            raise self._too_large(what)
+        return await self._collect(request.stream(), what)
 
     async def read_upload(self, upload: UploadFile, what: str) -> bytes:
         """The whole upload, refused (413) as soon as it passes the size limit."""
-        chunks, size = [], 0
-        while chunk := await upload.read(1024 * 1024):
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while chunk := await upload.read(1024 * 1024):
+                yield chunk
+
+        return await self._collect(chunks(), what)
+
+    async def _collect(self, chunks: AsyncIterator[bytes], what: str) -> bytes:
+        parts, size = [], 0
+        async for chunk in chunks:
             size += len(chunk)
             if size > self.limits.max_bytes:
-                raise UploadRejected(
-                    "too_large", f"the {what} exceeds {self.limits.max_bytes} bytes", 413
-                )
-            chunks.append(chunk)
+                raise self._too_large(what)
+            parts.append(chunk)
         if size == 0:
             raise UploadRejected("empty", f"the {what} is empty")
-        return b"".join(chunks)
+        return b"".join(parts)
+
+    def _too_large(self, what: str) -> UploadRejected:
+        return UploadRejected("too_large", f"the {what} exceeds {self.limits.max_bytes} bytes", 413)
 
     def published(self) -> None:
         if self.relay is not None:

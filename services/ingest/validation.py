@@ -62,30 +62,26 @@ def safe_id(value: str, what: str) -> str:
 
 def _gunzip_bounded(data: bytes, limit: int) -> tuple[bytes, bool]:
     """Decompress gzip without ever holding more than ``limit`` bytes (decompression bombs);
-    and whether it was one gzip member with nothing after it (what ctloop's readers take)."""
-    out, members, rest = bytearray(), 0, data
+    and whether it was one gzip member with nothing after it (what ctloop's readers take).
+    Several members one after another (bgzip writes them) are read as one stream."""
+    members: list[bytes] = []
+    total, rest = 0, data
     while rest:
         d = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
         try:
-            chunk = d.decompress(rest, limit + 1 - len(out))
+            chunk = d.decompress(rest, limit + 1 - total)
         except gzip_error as exc:
             raise UploadRejected("corrupt_gzip", f"the gzip stream is corrupt ({exc})") from exc
-        if members == 0 and not d.unused_data:
-            if len(chunk) > limit or d.unconsumed_tail:
-                raise UploadRejected(
-                    "too_large", f"decompresses to more than {limit} bytes", status=413
-                )
-            if not d.eof:
-                raise UploadRejected("truncated", "the gzip stream ends early (truncated upload?)")
-            return chunk, True  # the common case: one member, no copy
-        out += chunk
-        members += 1
-        if len(out) > limit or d.unconsumed_tail:
+        total += len(chunk)
+        if total > limit or d.unconsumed_tail:
             raise UploadRejected("too_large", f"decompresses to more than {limit} bytes", 413)
         if not d.eof:
             raise UploadRejected("truncated", "the gzip stream ends early (truncated upload?)")
-        rest = d.unused_data  # the next member (bgzip writes many)
-    return bytes(out), False
+        members.append(chunk)
+        rest = d.unused_data  # the next member, or data after the stream (refused above)
+    if len(members) == 1:
+        return members[0], True  # the common case: no copy
+    return b"".join(members), False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ def test_a_blob_reads_back_in_place_with_its_type_and_grid(dtype):
     array, affine = nifti_array_from_gz(nifti_gz_bytes(a, AFFINE))
     assert array.dtype == a.dtype and array.shape == a.shape
     assert np.array_equal(array, a)
+    assert not array.flags.writeable  # read in place from the decompressed blob, no copy
     np.testing.assert_allclose(affine, AFFINE, atol=1e-6)
 
 

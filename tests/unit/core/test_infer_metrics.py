@@ -64,7 +64,11 @@ def test_a_column_major_volume_gives_the_same_model_input(spacing):
     p = generate_phantom("clinical-b", 2, "small")
     pre = Preprocessor(ModelConfig(spacing=spacing))
     row_major = pre(p.image.astype(np.float32), p.affine)
+    reversed_runs = []
+    reversed_pre = pre.pre_reversed
+    pre.pre_reversed = lambda data: reversed_runs.append(1) or reversed_pre(data)
     column_major = pre(np.asfortranarray(p.image.astype(np.int16)), p.affine)
+    assert reversed_runs == [1]  # the transposed (fast) path, not a strided view
     assert column_major.image.flags.c_contiguous
     assert column_major.image.shape == row_major.image.shape
     np.testing.assert_allclose(column_major.image, row_major.image, atol=1e-6)

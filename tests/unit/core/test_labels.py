@@ -50,6 +50,7 @@ def test_a_value_in_a_gap_of_the_map_is_refused_and_a_canonical_mask_passes_as_i
     assert canonical.is_identity and not lm.is_identity
     mask = np.asfortranarray(np.arange(len(ORGAN_IDS), dtype=np.uint8).reshape(1, 1, -1))
     assert np.array_equal(canonical.to_canonical(mask), mask)
+    assert np.shares_memory(canonical.to_canonical(mask), mask)  # checked, not mapped again
     with pytest.raises(UnknownLabel, match=rf"\[{len(ORGAN_IDS)}\]"):
         canonical.to_canonical(mask + 1)
 
