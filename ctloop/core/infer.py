@@ -202,10 +202,14 @@ def _resample_argmax(
     destination grid.
 
     The model grid differs from the input grid only by its spacing (``Spacingd`` keeps the
-    orientation), so destination voxel -> source voxel is a per-axis scale and shift and the
-    trilinear interpolation is separable: it runs per axis, coarse axes first, on slabs of
-    destination slices, multi-threaded in torch. Memory stays at the label plus one slab of
-    class probabilities, on the device the probabilities are on. Any other mapping takes the
+    orientation), so destination voxel -> source voxel is a per-axis scale and shift. A
+    trilinear value is a convex combination of the 8 source voxels around it, so where those 8
+    share their argmax the resampled argmax is that class too (first-max ties included), and
+    nothing needs interpolating: the label is read off the model-grid argmax. Only voxels
+    whose source cell straddles a class boundary (a few percent of a CT) get their class
+    probabilities interpolated, with the same per-axis lerps in the same order as a full
+    separable resampling, so the label is the one that would give. Runs in torch on the
+    probabilities' device, a slab of destination slices at a time. Any other mapping takes the
     general (slower, CPU) path.
     """
     m = np.linalg.inv(src_affine) @ dst_affine  # destination voxel -> source voxel
@@ -213,27 +217,75 @@ def _resample_argmax(
     if not np.allclose(lin, np.diag(np.diag(lin)), atol=1e-6):
         return _resample_argmax_affine(probs.float().cpu().numpy(), m, dst_shape)
     p = probs.float()
+    n_classes = p.shape[0]
+    if n_classes > MIXED:
+        raise ValueError(f"at most {MIXED} classes fit a uint8 label, got {n_classes}")
     tx, ty, tz = (
         _linear_taps(m[d, d], m[d, 3], dst_shape[d], p.shape[d + 1], p.device) for d in range(3)
     )
+    # Model-grid cells, (z, y, x) like the label: their class where all 8 corners agree.
+    cells = _uniform_cells(p.argmax(dim=0).to(torch.uint8)).permute(2, 1, 0)
+    cells = cells.index_select(1, ty[0]).index_select(2, tx[0]).contiguous()  # (Z, Yd, Xd)
+    rows = p.permute(1, 2, 3, 0).reshape(-1, n_classes)  # source voxel (x, y, z) -> classes
+    strides = (p.shape[2] * p.shape[3], p.shape[3], 1)
     # Filled as (z, y, x): its transpose is the (x, y, z) label in NIfTI's column-major order,
     # so writing the mask needs no reordering copy.
     label_zyx = torch.empty(tuple(reversed(dst_shape)), dtype=torch.uint8, device=p.device)
-    slab = max(1, SLAB_ELEMENTS // (p.shape[0] * dst_shape[0] * dst_shape[1]))
-    # Each step gathers along the outermost axis (contiguous rows), then moves the next axis
-    # out: (z, C, x, y) -> (y, z, C, x) -> (x, y, z, C), so the argmax runs over the last axis.
-    pz_all = p.permute(3, 0, 1, 2).contiguous()
+    slab = max(1, SLAB_ELEMENTS // (dst_shape[0] * dst_shape[1]))
     for z0 in range(0, dst_shape[2], slab):
         z = slice(z0, min(dst_shape[2], z0 + slab))
-        pz = _lerp(pz_all, tz[0][z], tz[1][z], tz[2][z])  # (s, C, X, Y)
-        py = _lerp(pz.permute(3, 0, 1, 2).contiguous(), *ty)  # (y, s, C, X)
-        px = _lerp(py.permute(3, 0, 1, 2).contiguous(), *tx)  # (x, y, s, C)
-        label_zyx[z] = px.argmax(dim=3).to(torch.uint8).permute(2, 1, 0)  # first max wins ties
+        out = label_zyx[z]
+        torch.index_select(cells, 0, tz[0][z], out=out)
+        mixed = (out == MIXED).nonzero()  # (n, 3): z within the slab, y, x
+        if len(mixed):
+            zi, yi, xi = mixed.unbind(1)
+            out[zi, yi, xi] = _interpolated_argmax(
+                rows,
+                strides,
+                (tx[0][xi], tx[1][xi], tx[2][xi]),
+                (ty[0][yi], ty[1][yi], ty[2][yi]),
+                (tz[0][z][zi], tz[1][z][zi], tz[2][z][zi]),
+            )
     return label_zyx.cpu().numpy().T
 
 
-# Class probabilities per slab of the separable resampling (64 MiB of float32).
+# Marks a destination voxel whose source cell holds more than one class (labels are < this).
+MIXED = 255
+# Destination voxels per slab of the resampling (16 M: a few hundred MB at most on the
+# boundary voxels of a slab).
 SLAB_ELEMENTS = 1 << 24
+
+
+def _uniform_cells(argmax: torch.Tensor) -> torch.Tensor:
+    """Per source voxel (x, y, z): the class shared by the 8 corners of the cell it opens
+    (indices clamped at the far edges, as the taps are), or :data:`MIXED`."""
+    value = argmax
+    same = torch.ones_like(argmax, dtype=torch.bool)
+    for d in range(3):
+        n = argmax.shape[d]
+        nxt = torch.cat([value.narrow(d, 1, n - 1), value.narrow(d, n - 1, 1)], dim=d)
+        nxt_same = torch.cat([same.narrow(d, 1, n - 1), same.narrow(d, n - 1, 1)], dim=d)
+        same = same & nxt_same & (value == nxt)
+    return torch.where(same, value, torch.full_like(value, MIXED))
+
+
+def _interpolated_argmax(
+    rows: torch.Tensor,
+    strides: tuple[int, int, int],
+    x: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    y: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    z: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Argmax of the trilinear class probabilities at given voxels, from their taps per axis
+    ((lower, upper, weight) each): z first, then y, then x, as the separable resampling."""
+
+    def at(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        base = xs * strides[0] + ys * strides[1]
+        return rows[base + z[0]].lerp_(rows[base + z[1]], z[2][:, None])
+
+    lo_x = at(x[0], y[0]).lerp_(at(x[0], y[1]), y[2][:, None])
+    hi_x = at(x[1], y[0]).lerp_(at(x[1], y[1]), y[2][:, None])
+    return lo_x.lerp_(hi_x, x[2][:, None]).argmax(dim=1).to(torch.uint8)
 
 
 def _linear_taps(
@@ -250,12 +302,6 @@ def _linear_taps(
         return torch.from_numpy(a).to(device)
 
     return on(lo), on(hi), on(w)
-
-
-def _lerp(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of ``t`` along its first axis at taps ``lo``/``hi``, weight ``w``."""
-    w = w.reshape(-1, *[1] * (t.ndim - 1))
-    return t[lo].lerp_(t[hi], w)  # (indexing, not index_select: far faster on CPU threads)
 
 
 def _resample_argmax_affine(
