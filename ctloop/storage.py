@@ -83,6 +83,10 @@ class ObjectStore:
         )
         return StoredObject(bucket, key, result.version_id, result.etag)
 
+    def delete_version(self, bucket: str, key: str, version_id: str | None) -> None:
+        """Remove one version of ``key`` for good (no delete marker); the others stay."""
+        self.client.remove_object(bucket, key, version_id=version_id)
+
     def get_bytes(self, bucket: str, key: str, version_id: str | None = None) -> bytes:
         response = self.client.get_object(bucket, key, version_id=version_id)
         try:

@@ -13,7 +13,7 @@ import json
 import logging
 import zipfile
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -73,7 +73,7 @@ from ctloop.log import bind
 from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.service import database_check, health_router
 from ctloop.settings import Settings
-from ctloop.storage import ObjectStore
+from ctloop.storage import ObjectStore, StoredObject
 from ctloop.timing import Laps
 from services.ingest.admin import Auth, admin_router
 from services.ingest.monailabel import Backends, monailabel_router
@@ -85,6 +85,7 @@ from services.ingest.validation import (
     UploadRejected,
     check_mask_grid,
     mask_values,
+    may_be_stored_as_is,
     read_dicom_instances,
     read_dicom_zip,
     read_nifti,
@@ -233,6 +234,30 @@ class Ingest:
             self.relay.notify()
 
 
+class EarlyPut:
+    """An upload's bytes written to their key while its voxels are still being checked, so
+    the write overlaps the decode. Nothing refers to that version until the volume's row
+    commits (readers go by the version id in the row): :meth:`kept` then; anything else
+    (refused, rewritten, a duplicate, an error) removes the version, leaving no trace."""
+
+    def __init__(self, ingest: Ingest, key: str, data: bytes) -> None:
+        self.ingest, self.key, self.kept = ingest, key, False
+        self._put: Future[StoredObject] = ingest.pool.submit(
+            ingest.store.put_bytes, ingest.bucket, key, data
+        )
+
+    def result(self) -> StoredObject:
+        return self._put.result()
+
+    def discard(self) -> None:
+        try:
+            obj = self._put.result()
+        except Exception:  # never stored
+            return
+        self.ingest.store.delete_version(self.ingest.bucket, self.key, obj.version_id)
+        log.debug("early write removed", extra={"key": self.key, "version": obj.version_id})
+
+
 def encode_ct(image: np.ndarray, grid: Grid) -> bytes:
     """A validated CT as the blob ctloop stores: int16 when every value is a whole HU that
     fits (half the bytes of float32), float32 otherwise."""
@@ -290,11 +315,13 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         sha: str,
         provenance: dict[str, str],
         timings: Laps | None = None,
+        early: EarlyPut | None = None,
     ) -> Any:
         """Store a validated, encoded volume (and label) under immutable keys; record and
         announce it. The same bytes again answer 200 with the volume; other content under the
-        id, 409."""
-        vid = safe_id(volume_id, "volume id") if volume_id else f"vol-{sha[:16]}"
+        id, 409. ``early``: the image's bytes, already being written (marked kept once the
+        row commits; the caller removes them otherwise)."""
+        vid = _volume_id(volume_id, sha)
 
         with session_scope(ingest.db) as s:
             existing = s.get(Volume, vid)
@@ -311,7 +338,10 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         if mask_blob is not None:
             lkey = keys.volume_label(site, vid)
             label_put = ingest.pool.submit(ingest.store.put_bytes, ingest.bucket, lkey, mask_blob)
-        img_obj = ingest.store.put_bytes(ingest.bucket, key, image_blob)
+        if early is not None and early.key == key:
+            img_obj = early.result()
+        else:
+            img_obj = ingest.store.put_bytes(ingest.bucket, key, image_blob)
         label_ref = None
         if label_put is not None:
             lobj = label_put.result()
@@ -354,6 +384,8 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         except IntegrityError as exc:  # a concurrent upload of the same id won
             raise UploadRejected("exists", f"volume {vid} was created concurrently", 409) from exc
         timings.lap("commit")
+        if early is not None:
+            early.kept = True
         ingest.published()
         with bind(volume_id=vid, site_id=site):
             log.info("volume ingested", extra={"dataset": dataset, "shape": grid.shape})
@@ -458,20 +490,51 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         label_map: str | None,
         timings: Laps,
     ) -> Any:
-        provenance = {"source": "nifti"}
         label_job = None
         if label_data is not None:
             # The label is read and its values checked while the image is: both decompress and
             # scan on their own core. Its grid is compared with the image's once both are known.
             mapping = _label_map(label_map)
 
-            def read_label(raw: bytes) -> tuple[NiftiUpload, NDArray[np.uint8]]:
+            def read_label(raw: bytes) -> tuple[NiftiUpload, NDArray[np.uint8], bool]:
+                """The label, its canonical values and whether its bytes already are them."""
                 lab = read_nifti_upload(raw, ingest.limits, "label", STORED_LABEL_DTYPES)
-                return lab, mask_values(lab.array, mapping)
+                return lab, mask_values(lab.array, mapping), lab.storable and mapping.is_identity
 
             label_job = ingest.pool.submit(read_label, label_data)
         elif dataset != "clinical":
             raise UploadRejected("label_required", f"{dataset} (labelled) volumes need a label")
+        sha = hashlib.sha256(data).hexdigest()
+        early = None
+        if may_be_stored_as_is(data, STORED_CT_DTYPES):
+            # Most clean NIfTI CTs are kept as they came: their write starts now and overlaps
+            # the decode and checks (removed again if they fail).
+            vid = _volume_id(volume_id, sha)
+            with session_scope(ingest.db) as s:
+                taken = s.get(Volume, vid) is not None
+            if not taken:
+                early = EarlyPut(ingest, keys.volume_image(site, vid), data)
+        try:
+            return _checked_and_stored(
+                who, site, dataset, volume_id, data, sha, label_data, label_job, timings, early
+            )
+        finally:
+            if early is not None and not early.kept:
+                early.discard()
+
+    def _checked_and_stored(
+        who: Principal,
+        site: str,
+        dataset: Dataset,
+        volume_id: str | None,
+        data: bytes,
+        sha: str,
+        label_data: bytes | None,
+        label_job: Future[tuple[NiftiUpload, NDArray[np.uint8], bool]] | None,
+        timings: Laps,
+        early: EarlyPut | None,
+    ) -> Any:
+        provenance = {"source": "nifti"}
         if data[:2] == b"PK":
             vol = read_dicom_zip(data, ingest.limits)
             # Only pixel data and geometry are kept: every DICOM attribute (patient, study,
@@ -491,16 +554,24 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         timings.lap("encode")
         mask_bytes = None
         if label_job is not None:
-            lab, mask = label_job.result()
+            lab, mask, canonical = label_job.result()
             check_mask_grid(lab.grid, grid)
             # Checked, canonical and on the volume's exact grid: kept as it came.
-            same_grid = np.array_equal(lab.grid.affine, grid.affine)
-            keep = lab.storable and mapping.is_identity and same_grid
+            keep = canonical and np.array_equal(lab.grid.affine, grid.affine)
             mask_bytes = label_data if keep else nifti_gz_bytes(mask, grid.affine)
         timings.lap("label")  # what the label's check took beyond the image's
-        sha = hashlib.sha256(data).hexdigest()
         return accept_volume(
-            who, site, dataset, volume_id, image_blob, grid, mask_bytes, sha, provenance, timings
+            who,
+            site,
+            dataset,
+            volume_id,
+            image_blob,
+            grid,
+            mask_bytes,
+            sha,
+            provenance,
+            timings,
+            early if storable else None,
         )
 
     @r.post(
@@ -838,6 +909,11 @@ def record_annotation(
         reviewed_slices=partial.reviewed_slices,
         created_at=created,
     )
+
+
+def _volume_id(volume_id: str | None, sha: str) -> str:
+    """The id a volume is stored under: the client's (checked), else from its bytes' hash."""
+    return safe_id(volume_id, "volume id") if volume_id else f"vol-{sha[:16]}"
 
 
 def _model_ref(raw: str | None) -> ModelRef | None:

@@ -30,6 +30,7 @@ from ctloop.db import (
 )
 from ctloop.outbox import OutboxRelay
 from ctloop.storage import ObjectStore
+from services.ingest import app as ingest_app
 from services.ingest.app import create_app
 from tests.integration.services.conftest import dicom_zip, nifti, phantom, wait_for_events
 
@@ -185,6 +186,64 @@ def test_a_clean_nifti_is_kept_as_uploaded_and_anything_else_is_rewritten(
         assert np.array_equal(np.asarray(stored.dataobj), p.image)
         assert bytes(stored.header["descrip"].item()) == b"" and not stored.header.extensions
         assert _stored_form(svc_settings, f"{name}-{unique}") == "re-encoded"
+
+
+def _versions(settings, key: str) -> list[tuple[str, bool]]:
+    """Every version of ``key`` (delete markers too), newest first."""
+    store = ObjectStore(settings)
+    return [
+        (str(o.version_id), bool(o.is_delete_marker))
+        for o in store.client.list_objects(settings.s3.bucket, prefix=key, include_version=True)
+        if o.object_name == key
+    ]
+
+
+def test_a_clean_upload_is_written_while_it_is_checked_and_removed_unless_kept(
+    api, svc_settings, unique, monkeypatch
+):
+    """A CT whose header says it would be kept as it came is written to its key while its
+    voxels are checked. Refused: that version is removed (no version, no delete marker left);
+    rewritten after all (several gzip members): only the rewritten version remains; kept: the
+    one version is the row's."""
+    started = []
+
+    class Recorded(ingest_app.EarlyPut):
+        def __init__(self, ingest, key, data):
+            started.append(key)
+            super().__init__(ingest, key, data)
+
+    monkeypatch.setattr(ingest_app, "EarlyPut", Recorded)
+    p = phantom(seed=11)
+    clean = nifti(p.image, p.affine)
+    nan = p.image.astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    body = nib.Nifti1Image(p.image, p.affine).to_bytes()
+    members = b"".join(gzip.compress(body[i : i + 4096]) for i in range(0, len(body), 4096))
+    cases = {
+        "nan": (nifti(nan, p.affine), 422),
+        "junk": (clean + b"junk" * 16, 422),
+        "members": (members, 201),
+        "clean": (clean, 201),
+    }
+    for name, (data, status) in cases.items():
+        vid = f"early-{name}-{unique}"
+        key = keys.volume_image("site-a", vid)
+        r = _upload(api, data, volume_id=vid)
+        assert r.status_code == status, (name, r.text)
+        assert started[-1] == key, name  # the early write was taken
+        versions = _versions(svc_settings, key)
+        if status != 201:
+            assert versions == [], name
+            continue
+        assert len(versions) == 1 and not versions[0][1], (name, versions)
+        with session_scope(svc_settings.database_url) as s:
+            assert s.get(Volume, vid).s3_version_id == versions[0][0]
+        assert (_stored(svc_settings, key) == data) == (name == "clean")
+    # An id that is taken is never written early: the same bytes again answer 200.
+    n = len(started)
+    assert _upload(api, clean, volume_id=f"early-clean-{unique}").status_code == 200
+    assert len(started) == n
+    assert len(_versions(svc_settings, keys.volume_image("site-a", f"early-clean-{unique}"))) == 1
 
 
 def _huge_header() -> bytes:
