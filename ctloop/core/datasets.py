@@ -97,20 +97,23 @@ def nifti_from_gz(data: bytes) -> nib.Nifti1Image:
 
 def nifti_array_from_gz(data: bytes) -> tuple[NDArray, NDArray[np.float64]]:
     """The voxel array (column-major, read-only) and affine of a gzipped NIfTI blob, read in
-    place from the decompressed bytes when the file stores its values unscaled (nibabel's
-    reader would copy the whole volume once more)."""
+    place from the decompressed bytes (:func:`nifti_voxels`)."""
     raw = gunzip_bytes(data)
     img = nib.Nifti1Image.from_bytes(raw)
+    return nifti_voxels(img, raw), np.asarray(img.affine, dtype=np.float64)
+
+
+def nifti_voxels(img: nib.Nifti1Image | nib.Nifti2Image, raw: bytes) -> NDArray:
+    """``img``'s voxels: a read-only view of ``raw`` (the file's bytes, decompressed) when the
+    file stores its values unscaled (nibabel's reader would copy the whole volume once more),
+    else nibabel's scaled array."""
     proxy: Any = img.dataobj  # nibabel's ArrayProxy: where and how the voxels are stored
     dtype, offset, shape = np.dtype(proxy.dtype), int(proxy.offset), tuple(proxy.shape)
     count = int(np.prod(shape))
     unscaled = float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0
     if unscaled and proxy.order == "F" and len(raw) >= offset + count * dtype.itemsize:
-        flat = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
-        array = flat.reshape(shape, order="F")
-    else:
-        array = np.asanyarray(proxy)
-    return array, np.asarray(img.affine, dtype=np.float64)
+        return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
+    return np.asanyarray(proxy)
 
 
 def load_nifti(path: Path) -> tuple[NDArray, NDArray[np.float64]]:

@@ -18,7 +18,13 @@ from isal import isal_zlib
 from numpy.typing import NDArray
 
 from ctloop.contracts import keys
-from ctloop.core.datasets import DatasetError, Volume, gzip_error, load_dicom_series
+from ctloop.core.datasets import (
+    DatasetError,
+    Volume,
+    gzip_error,
+    load_dicom_series,
+    nifti_voxels,
+)
 from ctloop.core.organs import LabelMap, UnknownLabel
 
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
@@ -128,7 +134,7 @@ def read_nifti_upload(
     if int(np.prod(shape)) > limits.max_voxels:
         raise UploadRejected("too_large", f"{shape} exceeds {limits.max_voxels} voxels", 413)
     try:
-        array = np.asanyarray(img.dataobj).reshape(shape)
+        array = nifti_voxels(img, raw).reshape(shape)  # in place: no second copy
     except Exception as exc:
         raise UploadRejected("truncated", f"the {what}'s data is incomplete ({exc})") from exc
     affine = np.asarray(img.affine, dtype=np.float64)
