@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training benchmark: cpu (gloo) or cuda (NCCL)")  # fmt: skip
     args = parser.parse_args(argv)
     configure_logging()
+    # A terminated run still stops the services and Triton models it started (the session's
+    # clean-up runs on SystemExit, not on a bare SIGTERM).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     names = args.only or list(BENCHMARKS)
     with tempfile.TemporaryDirectory(prefix="ctloop-bench-") as tmp:
         work = args.work or Path(tmp)

@@ -195,8 +195,8 @@ def bench_platform(
     root.mkdir(parents=True, exist_ok=True)
     platform = Platform(root, port_base, env, tag)
     t0 = time.monotonic()
-    up = platform.ctloop("services", "up")
-    try:
+    try:  # down also after an interrupted up (the services it started are stopped)
+        up = platform.ctloop("services", "up")
         if up.returncode != 0:
             raise RuntimeError(f"services did not start: {up.stdout[-2000:]}{up.stderr[-2000:]}")
         log.info("bench platform up", extra={"tag": tag, "seconds": time.monotonic() - t0})

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from ctloop.contracts import keys
 from ctloop.contracts.triton import ModelSpec
-from ctloop.core.infer import Preprocessor, Segmentation, finish
+from ctloop.core.infer import PreparedVolume, Preprocessor, Segmentation, finish
 from ctloop.core.model import ModelConfig
 from ctloop.core.packaging import INTERFACE
 from ctloop.settings import Settings
@@ -155,8 +155,16 @@ class TritonSegmenter:
         laps = Laps()
         x = self.preprocessor(model, version)(image, affine)
         laps.lap("preprocess")
-        probs = self.triton.probabilities(model, version, x.image)
+        seg = self.segment(model, version, PreparedVolume(x, affine, image.shape))
+        laps.extend(seg.timings)
+        return Segmentation(label=seg.label, uncertainty=seg.uncertainty, timings=laps.seconds)
+
+    def segment(self, model: str, version: int, volume: PreparedVolume) -> Segmentation:
+        """A volume already on this version's model grid (:meth:`preprocessor`); timings:
+        triton, resample."""
+        laps = Laps()
+        probs = self.triton.probabilities(model, version, volume.input.image)
         laps.lap("triton")
-        label, uncertainty = finish(probs, x.affine, affine, image.shape)
+        label, uncertainty = finish(probs, volume.input.affine, volume.affine, volume.shape)
         laps.lap("resample")
         return Segmentation(label=label, uncertainty=uncertainty, timings=laps.seconds)

@@ -13,6 +13,9 @@ from minio.versioningconfig import VersioningConfig
 
 from ctloop.settings import Settings
 
+# What S3 services answer for a key that is not there.
+MISSING = ("NoSuchKey", "NoSuchObject", "NotFound")
+
 
 @dataclass(frozen=True)
 class StoredObject:
@@ -95,11 +98,20 @@ class ObjectStore:
             response.close()
             response.release_conn()
 
+    def get_optional(self, bucket: str, key: str) -> bytes | None:
+        """The latest version of ``key``, or None if there is none."""
+        try:
+            return self.get_bytes(bucket, key)
+        except S3Error as exc:
+            if exc.code in MISSING:
+                return None
+            raise
+
     def exists(self, bucket: str, key: str) -> bool:
         try:
             self.client.stat_object(bucket, key)
         except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+            if exc.code in MISSING:
                 return False
             raise
         return True

@@ -32,6 +32,15 @@ def volume_label(site: str, volume_id: str) -> str:
     return f"volumes/{safe_id(site, 'site')}/{safe_id(volume_id, 'volume id')}/label.nii.gz"
 
 
+def volume_model_input(site: str, volume_id: str, preprocessing: str) -> str:
+    """A volume resampled to a model's grid and windowed (derived, re-creatable from the
+    image), per preprocessing digest."""
+    return (
+        f"volumes/{safe_id(site, 'site')}/{safe_id(volume_id, 'volume id')}/"
+        f"model-input/{safe_id(preprocessing, 'preprocessing')}.npz"
+    )
+
+
 def annotation_mask(site: str, volume_id: str, revision: int) -> str:
     return (
         f"annotations/{safe_id(site, 'site')}/{safe_id(volume_id, 'volume id')}/"

@@ -13,10 +13,14 @@ what crosses to Triton is the model-grid volume (a few MB) instead of the scanne
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import monai
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -49,11 +53,53 @@ class ModelInput:
     affine: NDArray[np.float64]
 
 
+@dataclass(frozen=True)
+class PreparedVolume:
+    """A volume ready for the network: its model-grid input, and its own grid (where the label
+    goes back). What the inference service keeps per volume and preprocessing, so a volume is
+    decoded and resampled once however many model versions segment it."""
+
+    input: ModelInput
+    affine: NDArray[np.float64]  # the volume's voxel->mm
+    shape: tuple[int, ...]  # (x, y, z)
+
+    def to_bytes(self) -> bytes:
+        """An uncompressed ``.npz`` (numbers only, no pickles): ~2 MB for a full CT's input."""
+        out = io.BytesIO()
+        np.savez(
+            out,
+            image=self.input.image,
+            model_affine=self.input.affine,
+            affine=self.affine,
+            shape=np.asarray(self.shape, dtype=np.int64),
+        )
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PreparedVolume:
+        """Raises ``ValueError`` for anything but what :meth:`to_bytes` writes."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                image, model_affine = z["image"], z["model_affine"]
+                affine, shape = z["affine"], tuple(int(d) for d in z["shape"])
+        except Exception as exc:  # zip, npy and key errors alike
+            raise ValueError(f"not a prepared volume ({exc})") from exc
+        if image.ndim != 3 or image.dtype != np.float32 or len(shape) != 3:
+            raise ValueError(f"not a prepared volume (image {image.shape} {image.dtype})")
+        if model_affine.shape != (4, 4) or affine.shape != (4, 4):
+            raise ValueError("not a prepared volume (affines must be 4 x 4)")
+        return cls(ModelInput(image, model_affine), affine, shape)
+
+
 class Preprocessor:
     """Resamples a volume in HU on any grid to the model's spacing and windows it."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
+        # Names what this preprocessing gives (spacing, HU window, the MONAI that resamples):
+        # model versions that share it share their inputs.
+        spec = {"spacing": cfg.spacing, "hu_window": cfg.hu_window, "monai": monai.__version__}
+        self.digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         self.pre = preprocess_transforms(cfg, with_label=False)
         # For column-major volumes (what NIfTI readers give): the same, axes reversed.
         flipped = cfg.model_copy(update={"spacing": tuple(reversed(cfg.spacing))})

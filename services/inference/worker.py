@@ -32,6 +32,7 @@ from ctloop.contracts.payloads import (
 )
 from ctloop.contracts.topics import PREDICTION_COMPLETED
 from ctloop.core.datasets import nifti_array_from_gz, nifti_gz_bytes
+from ctloop.core.infer import PreparedVolume
 from ctloop.core.packaging import segmentation_spec
 from ctloop.db import (
     Prediction,
@@ -222,17 +223,12 @@ class InferenceWorker:
                 return None
             t0, started_at = time.monotonic(), time.time()
             stages = Laps()
-            raw = self.store.get_bytes(self.bucket, key, version)
-            stages.lap("fetch")
-            image, affine = nifti_array_from_gz(raw)  # the stored type; float32 in preprocess
-            del raw  # only the array goes on
-            stages.lap("decode")
-            seg = self.segmenter(model.model, model.version, image, affine)
-            del image
+            prepared = self._prepared(site, volume_id, key, version, model, stages)
+            seg = self.segmenter.segment(model.model, model.version, prepared)
             labels, uncertainty = seg.label, seg.uncertainty
-            stages.extend(seg.timings)  # preprocess, triton, resample
+            stages.extend(seg.timings)  # triton, resample
             mask_key = keys.prediction_mask(volume_id, model.model, model.version)
-            encoded = nifti_gz_bytes(labels, affine)
+            encoded = nifti_gz_bytes(labels, prepared.affine)
             stages.lap("encode")
             obj = self.store.put_bytes(self.bucket, mask_key, encoded)
             stages.lap("store")
@@ -245,7 +241,8 @@ class InferenceWorker:
                 "seconds": seconds,
                 "mask": mask_key,
                 "started_at": started_at,  # epoch seconds
-                # fetch, decode, preprocess, triton, resample, encode, store
+                # fetch, decode, preprocess (or prepared: the kept model input), triton,
+                # resample, encode, store
                 "stage_seconds": stages.seconds,
             }
             self.store.put_bytes(
@@ -286,6 +283,36 @@ class InferenceWorker:
             PREDICT_SECONDS.observe(seconds)
             log.info("pre-annotated", extra={"uncertainty": uncertainty, "seconds": seconds})
             return PredictionResult(volume_id, model, mask, uncertainty, seconds)
+
+    def _prepared(
+        self, site: str, volume_id: str, key: str, version: str | None, model: ModelRef, laps: Laps
+    ) -> PreparedVolume:
+        """The volume on ``model``'s grid. Decoded and resampled once per preprocessing (model
+        versions of one lineage share it): the result is kept beside the volume in S3, so a
+        re-prediction after each round reads ~2 MB instead of decompressing the whole CT."""
+        pre = self.segmenter.preprocessor(model.model, model.version)
+        kept_key = keys.volume_model_input(site, volume_id, pre.digest)
+        kept = self.store.get_optional(self.bucket, kept_key)
+        if kept is not None:
+            try:
+                prepared = PreparedVolume.from_bytes(kept)
+                laps.lap("prepared")
+                return prepared
+            except ValueError:
+                log.warning("kept model input unreadable; preparing again", extra={"key": kept_key})
+        raw = self.store.get_bytes(self.bucket, key, version)
+        laps.lap("fetch")
+        image, affine = nifti_array_from_gz(raw)  # the stored type; float32 in preprocess
+        del raw  # only the array goes on
+        laps.lap("decode")
+        prepared = PreparedVolume(pre(image, affine), affine, image.shape)
+        laps.lap("preprocess")
+        try:
+            self.store.put_bytes(self.bucket, kept_key, prepared.to_bytes())
+        except Exception:  # only a saving for later: this prediction goes on
+            log.warning("could not keep the model input", exc_info=True, extra={"key": kept_key})
+        laps.lap("keep")
+        return prepared
 
     def _mark_done(self, event_id: str) -> None:
         with session_scope(self.db) as s:

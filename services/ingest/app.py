@@ -1,8 +1,9 @@
 """The public REST API: volumes in, annotations in, pre-annotations out.
 
-Every upload is validated in full before anything is stored; then the blob goes to S3 under an
+Every upload is validated in full before it is accepted; then the blob goes to S3 under an
 immutable key, the workflow row and its event (outbox) commit in one SQL transaction, and the
-outbox relay publishes the event.
+outbox relay publishes the event. A clean NIfTI CT's bytes are written while its voxels are
+checked (:class:`EarlyPut`) and that S3 version is removed unless the row commits.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Everything an upload must pass before anything is stored.
+"""Everything an upload must pass before it is accepted.
 
 Each refusal is an :class:`UploadRejected` with a stable ``code`` (what a client can act on), an
 HTTP status and a message saying what was wrong.

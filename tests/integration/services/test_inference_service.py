@@ -27,7 +27,7 @@ from ctloop.contracts.payloads import (
 )
 from ctloop.contracts.topics import MODEL_PUBLISHED, Topic
 from ctloop.core.datasets import synthesize_dataset
-from ctloop.core.infer import Segmenter
+from ctloop.core.infer import PreparedVolume, Segmenter
 from ctloop.core.model import ModelConfig
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.train import DataSource, TrainConfig, train
@@ -179,10 +179,44 @@ def test_the_whole_pre_annotation_lifecycle(env, unique):
     uncertainty = {v: u for v, _, _, u in before[0]}
     waiting = [v for v in worker.waiting_volumes() if v in uncertainty]
     assert waiting == sorted(uncertainty, key=lambda v: -uncertainty[v])
+    # Each volume was decoded and resampled once; its model input is kept beside it, so the
+    # re-prediction reads that instead of the CT (w2's kept copy is broken: prepared again).
+    pre = worker.segmenter.preprocessor(igniter, 1)
+    bucket = env["settings"].s3.bucket
+    kept = {
+        v: keys.volume_model_input("site-c", v, pre.digest)
+        for v in (f"w1-{unique}", f"w2-{unique}")
+    }
+    for vid, key in kept.items():
+        assert "decode" in _info(env, vid, igniter, 1)["stage_seconds"]
+        prepared = PreparedVolume.from_bytes(store.get_bytes(bucket, key))
+        assert prepared.shape == _mask(env, vid, igniter, 1).shape
+    store.put_bytes(bucket, kept[f"w2-{unique}"], b"PK\x03\x04 not an npz")
     worker.handle(_publish(env, sustainer, 1))
     assert worker.serving() == ModelRef(model=sustainer, version=1)
     for vid in (f"w1-{unique}", f"w2-{unique}"):
         assert (sustainer, 1) in [(m, v) for _, m, v, _ in _predictions(env, vid)]
+    stages = _info(env, f"w1-{unique}", sustainer, 1)["stage_seconds"]
+    assert "prepared" in stages and "decode" not in stages and "fetch" not in stages
+    assert "decode" in _info(env, f"w2-{unique}", sustainer, 1)["stage_seconds"]
+    PreparedVolume.from_bytes(store.get_bytes(bucket, kept[f"w2-{unique}"]))  # readable again
+    # The same weights (the test publishes one checkpoint) give the same mask from the kept input.
+    for vid in (f"w1-{unique}", f"w2-{unique}"):
+        assert np.array_equal(_mask(env, vid, sustainer, 1), _mask(env, vid, igniter, 1))
+
+
+def _info(env, volume_id: str, model: str, version: int) -> dict:
+    store = ObjectStore(env["settings"])
+    key = keys.prediction_info(volume_id, model, version)
+    return json.loads(store.get_bytes(env["settings"].s3.bucket, key))
+
+
+def _mask(env, volume_id: str, model: str, version: int) -> np.ndarray:
+    store = ObjectStore(env["settings"])
+    raw = store.get_bytes(
+        env["settings"].s3.bucket, keys.prediction_mask(volume_id, model, version)
+    )
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj)
 
 
 def test_grpc_segment_and_model_status(env, unique):

@@ -1,10 +1,12 @@
+import io
+
 import numpy as np
 import pytest
 import torch
 
 from ctloop.core import infer
 from ctloop.core.datasets import phantom_volume, write_decathlon
-from ctloop.core.infer import Preprocessor, Segmenter
+from ctloop.core.infer import ModelInput, PreparedVolume, Preprocessor, Segmenter
 from ctloop.core.metrics import mean_dice, organ_dice, organ_surface_distance
 from ctloop.core.model import ModelConfig
 from ctloop.core.organs import ORGAN_IDS
@@ -152,3 +154,25 @@ def test_only_voxels_on_a_class_boundary_are_interpolated(monkeypatch):
     assert set(np.unique(label)) == {1, 2}
     reference = infer._resample_argmax_affine(probs.numpy(), np.linalg.inv(model) @ scanner, shape)
     np.testing.assert_array_equal(label, reference)
+
+
+def test_a_prepared_volume_round_trips_and_anything_else_is_refused():
+    x = ModelInput(np.random.default_rng(0).random((5, 6, 7), dtype=np.float32), np.eye(4) * 2)
+    prepared = PreparedVolume(x, np.diag([0.7, 0.7, 1.5, 1.0]), (40, 41, 20))
+    back = PreparedVolume.from_bytes(prepared.to_bytes())
+    assert back.shape == (40, 41, 20)
+    np.testing.assert_array_equal(back.input.image, x.image)
+    np.testing.assert_array_equal(back.input.affine, x.affine)
+    np.testing.assert_array_equal(back.affine, prepared.affine)
+    wrong = io.BytesIO()
+    np.savez(wrong, image=np.zeros((2, 2), np.float32))
+    for data in (b"", b"PK\x03\x04 junk", wrong.getvalue()):
+        with pytest.raises(ValueError, match="not a prepared volume"):
+            PreparedVolume.from_bytes(data)
+
+
+def test_the_preprocessing_digest_names_spacing_and_window():
+    a = Preprocessor(ModelConfig(spacing=(4.0, 4.0, 4.0)))
+    assert a.digest == Preprocessor(ModelConfig(spacing=(4.0, 4.0, 4.0))).digest
+    assert a.digest != Preprocessor(ModelConfig(spacing=(4.0, 4.0, 5.0))).digest
+    assert a.digest != Preprocessor(ModelConfig(hu_window=(-100.0, 200.0))).digest
