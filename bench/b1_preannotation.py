@@ -1,5 +1,6 @@
 """1. Pre-annotation overhead: one CT from upload to ``prediction.completed`` (and through the
-inference service's gRPC ``Segment``) against in-process MONAI sliding-window inference of the
+inference service's gRPC ``Segment``, which here re-predicts a volume whose model input is
+kept) against in-process MONAI sliding-window inference of the
 same weights on the same volume (:class:`ctloop.core.infer.Segmenter`, the code Triton runs).
 
 The platform time is broken down from what the services record: the upload (client → ingest,
@@ -7,7 +8,8 @@ validated and stored), queueing (outbox → Kafka → the inference consumer), t
 (S3 fetch, NIfTI decode, Triton, mask encode, S3 write; ``stage_seconds`` in the prediction's
 info JSON) and the tail (prediction info write, DB commit, outbox → Kafka → the watcher).
 The inference service resamples to the model grid and back itself (``preprocess`` and
-``resample``, the same code as in-process) and Triton runs the network; the Triton stage is
+``resample``, the same code as in-process; ``keep``: writing the model-grid input beside the
+volume for later re-predictions) and Triton runs the network; the Triton stage is
 split into the in-process network time on the same volume and what remains (tensor transfer,
 python-backend overhead).
 """
@@ -78,6 +80,8 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
 
     # The same weights under a second name, loaded straight into Triton, for gRPC Segment on
     # volumes the event path has already pre-annotated (one prediction per volume and model).
+    # Their model input is kept by then, so this times the re-prediction path (what every
+    # waiting volume costs after a round): no fetch, decode or preprocess of the CT.
     direct = f"direct{p.tag}"
     stubs_before = set(find_pids(STUB))
     spec = segmentation_spec(direct)
@@ -184,7 +188,8 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
     ratio = median(ours) / median(theirs)
     note = (
         f"upload→prediction.completed {ratio:.2f}x and gRPC Segment {ratio_grpc:.2f}x "
-        f"the in-process Segmenter; {ratio_script:.2f}x a script that loads the file, "
+        f"(re-prediction: the volume's model input kept) the in-process Segmenter; "
+        f"{ratio_script:.2f}x a script that loads the file, "
         f"segments and saves the mask ({median(script_seconds):.2f}s); platform stages "
         + ", ".join(
             f"{k} {v:.2f}s"
