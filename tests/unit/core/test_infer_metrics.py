@@ -114,15 +114,25 @@ def _grids() -> tuple[np.ndarray, np.ndarray]:
     return model, scanner
 
 
+@pytest.mark.parametrize("dense", [0.3, 1.1])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_resampled_argmax_is_the_argmax_of_the_interpolated_probabilities(seed):
+def test_the_resampled_argmax_is_the_argmax_of_the_interpolated_probabilities(
+    seed, dense, monkeypatch
+):
     """Reading uniform cells off the model-grid argmax and interpolating only the mixed ones
-    gives the label that per-class trilinear interpolation (scipy, clamped edges) gives."""
+    (or, where most are mixed, resampling the slab in full) gives the label that per-class
+    trilinear interpolation (scipy, clamped edges) gives."""
     g = torch.Generator().manual_seed(seed)
     probs = torch.softmax(torch.randn((4, 12, 10, 8), generator=g) * 4, dim=0)
     model, scanner = _grids()
     shape = (44, 27, 19)
+    monkeypatch.setattr(infer, "DENSE_FRACTION", dense)  # 1.1: never in full
+    monkeypatch.setattr(infer, "SLAB_ELEMENTS", 44 * 27 * 4)  # several slabs
+    full = []
+    real = infer._separable_argmax
+    monkeypatch.setattr(infer, "_separable_argmax", lambda *a: full.append(1) or real(*a))
     fast = infer._resample_argmax(probs, model, scanner, shape)
+    assert bool(full) == (dense < 1)  # random classes: most voxels are on a boundary
     m = np.linalg.inv(model) @ scanner
     reference = infer._resample_argmax_affine(probs.numpy(), m, shape)
     assert fast.shape == shape and fast.flags.f_contiguous
