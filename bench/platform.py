@@ -72,10 +72,7 @@ class Platform:
         return pids
 
     def client(self, timeout: float = 600) -> httpx.Client:
-        token = (self.run_dir / "admin-token").read_text().strip()
-        return httpx.Client(
-            base_url=self.api, timeout=timeout, headers={"Authorization": f"Bearer {token}"}
-        )
+        return httpx.Client(base_url=self.api, timeout=timeout, headers=self._auth())
 
     def upload(
         self, files: dict[str, tuple[str, bytes, str]], data: dict[str, str]

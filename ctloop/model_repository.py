@@ -153,11 +153,18 @@ class TritonSegmenter:
         """``image`` (x, y, z) in HU with its voxel->mm ``affine``; timings: preprocess,
         triton (the network and the transfer), resample."""
         laps = Laps()
-        x = self.preprocessor(model, version)(image, affine)
+        prepared = self.prepare(model, version, image, affine)
         laps.lap("preprocess")
-        seg = self.segment(model, version, PreparedVolume(x, affine, image.shape))
+        seg = self.segment(model, version, prepared)
         laps.extend(seg.timings)
         return Segmentation(label=seg.label, uncertainty=seg.uncertainty, timings=laps.seconds)
+
+    def prepare(
+        self, model: str, version: int, image: np.ndarray, affine: np.ndarray
+    ) -> PreparedVolume:
+        """``image`` (x, y, z) in HU with its voxel->mm ``affine``, on this version's grid."""
+        x = self.preprocessor(model, version)(image, affine)
+        return PreparedVolume(x, np.asarray(affine, dtype=np.float64), image.shape)
 
     def segment(self, model: str, version: int, volume: PreparedVolume) -> Segmentation:
         """A volume already on this version's model grid (:meth:`preprocessor`); timings:

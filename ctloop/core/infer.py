@@ -349,14 +349,15 @@ def _lerp(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, w: torch.Tensor) 
 def _uniform_cells(argmax: torch.Tensor) -> torch.Tensor:
     """Per source voxel (x, y, z): the class shared by the 8 corners of the cell it opens
     (indices clamped at the far edges, as the taps are), or :data:`MIXED`."""
-    value = argmax
+
+    def next_along(t: torch.Tensor, d: int) -> torch.Tensor:  # t[i + 1], the last one kept
+        n = t.shape[d]
+        return torch.cat([t.narrow(d, 1, n - 1), t.narrow(d, n - 1, 1)], dim=d)
+
     same = torch.ones_like(argmax, dtype=torch.bool)
     for d in range(3):
-        n = argmax.shape[d]
-        nxt = torch.cat([value.narrow(d, 1, n - 1), value.narrow(d, n - 1, 1)], dim=d)
-        nxt_same = torch.cat([same.narrow(d, 1, n - 1), same.narrow(d, n - 1, 1)], dim=d)
-        same = same & nxt_same & (value == nxt)
-    return torch.where(same, value, torch.full_like(value, MIXED))
+        same = same & next_along(same, d) & (argmax == next_along(argmax, d))
+    return torch.where(same, argmax, torch.full_like(argmax, MIXED))
 
 
 def _interpolated_argmax(

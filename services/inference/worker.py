@@ -305,7 +305,7 @@ class InferenceWorker:
         image, affine = nifti_array_from_gz(raw)  # the stored type; float32 in preprocess
         del raw  # only the array goes on
         laps.lap("decode")
-        prepared = PreparedVolume(pre(image, affine), affine, image.shape)
+        prepared = self.segmenter.prepare(model.model, model.version, image, affine)
         laps.lap("preprocess")
         try:
             self.store.put_bytes(self.bucket, kept_key, prepared.to_bytes())

@@ -339,7 +339,7 @@ def volumes_router(ingest: Ingest, auth: Auth) -> APIRouter:
         if mask_blob is not None:
             lkey = keys.volume_label(site, vid)
             label_put = ingest.pool.submit(ingest.store.put_bytes, ingest.bucket, lkey, mask_blob)
-        if early is not None and early.key == key:
+        if early is not None:  # the same bytes, to the same key, already on their way
             img_obj = early.result()
         else:
             img_obj = ingest.store.put_bytes(ingest.bucket, key, image_blob)

@@ -146,22 +146,29 @@ def read_nifti_upload(
 
 def _stored_form(img: nib.Nifti1Image, raw: bytes, dtypes: tuple[str, ...]) -> bool:
     """True if the decompressed file is what ctloop would write for this array: a stored
-    header (:func:`_stored_header`) with the data right after it and nothing more."""
-    if type(img) is not nib.Nifti1Image or not _stored_header(img.header, raw[348:352], dtypes):
+    header (:func:`_stored_header`, read from the file's own bytes: a loaded image's header
+    no longer shows the scaling) with the data right after it and nothing more."""
+    if type(img) is not nib.Nifti1Image or not _stored_header(_file_header(raw), raw, dtypes):
         return False
     return len(raw) == 352 + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
 
 
-def _stored_header(h: nib.Nifti1Header, extension_flag: bytes, dtypes: tuple[str, ...]) -> bool:
+def _file_header(raw: bytes) -> nib.Nifti1Header:
+    """The NIfTI-1 header as the file has it (raises for anything else)."""
+    return nib.Nifti1Header.from_fileobj(io.BytesIO(raw[:348]), check=True)
+
+
+def _stored_header(h: nib.Nifti1Header, raw: bytes, dtypes: tuple[str, ...]) -> bool:
     """NIfTI-1, a stored data type, exact values (no scaling), no extensions (DICOM headers,
-    JSON sidecars) and no free text (description, aux file, intent name, db name) that could
-    carry patient details, one affine (sform and qform agree if both are set)."""
+    JSON sidecars; the flag after the header in ``raw``, the file's first 352 bytes at least)
+    and no free text (description, aux file, intent name, db name) that could carry patient
+    details, one affine (sform and qform agree if both are set)."""
     if str(h.get_data_dtype()) not in dtypes:
         return False
     slope, inter = h["scl_slope"], h["scl_inter"]
     if not (np.isnan(slope) or slope in (0.0, 1.0)) or not (np.isnan(inter) or inter == 0.0):
         return False
-    if extension_flag != b"\0\0\0\0" or int(h["vox_offset"]) not in (0, 352):
+    if raw[348:352] != b"\0\0\0\0" or int(h["vox_offset"]) not in (0, 352):
         return False
     if any(bytes(h[f].item()).strip(b"\0 ") for f in ("descrip", "aux_file", "intent_name")):
         return False
@@ -184,10 +191,10 @@ def may_be_stored_as_is(data: bytes, dtypes: tuple[str, ...]) -> bool:
         head = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS).decompress(data[:65536], 352)
         if len(head) < 352:
             return False
-        header = nib.Nifti1Header.from_fileobj(io.BytesIO(head[:348]), check=True)
+        header = _file_header(head)
     except Exception:  # not gzip, not NIfTI-1, a broken header: the full read says why
         return False
-    return _stored_header(header, head[348:352], dtypes)
+    return _stored_header(header, head, dtypes)
 
 
 def _check_grid(grid: Grid, what: str) -> None:
