@@ -25,7 +25,8 @@ from bench.platform import CompletionWatcher, Platform, bench_platform, until
 from bench.session import SITE, Session
 from bench.workload import CT, phantom_ct
 from ctloop.contracts.payloads import ModelRef
-from ctloop.core.datasets import Volume, nifti_gz_bytes, write_decathlon
+from ctloop.core.blobs import nifti_gz_bytes
+from ctloop.core.datasets import Volume, write_decathlon
 from ctloop.core.infer import Segmenter
 from ctloop.core.train import DataSource, TrainConfig, train
 from ctloop.db import ServingModel, TrainingRound, session_scope

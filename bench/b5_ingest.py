@@ -11,7 +11,7 @@ from typing import Any
 from bench.common import Context, interleaved, median, result
 from bench.session import SITE, Session
 from bench.workload import phantom_ct
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.organs import LabelMap
 from ctloop.storage import ObjectStore
 from services.ingest.app import STORED_CT_DTYPES, STORED_LABEL_DTYPES, encode_ct

@@ -11,7 +11,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench.common import Context
-from ctloop.core.datasets import nifti_gz_bytes, synthesize_dataset
+from ctloop.core.blobs import nifti_gz_bytes
+from ctloop.core.datasets import synthesize_dataset
 from ctloop.core.phantom import generate_phantom
 from ctloop.core.train import DataSource, TrainConfig, train
 

@@ -40,7 +40,7 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
-from ctloop.core.datasets import nifti_from_gz, nifti_gz_bytes
+from ctloop.core.blobs import nifti_from_gz, nifti_gz_bytes
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 
 log = logging.getLogger("ctloop.annotator")

@@ -37,7 +37,8 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
-from ctloop.core.datasets import DecathlonDataset, nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
+from ctloop.core.datasets import DecathlonDataset
 from ctloop.core.phantom import generate_phantom
 from ctloop.settings import Settings, get_settings
 from ctloop.stack import LocalStack

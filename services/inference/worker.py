@@ -31,7 +31,7 @@ from ctloop.contracts.payloads import (
     payload_for,
 )
 from ctloop.contracts.topics import PREDICTION_COMPLETED
-from ctloop.core.datasets import nifti_array_from_gz, nifti_gz_bytes
+from ctloop.core.blobs import nifti_array_from_gz, nifti_gz_bytes
 from ctloop.core.infer import PreparedVolume
 from ctloop.core.packaging import segmentation_spec
 from ctloop.db import (

@@ -31,7 +31,7 @@ from ctloop.contracts.payloads import (
     VolumeIngested,
     payload_for,
 )
-from ctloop.core.datasets import nifti_from_gz
+from ctloop.core.blobs import nifti_from_gz
 from ctloop.core.metrics import mean_dice, organ_dice
 from ctloop.core.partial import PartialLabel
 from ctloop.storage import ObjectStore

@@ -34,8 +34,9 @@ from ctloop.contracts.payloads import (
     make_event,
 )
 from ctloop.contracts.topics import MODEL_PUBLISHED, TRAINING_COMPLETED, TRAINING_STARTED
+from ctloop.core.blobs import nifti_from_gz
 from ctloop.core.datasets import Volume as CoreVolume
-from ctloop.core.datasets import nifti_from_gz, write_decathlon
+from ctloop.core.datasets import write_decathlon
 from ctloop.core.infer import Segmenter
 from ctloop.core.metrics import mean_dice
 from ctloop.core.model import ModelConfig

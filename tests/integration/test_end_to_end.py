@@ -15,7 +15,7 @@ import grpc
 import httpx
 import pytest
 
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.phantom import generate_phantom
 from ctloop.v1 import training_pb2, training_pb2_grpc
 from tests.integration.platform import run_platform, until

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from monailabel.client.client import MONAILabelClient, MONAILabelClientException
 
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
 from tests.integration.platform import run_platform, until

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.phantom import generate_phantom
 from ctloop.settings import REPO_ROOT
 

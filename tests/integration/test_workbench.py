@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
 from ctloop.settings import REPO_ROOT

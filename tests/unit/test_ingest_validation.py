@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from services.ingest.app import STORED_CT_DTYPES
 from services.ingest.validation import Limits, may_be_stored_as_is, read_nifti_upload
 

@@ -30,7 +30,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from sqlalchemy import func, select
 
 from ctloop.contracts.topics import Topic
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.phantom import generate_phantom
 from ctloop.db import AnnotationRevision, Prediction, TrainingRound, Volume, session_scope
 from ctloop.settings import REPO_ROOT, Settings

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.phantom import generate_phantom
 from ctloop.db import AnnotationRevision, Volume, session_scope
 from ctloop.settings import Settings

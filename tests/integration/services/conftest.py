@@ -14,7 +14,7 @@ import pytest
 from ctloop.bus import EventConsumer, EventProducer
 from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.topics import Topic
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.phantom import Phantom, generate_phantom
 from ctloop.settings import Settings
 

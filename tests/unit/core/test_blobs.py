@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctloop.core.datasets import gzip_bytes, nifti_array_from_gz, nifti_gz_bytes
+from ctloop.core.blobs import gzip_bytes, nifti_array_from_gz, nifti_gz_bytes
 
 AFFINE = np.array([[0.7, 0, 0, 1.0], [0, 0.8, 0, 2.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
 

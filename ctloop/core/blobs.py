@@ -1,0 +1,61 @@
+"""The stored-blob codec: how ctloop writes a volume or mask to S3 and reads it back.
+
+Every blob (CT, label, annotation, pre-annotation) is a gzipped NIfTI-1 file. Writers and
+readers anywhere in ctloop go through these functions, so the stored form is decided here only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import nibabel as nib
+import numpy as np
+from isal import igzip, isal_zlib
+from numpy.typing import NDArray
+
+# gzip through ISA-L (``isal``): the same format as the stdlib's, ~5x faster to write and ~2x
+# faster to read, which is most of what ingest and inference spend on a blob.
+gzip_error = cast(type[Exception], isal_zlib.error)
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    return igzip.compress(data, 1)
+
+
+def gunzip_bytes(data: bytes) -> bytes:
+    return isal_zlib.decompress(data, 16 + isal_zlib.MAX_WBITS)
+
+
+def nifti_gz_bytes(array: NDArray, affine: NDArray) -> bytes:
+    """A volume or mask as gzipped NIfTI bytes: the form ctloop stores blobs in."""
+    # NIfTI data is column-major: nibabel writes a C-ordered array a slab at a time, which is
+    # 2-3x slower than one transposing copy and a straight write.
+    img = nib.Nifti1Image(np.asfortranarray(array), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    return gzip_bytes(img.to_bytes())
+
+
+def nifti_from_gz(data: bytes) -> nib.Nifti1Image:
+    """The NIfTI image in gzipped bytes (a blob ctloop stored)."""
+    return nib.Nifti1Image.from_bytes(gunzip_bytes(data))
+
+
+def nifti_array_from_gz(data: bytes) -> tuple[NDArray, NDArray[np.float64]]:
+    """The voxel array (column-major, read-only) and affine of a gzipped NIfTI blob, read in
+    place from the decompressed bytes (:func:`nifti_voxels`)."""
+    raw = gunzip_bytes(data)
+    img = nib.Nifti1Image.from_bytes(raw)
+    return nifti_voxels(img, raw), np.asarray(img.affine, dtype=np.float64)
+
+
+def nifti_voxels(img: nib.Nifti1Image | nib.Nifti2Image, raw: bytes) -> NDArray:
+    """``img``'s voxels: a read-only view of ``raw`` (the file's bytes, decompressed) when the
+    file stores its values unscaled (nibabel's reader would copy the whole volume once more),
+    else nibabel's scaled array."""
+    proxy: Any = img.dataobj  # nibabel's ArrayProxy: where and how the voxels are stored
+    dtype, offset, shape = np.dtype(proxy.dtype), int(proxy.offset), tuple(proxy.shape)
+    count = int(np.prod(shape))
+    unscaled = float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0
+    if unscaled and proxy.order == "F" and len(raw) >= offset + count * dtype.itemsize:
+        return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
+    return np.asanyarray(proxy)
