@@ -45,8 +45,9 @@ def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
-    # Clients that log every connection or request at INFO; keep their warnings.
-    for chatty in ("kafka", "httpx", "httpcore"):
+    # Clients that log every connection or request at INFO, and Alembic, which logs its plugins,
+    # its dialect and each migration at every service start; keep their warnings.
+    for chatty in ("kafka", "httpx", "httpcore", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
