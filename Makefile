@@ -1,6 +1,7 @@
 # ctloop — everything a user or CI types goes through these targets.
-#   make run    set up, start the local stack, run the main job
-#   make test   set up, lint, type-check, run unit and integration tests
+#   make run    set up what the run needs, start the local stack, run the main job
+#   make test   set up everything, lint, type-check, run unit and integration tests
+#   make lint | make unit   only the virtualenv and the gRPC stubs (Python packages only)
 # Set-up steps are stamped under .ctloop/ so a second run does nothing.
 
 SHELL := /bin/bash
@@ -23,53 +24,81 @@ KEYCLOAK_VERSION    := 26.7.3
 
 PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
-.PHONY: help setup venv protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak \
+.PHONY: help setup venv dev protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak \
         stack-up stack-down stack-status services-up services-down status \
         run test test-reliability lint format unit integration helm-check bench clean
 
 help:
-	@echo "make run           set up, run the main job: a transfer run with its report (RUN_PRESET=small)"
-	@echo "make test          set up, lint, type-check, run unit + integration tests"
+	@echo "make run           set up what the run needs, run the main job: a transfer run with its report (RUN_PRESET=small)"
+	@echo "make test          set up everything, lint, type-check, run unit + integration tests"
+	@echo "make lint | unit   ruff + mypy | unit tests (needs only Python packages)"
 	@echo "make test-reliability [LONG=1]  faults, load, bad input, API fuzzing"
-	@echo "make setup         install everything (idempotent)"
+	@echo "make setup         install everything the tests need (idempotent; logs in .ctloop/logs)"
 	@echo "make stack-up | stack-down | stack-status"
 	@echo "make services-up | services-down | status"
-	@echo "make lint | format"
+	@echo "make format"
 	@echo "make helm-check    lint, render and validate the Helm chart offline (tests/helm)"
 	@echo "make bench         benchmarks vs in-process baselines (BENCH_PRESET=quick|full)"
 
 # ---------------------------------------------------------------- set-up
-setup: venv protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak
+# Each step prints one line (`[setup] Kafka jars (Maven Central) ... ok (41 s)`); its whole output
+# goes to .ctloop/logs/setup-<step>.log, whose last lines are printed if it fails.
+# What each entry point needs, and nothing more:
+#   lint, unit             venv dev protos                  (Python packages only)
+#   run, stack-up, bench   venv protos kafka-jars s3-gateway
+#   helm-check             dev helm
+#   test, integration      setup (everything below)
+setup: venv dev protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak
 
+STEP := tools/setup-step.sh
+PIP_INSTALL := $(PY) -m pip install --progress-bar off
+# apt-get as root, or through sudo (asked once, before the step hides the terminal).
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+APT_INSTALL = $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
+# $(call need,COMMAND,what to install): stop early, with a hint, when a build tool is missing.
+need = command -v $(1) >/dev/null || { echo "need $(2)"; exit 1; }
+
+# The services' Python packages (requirements.lock.txt) and Triton's wheel: what `make run` needs.
 venv: $(STAMPS)/venv
-$(STAMPS)/venv: requirements.lock.txt requirements-triton.txt requirements-nodeps.txt pyproject.toml
+$(STAMPS)/venv: requirements.lock.txt requirements-triton.txt pyproject.toml
 	@mkdir -p $(STAMPS)
-	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) on PATH"; exit 1; }
+	@$(call need,$(PYTHON_BOOT),$(PYTHON_BOOT) on PATH)
 	@$(PYTHON_BOOT) -c 'import sysconfig,sys; sys.exit(0 if sysconfig.get_config_var("Py_ENABLE_SHARED") else "need a Python built with a shared libpython (Triton python backend)")'
-	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	@echo "installing Python dependencies (torch alone is a few GB the first time)..."
-	$(PY) -m pip install -q -r requirements.lock.txt
-	$(PY) -m pip install -q --no-deps -r requirements-triton.txt
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@$(STEP) venv "Python packages for the services (pip; torch is a few GB the first time)" \
+	  'test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV); \
+	   $(PIP_INSTALL) --upgrade pip setuptools wheel; \
+	   $(PIP_INSTALL) -r requirements.lock.txt; \
+	   $(PIP_INSTALL) --no-deps -r requirements-triton.txt; \
+	   $(PIP_INSTALL) --no-deps --no-build-isolation -e .'
 	@touch $@
 
+# Lint, type-check and test tools (requirements-dev.txt), resolved together with the services'
+# pins so that they move none of them.
+dev: $(STAMPS)/dev
+$(STAMPS)/dev: requirements-dev.txt requirements-dev-nodeps.txt $(STAMPS)/venv
+	@$(STEP) dev "Python packages for lint and tests (pip)" \
+	  '$(PIP_INSTALL) -r requirements.lock.txt -r requirements-dev.txt; \
+	   $(PIP_INSTALL) --no-deps -r requirements-dev-nodeps.txt'
+	@touch $@
+
+# Regenerated when a .proto or the pinned grpcio-tools/protobuf change.
 protos: $(STAMPS)/protos
-$(STAMPS)/protos: $(PROTOS) $(STAMPS)/venv
-	rm -rf ctloop/v1
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
-	touch ctloop/v1/__init__.py
+$(STAMPS)/protos: $(PROTOS) requirements.lock.txt | $(STAMPS)/venv
+	@$(STEP) protos "gRPC stubs (proto/ctloop/v1 -> ctloop/v1)" \
+	  'rm -rf ctloop/v1; \
+	   $(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS); \
+	   touch ctloop/v1/__init__.py'
 	@touch $@
 
 kafka-jars: $(STAMPS)/kafka-jars
 $(STAMPS)/kafka-jars: tools/kafka/pom.xml
 	@mkdir -p $(STAMPS)
-	@command -v java >/dev/null || { echo "need Java 17+ (Debian: openjdk-17-jre-headless)"; exit 1; }
-	@command -v mvn >/dev/null || { echo "need Maven (Debian: maven)"; exit 1; }
-	rm -rf $(KAFKA_LIBS)
-	mvn -q -B -f tools/kafka/pom.xml dependency:copy-dependencies \
-	    -DoutputDirectory=$(abspath $(KAFKA_LIBS)) -DincludeScope=runtime
+	@$(call need,java,Java 17+ (Debian: openjdk-17-jre-headless))
+	@$(call need,mvn,Maven (Debian: maven))
+	@$(STEP) kafka-jars "Kafka jars (Maven Central)" \
+	  'rm -rf $(KAFKA_LIBS); \
+	   mvn -B -ntp -f tools/kafka/pom.xml dependency:copy-dependencies \
+	       -DoutputDirectory=$(abspath $(KAFKA_LIBS)) -DincludeScope=runtime'
 	@touch $@
 
 # Keycloak (its Quarkus distribution, from Maven Central): the OIDC provider the tests sign in
@@ -78,32 +107,38 @@ $(STAMPS)/kafka-jars: tools/kafka/pom.xml
 keycloak: $(STAMPS)/keycloak-$(KEYCLOAK_VERSION)
 $(STAMPS)/keycloak-$(KEYCLOAK_VERSION):
 	@mkdir -p $(STAMPS) $(TOOLS)
-	@command -v mvn >/dev/null || { echo "need Maven (Debian: maven)"; exit 1; }
-	rm -rf $(TOOLS)/keycloak $(TOOLS)/keycloak-dl
-	mvn -q -B dependency:copy -Dartifact=org.keycloak:keycloak-quarkus-dist:$(KEYCLOAK_VERSION):zip \
-	    -DoutputDirectory=$(abspath $(TOOLS)/keycloak-dl)
-	cd $(TOOLS) && unzip -q keycloak-dl/keycloak-quarkus-dist-$(KEYCLOAK_VERSION).zip \
-	    && mv keycloak-$(KEYCLOAK_VERSION) keycloak && rm -rf keycloak-dl
-	KC_DB=dev-mem $(TOOLS)/keycloak/bin/kc.sh build --db=dev-mem >/dev/null
+	@$(call need,mvn,Maven (Debian: maven))
+	@$(call need,unzip,unzip (Debian: unzip))
+	@$(STEP) keycloak "Keycloak $(KEYCLOAK_VERSION) (Maven Central, built for an in-memory database)" \
+	  'rm -rf $(TOOLS)/keycloak $(TOOLS)/keycloak-dl; \
+	   mvn -B -ntp dependency:copy -Dartifact=org.keycloak:keycloak-quarkus-dist:$(KEYCLOAK_VERSION):zip \
+	       -DoutputDirectory=$(abspath $(TOOLS)/keycloak-dl); \
+	   (cd $(TOOLS) && unzip -q keycloak-dl/keycloak-quarkus-dist-$(KEYCLOAK_VERSION).zip \
+	    && mv keycloak-$(KEYCLOAK_VERSION) keycloak && rm -rf keycloak-dl); \
+	   KC_DB=dev-mem $(TOOLS)/keycloak/bin/kc.sh build --db=dev-mem'
 	@touch $@
 
 s3-gateway: $(TOOLS)/bin/versitygw
 $(TOOLS)/bin/versitygw:
-	@command -v go >/dev/null || { echo "need Go 1.25+"; exit 1; }
-	GOBIN=$(abspath $(TOOLS)/bin) go install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION)
+	@$(call need,go,Go 1.25+)
+	@$(STEP) s3-gateway "Versity S3 Gateway $(VERSITYGW_VERSION) (go install)" \
+	  'GOBIN=$(abspath $(TOOLS)/bin) go install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION)'
 
 helm: $(TOOLS)/bin/helm
 $(TOOLS)/bin/helm:
-	@command -v go >/dev/null || { echo "need Go 1.25+"; exit 1; }
-	GOBIN=$(abspath $(TOOLS)/bin) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	@$(call need,go,Go 1.25+)
+	@$(STEP) helm "Helm $(HELM_VERSION) (go install)" \
+	  'GOBIN=$(abspath $(TOOLS)/bin) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)'
 
 # PostgreSQL from Debian's package: the database tests run on it as well as on SQLite.
 postgres: $(STAMPS)/postgres
 $(STAMPS)/postgres:
 	@mkdir -p $(STAMPS)
-	if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
-	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; fi; \
+	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+	  echo "[setup] PostgreSQL ... already installed"; \
+	else \
+	  $(SUDO) true; \
+	  $(STEP) postgres "PostgreSQL (apt-get: postgresql)" '$(APT_INSTALL) postgresql'; \
 	fi
 	@touch $@
 
@@ -111,9 +146,12 @@ $(STAMPS)/postgres:
 dicom-server: $(STAMPS)/dicom-server
 $(STAMPS)/dicom-server:
 	@mkdir -p $(STAMPS)
-	if ! [ -x /usr/sbin/Orthanc ] || ! [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb; \
-	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb; fi; \
+	@if [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	  echo "[setup] Orthanc + DICOMweb plugin ... already installed"; \
+	else \
+	  $(SUDO) true; \
+	  $(STEP) dicom-server "Orthanc + DICOMweb plugin (apt-get: orthanc orthanc-dicomweb)" \
+	    '$(APT_INSTALL) orthanc orthanc-dicomweb'; \
 	fi
 	@touch $@
 
@@ -123,18 +161,24 @@ $(STAMPS)/dicom-server:
 browser: $(STAMPS)/browser $(TOOLS)/bin/geckodriver
 $(STAMPS)/browser:
 	@mkdir -p $(STAMPS)
-	if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/firefox-esr ]; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium firefox-esr; \
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/firefox-esr ]; then \
+	  echo "[setup] Chromium + Firefox ESR ... already installed"; \
+	else \
+	  $(SUDO) true; \
+	  $(STEP) browser "Chromium + Firefox ESR (apt-get: chromium firefox-esr)" \
+	    '$(APT_INSTALL) chromium firefox-esr'; \
 	fi
 	@touch $@
 
 $(TOOLS)/bin/geckodriver:
 	@mkdir -p $(TOOLS)
-	cargo install --quiet --locked geckodriver --version $(GECKODRIVER_VERSION) --root $(abspath $(TOOLS))
+	@$(call need,cargo,Rust's cargo (https://rustup.rs or Debian: cargo))
+	@$(STEP) geckodriver "geckodriver $(GECKODRIVER_VERSION) (cargo install, crates.io)" \
+	  'cargo install --locked geckodriver --version $(GECKODRIVER_VERSION) --root $(abspath $(TOOLS))'
 
 # ---------------------------------------------------------------- local stack
-stack-up: setup
+# The stack the run needs: Kafka (jars), the S3 gateway, Triton (its wheel) and SQLite.
+stack-up: venv protos kafka-jars s3-gateway
 	$(CTLOOP) stack up
 
 stack-down:
@@ -161,7 +205,7 @@ run: stack-up
 # ---------------------------------------------------------------- deployment
 # The Helm chart, offline: helm lint + template (defaults and k8s/examples/*.yaml), every
 # rendered object validated with kubernetes-validate --strict, then the invariants in tests/helm.
-helm-check: setup
+helm-check: dev helm
 	HELM=$(TOOLS)/bin/helm PY=$(PY) tools/helm-check.sh
 
 # ---------------------------------------------------------------- benchmarks
@@ -173,16 +217,16 @@ bench: stack-up
 	$(PY) -m bench --preset $(BENCH_PRESET) $(BENCH_ARGS)
 
 # ---------------------------------------------------------------- quality
-lint: setup
+lint: venv dev protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-format: venv
+format: dev
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-unit: setup
+unit: venv dev protos
 	$(VENV)/bin/pytest tests/unit
 
 integration: setup
