@@ -11,6 +11,7 @@ from typing import Any
 from bench.common import Context, interleaved, median, result
 from bench.session import SITE, Session
 from bench.workload import phantom_ct
+from ctloop.contracts import keys
 from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.organs import LabelMap
 from ctloop.storage import ObjectStore
@@ -52,7 +53,7 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
     def baseline(i: int) -> float:
         t0 = time.perf_counter()
         for part, blob in (("image", ct.nifti_gz), ("label", label)):
-            key = f"bench/{p.tag}/b5-{i}/{part}.nii.gz"
+            key = keys.bench_blob(p.tag, f"b5-{i}", part)
             obj = store.put_bytes(bucket, key, blob, "application/gzip")
             written.append((key, obj.version_id))
         return size_mb / (time.perf_counter() - t0)
@@ -68,7 +69,7 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
         mask = validate_mask(lab.array, lab.grid, up.grid, LabelMap.canonical())
         mask_blob = label if lab.storable else nifti_gz_bytes(mask, up.grid.affine)
         for part, data in (("image", blob), ("label", mask_blob)):
-            key = f"bench/{p.tag}/b5-script-{i}/{part}.nii.gz"
+            key = keys.bench_blob(p.tag, f"b5-script-{i}", part)
             obj = store.put_bytes(bucket, key, data, "application/gzip")
             written.append((key, obj.version_id))
         return size_mb / (time.perf_counter() - t0)

@@ -27,7 +27,7 @@ from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import BlobRef, ModelPublished, ModelRef, make_event, payload_for
 from ctloop.contracts.topics import MODEL_PUBLISHED, Topic
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
-from ctloop.model_repository import MANIFEST, ModelRepository
+from ctloop.model_repository import ModelRepository
 from ctloop.settings import REPO_ROOT, Settings
 from ctloop.stack.services import instance_env
 
@@ -121,9 +121,9 @@ class Platform:
             spec, version, package.files, package.manifest
         )
         ref = ModelRef(model=model, version=version)
-        key = keys.model_version_prefix(self.settings.triton.model_prefix, model, version)
+        key = keys.model_manifest(self.settings.triton.model_prefix, model, version)
         payload = ModelPublished(
-            model=ref, manifest=BlobRef(bucket=self.settings.s3.model_bucket, key=key + MANIFEST)
+            model=ref, manifest=BlobRef(bucket=self.settings.s3.model_bucket, key=key)
         )
         producer = EventProducer(self.settings, client_id=f"bench-{self.tag}")
         try:

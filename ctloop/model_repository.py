@@ -21,6 +21,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from ctloop.contracts import keys
+from ctloop.contracts.payloads import BlobRef
 from ctloop.contracts.triton import ModelSpec
 from ctloop.core.infer import PreparedVolume, Preprocessor, Segmentation, finish
 from ctloop.core.model import ModelConfig
@@ -28,8 +29,6 @@ from ctloop.core.packaging import INTERFACE
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from ctloop.timing import Laps
-
-MANIFEST = "manifest.json"
 
 
 class VersionExists(RuntimeError):
@@ -55,30 +54,40 @@ class ModelRepository:
         manifest: dict[str, Any],
     ) -> None:
         """Upload ``files`` as version ``version`` of ``spec.name``, then its manifest."""
-        base = keys.model_version_prefix(self.prefix, spec.name, version)
-        if self.store.exists(self.bucket, base + MANIFEST):
+        manifest_key = keys.model_manifest(self.prefix, spec.name, version)
+        if self.store.exists(self.bucket, manifest_key):
             raise VersionExists(f"{spec.name} version {version} is already published")
         self.store.put_bytes(
             self.bucket, keys.model_config(self.prefix, spec.name), spec.config_pbtxt().encode()
         )
         for name, data in files.items():
-            self.store.put_bytes(self.bucket, base + keys.safe_id(name, "file name"), data)
+            self.store.put_bytes(
+                self.bucket, keys.model_file(self.prefix, spec.name, version, name), data
+            )
         body = json.dumps({"model": spec.name, "version": version, **manifest}, indent=2)
-        self.store.put_bytes(self.bucket, base + MANIFEST, body.encode(), "application/json")
+        self.store.put_bytes(self.bucket, manifest_key, body.encode(), "application/json")
 
     def published_versions(self, model: str) -> list[int]:
         """Complete (manifest-bearing) versions, ascending."""
-        root = f"{self.prefix}/{keys.safe_id(model, 'model')}/"
+        root = keys.model_root(self.prefix, model)
         found = set()
         for key in self.store.list_keys(self.bucket, root):
             parts = key[len(root) :].split("/")
-            if len(parts) == 2 and parts[1] == MANIFEST and parts[0].isdigit():
+            if len(parts) == 2 and parts[1] == keys.MODEL_MANIFEST and parts[0].isdigit():
                 found.add(int(parts[0]))
         return sorted(found)
 
     def manifest(self, model: str, version: int) -> dict[str, Any]:
-        key = keys.model_version_prefix(self.prefix, model, version) + MANIFEST
+        key = keys.model_manifest(self.prefix, model, version)
         return dict(json.loads(self.store.get_bytes(self.bucket, key)))
+
+    def manifest_ref(self, model: str, version: int) -> BlobRef:
+        """Where a version's manifest is (what ``model.published`` points at)."""
+        return BlobRef(bucket=self.bucket, key=keys.model_manifest(self.prefix, model, version))
+
+    def weights(self, model: str, version: int) -> bytes:
+        """A published version's checkpoint (a round fine-tunes from it)."""
+        return self.store.get_bytes(self.bucket, keys.model_weights(self.prefix, model, version))
 
 
 class TritonModels:

@@ -11,6 +11,7 @@ from minio.commonconfig import ENABLED
 from minio.error import S3Error
 from minio.versioningconfig import VersioningConfig
 
+from ctloop.contracts import keys
 from ctloop.settings import Settings
 
 # What S3 services answer for a key that is not there.
@@ -69,7 +70,7 @@ class ObjectStore:
     def ensure_model_repository(self) -> None:
         """Make the Triton repository prefix exist (S3 has no empty folders)."""
         s = self.settings
-        key = f"{s.triton.model_prefix}/README.txt"
+        key = keys.model_repository_readme(s.triton.model_prefix)
         if not self.exists(s.s3.model_bucket, key):
             text = b"ctloop Triton model repository: <model>/config.pbtxt, <model>/<version>/\n"
             self.put_bytes(s.s3.model_bucket, key, text, "text/plain")

@@ -1,8 +1,21 @@
 """The S3 key layout. Every service builds keys here and nowhere else.
 
 Blobs are immutable: a new annotation revision or model version gets a new key.
-The Triton model repository lives in its own bucket under ``<model_prefix>/``:
-``<model_prefix>/<model>/config.pbtxt`` and ``<model_prefix>/<model>/<version>/...``.
+
+Data bucket::
+
+    volumes/<site>/<volume>/image.nii.gz, label.nii.gz, model-input/<preprocessing>.npz
+    annotations/<site>/<volume>/rev-<revision>/mask.nii.gz
+    predictions/<volume>/<model>/v<version>/mask.nii.gz, prediction.json
+    <training s3_prefix>/<job>/input/..., output/...   (a round run as a Kubernetes Job)
+    reports/<run>/<file>, reports/latest                (transfer-run reports)
+    bench/<tag>/<run>/<part>.nii.gz                     (benchmark baselines, deleted after)
+
+Model bucket (the Triton model repository, under ``<model_prefix>/``)::
+
+    <model_prefix>/README.txt
+    <model_prefix>/<model>/config.pbtxt
+    <model_prefix>/<model>/<version>/model.py, weights.pt, manifest.json
 """
 
 from __future__ import annotations
@@ -62,11 +75,76 @@ def prediction_info(volume_id: str, model: str, version: int) -> str:
     )
 
 
+MODEL_MANIFEST = "manifest.json"  # written last: a version without one is incomplete
+MODEL_WEIGHTS = "weights.pt"
+
+
+def model_repository_readme(model_prefix: str) -> str:
+    """A note that makes the (otherwise empty) repository prefix exist."""
+    return f"{model_prefix}/README.txt"
+
+
+def model_root(model_prefix: str, model: str) -> str:
+    """Everything of one model: its config and its version folders."""
+    return f"{model_prefix}/{safe_id(model, 'model')}/"
+
+
 def model_config(model_prefix: str, model: str) -> str:
-    return f"{model_prefix}/{safe_id(model, 'model')}/config.pbtxt"
+    return model_root(model_prefix, model) + "config.pbtxt"
 
 
 def model_version_prefix(model_prefix: str, model: str, version: int) -> str:
     if int(version) < 1:
         raise InvalidKeyPart(f"model version must be >= 1, got {version}")
-    return f"{model_prefix}/{safe_id(model, 'model')}/{int(version)}/"
+    return f"{model_root(model_prefix, model)}{int(version)}/"
+
+
+def model_file(model_prefix: str, model: str, version: int, name: str) -> str:
+    """One file of a model version (``model.py``, weights, the manifest)."""
+    return model_version_prefix(model_prefix, model, version) + safe_id(name, "file name")
+
+
+def model_manifest(model_prefix: str, model: str, version: int) -> str:
+    return model_file(model_prefix, model, version, MODEL_MANIFEST)
+
+
+def model_weights(model_prefix: str, model: str, version: int) -> str:
+    return model_file(model_prefix, model, version, MODEL_WEIGHTS)
+
+
+def training_job_prefix(s3_prefix: str, job: str) -> str:
+    """A training round's folder while it runs as a Kubernetes Job (deleted afterwards)."""
+    return f"{s3_prefix.strip('/')}/{job}"
+
+
+def training_input(job_prefix: str, relative: str = "") -> str:
+    """A file the round's pods read (``relative`` to the folder the service trained in)."""
+    return f"{job_prefix}/input/{relative}"
+
+
+def training_output(job_prefix: str, relative: str) -> str:
+    """A file a round's pod wrote back: the candidate checkpoint, its logs."""
+    return f"{job_prefix}/output/{relative}"
+
+
+REPORTS_PREFIX = "reports/"
+
+
+def report_file(run_id: str, name: str) -> str:
+    """One file of a transfer run's report (``report.json``, ``report.md``, plots)."""
+    return f"{REPORTS_PREFIX}{run_id}/{name}"
+
+
+def report_latest() -> str:
+    """Holds the id of the newest run that has a report."""
+    return f"{REPORTS_PREFIX}latest"
+
+
+def report_runs(listed: list[str]) -> list[str]:
+    """The run ids among the keys listed under :data:`REPORTS_PREFIX`, sorted."""
+    return sorted({k.split("/")[1] for k in listed if k.count("/") == 2})
+
+
+def bench_blob(tag: str, run: str, part: str) -> str:
+    """A blob a benchmark's baseline writes (not the platform's data; removed after)."""
+    return f"bench/{tag}/{run}/{part}.nii.gz"

@@ -14,7 +14,7 @@ from fastapi import HTTPException
 from fastapi.responses import Response
 
 from ctloop.bus import EventConsumer, EventProducer
-from ctloop.contracts.keys import safe_id
+from ctloop.contracts import keys
 from ctloop.contracts.topics import Topic
 from ctloop.log import configure_logging
 from ctloop.service import ServiceRuntime
@@ -23,7 +23,6 @@ from ctloop.storage import ObjectStore
 from ctloop.v1 import common_pb2, metrics_pb2, metrics_pb2_grpc
 from services.metrics.report import (
     FILES,
-    REPORT_PREFIX,
     RunInfo,
     build_report,
     render_files,
@@ -94,12 +93,12 @@ def main() -> None:
 
     def _run_id(run_id: str) -> str:
         if run_id == "latest":
-            key = f"{REPORT_PREFIX}/latest"
+            key = keys.report_latest()
             if not store.exists(bucket, key):
                 raise _not_found("no run has a report yet")
             return store.get_bytes(bucket, key).decode()
         try:
-            return safe_id(run_id, "run id")
+            return keys.safe_id(run_id, "run id")
         except ValueError as exc:
             raise HTTPException(422, detail={"code": "bad_id", "message": str(exc)}) from exc
 
@@ -114,15 +113,14 @@ def main() -> None:
 
     @app.get("/v1/runs", tags=["runs"])
     def list_runs() -> list[str]:
-        keys = store.list_keys(bucket, f"{REPORT_PREFIX}/")
-        return sorted({k.split("/")[1] for k in keys if k.count("/") == 2})
+        return keys.report_runs(store.list_keys(bucket, keys.REPORTS_PREFIX))
 
     @app.get("/v1/runs/{run_id}/{name}", tags=["runs"])
     def get_run_file(run_id: str, name: str) -> Response:
         """One of a run's report files (``report.json``, ``report.md``, the PNG plots);
         ``latest`` names the newest run."""
         rid = _run_id(run_id)
-        key = f"{REPORT_PREFIX}/{rid}/{name}"
+        key = keys.report_file(rid, name)
         if name not in FILES or not store.exists(bucket, key):
             raise _not_found(f"run {rid} has no {name}")
         return Response(store.get_bytes(bucket, key), media_type=FILES[name])

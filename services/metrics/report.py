@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from pydantic import BaseModel, Field
 
+from ctloop.contracts import keys
 from ctloop.storage import ObjectStore
 from services.metrics.state import MetricsState
 
@@ -38,7 +39,6 @@ FILES = {
     "dice_by_round.png": "image/png",
     "minutes_by_round.png": "image/png",
 }
-REPORT_PREFIX = "reports"
 
 
 class RunInfo(BaseModel):
@@ -243,7 +243,7 @@ def write_report(
     folder = runs_dir / run_id
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        store.put_bytes(bucket, f"{REPORT_PREFIX}/{run_id}/{name}", data)
+        store.put_bytes(bucket, keys.report_file(run_id, name), data)
         tmp = folder / f".{name}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, folder / name)
@@ -252,6 +252,6 @@ def write_report(
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(run_id)
     os.replace(tmp_link, latest)
-    store.put_bytes(bucket, f"{REPORT_PREFIX}/latest", run_id.encode())
+    store.put_bytes(bucket, keys.report_latest(), run_id.encode())
     log.info("report written", extra={"run_id": run_id, "folder": str(folder)})
     return folder

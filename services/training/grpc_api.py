@@ -8,10 +8,9 @@ import threading
 import grpc
 from sqlalchemy import select
 
-from ctloop.contracts.payloads import BlobRef, ModelPublished, ModelRef, make_event
+from ctloop.contracts.payloads import ModelPublished, ModelRef, make_event
 from ctloop.contracts.topics import MODEL_PUBLISHED
 from ctloop.db import TrainingRound, session_scope
-from ctloop.model_repository import MANIFEST
 from ctloop.outbox import stage_event
 from ctloop.service import abort
 from ctloop.v1 import common_pb2, training_pb2, training_pb2_grpc
@@ -102,10 +101,9 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         model, version = request.to.model, int(request.to.version)
         if version not in self.worker.repo.published_versions(model):
             abort(context, grpc.StatusCode.NOT_FOUND, f"{model} v{version} is not published")
-        key = f"{self.worker.repo.prefix}/{model}/{version}/{MANIFEST}"
         payload = ModelPublished(
             model=ModelRef(model=model, version=version),
-            manifest=BlobRef(bucket=self.worker.repo.bucket, key=key),
+            manifest=self.worker.repo.manifest_ref(model, version),
             rollback=True,
         )
         with session_scope(self.worker.db) as s:

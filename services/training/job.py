@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctloop.contracts import keys
 from ctloop.core.train import TrainConfig
 from ctloop.log import bind, configure_logging
 from ctloop.settings import get_settings
@@ -89,7 +90,7 @@ def node_rank(env: dict[str, str] | os._Environ[str] = os.environ) -> int:
 
 def download_round(files: RoundFiles, prefix: str, root: Path) -> TrainConfig:
     """The round's input folder into ``root``; its config with paths inside ``root``."""
-    inputs = f"{prefix}/input/"
+    inputs = keys.training_input(prefix)
     for key in files.keys(inputs):
         rel = key[len(inputs) :]
         if not rel or rel.startswith("/") or ".." in Path(rel).parts:
@@ -112,10 +113,11 @@ def run_node(args: JobArgs, files: RoundFiles, rank: int) -> int:
     log.info("torchrun", extra={"nnodes": args.nnodes, "nproc_per_node": args.nproc_per_node})
     log_path = root / TRAIN_LOG
     code = run_logged(cmd, log_path)
-    outputs = f"{args.prefix}/output"
-    files.upload(f"{outputs}/{TRAIN_LOG if rank == 0 else f'train-node{rank}.log'}", log_path)
+    node_log = TRAIN_LOG if rank == 0 else f"train-node{rank}.log"
+    files.upload(keys.training_output(args.prefix, node_log), log_path)
     if rank == 0 and code == 0 and config.out.exists():
-        files.upload(f"{outputs}/{config.out.relative_to(root).as_posix()}", config.out)
+        checkpoint = config.out.relative_to(root).as_posix()
+        files.upload(keys.training_output(args.prefix, checkpoint), config.out)
     log.info("node finished", extra={"exit_code": code})
     return code
 

@@ -44,7 +44,7 @@ from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.train import DataSource, TrainConfig
 from ctloop.db import TrainingRound, claim_event, session_scope
 from ctloop.log import bind
-from ctloop.model_repository import MANIFEST, ModelRepository
+from ctloop.model_repository import ModelRepository
 from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
@@ -231,8 +231,7 @@ class TrainingWorker:
         init_from = None
         if parent is not None and not (model == self.sustainer and self.cfg.from_scratch):
             init_from = work / "parent.pt"
-            key = f"{self.repo.prefix}/{parent.model}/{parent.version}/weights.pt"
-            init_from.write_bytes(self.store.get_bytes(self.repo.bucket, key))
+            init_from.write_bytes(self.repo.weights(parent.model, parent.version))
         candidate = work / "candidate.pt"
         config = TrainConfig(
             model=ModelConfig.model_validate(self.cfg.model),
@@ -309,11 +308,10 @@ class TrainingWorker:
                 stage_event(s, make_event(TRAINING_COMPLETED, SOURCE, model, done))
                 ROUNDS.labels(model, outcome).inc()
             if status == "published" and version is not None:
-                key = f"{self.repo.prefix}/{model}/{version}/{MANIFEST}"
                 published = ModelPublished(
                     model=ModelRef(model=model, version=version),
                     parent=parent,
-                    manifest=BlobRef(bucket=self.repo.bucket, key=key),
+                    manifest=self.repo.manifest_ref(model, version),
                     metrics=metrics,
                     round=number,
                 )

@@ -23,3 +23,21 @@ def test_hostile_ids_are_refused(bad):
 def test_model_versions_start_at_one():
     with pytest.raises(keys.InvalidKeyPart):
         keys.model_version_prefix("models", "igniter", 0)
+
+
+def test_model_repository_training_and_report_layout():
+    assert keys.model_root("models", "igniter") == "models/igniter/"
+    assert keys.model_manifest("models", "igniter", 2) == "models/igniter/2/manifest.json"
+    assert keys.model_weights("models", "igniter", 2) == "models/igniter/2/weights.pt"
+    assert keys.model_file("models", "igniter", 2, "model.py") == "models/igniter/2/model.py"
+    assert keys.model_repository_readme("models") == "models/README.txt"
+    job = keys.training_job_prefix("/training/jobs/", "round-1")
+    assert job == "training/jobs/round-1"
+    assert keys.training_input(job) == "training/jobs/round-1/input/"
+    assert keys.training_input(job, "train.json") == "training/jobs/round-1/input/train.json"
+    assert keys.training_output(job, "train.log") == "training/jobs/round-1/output/train.log"
+    assert keys.report_file("r1", "report.md") == "reports/r1/report.md"
+    assert keys.report_latest() == "reports/latest"
+    listed = ["reports/latest", "reports/r2/report.md", "reports/r1/report.md", "reports/r1/x.png"]
+    assert keys.report_runs(listed) == ["r1", "r2"]
+    assert keys.bench_blob("t", "b5-0", "image") == "bench/t/b5-0/image.nii.gz"
