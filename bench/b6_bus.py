@@ -16,19 +16,19 @@ from bench.common import Context, median, percentile, result
 from bench.session import Session
 from ctloop.bus import EventConsumer, EventProducer, ensure_topics
 from ctloop.contracts.events import CloudEvent
-from ctloop.contracts.payloads import BlobRef, ModelPublished, ModelRef, make_event
-from ctloop.contracts.topics import MODEL_PUBLISHED, Topic
+from ctloop.contracts.payloads import BlobRef, ModelRef, model_published
+from ctloop.contracts.topics import Topic
 
 NAME = "6_bus"
 GAP_S = 0.005  # between sends: latency, not a backlog, is measured
 
 
 def _event(i: int) -> CloudEvent:
-    payload = ModelPublished(
+    return model_published(
+        "/ctloop/bench",
         model=ModelRef(model="bench", version=i + 1),
         manifest=BlobRef(bucket="bench", key="bench/manifest.json"),
     )
-    return make_event(MODEL_PUBLISHED, "/ctloop/bench", "bench", payload)
 
 
 def run(ctx: Context, session: Session) -> dict[str, Any]:

@@ -1,68 +1,61 @@
-"""A ctloop platform of its own for the benchmarks: the four services as real processes
-(``ctloop services up``) on the shared stack, with their own ports, workflow database, Kafka
-consumer groups and model names, plus the client-side helpers the benchmarks drive it with."""
+"""A ctloop platform of its own for the benchmarks: a platform instance (``ctloop.platform``:
+the four services as real processes on the shared stack, with their own ports, workflow database,
+Kafka consumer groups and model names), plus the client-side helpers the benchmarks drive it
+with."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import urllib3
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from ctloop.bus import EventConsumer, EventProducer
-from ctloop.contracts import keys
 from ctloop.contracts.events import CloudEvent
-from ctloop.contracts.payloads import BlobRef, ModelPublished, ModelRef, make_event, payload_for
-from ctloop.contracts.topics import MODEL_PUBLISHED, Topic
+from ctloop.contracts.payloads import ModelRef, model_published, payload_for
+from ctloop.contracts.topics import Topic
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.model_repository import ModelRepository
-from ctloop.settings import REPO_ROOT, Settings
-from ctloop.stack.services import instance_env
+from ctloop.platform import PlatformInstance, running
 
 log = logging.getLogger("ctloop.bench")
 
 
-class Platform:
-    """A running bench platform (see :func:`bench_platform`)."""
+class Platform(PlatformInstance):
+    """A bench platform instance (see :func:`bench_platform`) with the benchmarks' client side:
+    uploads through urllib3, publishing a checkpoint, waiting for a consumer group. It polls
+    every 50 ms: the benchmarks time what they wait for. No round starts unless a benchmark asks
+    for one (``extra_env``)."""
 
-    def __init__(self, root: Path, port_base: int, env: dict[str, str], tag: str) -> None:
+    def __init__(self, root: Path, port_base: int, extra_env: dict[str, str] | None = None) -> None:
+        tag = uuid.uuid4().hex[:8]
+        no_rounds = {
+            "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": "1000000",
+            "CTLOOP_TRAINING__ROUND_MIN_NEW": "1000000",
+        }
+        super().__init__(
+            root / "run",
+            port_base,
+            tag,
+            group_prefix=f"bench-{tag}-",
+            extra_env={**no_rounds, **(extra_env or {})},
+            echo=lambda line: log.debug(f"bench platform: {line}"),
+            poll_s=0.05,
+        )
         self.root = root
-        self.port_base = port_base
-        self.env = env
-        self.tag = tag
-        self.run_dir = root / "run"
-        self.igniter = f"igniter{tag}"
-        self.sustainer = f"sustainer{tag}"
-        self.group_prefix = env["CTLOOP_KAFKA__GROUP_PREFIX"]
-        self.settings = settings_from(env)
-        self.api = f"http://127.0.0.1:{port_base}"
-        self.inference_grpc = f"127.0.0.1:{port_base + 3}"
-        self.training_grpc = f"127.0.0.1:{port_base + 5}"
+        self.group_prefix = self.settings.kafka.group_prefix
+        self.inference_grpc = self.settings.services.grpc_target("inference")
+        self.training_grpc = self.settings.services.grpc_target("training")
         self._pool: urllib3.PoolManager | None = None
 
     # ------------------------------------------------------------ processes
-    def ctloop(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "ctloop.cli", *args],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
     def service_pids(self) -> dict[str, int]:
         pids = {}
         for name in ("ingest", "inference", "training", "metrics"):
@@ -72,7 +65,7 @@ class Platform:
         return pids
 
     def client(self, timeout: float = 600) -> httpx.Client:
-        return httpx.Client(base_url=self.api, timeout=timeout, headers=self._auth())
+        return httpx.Client(base_url=self.api, timeout=timeout, headers=self.admin_headers())
 
     def upload(
         self, files: dict[str, tuple[str, bytes, str]], data: dict[str, str]
@@ -84,7 +77,7 @@ class Platform:
         machine (urllib3: 0.05 s), which would be charged to the platform.
         """
         r = self._http().request(
-            "POST", f"{self.api}/v1/volumes", fields={**data, **files}, headers=self._auth()
+            "POST", f"{self.api}/v1/volumes", fields={**data, **files}, headers=self.admin_headers()
         )
         return r.status, dict(r.headers), r.data.decode(errors="replace")
 
@@ -94,7 +87,7 @@ class Platform:
             "PUT",
             f"{self.api}/v1/volumes/{volume_id}?site_id={site}&dataset=clinical",
             body=body,
-            headers={**self._auth(), "Content-Type": "application/gzip"},
+            headers={**self.admin_headers(), "Content-Type": "application/gzip"},
         )
         return r.status, r.data.decode(errors="replace")
 
@@ -103,31 +96,21 @@ class Platform:
             self._pool = urllib3.PoolManager(maxsize=16, timeout=urllib3.Timeout(total=600))
         return self._pool
 
-    def _auth(self) -> dict[str, str]:
-        token = (self.run_dir / "admin-token").read_text().strip()
-        return {"Authorization": f"Bearer {token}"}
-
-    def logs_tail(self, chars: int = 1500) -> str:
-        logs = self.run_dir / "logs"
-        return json.dumps({p.name: p.read_text()[-chars:] for p in sorted(logs.glob("*.log"))})
-
     # ------------------------------------------------------------ models
     def publish(self, checkpoint: Path, model: str, version: int) -> ModelRef:
         """Publish ``checkpoint`` as ``model``/``version`` the way training does: the version
         in the S3 model repository, then ``model.published`` (the inference service loads it)."""
         spec = segmentation_spec(model)
         package = package_checkpoint(checkpoint, spec, metrics={"bench": True})
-        ModelRepository(self.settings).publish_version(
-            spec, version, package.files, package.manifest
-        )
+        repo = ModelRepository(self.settings)
+        repo.publish_version(spec, version, package.files, package.manifest)
         ref = ModelRef(model=model, version=version)
-        key = keys.model_manifest(self.settings.triton.model_prefix, model, version)
-        payload = ModelPublished(
-            model=ref, manifest=BlobRef(bucket=self.settings.s3.model_bucket, key=key)
+        event = model_published(
+            "/ctloop/bench", model=ref, manifest=repo.manifest_ref(model, version)
         )
         producer = EventProducer(self.settings, client_id=f"bench-{self.tag}")
         try:
-            producer.publish(make_event(MODEL_PUBLISHED, "/ctloop/bench", model, payload))
+            producer.publish(event)
         finally:
             producer.close()
         return ref
@@ -154,25 +137,10 @@ class Platform:
                     max(0, end - (done[tp].offset if tp in done else 0)) for tp, end in ends.items()
                 )
 
-            until(f"{group} caught up", lambda: lag() == 0, timeout_s, self)
+            self.until(f"{group} caught up", lambda: lag() == 0, timeout_s)
         finally:
             probe.close()
             admin.close()
-
-
-def settings_from(env: dict[str, str]) -> Settings:
-    """The settings a process started with ``env`` sees (for this process's own clients)."""
-    ours = {k: v for k, v in env.items() if k.startswith("CTLOOP_")}
-    saved = {k: os.environ.get(k) for k in ours}
-    os.environ.update(ours)
-    try:
-        return Settings()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextmanager
@@ -180,37 +148,12 @@ def bench_platform(
     root: Path, port_base: int, extra_env: dict[str, str] | None = None
 ) -> Iterator[Platform]:
     """Start the services (HTTP port ``port_base + 2i``, gRPC the next); stop them after."""
-    tag = uuid.uuid4().hex[:8]
-    env = {
-        **os.environ,
-        **instance_env(root / "run", port_base, tag, group_prefix=f"bench-{tag}-"),
-        # No round unless a benchmark asks for one.
-        "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": "1000000",
-        "CTLOOP_TRAINING__ROUND_MIN_NEW": "1000000",
-        **(extra_env or {}),
-    }
     root.mkdir(parents=True, exist_ok=True)
-    platform = Platform(root, port_base, env, tag)
+    platform = Platform(root, port_base, extra_env)
     t0 = time.monotonic()
-    try:  # down also after an interrupted up (the services it started are stopped)
-        up = platform.ctloop("services", "up")
-        if up.returncode != 0:
-            raise RuntimeError(f"services did not start: {up.stdout[-2000:]}{up.stderr[-2000:]}")
-        log.info("bench platform up", extra={"tag": tag, "seconds": time.monotonic() - t0})
+    with running(platform):  # down also after an interrupted up (what it started is stopped)
+        log.info("bench platform up", extra={"tag": platform.tag, "seconds": time.monotonic() - t0})
         yield platform
-    finally:
-        platform.ctloop("services", "down")
-
-
-def until(what: str, check: Callable[[], Any], timeout_s: float, platform: Platform) -> Any:
-    """Poll ``check`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}; logs: {platform.logs_tail()}")
 
 
 class CompletionWatcher:
@@ -249,6 +192,7 @@ class CompletionWatcher:
     def wait(self, volume_id: str, model: ModelRef, timeout_s: float = 1800) -> float:
         """Epoch time ``prediction.completed`` for (volume, model version) arrived."""
         key = (volume_id, model.model, model.version)
-        found = until(f"prediction of {volume_id}", lambda: self.arrived.get(key), timeout_s,
-                      self.platform)  # fmt: skip
+        found = self.platform.until(
+            f"prediction of {volume_id}", lambda: self.arrived.get(key), timeout_s
+        )
         return float(found)

@@ -25,12 +25,10 @@ from ctloop.contracts.payloads import (
     BlobRef,
     ModelPublished,
     ModelRef,
-    PredictionCompleted,
     VolumeIngested,
-    make_event,
     payload_for,
+    prediction_completed,
 )
-from ctloop.contracts.topics import PREDICTION_COMPLETED
 from ctloop.core.blobs import nifti_array_from_gz, nifti_gz_bytes
 from ctloop.core.infer import PreparedVolume
 from ctloop.core.packaging import segmentation_spec
@@ -252,14 +250,6 @@ class InferenceWorker:
                 "application/json",
             )
             mask = BlobRef(bucket=self.bucket, key=mask_key, version_id=obj.version_id)
-            payload = PredictionCompleted(
-                volume_id=volume_id,
-                site_id=site,
-                model=model,
-                mask=mask,
-                uncertainty=uncertainty,
-                seconds=seconds,
-            )
             with session_scope(self.db) as s:
                 if event_id and not claim_event(s, CONSUMER, event_id):
                     return None  # a concurrent delivery won; its mask is the same
@@ -276,7 +266,16 @@ class InferenceWorker:
                 v = s.get(Volume, volume_id)
                 if v is not None and v.status == "ingested":
                     v.status = "predicted"
-                stage_event(s, make_event(PREDICTION_COMPLETED, SOURCE, volume_id, payload))
+                completed = prediction_completed(
+                    SOURCE,
+                    volume_id=volume_id,
+                    site_id=site,
+                    model=model,
+                    mask=mask,
+                    uncertainty=uncertainty,
+                    seconds=seconds,
+                )
+                stage_event(s, completed)
             if self.relay is not None:
                 self.relay.notify()
             PREDICTIONS.labels(model.model).inc()

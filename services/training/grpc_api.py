@@ -8,8 +8,7 @@ import threading
 import grpc
 from sqlalchemy import select
 
-from ctloop.contracts.payloads import ModelPublished, ModelRef, make_event
-from ctloop.contracts.topics import MODEL_PUBLISHED
+from ctloop.contracts.payloads import ModelRef, model_published
 from ctloop.db import TrainingRound, session_scope
 from ctloop.outbox import stage_event
 from ctloop.service import abort
@@ -101,12 +100,13 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         model, version = request.to.model, int(request.to.version)
         if version not in self.worker.repo.published_versions(model):
             abort(context, grpc.StatusCode.NOT_FOUND, f"{model} v{version} is not published")
-        payload = ModelPublished(
+        event = model_published(
+            SOURCE,
             model=ModelRef(model=model, version=version),
             manifest=self.worker.repo.manifest_ref(model, version),
             rollback=True,
         )
         with session_scope(self.worker.db) as s:
-            stage_event(s, make_event(MODEL_PUBLISHED, SOURCE, model, payload))
+            stage_event(s, event)
         self.worker._notify()
         return common_pb2.ModelVersionRef(model=model, version=version)

@@ -27,13 +27,11 @@ from sqlalchemy import func, select
 from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import (
     BlobRef,
-    ModelPublished,
     ModelRef,
-    TrainingCompleted,
-    TrainingStarted,
-    make_event,
+    model_published,
+    training_completed,
+    training_started,
 )
-from ctloop.contracts.topics import MODEL_PUBLISHED, TRAINING_COMPLETED, TRAINING_STARTED
 from ctloop.core.blobs import nifti_from_gz
 from ctloop.core.datasets import Volume as CoreVolume
 from ctloop.core.datasets import write_decathlon
@@ -194,8 +192,8 @@ class TrainingWorker:
             if model == self.sustainer and number == 0:
                 number = 1
             s.add(TrainingRound(id=number, model=model, status="running", volumes=plan))
-            payload = TrainingStarted(round=number, model=model, volumes=plan["train"])
-            stage_event(s, make_event(TRAINING_STARTED, SOURCE, model, payload))
+            started = training_started(SOURCE, round=number, model=model, volumes=plan["train"])
+            stage_event(s, started)
         self._notify()
         log.info(
             "round started", extra={"round": number, "model": model, "train": len(plan["train"])}
@@ -297,7 +295,8 @@ class TrainingWorker:
             if status != "retry":
                 row.finished_at = datetime.now(UTC)
                 outcome = status if status in ("published", "rejected") else "failed"
-                done = TrainingCompleted(
+                done = training_completed(
+                    SOURCE,
                     round=number,
                     model=model,
                     outcome=outcome,  # type: ignore[arg-type]
@@ -305,17 +304,18 @@ class TrainingWorker:
                     metrics=metrics,
                     reason=reason,
                 )
-                stage_event(s, make_event(TRAINING_COMPLETED, SOURCE, model, done))
+                stage_event(s, done)
                 ROUNDS.labels(model, outcome).inc()
             if status == "published" and version is not None:
-                published = ModelPublished(
+                published = model_published(
+                    SOURCE,
                     model=ModelRef(model=model, version=version),
                     parent=parent,
                     manifest=self.repo.manifest_ref(model, version),
                     metrics=metrics,
                     round=number,
                 )
-                stage_event(s, make_event(MODEL_PUBLISHED, SOURCE, model, published))
+                stage_event(s, published)
             s.flush()
             s.expunge(row)
         self._notify()

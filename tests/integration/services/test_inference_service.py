@@ -18,14 +18,12 @@ from sqlalchemy import func, select
 from ctloop.bus import EventProducer
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import (
-    BlobRef,
-    ModelPublished,
     ModelRef,
     PredictionCompleted,
-    make_event,
+    model_published,
     payload_for,
 )
-from ctloop.contracts.topics import MODEL_PUBLISHED, Topic
+from ctloop.contracts.topics import Topic
 from ctloop.core.datasets import synthesize_dataset
 from ctloop.core.infer import PreparedVolume, Segmenter
 from ctloop.core.model import ModelConfig
@@ -87,16 +85,10 @@ def _publish(env, model: str, version: int, broken: bool = False):
         files["weights.pt"] = b"not a checkpoint"
     repo = ModelRepository(settings)
     repo.publish_version(spec, version, files, package.manifest)
-    return make_event(
-        MODEL_PUBLISHED,
+    return model_published(
         "/tests",
-        model,
-        ModelPublished(
-            model=ModelRef(model=model, version=version),
-            manifest=BlobRef(
-                bucket=repo.bucket, key=f"{repo.prefix}/{model}/{version}/manifest.json"
-            ),
-        ),
+        model=ModelRef(model=model, version=version),
+        manifest=repo.manifest_ref(model, version),
     )
 
 
@@ -318,15 +310,11 @@ def test_rollback_serves_an_older_version_again(env):
     worker.handle(_publish(env, sustainer, newer))
     assert worker.serving() == ModelRef(model=sustainer, version=newer)
 
-    rollback = make_event(
-        MODEL_PUBLISHED,
+    rollback = model_published(
         "/tests",
-        sustainer,
-        ModelPublished(
-            model=ModelRef(model=sustainer, version=1),
-            manifest=BlobRef(bucket=repo.bucket, key=f"{repo.prefix}/{sustainer}/1/manifest.json"),
-            rollback=True,
-        ),
+        model=ModelRef(model=sustainer, version=1),
+        manifest=repo.manifest_ref(sustainer, 1),
+        rollback=True,
     )
     worker.handle(rollback)
     assert worker.serving() == ModelRef(model=sustainer, version=1)
