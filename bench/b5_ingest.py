@@ -15,7 +15,7 @@ from ctloop.contracts import keys
 from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.organs import LabelMap
 from ctloop.storage import ObjectStore
-from services.ingest.app import STORED_CT_DTYPES, STORED_LABEL_DTYPES, encode_ct
+from services.ingest.uploads import STORED_CT_DTYPES, STORED_LABEL_DTYPES, encode_ct
 from services.ingest.validation import Limits, read_nifti_upload, validate_ct, validate_mask
 
 NAME = "5_ingest"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import uuid
+import zipfile
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -137,4 +138,13 @@ def segmentation(
 def to_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def series_zip(series: Sequence[Dataset], folder: str) -> bytes:
+    """A series as a zip of ``<folder>/00000.dcm, ...`` (what ``series.zip`` answers)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, ds in enumerate(series):
+            zf.writestr(f"{folder}/{i:05d}.dcm", to_bytes(ds))
     return buf.getvalue()

@@ -11,33 +11,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
-from fastapi import APIRouter, Depends, HTTPException
-from pydantic import BaseModel, Field
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ctloop.auth import Principal
-from ctloop.db import Lease, Volume, audit, session_scope, waiting_for_annotation
-from services.ingest.admin import Auth
-
-Strategy = Literal["uncertainty", "random", "sequential"]
-
-
-class TaskOut(BaseModel):
-    volume_id: str
-    site_id: str
-    expires_at: datetime
-    model: str | None = Field(default=None, description="the pre-annotation to start from")
-    version: int | None = None
-    uncertainty: float | None = None
-
-
-class ClaimIn(BaseModel):
-    strategy: Strategy | None = None
-    lease_seconds: float | None = Field(default=None, gt=0, le=24 * 3600)
+from ctloop.db import AuditEntry, Lease, Volume, audit, session_scope, waiting_for_annotation
+from services.ingest.errors import ApiError
+from services.ingest.schemas import QueueSize, Strategy, TaskOut, TaskRow
 
 
 @dataclass(frozen=True)
@@ -54,26 +36,21 @@ class _NoLongerWaiting(Exception):
     """Rolls a claim back: the volume was annotated after the candidates were listed."""
 
 
-def _error(status: int, code: str, message: str) -> HTTPException:
-    return HTTPException(status, detail={"code": code, "message": message})
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def current_lease(s: Session, volume_id: str) -> Lease | None:
+    """The unexpired lease on ``volume_id``, if anyone holds one."""
+    lease = s.get(Lease, volume_id)
+    return lease if lease is not None and lease.expires_at > _now() else None
 
 
 def lease_holder(database_url: str, volume_id: str) -> str | None:
     """Who holds an unexpired lease on ``volume_id`` (None: nobody)."""
     with session_scope(database_url) as s:
-        lease = s.get(Lease, volume_id)
-        return lease.holder if lease is not None and lease.expires_at > _now() else None
-
-
-def release(database_url: str, volume_id: str) -> None:
-    with session_scope(database_url) as s:
-        lease = s.get(Lease, volume_id)
-        if lease is not None:
-            s.delete(lease)
+        lease = current_lease(s, volume_id)
+        return lease.holder if lease is not None else None
 
 
 class WorkQueue:
@@ -158,48 +135,90 @@ class WorkQueue:
                 )
         return None
 
-
-def queue_router(queue: WorkQueue, auth: Auth) -> APIRouter:
-    r = APIRouter(prefix="/v1/tasks", tags=["work queue"])
-    worker = auth.require("admin", "reviewer", "annotator")
-    db, lease_s = queue.db, queue.lease_s
-
-    @r.post(
-        "/next",
-        response_model=TaskOut,
-        responses={404: {"description": "queue empty (code queue_empty)"}},
-    )
-    def claim_next(body: ClaimIn | None = None, who: Principal = Depends(worker)) -> TaskOut:
-        body = body or ClaimIn()
-        task = queue.claim(who, body.strategy, body.lease_seconds)
-        if task is None:
-            raise _error(404, "queue_empty", "no task is waiting in your sites")
-        return task
-
-    def held(volume_id: str, who: Principal) -> Lease:
-        with session_scope(db) as s:
-            lease = s.get(Lease, volume_id)
-            if lease is None or lease.holder != who.user_id or lease.expires_at <= _now():
-                raise _error(409, "not_leased", f"you hold no lease on {volume_id}")
-            s.expunge(lease)
-            return lease
-
-    @r.post("/{volume_id}/renew", response_model=TaskOut)
-    def renew(
-        volume_id: str, body: ClaimIn | None = None, who: Principal = Depends(worker)
-    ) -> TaskOut:
-        held(volume_id, who)
-        until = _now() + timedelta(seconds=(body.lease_seconds if body else None) or lease_s)
-        with session_scope(db) as s:
-            lease = s.get(Lease, volume_id)
-            assert lease is not None
+    def renew(self, who: Principal, volume_id: str, lease_s: float | None = None) -> TaskOut:
+        """Extend the caller's unexpired lease (409 ``not_leased`` when they hold none)."""
+        until = _now() + timedelta(seconds=lease_s or self.lease_s)
+        with session_scope(self.db) as s:
+            lease = self._held(s, who, volume_id)
             lease.expires_at = until
             site = s.get(Volume, volume_id).site_id  # type: ignore[union-attr]
         return TaskOut(volume_id=volume_id, site_id=site, expires_at=until)
 
-    @r.delete("/{volume_id}", status_code=204)
-    def give_back(volume_id: str, who: Principal = Depends(worker)) -> None:
-        held(volume_id, who)
-        release(db, volume_id)
+    def give_back(self, who: Principal, volume_id: str) -> None:
+        """Release the caller's unexpired lease (409 ``not_leased`` when they hold none)."""
+        with session_scope(self.db) as s:
+            s.delete(self._held(s, who, volume_id))
 
-    return r
+    @staticmethod
+    def _held(s: Session, who: Principal, volume_id: str) -> Lease:
+        lease = s.get(Lease, volume_id)
+        if lease is None or lease.holder != who.user_id or lease.expires_at <= _now():
+            raise ApiError("not_leased", f"you hold no lease on {volume_id}", 409)
+        return lease
+
+    def leases(self) -> dict[str, tuple[str, datetime]]:
+        """volume id -> (holder, expiry) of every unexpired lease."""
+        now = _now()
+        with session_scope(self.db) as s:
+            return {
+                x.volume_id: (x.holder, x.expires_at)
+                for x in s.scalars(select(Lease))
+                if x.expires_at > now
+            }
+
+    def tasks(self, who: Principal) -> tuple[list[TaskRow], list[TaskRow]]:
+        """(the caller's leased tasks, the tasks waiting in their sites in the order the queue
+        hands them out; at most 500)."""
+        leases = self.leases()
+        rows = {
+            c.volume_id: TaskRow(
+                volume_id=c.volume_id,
+                site_id=c.site_id,
+                model=c.model,
+                version=c.version,
+                uncertainty=c.uncertainty,
+                leased=c.volume_id in leases,
+            )
+            for c in self.candidates(who, self.strategy)
+        }
+        mine = [
+            rows[vid].model_copy(update={"expires_at": until})
+            for vid, (holder, until) in leases.items()
+            if holder == who.user_id and vid in rows
+        ]
+        return mine, list(rows.values())[:500]
+
+    def sizes(self, who: Principal) -> list[QueueSize]:
+        """Per clinical site of the caller's: tasks waiting, of those leased, and annotated."""
+        leased = self.leases()
+        sizes: dict[str, dict[str, int]] = {}
+        with session_scope(self.db) as s:
+            clinical = s.scalars(select(Volume).where(Volume.dataset == "clinical"))
+            for site in {v.site_id for v in clinical if who.may_see(v.site_id)}:
+                sizes[site] = {"waiting": 0, "leased": 0, "annotated": 0}
+            for row in s.execute(waiting_for_annotation()).all():
+                if row.site_id in sizes:
+                    sizes[row.site_id]["waiting"] += 1
+                    sizes[row.site_id]["leased"] += row.id in leased
+            for v in s.scalars(select(Volume).where(Volume.status == "annotated")):
+                if v.site_id in sizes:
+                    sizes[v.site_id]["annotated"] += 1
+        return [QueueSize(site_id=k, **v) for k, v in sorted(sizes.items())]
+
+
+def minutes_since_claim(database_url: str, volume_id: str, who: Principal) -> float:
+    """Minutes since the caller last claimed ``volume_id`` (0: never), at most a day: what a
+    client that does not time its annotators reports."""
+    with session_scope(database_url) as s:
+        since = s.scalar(
+            select(func.max(AuditEntry.at)).where(
+                AuditEntry.action == "task.claim",
+                AuditEntry.resource == volume_id,
+                AuditEntry.actor == who.user_id,
+            )
+        )
+    if since is None:
+        return 0.0
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return round(min((_now() - since).total_seconds() / 60.0, 24 * 60.0), 2)

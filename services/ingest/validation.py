@@ -1,6 +1,6 @@
 """Everything an upload must pass before it is accepted.
 
-Each refusal is an :class:`UploadRejected` with a stable ``code`` (what a client can act on), an
+Each refusal is an :class:`ApiError` with a stable ``code`` (what a client can act on), an
 HTTP status and a message saying what was wrong.
 """
 
@@ -26,19 +26,12 @@ from ctloop.core.datasets import (
     nifti_voxels,
 )
 from ctloop.core.organs import LabelMap, UnknownLabel
+from services.ingest.errors import ApiError
 
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
 MAX_DIM = 4096
 MAX_DICOM_FILES = 5000
 MAX_ZIP_RATIO = 200  # uncompressed / compressed; far beyond what CT pixel data reaches
-
-
-class UploadRejected(Exception):
-    def __init__(self, code: str, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -63,7 +56,7 @@ def safe_id(value: str, what: str) -> str:
     try:
         return keys.safe_id(value, what)
     except keys.InvalidKeyPart as exc:
-        raise UploadRejected("bad_id", str(exc)) from exc
+        raise ApiError("bad_id", str(exc)) from exc
 
 
 def _gunzip_bounded(data: bytes, limit: int) -> tuple[bytes, bool]:
@@ -77,12 +70,12 @@ def _gunzip_bounded(data: bytes, limit: int) -> tuple[bytes, bool]:
         try:
             chunk = d.decompress(rest, limit + 1 - total)
         except gzip_error as exc:
-            raise UploadRejected("corrupt_gzip", f"the gzip stream is corrupt ({exc})") from exc
+            raise ApiError("corrupt_gzip", f"the gzip stream is corrupt ({exc})") from exc
         total += len(chunk)
         if total > limit or d.unconsumed_tail:
-            raise UploadRejected("too_large", f"decompresses to more than {limit} bytes", 413)
+            raise ApiError("too_large", f"decompresses to more than {limit} bytes", 413)
         if not d.eof:
-            raise UploadRejected("truncated", "the gzip stream ends early (truncated upload?)")
+            raise ApiError("truncated", "the gzip stream ends early (truncated upload?)")
         members.append(chunk)
         rest = d.unused_data  # the next member, or data after the stream (refused above)
     if len(members) == 1:
@@ -114,29 +107,27 @@ def read_nifti_upload(
     if data[:2] == b"\x1f\x8b":
         raw, single_member = _gunzip_bounded(data, limits.max_voxels * 8 + 352 + 1024)
     if len(raw) < 348:
-        raise UploadRejected("not_nifti", f"the {what} is not a NIfTI file (too short)")
+        raise ApiError("not_nifti", f"the {what} is not a NIfTI file (too short)")
     try:
         img = nib.Nifti1Image.from_bytes(raw)
     except Exception as exc:
         try:
             img = nib.Nifti2Image.from_bytes(raw)
         except Exception:
-            raise UploadRejected(
-                "not_nifti", f"the {what} is not a readable NIfTI file ({exc})"
-            ) from exc
+            raise ApiError("not_nifti", f"the {what} is not a readable NIfTI file ({exc})") from exc
     shape = tuple(int(d) for d in img.header.get_data_shape())
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        raise UploadRejected("not_3d", f"the {what} must be 3-D, got shape {shape}")
+        raise ApiError("not_3d", f"the {what} must be 3-D, got shape {shape}")
     if any(d < 2 or d > MAX_DIM for d in shape):
-        raise UploadRejected("bad_shape", f"each dimension must be 2..{MAX_DIM}, got {shape}")
+        raise ApiError("bad_shape", f"each dimension must be 2..{MAX_DIM}, got {shape}")
     if int(np.prod(shape)) > limits.max_voxels:
-        raise UploadRejected("too_large", f"{shape} exceeds {limits.max_voxels} voxels", 413)
+        raise ApiError("too_large", f"{shape} exceeds {limits.max_voxels} voxels", 413)
     try:
         array = nifti_voxels(img, raw).reshape(shape)  # in place: no second copy
     except Exception as exc:
-        raise UploadRejected("truncated", f"the {what}'s data is incomplete ({exc})") from exc
+        raise ApiError("truncated", f"the {what}'s data is incomplete ({exc})") from exc
     affine = np.asarray(img.affine, dtype=np.float64)
     grid = Grid(shape=(shape[0], shape[1], shape[2]), affine=affine)
     _check_grid(grid, what)
@@ -199,10 +190,10 @@ def may_be_stored_as_is(data: bytes, dtypes: tuple[str, ...]) -> bool:
 
 def _check_grid(grid: Grid, what: str) -> None:
     if not np.all(np.isfinite(grid.affine)) or abs(np.linalg.det(grid.affine[:3, :3])) < 1e-9:
-        raise UploadRejected("bad_affine", f"the {what}'s affine is not a valid voxel->mm map")
+        raise ApiError("bad_affine", f"the {what}'s affine is not a valid voxel->mm map")
     for s in grid.spacing:
         if not MIN_SPACING_MM <= s <= MAX_SPACING_MM:
-            raise UploadRejected(
+            raise ApiError(
                 "bad_spacing",
                 f"voxel spacing {tuple(round(v, 4) for v in grid.spacing)} mm is outside "
                 f"{MIN_SPACING_MM}..{MAX_SPACING_MM} mm",
@@ -219,9 +210,9 @@ def validate_ct(array: NDArray, grid: Grid) -> NDArray:
         image = np.asarray(array, dtype=np.float32)
         lo, hi = float(image.min()), float(image.max())  # NaN propagates, infinities show
         if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise UploadRejected("not_finite", "the volume holds NaN or infinite values")
+            raise ApiError("not_finite", "the volume holds NaN or infinite values")
     if lo < -3000 or hi > 40000:
-        raise UploadRejected("not_hu", f"values {lo:.0f}..{hi:.0f} are not CT Hounsfield units")
+        raise ApiError("not_hu", f"values {lo:.0f}..{hi:.0f} are not CT Hounsfield units")
     return image
 
 
@@ -235,7 +226,7 @@ def validate_mask(
 
 def check_mask_grid(grid: Grid, volume: Grid) -> None:
     if grid.shape != volume.shape or not np.allclose(grid.affine, volume.affine, atol=1e-3):
-        raise UploadRejected(
+        raise ApiError(
             "grid_mismatch",
             f"the mask grid {grid.shape} (spacing {tuple(round(s, 3) for s in grid.spacing)}) "
             f"differs from the volume's {volume.shape} "
@@ -248,12 +239,12 @@ def mask_values(array: NDArray, label_map: LabelMap) -> NDArray[np.uint8]:
     if not np.issubdtype(array.dtype, np.integer):
         values = np.asarray(array, dtype=np.float64)
         if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
-            raise UploadRejected("float_mask", "the mask holds non-integer values")
+            raise ApiError("float_mask", "the mask holds non-integer values")
         array = values.astype(np.int64)
     try:
         return label_map.to_canonical(array)
     except UnknownLabel as exc:
-        raise UploadRejected("unknown_label", str(exc)) from exc
+        raise ApiError("unknown_label", str(exc)) from exc
 
 
 def read_dicom_zip(data: bytes, limits: Limits) -> Volume:
@@ -262,21 +253,21 @@ def read_dicom_zip(data: bytes, limits: Limits) -> Volume:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = [m for m in archive.infolist() if not m.is_dir()]
     except zipfile.BadZipFile as exc:
-        raise UploadRejected("not_zip", f"not a readable zip archive ({exc})") from exc
+        raise ApiError("not_zip", f"not a readable zip archive ({exc})") from exc
     if not members:
-        raise UploadRejected("empty_zip", "the zip holds no files")
+        raise ApiError("empty_zip", "the zip holds no files")
     if len(members) > MAX_DICOM_FILES:
-        raise UploadRejected("too_many_files", f"more than {MAX_DICOM_FILES} files", 413)
+        raise ApiError("too_many_files", f"more than {MAX_DICOM_FILES} files", 413)
     total = 0
     for m in members:
         path = PurePosixPath(m.filename.replace("\\", "/"))
         if path.is_absolute() or ".." in path.parts or m.filename.startswith("/"):
-            raise UploadRejected("unsafe_path", f"zip member {m.filename!r} escapes the archive")
+            raise ApiError("unsafe_path", f"zip member {m.filename!r} escapes the archive")
         total += m.file_size
         if m.compress_size and m.file_size / m.compress_size > MAX_ZIP_RATIO:
-            raise UploadRejected("zip_bomb", f"{m.filename!r} expands {MAX_ZIP_RATIO}x+", 413)
+            raise ApiError("zip_bomb", f"{m.filename!r} expands {MAX_ZIP_RATIO}x+", 413)
     if total > limits.max_voxels * 2 + len(members) * 4096:
-        raise UploadRejected("too_large", f"the zip expands to {total} bytes", 413)
+        raise ApiError("too_large", f"the zip expands to {total} bytes", 413)
     blobs = []
     for m in members:
         with archive.open(m) as src:
@@ -295,9 +286,9 @@ def read_dicom_instances(blobs: list[bytes]) -> Volume:
         try:
             volume = load_dicom_series(files).as_ras()
         except DatasetError as exc:
-            raise UploadRejected("bad_dicom", str(exc)) from exc
+            raise ApiError("bad_dicom", str(exc)) from exc
     shape = volume.image.shape
     if len(shape) != 3 or shape[2] < 2:
-        raise UploadRejected("not_3d", f"the series must have at least 2 slices, got {shape}")
+        raise ApiError("not_3d", f"the series must have at least 2 slices, got {shape}")
     _check_grid(Grid(shape=(shape[0], shape[1], shape[2]), affine=volume.affine), "series")
     return volume

@@ -30,9 +30,10 @@ from ctloop.db import (
 )
 from ctloop.outbox import OutboxRelay
 from ctloop.storage import ObjectStore
-from services.ingest import app as ingest_app
+from services.ingest import uploads
 from services.ingest.app import create_app
-from tests.integration.services.conftest import dicom_zip, nifti, phantom, wait_for_events
+from tests.helpers.events import wait_for_events
+from tests.helpers.volumes import dicom_zip, nifti, phantom
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +208,12 @@ def test_a_clean_upload_is_written_while_it_is_checked_and_removed_unless_kept(
     one version is the row's."""
     started = []
 
-    class Recorded(ingest_app.EarlyPut):
+    class Recorded(uploads.EarlyPut):
         def __init__(self, ingest, key, data):
             started.append(key)
             super().__init__(ingest, key, data)
 
-    monkeypatch.setattr(ingest_app, "EarlyPut", Recorded)
+    monkeypatch.setattr(uploads, "EarlyPut", Recorded)
     p = phantom(seed=11)
     clean = nifti(p.image, p.affine)
     nan = p.image.astype(np.float32)

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from ctloop.db import Prediction, session_scope
 from ctloop.storage import ObjectStore
 from services.ingest.app import create_app
-from services.ingest.workbench import display_views
-from tests.integration.services.conftest import nifti, phantom
+from services.ingest.viewer import display_views
+from tests.helpers.volumes import nifti, phantom
 
 
 @pytest.fixture(scope="module")

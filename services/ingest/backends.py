@@ -1,0 +1,101 @@
+"""gRPC clients of the inference and training services (what the MONAI Label layer calls),
+and how their failures read as API errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from ctloop.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+from services.ingest.errors import ApiError
+
+SEGMENT_TIMEOUT_S = 600.0
+
+
+class Backends:
+    """gRPC clients of the inference and training services, dialled on first use."""
+
+    def __init__(self, inference_target: str, training_target: str) -> None:
+        self._targets = {"inference": inference_target, "training": training_target}
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def _channel(self, name: str) -> grpc.Channel:
+        if name not in self._channels:
+            self._channels[name] = grpc.insecure_channel(self._targets[name])
+        return self._channels[name]
+
+    @property
+    def inference(self) -> inference_pb2_grpc.InferenceStub:
+        return inference_pb2_grpc.InferenceStub(self._channel("inference"))
+
+    @property
+    def training(self) -> training_pb2_grpc.TrainingStub:
+        return training_pb2_grpc.TrainingStub(self._channel("training"))
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+
+
+def rpc_error(service: str, exc: grpc.RpcError) -> ApiError:
+    """A backend's gRPC status as the API error a client can act on."""
+    code, detail = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ApiError("not_found", detail, 404)
+    if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+        return ApiError("not_possible_now", detail, 409)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ApiError("bad_request", detail, 422)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ApiError("unavailable", f"the {service} service is not answering", 503)
+    return ApiError("backend_error", f"{service}: {code.name} {detail}", 502)
+
+
+def segment(backends: Backends, volume_id: str, site_id: str, model: str) -> Any:
+    """The inference service's ``Segment`` of a stored volume by ``model`` ("": whichever
+    serves now; a named model must be the one serving, else 409 ``not_serving``)."""
+    ref = common_pb2.ModelVersionRef()
+    try:
+        if model:
+            status = backends.inference.GetModelStatus(
+                inference_pb2.GetModelStatusRequest(model=model), timeout=30
+            )
+            if status.serving.model != model:
+                serving = status.serving.model or "none yet"
+                raise ApiError("not_serving", f"{model} is not serving (serving: {serving})", 409)
+            ref = status.serving
+        return backends.inference.Segment(
+            inference_pb2.SegmentRequest(
+                volume=common_pb2.VolumeRef(volume_id=volume_id, site_id=site_id), model=ref
+            ),
+            timeout=SEGMENT_TIMEOUT_S,
+        )
+    except grpc.RpcError as exc:
+        raise rpc_error("inference", exc) from exc
+
+
+def start_round(backends: Backends, model: str) -> training_pb2.Round:
+    """The training service's ``StartRound`` ("": the model the policy picks)."""
+    try:
+        started: training_pb2.Round = backends.training.StartRound(
+            training_pb2.StartRoundRequest(model=model), timeout=60
+        )
+    except grpc.RpcError as exc:
+        raise rpc_error("training", exc) from exc
+    return started
+
+
+def latest_round(backends: Backends) -> training_pb2.Round | None:
+    """The newest training round the training service knows (None: none has run)."""
+    try:
+        rounds = backends.training.ListRounds(training_pb2.ListRoundsRequest(), timeout=30)
+    except grpc.RpcError as exc:
+        raise rpc_error("training", exc) from exc
+    return max(rounds.rounds, key=lambda x: x.round, default=None)

@@ -1,0 +1,382 @@
+"""The upload pipeline, top-down: read and check every voxel, encode, store, record, announce.
+
+:func:`ingest_upload` takes an uploaded file (NIfTI or a zip of one DICOM series, and a label
+for labelled datasets); :func:`import_series` takes a series pulled from a PACS. Both end in
+:func:`accept_volume`: the blobs go to S3 under immutable keys, then the volume's row, its
+``volume.ingested`` event (outbox) and its audit entry commit in one SQL transaction.
+
+A clean NIfTI CT's own bytes are kept as they came, and written while its voxels are still
+being checked (:class:`EarlyPut`); that S3 version is removed unless the row commits.
+No FastAPI here: the routers turn requests into these calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy.exc import IntegrityError
+
+from ctloop import dicomweb
+from ctloop.auth import Principal
+from ctloop.contracts import keys
+from ctloop.contracts.payloads import BlobRef, Dataset, VolumeIngested, make_event
+from ctloop.contracts.topics import VOLUME_INGESTED
+from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.organs import LabelMap, UnknownLabel
+from ctloop.db import Site, Volume, audit, session_scope
+from ctloop.log import bind
+from ctloop.outbox import stage_event
+from ctloop.storage import StoredObject
+from ctloop.timing import Laps
+from services.ingest.deps import IngestContext
+from services.ingest.errors import ApiError, conflict
+from services.ingest.records import SOURCE, volume_out
+from services.ingest.schemas import VolumeOut
+from services.ingest.validation import (
+    Grid,
+    NiftiUpload,
+    check_mask_grid,
+    mask_values,
+    may_be_stored_as_is,
+    read_dicom_instances,
+    read_dicom_zip,
+    read_nifti_upload,
+    safe_id,
+    validate_ct,
+)
+
+log = logging.getLogger("ctloop.ingest")
+
+# The data types of a stored CT blob and label: an upload already in that form (and otherwise
+# clean, see ``validation._stored_form``) is stored as it came, not decoded and encoded again.
+STORED_CT_DTYPES = ("int16", "float32")
+STORED_LABEL_DTYPES = ("uint8",)
+# What the audit log says of a volume whose DICOM attributes were all dropped: only pixel
+# data and geometry are kept (patient, study, institution, dates, UIDs are not), which covers
+# the PS3.15 Basic Profile.
+DEIDENTIFIED = "all DICOM attributes dropped"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Who uploads what, where; ``volume_id`` None: named from the bytes' hash."""
+
+    who: Principal
+    site: str
+    dataset: Dataset
+    volume_id: str | None
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A validated volume ready to store: its blob, grid, label blob and provenance."""
+
+    image_blob: bytes
+    grid: Grid
+    mask_blob: bytes | None
+    sha: str
+    provenance: dict[str, str]
+
+
+class Existing(Exception):
+    """The same bytes were uploaded under this id before: answer with that volume (200)."""
+
+    def __init__(self, volume: VolumeOut) -> None:
+        super().__init__(volume.volume_id)
+        self.volume = volume
+
+
+LabelRead = tuple[NiftiUpload, NDArray[np.uint8], bool]
+
+
+class EarlyPut:
+    """An upload's bytes written to their key while its voxels are still being checked, so
+    the write overlaps the decode. Nothing refers to that version until the volume's row
+    commits (readers go by the version id in the row): :meth:`kept` then; anything else
+    (refused, rewritten, a duplicate, an error) removes the version, leaving no trace."""
+
+    def __init__(self, ctx: IngestContext, key: str, data: bytes) -> None:
+        self.ctx, self.key, self.kept = ctx, key, False
+        self._put: Future[StoredObject] = ctx.pool.submit(
+            ctx.store.put_bytes, ctx.bucket, key, data
+        )
+
+    def result(self) -> StoredObject:
+        return self._put.result()
+
+    def discard(self) -> None:
+        try:
+            obj = self._put.result()
+        except Exception:  # never stored
+            return
+        self.ctx.store.delete_version(self.ctx.bucket, self.key, obj.version_id)
+        log.debug("early write removed", extra={"key": self.key, "version": obj.version_id})
+
+
+def encode_ct(image: np.ndarray, grid: Grid) -> bytes:
+    """A validated CT as the blob ctloop stores: int16 when every value is a whole HU that
+    fits (half the bytes of float32), float32 otherwise."""
+    if np.issubdtype(image.dtype, np.integer):
+        if image.min() >= -32768 and image.max() <= 32767:
+            return nifti_gz_bytes(image.astype(np.int16, copy=False), grid.affine)
+        return nifti_gz_bytes(image.astype(np.float32), grid.affine)
+    sample = image[:, :, 0]  # one plane: a scanner's float HU fail here, cheaply
+    if np.all(sample == np.rint(sample)) and image.min() >= -32768 and image.max() <= 32767:
+        rounded = np.rint(image)  # one full-size copy, used for the check and the result
+        if np.array_equal(rounded, image):
+            return nifti_gz_bytes(rounded.astype(np.int16), grid.affine)
+    return nifti_gz_bytes(image.astype(np.float32, copy=False), grid.affine)
+
+
+def parse_label_map(raw: str | None) -> LabelMap:
+    """A client's ``{"organ": id}`` JSON; none: the canonical ids."""
+    if not raw:
+        return LabelMap.canonical()
+    try:
+        spec = json.loads(raw)
+        if not isinstance(spec, dict):
+            raise ValueError("must be a JSON object")
+        return LabelMap({str(k): int(v) for k, v in spec.items()})
+    except (ValueError, TypeError, UnknownLabel) as exc:
+        raise ApiError("bad_label_map", f"label_map: {exc}") from exc
+
+
+def volume_id_for(volume_id: str | None, sha: str) -> str:
+    """The id a volume is stored under: the client's (checked), else from its bytes' hash."""
+    return safe_id(volume_id, "volume id") if volume_id else f"vol-{sha[:16]}"
+
+
+def ingest_upload(
+    ctx: IngestContext,
+    up: Upload,
+    data: bytes,
+    label: tuple[bytes, str | None] | None,
+    timings: Laps,
+) -> VolumeOut:
+    """Check an uploaded CT (and its label: bytes and label map) in full, store and record it.
+    Raises :class:`Existing` when the same bytes are already stored under the id."""
+    label_job = _start_label_read(ctx, label) if label is not None else None
+    if label is None and up.dataset != "clinical":
+        raise ApiError("label_required", f"{up.dataset} (labelled) volumes need a label")
+    sha = hashlib.sha256(data).hexdigest()
+    early = _early_put(ctx, up, data, sha)
+    try:
+        checked = _check(ctx, data, sha, timings)
+        if label is not None and label_job is not None:
+            checked = _with_label(checked, label[0], label_job.result())
+        timings.lap("label")  # what the label's check took beyond the image's
+        kept = early if checked.image_blob is data else None
+        return accept_volume(ctx, up, checked, timings, kept)
+    finally:
+        if early is not None and not early.kept:
+            early.discard()
+
+
+def _start_label_read(ctx: IngestContext, label: tuple[bytes, str | None]) -> Future[LabelRead]:
+    """The label is read and its values checked while the image is: both decompress and scan
+    on their own core. Its grid is compared with the image's once both are known."""
+    raw, raw_map = label
+    mapping = parse_label_map(raw_map)
+
+    def read_label() -> LabelRead:
+        """The label, its canonical values and whether its bytes already are them."""
+        lab = read_nifti_upload(raw, ctx.limits, "label", STORED_LABEL_DTYPES)
+        return lab, mask_values(lab.array, mapping), lab.storable and mapping.is_identity
+
+    return ctx.pool.submit(read_label)
+
+
+def _early_put(ctx: IngestContext, up: Upload, data: bytes, sha: str) -> EarlyPut | None:
+    """Most clean NIfTI CTs are kept as they came: their write starts now and overlaps the
+    decode and checks (removed again if they fail). Never for an id that is taken."""
+    if not may_be_stored_as_is(data, STORED_CT_DTYPES):
+        return None
+    vid = volume_id_for(up.volume_id, sha)
+    with session_scope(ctx.db) as s:
+        if s.get(Volume, vid) is not None:
+            return None
+    return EarlyPut(ctx, keys.volume_image(up.site, vid), data)
+
+
+def _check(ctx: IngestContext, data: bytes, sha: str, timings: Laps) -> Checked:
+    """Decode and check every voxel; the blob to store is the upload's own bytes when they
+    already are a stored blob (most NIfTI CTs: int16 or float32, gzipped, no extensions)."""
+    if data[:2] == b"PK":
+        vol = read_dicom_zip(data, ctx.limits)
+        provenance = {"source": "dicom", "deidentified": DEIDENTIFIED}
+        array, grid = vol.image, Grid(vol.image.shape, vol.affine)  # type: ignore[arg-type]
+        storable = False
+    else:
+        upload = read_nifti_upload(data, ctx.limits, dtypes=STORED_CT_DTYPES)
+        provenance = {"source": "nifti"}
+        array, grid, storable = upload.array, upload.grid, upload.storable
+    image = validate_ct(array, grid)
+    timings.lap("decode")
+    image_blob = data if storable else encode_ct(image, grid)
+    provenance["stored"] = "as uploaded" if storable else "re-encoded"
+    timings.lap("encode")
+    return Checked(image_blob, grid, None, sha, provenance)
+
+
+def _with_label(checked: Checked, raw: bytes, read: LabelRead) -> Checked:
+    """The label on the image's grid: kept as it came when it is checked, canonical and on
+    the volume's exact grid, re-encoded otherwise."""
+    lab, mask, canonical = read
+    grid = checked.grid
+    check_mask_grid(lab.grid, grid)
+    keep = canonical and np.array_equal(lab.grid.affine, grid.affine)
+    mask_blob = raw if keep else nifti_gz_bytes(mask, grid.affine)
+    return Checked(checked.image_blob, grid, mask_blob, checked.sha, checked.provenance)
+
+
+def check_source(ctx: IngestContext, url: str) -> None:
+    """403 unless ``url`` is one of the configured DICOMweb services."""
+    allowed = [u.rstrip("/") for u in ctx.settings.services.dicomweb_sources]
+    if url.rstrip("/") not in allowed:
+        raise ApiError("source_not_allowed", "that DICOMweb service is not configured", 403)
+
+
+def import_series(
+    ctx: IngestContext, up: Upload, url: str, study_uid: str, series_uid: str
+) -> VolumeOut:
+    """Pull one CT series from a PACS (QIDO-RS, WADO-RS) and ingest it like an upload
+    (``url`` passed :func:`check_source`; a clinical volume: no label)."""
+    check_source(ctx, url)
+    try:
+        dicomweb.series_instances(url, study_uid, series_uid)
+        blobs = dicomweb.retrieve_series(url, study_uid, series_uid, ctx.limits.max_bytes)
+    except (dicomweb.DicomWebError, httpx.HTTPError) as exc:
+        raise ApiError("dicomweb", f"could not retrieve the series: {exc}", 422) from exc
+    vol = read_dicom_instances(blobs)
+    grid = Grid((vol.image.shape[0], vol.image.shape[1], vol.image.shape[2]), vol.affine)
+    provenance = {"source": "dicomweb", "series_uid": series_uid, "deidentified": DEIDENTIFIED}
+    checked = Checked(
+        encode_ct(validate_ct(vol.image, grid), grid),
+        grid,
+        None,
+        hashlib.sha256(b"".join(sorted(blobs))).hexdigest(),
+        provenance,
+    )
+    return accept_volume(ctx, up, checked, Laps())
+
+
+def accept_volume(
+    ctx: IngestContext,
+    up: Upload,
+    checked: Checked,
+    timings: Laps,
+    early: EarlyPut | None = None,
+) -> VolumeOut:
+    """Store a validated, encoded volume (and label) under immutable keys; record and
+    announce it. The same bytes again raise :class:`Existing`; other content under the id,
+    409. ``early``: the image's bytes, already being written (marked kept once the row
+    commits; the caller removes them otherwise)."""
+    vid = volume_id_for(up.volume_id, checked.sha)
+    _refuse_taken(ctx, up, vid, checked.sha)
+    image, label = _store_blobs(ctx, up.site, vid, checked, early)
+    timings.lap("store")
+    out = _commit_volume(ctx, up, vid, checked, image, label)
+    timings.lap("commit")
+    if early is not None:
+        early.kept = True
+    ctx.published()
+    with bind(volume_id=vid, site_id=up.site):
+        log.info("volume ingested", extra={"dataset": up.dataset, "shape": checked.grid.shape})
+    return out
+
+
+def _refuse_taken(ctx: IngestContext, up: Upload, vid: str, sha: str) -> None:
+    """Nothing when ``vid`` is free; :class:`Existing` for the same bytes at the same site;
+    409 for other content (or another site's volume: its existence is not told)."""
+    with session_scope(ctx.db) as s:
+        existing = s.get(Volume, vid)
+        if existing is None:
+            return
+        if not up.who.may_see(existing.site_id):
+            raise conflict("exists", f"volume {vid} exists")
+        if existing.sha256 == sha and existing.site_id == up.site:
+            raise Existing(volume_out(existing))
+    raise conflict("exists", f"volume {vid} exists with other content")
+
+
+def _store_blobs(
+    ctx: IngestContext, site: str, vid: str, checked: Checked, early: EarlyPut | None
+) -> tuple[BlobRef, BlobRef | None]:
+    """The image and label written (the label while the image is)."""
+    key = keys.volume_image(site, vid)
+    label_put = None
+    if checked.mask_blob is not None:
+        lkey = keys.volume_label(site, vid)
+        label_put = ctx.pool.submit(ctx.store.put_bytes, ctx.bucket, lkey, checked.mask_blob)
+    if early is not None:  # the same bytes, to the same key, already on their way
+        img_obj = early.result()
+    else:
+        img_obj = ctx.store.put_bytes(ctx.bucket, key, checked.image_blob)
+    image = BlobRef(bucket=ctx.bucket, key=key, version_id=img_obj.version_id)
+    if label_put is None:
+        return image, None
+    return image, BlobRef(bucket=ctx.bucket, key=lkey, version_id=label_put.result().version_id)
+
+
+def _commit_volume(
+    ctx: IngestContext,
+    up: Upload,
+    vid: str,
+    checked: Checked,
+    image: BlobRef,
+    label: BlobRef | None,
+) -> VolumeOut:
+    """The volume's row, its event and audit entry, in one transaction."""
+    grid, site = checked.grid, up.site
+    payload = VolumeIngested(
+        volume_id=vid,
+        site_id=site,
+        dataset=up.dataset,
+        image=image,
+        label=label,
+        shape=grid.shape,
+        spacing=grid.spacing,
+        sha256=checked.sha,
+    )
+    geometry = {
+        "shape": list(grid.shape),
+        "spacing": list(grid.spacing),
+        "affine": grid.affine.tolist(),
+    }
+    try:
+        with session_scope(ctx.db) as s:
+            if s.get(Site, site) is None:  # an admin, or a site named in an OIDC claim
+                s.add(Site(id=site, name=site))
+                s.flush()
+            row = Volume(
+                id=vid,
+                site_id=site,
+                dataset=up.dataset,
+                s3_key=image.key,
+                s3_version_id=image.version_id,
+                label_s3_key=label.key if label else None,
+                sha256=checked.sha,
+                geometry=geometry,
+            )
+            s.add(row)
+            stage_event(s, make_event(VOLUME_INGESTED, SOURCE, vid, payload))
+            audit(
+                s,
+                up.who.user_id,
+                "volume.create",
+                vid,
+                site_id=site,
+                sha256=checked.sha,
+                **checked.provenance,
+            )
+            s.flush()
+            return volume_out(row)
+    except IntegrityError as exc:  # a concurrent upload of the same id won
+        raise conflict("exists", f"volume {vid} was created concurrently") from exc
