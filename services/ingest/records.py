@@ -20,8 +20,7 @@ from sqlalchemy.orm import Session
 
 from ctloop.auth import Principal
 from ctloop.contracts import keys
-from ctloop.contracts.payloads import AnnotationSubmitted, BlobRef, ModelRef, make_event
-from ctloop.contracts.topics import ANNOTATION_SUBMITTED
+from ctloop.contracts.payloads import BlobRef, ModelRef, annotation_submitted
 from ctloop.core.datasets import nifti_gz_bytes
 from ctloop.core.organs import LabelMap
 from ctloop.core.partial import PartialLabel
@@ -220,7 +219,8 @@ def _commit_revision(
     The lease is checked again and released there too: a claim that listed this volume
     before now finds it annotated and rolls back."""
     partial, origin = correction.partial, correction.origin
-    payload = AnnotationSubmitted(
+    event = annotation_submitted(
+        SOURCE,
         volume_id=volume_id,
         site_id=site,
         revision=rev,
@@ -253,7 +253,7 @@ def _commit_revision(
             vol = s.get(Volume, volume_id)
             assert vol is not None
             vol.status = "annotated"
-            stage_event(s, make_event(ANNOTATION_SUBMITTED, SOURCE, volume_id, payload))
+            stage_event(s, event)
             audit(s, author, "annotation.create", volume_id, site_id=site, revision=rev)
             s.flush()
             return row.created_at

@@ -26,8 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from ctloop import dicomweb
 from ctloop.auth import Principal
 from ctloop.contracts import keys
-from ctloop.contracts.payloads import BlobRef, Dataset, VolumeIngested, make_event
-from ctloop.contracts.topics import VOLUME_INGESTED
+from ctloop.contracts.payloads import BlobRef, Dataset, volume_ingested
 from ctloop.core.datasets import nifti_gz_bytes
 from ctloop.core.organs import LabelMap, UnknownLabel
 from ctloop.db import Site, Volume, audit, session_scope
@@ -335,7 +334,8 @@ def _commit_volume(
 ) -> VolumeOut:
     """The volume's row, its event and audit entry, in one transaction."""
     grid, site = checked.grid, up.site
-    payload = VolumeIngested(
+    event = volume_ingested(
+        SOURCE,
         volume_id=vid,
         site_id=site,
         dataset=up.dataset,
@@ -366,7 +366,7 @@ def _commit_volume(
                 geometry=geometry,
             )
             s.add(row)
-            stage_event(s, make_event(VOLUME_INGESTED, SOURCE, vid, payload))
+            stage_event(s, event)
             audit(
                 s,
                 up.who.user_id,
