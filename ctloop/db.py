@@ -2,6 +2,9 @@
 
 SQL holds workflow state only; blobs live in S3 and the history of what happened in Kafka.
 The same models and queries run on both engines; the tests run them on both.
+
+Each table says which service writes it and which read it; a column has one writer. A status
+column holds only its enum's values (stored as plain strings: no schema change).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,8 +26,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
+    case,
     create_engine,
     event,
+    exists,
     func,
     select,
     text,
@@ -31,11 +38,40 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class VolumeStatus(StrEnum):
+    """Where a volume is in the loop. Ingest writes the column (ingested, annotated, sent_back);
+    ``predicted`` is read, never written: see :func:`volume_status`."""
+
+    INGESTED = "ingested"
+    PREDICTED = "predicted"
+    ANNOTATED = "annotated"
+    SENT_BACK = "sent_back"
+
+
+class ReviewStatus(StrEnum):
+    """The optional review of an annotation revision: pending -> approved | sent_back."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    SENT_BACK = "sent_back"
+
+
+class RoundStatus(StrEnum):
+    """A training round: running, then retry (crashed, attempts left) or one of the ends."""
+
+    RUNNING = "running"
+    RETRY = "retry"
+    PUBLISHED = "published"
+    REJECTED = "rejected"
+    FAILED = "failed"
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -60,6 +96,7 @@ class Base(DeclarativeBase):
 
 
 class Site(Base):
+    # written by: ingest (uploads, admin) / read by: ingest
     __tablename__ = "sites"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -67,6 +104,7 @@ class Site(Base):
 
 
 class Volume(Base):
+    # written by: ingest / read by: ingest, inference
     __tablename__ = "volumes"
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), index=True)
@@ -76,13 +114,15 @@ class Volume(Base):
     label_s3_key: Mapped[str | None] = mapped_column(String(512))  # labelled (public) volumes
     sha256: Mapped[str] = mapped_column(String(64))
     geometry: Mapped[dict[str, Any]] = mapped_column(default=dict)  # shape, spacing, affine
-    status: Mapped[str] = mapped_column(String(32), default="ingested")
+    # VolumeStatus, written by ingest only; read it through volume_status()
+    status: Mapped[str] = mapped_column(String(32), default=VolumeStatus.INGESTED)
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 class AnnotationRevision(Base):
     """An immutable annotation revision; a correction is a new row, never an update."""
 
+    # written by: ingest / read by: ingest (also for training, over gRPC)
     __tablename__ = "annotation_revisions"
     __table_args__ = (UniqueConstraint("volume_id", "revision"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -93,8 +133,8 @@ class AnnotationRevision(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=_now)
     # The optional review step: pending -> approved | sent_back (the only mutable part).
-    review_status: Mapped[str] = mapped_column(
-        String(16), default="pending", server_default="pending"
+    review_status: Mapped[str] = mapped_column(  # ReviewStatus
+        String(16), default=ReviewStatus.PENDING, server_default=ReviewStatus.PENDING.value
     )
     reviewer: Mapped[str | None] = mapped_column(String(128), default=None)
     review_comment: Mapped[str] = mapped_column(Text, default="", server_default="")
@@ -104,6 +144,7 @@ class AnnotationRevision(Base):
 class Prediction(Base):
     """A pre-annotation of a volume by one model version (immutable; one per pair)."""
 
+    # written by: inference / read by: inference, ingest
     __tablename__ = "predictions"
     __table_args__ = (UniqueConstraint("volume_id", "model", "version"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -119,6 +160,7 @@ class Prediction(Base):
 class ServingModel(Base):
     """Which version of a model the inference service serves (rebuilt from model.published)."""
 
+    # written by: inference / read by: inference, ingest (workbench), bench
     __tablename__ = "serving_models"
     model: Mapped[str] = mapped_column(String(64), primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
@@ -128,10 +170,11 @@ class ServingModel(Base):
 class TrainingRound(Base):
     """One training round (round 0 trains the igniter); at most one is ``running``."""
 
+    # written by: training / read by: training (ingest over gRPC), bench
     __tablename__ = "training_rounds"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # the round number
     model: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), index=True)  # running|published|rejected|failed
+    status: Mapped[str] = mapped_column(String(16), index=True)  # RoundStatus
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     volumes: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"train": [...], "holdout": []}
     version: Mapped[int | None] = mapped_column(Integer, default=None)
@@ -144,6 +187,7 @@ class TrainingRound(Base):
 class ProcessedEvent(Base):
     """Which consumer has durably handled which event: the idempotency record."""
 
+    # written by: inference, training (claim_event) / read by: the same consumer only
     __tablename__ = "processed_events"
     consumer: Mapped[str] = mapped_column(String(128), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -157,6 +201,7 @@ class OutboxEvent(Base):
     between "the effect committed" and "the broker has it" (at-least-once; consumers dedupe).
     """
 
+    # written by: ingest, inference, training (stage_event) / read by: their outbox relays
     __tablename__ = "outbox"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     event_id: Mapped[str] = mapped_column(String(128), unique=True)
@@ -171,6 +216,7 @@ class OutboxEvent(Base):
 class Lease(Base):
     """Who is annotating a volume until when; an expired lease returns the task to the queue."""
 
+    # written by: ingest / read by: ingest
     __tablename__ = "leases"
     volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id"), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
@@ -178,8 +224,9 @@ class Lease(Base):
 
 
 class User(Base):
-    """A person or a machine client; ``role`` is admin | reviewer | annotator | integration."""
+    """A person or a machine client; ``role`` is one of :data:`ctloop.auth.Role`."""
 
+    # written by: ingest (admin), ctloop.auth (the first admin) / read by: ctloop.auth
     __tablename__ = "users"
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     role: Mapped[str] = mapped_column(String(32))
@@ -187,6 +234,7 @@ class User(Base):
 
 
 class SiteMembership(Base):
+    # written by: ingest (admin) / read by: ctloop.auth, ingest (admin)
     __tablename__ = "site_memberships"
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
     site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
@@ -195,6 +243,7 @@ class SiteMembership(Base):
 class ApiToken(Base):
     """A static API token; only its SHA-256 is stored."""
 
+    # written by: ctloop.auth (for ingest's admin API and the first admin) / read by: ctloop.auth
     __tablename__ = "api_tokens"
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
@@ -204,6 +253,7 @@ class ApiToken(Base):
 
 
 class AuditEntry(Base):
+    # written by: ingest (audit()) / read by: ingest (admin)
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(default=_now, index=True)
@@ -285,12 +335,26 @@ def event_claimed(session: Session, consumer: str, event_id: str) -> bool:
     return session.get(ProcessedEvent, (consumer, event_id)) is not None
 
 
+def volume_status() -> ColumnElement[str]:
+    """A volume's :class:`VolumeStatus` as the API shows it, for ``select()`` and ``where()``.
+
+    Ingest owns ``Volume.status``; whether a pre-annotation exists is the inference service's
+    ``predictions`` table. So a volume still ``ingested`` that has a prediction reads as
+    ``predicted``, and nothing writes ``predicted`` (rows that hold it read back as it).
+    """
+    predicted = exists().where(Prediction.volume_id == Volume.id)
+    return case(
+        (and_(Volume.status == VolumeStatus.INGESTED, predicted), VolumeStatus.PREDICTED.value),
+        else_=Volume.status,
+    ).label("status")
+
+
 def waiting_for_annotation() -> Select[str, str, str, int, float, datetime]:
     """Clinical volumes still to annotate (none, or only sent-back, revisions), with their
     latest pre-annotation if any: (id, site, model, version, uncertainty, created_at)."""
     done = (
         select(AnnotationRevision.volume_id)
-        .where(AnnotationRevision.review_status != "sent_back")
+        .where(AnnotationRevision.review_status != ReviewStatus.SENT_BACK)
         .distinct()
     )
     latest = (

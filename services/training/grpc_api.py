@@ -9,7 +9,7 @@ import grpc
 from sqlalchemy import select
 
 from ctloop.contracts.payloads import ModelRef, model_published
-from ctloop.db import TrainingRound, session_scope
+from ctloop.db import RoundStatus, TrainingRound, session_scope
 from ctloop.outbox import stage_event
 from ctloop.service import abort
 from ctloop.v1 import common_pb2, training_pb2, training_pb2_grpc
@@ -74,7 +74,7 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
             return training_pb2.RoundList(
                 rounds=[
                     round_message(
-                        r, self.worker.progress(r.id) if r.status == "running" else (0, 0)
+                        r, self.worker.progress(r.id) if r.status == RoundStatus.RUNNING else (0, 0)
                     )
                     for r in rows
                 ]

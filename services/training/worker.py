@@ -28,6 +28,7 @@ from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import (
     BlobRef,
     ModelRef,
+    RoundOutcome,
     model_published,
     training_completed,
     training_started,
@@ -40,7 +41,7 @@ from ctloop.core.metrics import mean_dice
 from ctloop.core.model import ModelConfig
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.train import DataSource, TrainConfig
-from ctloop.db import TrainingRound, claim_event, session_scope
+from ctloop.db import RoundStatus, TrainingRound, claim_event, session_scope
 from ctloop.log import bind
 from ctloop.model_repository import ModelRepository
 from ctloop.outbox import OutboxRelay, stage_event
@@ -55,6 +56,11 @@ SOURCE = "/ctloop/training"
 
 ROUNDS = Counter("ctloop_training_rounds_total", "Finished rounds", ["model", "outcome"])
 ROUND_SECONDS = Gauge("ctloop_training_last_round_seconds", "Duration of the last round")
+# What training.completed says of a round that ended (retry is not an end): else "failed".
+OUTCOMES: dict[RoundStatus, RoundOutcome] = {
+    RoundStatus.PUBLISHED: "published",
+    RoundStatus.REJECTED: "rejected",
+}
 
 
 class RoundBusy(RuntimeError):
@@ -109,12 +115,14 @@ class TrainingWorker:
         now = datetime.now(UTC)
         with session_scope(self.db) as s:
             if (
-                s.scalar(select(TrainingRound.id).where(TrainingRound.status == "running"))
+                s.scalar(
+                    select(TrainingRound.id).where(TrainingRound.status == RoundStatus.RUNNING)
+                )
                 is not None
             ):
                 return None
             retry = s.scalars(
-                select(TrainingRound).where(TrainingRound.status == "retry").limit(1)
+                select(TrainingRound).where(TrainingRound.status == RoundStatus.RETRY).limit(1)
             ).first()
             if retry is not None:
                 return retry.model
@@ -135,7 +143,7 @@ class TrainingWorker:
         """A finished igniter round that published nothing is not retried automatically."""
         found = s.scalar(
             select(TrainingRound.id).where(
-                TrainingRound.model == self.igniter, TrainingRound.status != "retry"
+                TrainingRound.model == self.igniter, TrainingRound.status != RoundStatus.RETRY
             )
         )
         return found is not None  # (round 0 has id 0)
@@ -143,7 +151,8 @@ class TrainingWorker:
     def _volumes_in_rounds(self, s: Any, model: str) -> set[str]:
         rows = s.scalars(
             select(TrainingRound).where(
-                TrainingRound.model == model, TrainingRound.status.in_(("published", "rejected"))
+                TrainingRound.model == model,
+                TrainingRound.status.in_((RoundStatus.PUBLISHED, RoundStatus.REJECTED)),
             )
         )
         return {v for r in rows for part in ("train", "holdout") for v in r.volumes.get(part, [])}
@@ -166,7 +175,9 @@ class TrainingWorker:
                 result = self._train_validate_publish(number, model, plan)
             except Exception as exc:
                 log.exception("round failed", extra={"attempt": attempts})
-                status = "retry" if attempts < self.cfg.max_attempts else "failed"
+                status = (
+                    RoundStatus.RETRY if attempts < self.cfg.max_attempts else RoundStatus.FAILED
+                )
                 result = self._close_round(number, model, status, reason=repr(exc))
             ROUND_SECONDS.set(time.monotonic() - t0)
             return result
@@ -174,24 +185,26 @@ class TrainingWorker:
     def _open_round(self, model: str) -> tuple[int, dict[str, list[str]], int]:
         with session_scope(self.db) as s:
             if (
-                s.scalar(select(TrainingRound.id).where(TrainingRound.status == "running"))
+                s.scalar(
+                    select(TrainingRound.id).where(TrainingRound.status == RoundStatus.RUNNING)
+                )
                 is not None
             ):
                 raise RoundBusy("a round is running")
             retry = s.scalars(
                 select(TrainingRound).where(
-                    TrainingRound.status == "retry", TrainingRound.model == model
+                    TrainingRound.status == RoundStatus.RETRY, TrainingRound.model == model
                 )
             ).first()
             if retry is not None:
-                retry.status, retry.attempts = "running", retry.attempts + 1
+                retry.status, retry.attempts = RoundStatus.RUNNING, retry.attempts + 1
                 return retry.id, dict(retry.volumes), retry.attempts
             plan = self._plan(model)
             latest = s.scalar(select(func.max(TrainingRound.id)))
             number = 0 if latest is None else latest + 1
             if model == self.sustainer and number == 0:
                 number = 1
-            s.add(TrainingRound(id=number, model=model, status="running", volumes=plan))
+            s.add(TrainingRound(id=number, model=model, status=RoundStatus.RUNNING, volumes=plan))
             started = training_started(SOURCE, round=number, model=model, volumes=plan["train"])
             stage_event(s, started)
         self._notify()
@@ -256,7 +269,7 @@ class TrainingWorker:
             return self._close_round(
                 number,
                 model,
-                "rejected",
+                RoundStatus.REJECTED,
                 metrics=metrics,
                 reason=f"held-out Dice {metrics['candidate_dice']:.4f} < serving "
                 f"{metrics['serving_dice']:.4f}",
@@ -273,14 +286,14 @@ class TrainingWorker:
         }
         self.repo.publish_version(spec, version, package.files, manifest)
         return self._close_round(
-            number, model, "published", version=version, metrics=metrics, parent=parent
+            number, model, RoundStatus.PUBLISHED, version=version, metrics=metrics, parent=parent
         )
 
     def _close_round(
         self,
         number: int,
         model: str,
-        status: str,
+        status: RoundStatus,
         version: int | None = None,
         metrics: dict[str, Any] | None = None,
         reason: str = "",
@@ -292,21 +305,21 @@ class TrainingWorker:
             if metrics is None:  # (recovery) keep what the round recorded
                 metrics = dict(row.metrics)
             row.status, row.version, row.metrics, row.reason = status, version, metrics, reason
-            if status != "retry":
+            if status != RoundStatus.RETRY:
                 row.finished_at = datetime.now(UTC)
-                outcome = status if status in ("published", "rejected") else "failed"
+                outcome = OUTCOMES.get(status, "failed")
                 done = training_completed(
                     SOURCE,
                     round=number,
                     model=model,
-                    outcome=outcome,  # type: ignore[arg-type]
+                    outcome=outcome,
                     version=version,
                     metrics=metrics,
                     reason=reason,
                 )
                 stage_event(s, done)
                 ROUNDS.labels(model, outcome).inc()
-            if status == "published" and version is not None:
+            if status == RoundStatus.PUBLISHED and version is not None:
                 published = model_published(
                     SOURCE,
                     model=ModelRef(model=model, version=version),
@@ -335,18 +348,20 @@ class TrainingWorker:
         with session_scope(self.db) as s:
             stale = [
                 (r.id, r.model)
-                for r in s.scalars(select(TrainingRound).where(TrainingRound.status == "running"))
+                for r in s.scalars(
+                    select(TrainingRound).where(TrainingRound.status == RoundStatus.RUNNING)
+                )
             ]
         for number, model in stale:
             for version in reversed(self.repo.published_versions(model)):
                 if self.repo.manifest(model, version).get("round") == number:
-                    self._close_round(number, model, "published", version=version)
+                    self._close_round(number, model, RoundStatus.PUBLISHED, version=version)
                     break
             else:
                 with session_scope(self.db) as s:
                     row = s.get(TrainingRound, number)
                     if row is not None:
-                        row.status = "retry"
+                        row.status = RoundStatus.RETRY
 
     # ------------------------------------------------------------ helpers
     def _parent(self, model: str) -> ModelRef | None:

@@ -9,13 +9,16 @@ from sqlalchemy.exc import IntegrityError
 from ctloop.db import (
     AnnotationRevision,
     AuditEntry,
+    Prediction,
     Site,
     Volume,
+    VolumeStatus,
     audit,
     claim_event,
     create_schema,
     next_annotation_revision,
     session_scope,
+    volume_status,
 )
 from ctloop.settings import Settings
 from ctloop.stack import LocalStack
@@ -82,6 +85,29 @@ def test_volume_round_trips_with_its_geometry(db_url):
         assert vol.geometry == {"shape": [64, 64, 32], "spacing": [1.5, 1.5, 3.0]}
         assert vol.status == "ingested"
         assert vol.created_at is not None
+
+
+def test_an_ingested_volume_with_a_prediction_reads_as_predicted(db_url):
+    """Inference never writes Volume.status: ``predicted`` is derived, in a select and a filter."""
+    _seed(db_url)
+
+    def shown(s):
+        return s.execute(select(volume_status()).where(Volume.id == "vol-1")).scalar_one()
+
+    with session_scope(db_url) as s:
+        assert shown(s) == VolumeStatus.INGESTED
+        s.add(
+            Prediction(
+                volume_id="vol-1", model="m", version=1, s3_key="k", uncertainty=0, seconds=1
+            )
+        )
+    with session_scope(db_url) as s:
+        assert shown(s) == VolumeStatus.PREDICTED
+        assert s.scalars(select(Volume.id).where(volume_status() == "predicted")).all() == ["vol-1"]
+        assert s.scalars(select(Volume.id).where(volume_status() == "ingested")).all() == []
+        s.get(Volume, "vol-1").status = VolumeStatus.ANNOTATED
+    with session_scope(db_url) as s:
+        assert shown(s) == VolumeStatus.ANNOTATED
 
 
 def test_annotation_revisions_are_numbered_and_never_overwritten(db_url):
