@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from ctloop.core import infer
 from ctloop.core.datasets import phantom_volume, write_decathlon
 from ctloop.core.infer import ModelInput, PreparedVolume, Preprocessor, Segmenter
 from ctloop.core.metrics import mean_dice, organ_dice, organ_surface_distance
@@ -87,8 +86,6 @@ def test_segmenter_refuses_a_2d_image(tiny_checkpoint):
 def test_a_fine_tune_keeps_its_parents_architecture_and_patches(tiny_checkpoint, tmp_path):
     """The sustainer's TrainConfig may name another network (the default one here, whose
     patches would not fit these small volumes): a fine-tune trains its parent's."""
-    import torch
-
     vols = [phantom_volume(generate_phantom("clinical-a", s, "tiny"), f"c{s}") for s in range(2)]
     write_decathlon(tmp_path / "ds", vols, "tiny")
     out = tmp_path / "child.pt"
@@ -103,67 +100,6 @@ def test_a_fine_tune_keeps_its_parents_architecture_and_patches(tiny_checkpoint,
     child = torch.load(out, map_location="cpu", weights_only=False)
     parent = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)
     assert child["config"] == parent["config"]
-
-
-def _grids() -> tuple[np.ndarray, np.ndarray]:
-    """A model grid and a finer, shifted, anisotropic scanner grid (same orientation)."""
-    model = np.diag([3.0, 2.5, 4.0, 1.0])
-    model[:3, 3] = [-5.0, 2.0, 7.0]
-    scanner = np.diag([0.9, 1.1, 2.0, 1.0])
-    scanner[:3, 3] = [-6.0, 1.0, 6.0]
-    return model, scanner
-
-
-@pytest.mark.parametrize("dense", [0.3, 1.1])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_resampled_argmax_is_the_argmax_of_the_interpolated_probabilities(
-    seed, dense, monkeypatch
-):
-    """Reading uniform cells off the model-grid argmax and interpolating only the mixed ones
-    (or, where most are mixed, resampling the slab in full) gives the label that per-class
-    trilinear interpolation (scipy, clamped edges) gives."""
-    g = torch.Generator().manual_seed(seed)
-    probs = torch.softmax(torch.randn((4, 12, 10, 8), generator=g) * 4, dim=0)
-    model, scanner = _grids()
-    shape = (44, 27, 19)
-    monkeypatch.setattr(infer, "DENSE_FRACTION", dense)  # 1.1: never in full
-    monkeypatch.setattr(infer, "SLAB_ELEMENTS", 44 * 27 * 4)  # several slabs
-    full = []
-    real = infer._separable_argmax
-    monkeypatch.setattr(infer, "_separable_argmax", lambda *a: full.append(1) or real(*a))
-    fast = infer._resample_argmax(probs, model, scanner, shape)
-    assert bool(full) == (dense < 1)  # random classes: most voxels are on a boundary
-    m = np.linalg.inv(model) @ scanner
-    reference = infer._resample_argmax_affine(probs.numpy(), m, shape)
-    assert fast.shape == shape and fast.flags.f_contiguous
-    np.testing.assert_array_equal(fast, reference)
-
-
-def test_only_voxels_on_a_class_boundary_are_interpolated(monkeypatch):
-    probs = torch.zeros((3, 12, 10, 8))
-    probs[1, :6] = 0.9  # class 1 in the lower x half, class 2 in the upper
-    probs[2, 6:] = 0.9
-    probs[0] = 0.1
-    model, scanner = _grids()
-    shape = (44, 27, 19)
-    interpolated = []
-    real = infer._interpolated_argmax
-
-    def counting(rows, strides, x, y, z):
-        interpolated.append(len(x[0]))
-        return real(rows, strides, x, y, z)
-
-    monkeypatch.setattr(infer, "_interpolated_argmax", counting)
-    label = infer._resample_argmax(probs, model, scanner, shape)
-    # Only destination x positions inside the source cell x in [5, 6] are mixed.
-    src_x = np.clip(
-        (scanner[0, 0] * np.arange(shape[0]) + scanner[0, 3] - model[0, 3]) / 3.0, 0, 11
-    )
-    mixed_x = int(((src_x >= 5) & (src_x < 6)).sum())
-    assert sum(interpolated) == mixed_x * shape[1] * shape[2]
-    assert set(np.unique(label)) == {1, 2}
-    reference = infer._resample_argmax_affine(probs.numpy(), np.linalg.inv(model) @ scanner, shape)
-    np.testing.assert_array_equal(label, reference)
 
 
 def test_a_prepared_volume_round_trips_and_anything_else_is_refused():
