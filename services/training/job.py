@@ -21,17 +21,15 @@ from ctloop.contracts import keys
 from ctloop.core.train import TrainConfig
 from ctloop.log import bind, configure_logging
 from ctloop.settings import get_settings
-from services.training.launcher import (
-    SCRATCH,
+from services.training.manifests import SCRATCH
+from services.training.round_files import (
     TRAIN_JSON,
     TRAIN_LOG,
     ObjectStoreFiles,
-    Rendezvous,
     RoundFiles,
     rooted_config,
-    run_logged,
-    torchrun_command,
 )
+from services.training.torchrun import Rendezvous, run_logged, torchrun_command
 
 log = logging.getLogger("ctloop.training.job")
 

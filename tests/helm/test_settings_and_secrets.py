@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ctloop.settings import Settings
-from services.training.launcher import build_job
+from services.training.manifests import build_job
 from tests.helm.conftest import CHART, EXAMPLES, Doc, named, of_kind, render
 
 SERVICES = ("ingest", "inference", "training", "metrics")

@@ -24,20 +24,11 @@ from ctloop.settings import (
     TrainingSettings,
 )
 from services.training import job
-from services.training.launcher import (
-    KubernetesApi,
-    KubernetesJobLauncher,
-    LocalLauncher,
-    Rendezvous,
-    build_job,
-    build_pytorchjob,
-    job_name,
-    job_outcome,
-    launcher_for,
-    relative_config,
-    rooted_config,
-    torchrun_command,
-)
+from services.training.kubernetes import KubernetesApi, KubernetesJobLauncher, job_outcome
+from services.training.launcher import LocalLauncher, launcher_for
+from services.training.manifests import build_job, build_pytorchjob, job_name
+from services.training.round_files import relative_config, rooted_config
+from services.training.torchrun import Rendezvous, torchrun_command
 
 K8S_VERSION = "1.37.0"
 
