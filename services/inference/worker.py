@@ -7,6 +7,8 @@
 
 Which model serves: the newest loaded sustainer once one exists, else the igniter.
 Every handler claims its event id in the same transaction as its effect (idempotent).
+The volume's status is not written here: a prediction row makes it read as predicted
+(:func:`ctloop.db.volume_status`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ LOAD_FAILURES = Counter("ctloop_model_load_failures_total", "Model versions Trit
 
 class NoModelServing(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class StoredVolume:
+    """Where a volume's image is stored."""
+
+    site: str
+    key: str
+    version: str | None
 
 
 @dataclass(frozen=True)
@@ -201,87 +212,112 @@ class InferenceWorker:
     ) -> PredictionResult | None:
         """Segment ``volume_id`` with ``model`` (once per pair); None if already done."""
         with bind(volume_id=volume_id, model=model.model, model_version=model.version):
-            with session_scope(self.db) as s:
-                vol = s.get(Volume, volume_id)
-                if vol is None:
-                    raise UnknownSubject(f"unknown volume {volume_id}")
-                site, key, version = vol.site_id, vol.s3_key, vol.s3_version_id
-                if event_id and event_claimed(s, CONSUMER, event_id):
-                    return None
-                done = s.scalar(
-                    select(Prediction.id).where(
-                        Prediction.volume_id == volume_id,
-                        Prediction.model == model.model,
-                        Prediction.version == model.version,
-                    )
-                )
-            if done is not None:
-                if event_id:
-                    self._mark_done(event_id)
+            stored = self._to_predict(volume_id, model, event_id)
+            if stored is None:
                 return None
-            t0, started_at = time.monotonic(), time.time()
-            stages = Laps()
-            prepared = self._prepared(site, volume_id, key, version, model, stages)
-            seg = self.segmenter.segment(model.model, model.version, prepared)
-            labels, uncertainty = seg.label, seg.uncertainty
-            stages.extend(seg.timings)  # triton, resample
-            mask_key = keys.prediction_mask(volume_id, model.model, model.version)
-            encoded = nifti_gz_bytes(labels, prepared.affine)
-            stages.lap("encode")
-            obj = self.store.put_bytes(self.bucket, mask_key, encoded)
-            stages.lap("store")
-            seconds = time.monotonic() - t0
-            info = {
-                "volume_id": volume_id,
-                "model": model.model,
-                "version": model.version,
-                "uncertainty": uncertainty,
-                "seconds": seconds,
-                "mask": mask_key,
-                "started_at": started_at,  # epoch seconds
-                # fetch, decode, preprocess (or prepared: the kept model input), triton,
-                # resample, encode, store
-                "stage_seconds": stages.seconds,
-            }
-            self.store.put_bytes(
-                self.bucket,
-                keys.prediction_info(volume_id, model.model, model.version),
-                json.dumps(info).encode(),
-                "application/json",
-            )
-            mask = BlobRef(bucket=self.bucket, key=mask_key, version_id=obj.version_id)
-            with session_scope(self.db) as s:
-                if event_id and not claim_event(s, CONSUMER, event_id):
-                    return None  # a concurrent delivery won; its mask is the same
-                s.add(
-                    Prediction(
-                        volume_id=volume_id,
-                        model=model.model,
-                        version=model.version,
-                        s3_key=mask_key,
-                        uncertainty=uncertainty,
-                        seconds=seconds,
-                    )
-                )
-                v = s.get(Volume, volume_id)
-                if v is not None and v.status == "ingested":
-                    v.status = "predicted"
-                completed = prediction_completed(
-                    SOURCE,
-                    volume_id=volume_id,
-                    site_id=site,
-                    model=model,
-                    mask=mask,
-                    uncertainty=uncertainty,
-                    seconds=seconds,
-                )
-                stage_event(s, completed)
+            result = self._segment_and_store(volume_id, stored, model)
+            if not self._record(result, stored.site, event_id):
+                return None  # a concurrent delivery won; its mask is the same
             if self.relay is not None:
                 self.relay.notify()
             PREDICTIONS.labels(model.model).inc()
-            PREDICT_SECONDS.observe(seconds)
-            log.info("pre-annotated", extra={"uncertainty": uncertainty, "seconds": seconds})
-            return PredictionResult(volume_id, model, mask, uncertainty, seconds)
+            PREDICT_SECONDS.observe(result.seconds)
+            log.info(
+                "pre-annotated",
+                extra={"uncertainty": result.uncertainty, "seconds": result.seconds},
+            )
+            return result
+
+    def _to_predict(
+        self, volume_id: str, model: ModelRef, event_id: str | None
+    ) -> StoredVolume | None:
+        """Where the volume's image is; None when this event or this (volume, model) pair has
+        been handled already."""
+        with session_scope(self.db) as s:
+            vol = s.get(Volume, volume_id)
+            if vol is None:
+                raise UnknownSubject(f"unknown volume {volume_id}")
+            stored = StoredVolume(vol.site_id, vol.s3_key, vol.s3_version_id)
+            if event_id and event_claimed(s, CONSUMER, event_id):
+                return None
+            done = s.scalar(
+                select(Prediction.id).where(
+                    Prediction.volume_id == volume_id,
+                    Prediction.model == model.model,
+                    Prediction.version == model.version,
+                )
+            )
+        if done is not None:
+            if event_id:
+                self._mark_done(event_id)
+            return None
+        return stored
+
+    def _segment_and_store(
+        self, volume_id: str, stored: StoredVolume, model: ModelRef
+    ) -> PredictionResult:
+        """The mask and its ``prediction.json`` written to S3 (not yet recorded)."""
+        t0, started_at = time.monotonic(), time.time()
+        stages = Laps()
+        prepared = self._prepared(stored.site, volume_id, stored.key, stored.version, model, stages)
+        seg = self.segmenter.segment(model.model, model.version, prepared)
+        stages.extend(seg.timings)  # triton, resample
+        mask_key = keys.prediction_mask(volume_id, model.model, model.version)
+        encoded = nifti_gz_bytes(seg.label, prepared.affine)
+        stages.lap("encode")
+        obj = self.store.put_bytes(self.bucket, mask_key, encoded)
+        stages.lap("store")
+        mask = BlobRef(bucket=self.bucket, key=mask_key, version_id=obj.version_id)
+        result = PredictionResult(volume_id, model, mask, seg.uncertainty, time.monotonic() - t0)
+        info = {
+            "volume_id": volume_id,
+            "model": model.model,
+            "version": model.version,
+            "uncertainty": result.uncertainty,
+            "seconds": result.seconds,
+            "mask": mask_key,
+            "started_at": started_at,  # epoch seconds
+            # fetch, decode, preprocess (or prepared: the kept model input), triton,
+            # resample, encode, store
+            "stage_seconds": stages.seconds,
+        }
+        self.store.put_bytes(
+            self.bucket,
+            keys.prediction_info(volume_id, model.model, model.version),
+            json.dumps(info).encode(),
+            "application/json",
+        )
+        return result
+
+    def _record(self, result: PredictionResult, site: str, event_id: str | None) -> bool:
+        """The prediction row and ``prediction.completed`` in one transaction (the volume's
+        status is ingest's: it reads as predicted from this row); False if the event was
+        claimed meanwhile."""
+        model = result.model
+        with session_scope(self.db) as s:
+            if event_id and not claim_event(s, CONSUMER, event_id):
+                return False
+            s.add(
+                Prediction(
+                    volume_id=result.volume_id,
+                    model=model.model,
+                    version=model.version,
+                    s3_key=result.mask.key,
+                    uncertainty=result.uncertainty,
+                    seconds=result.seconds,
+                )
+            )
+            completed = prediction_completed(
+                SOURCE,
+                volume_id=result.volume_id,
+                site_id=site,
+                model=model,
+                mask=result.mask,
+                uncertainty=result.uncertainty,
+                seconds=result.seconds,
+            )
+            stage_event(s, completed)
+        return True
 
     def _prepared(
         self, site: str, volume_id: str, key: str, version: str | None, model: ModelRef, laps: Laps
