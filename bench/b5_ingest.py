@@ -12,10 +12,9 @@ from bench.common import Context, interleaved, median, result
 from bench.session import SITE, Session
 from bench.workload import phantom_ct
 from ctloop.contracts import keys
-from ctloop.core.blobs import nifti_gz_bytes
+from ctloop.core.blobs import STORED_CT_DTYPES, STORED_LABEL_DTYPES, encode_ct, nifti_gz_bytes
 from ctloop.core.organs import LabelMap
 from ctloop.storage import ObjectStore
-from services.ingest.uploads import STORED_CT_DTYPES, STORED_LABEL_DTYPES, encode_ct
 from services.ingest.validation import Limits, read_nifti_upload, validate_ct, validate_mask
 
 NAME = "5_ingest"
@@ -64,7 +63,7 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
         t0 = time.perf_counter()
         up = read_nifti_upload(ct.nifti_gz, limits, dtypes=STORED_CT_DTYPES)
         image = validate_ct(up.array, up.grid)
-        blob = ct.nifti_gz if up.storable else encode_ct(image, up.grid)
+        blob = ct.nifti_gz if up.storable else encode_ct(image, up.grid.affine)
         lab = read_nifti_upload(label, limits, "label", STORED_LABEL_DTYPES)
         mask = validate_mask(lab.array, lab.grid, up.grid, LabelMap.canonical())
         mask_blob = label if lab.storable else nifti_gz_bytes(mask, up.grid.affine)

@@ -18,6 +18,12 @@ from numpy.typing import NDArray
 gzip_error = cast(type[Exception], isal_zlib.error)
 
 
+# The data types of a stored CT blob and label: an upload already in that form (and otherwise
+# clean, see ``services.ingest.validation``) is stored as it came, not decoded and encoded again.
+STORED_CT_DTYPES = ("int16", "float32")
+STORED_LABEL_DTYPES = ("uint8",)
+
+
 def gzip_bytes(data: bytes) -> bytes:
     return igzip.compress(data, 1)
 
@@ -59,3 +65,18 @@ def nifti_voxels(img: nib.Nifti1Image | nib.Nifti2Image, raw: bytes) -> NDArray:
     if unscaled and proxy.order == "F" and len(raw) >= offset + count * dtype.itemsize:
         return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
     return np.asanyarray(proxy)
+
+
+def encode_ct(image: np.ndarray, affine: NDArray[np.float64]) -> bytes:
+    """A validated CT as the blob ctloop stores: int16 when every value is a whole HU that
+    fits (half the bytes of float32), float32 otherwise."""
+    if np.issubdtype(image.dtype, np.integer):
+        if image.min() >= -32768 and image.max() <= 32767:
+            return nifti_gz_bytes(image.astype(np.int16, copy=False), affine)
+        return nifti_gz_bytes(image.astype(np.float32), affine)
+    sample = image[:, :, 0]  # one plane: a scanner's float HU fail here, cheaply
+    if np.all(sample == np.rint(sample)) and image.min() >= -32768 and image.max() <= 32767:
+        rounded = np.rint(image)  # one full-size copy, used for the check and the result
+        if np.array_equal(rounded, image):
+            return nifti_gz_bytes(rounded.astype(np.int16), affine)
+    return nifti_gz_bytes(image.astype(np.float32, copy=False), affine)

@@ -14,14 +14,14 @@ from datetime import datetime
 from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ctloop.auth import Principal
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import BlobRef, ModelRef, annotation_submitted
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.organs import LabelMap
 from ctloop.core.partial import PartialLabel
 from ctloop.db import (
@@ -29,9 +29,11 @@ from ctloop.db import (
     Lease,
     Prediction,
     Volume,
+    VolumeStatus,
     audit,
     next_annotation_revision,
     session_scope,
+    volume_status,
 )
 from ctloop.log import bind
 from ctloop.outbox import stage_event
@@ -50,7 +52,8 @@ class Blob(NamedTuple):
     version: str | None
 
 
-def volume_out(v: Volume) -> VolumeOut:
+def volume_out(v: Volume, status: str) -> VolumeOut:
+    """The API's view of a volume; ``status`` as :func:`ctloop.db.volume_status` shows it."""
     g = v.geometry
     return VolumeOut(
         volume_id=v.id,
@@ -59,10 +62,21 @@ def volume_out(v: Volume) -> VolumeOut:
         shape=tuple(g["shape"]),
         spacing=tuple(g["spacing"]),
         sha256=v.sha256,
-        status=v.status,
+        status=status,
         labelled=v.label_s3_key is not None,
         created_at=v.created_at,
     )
+
+
+def volumes_out(s: Session, q: Select[Volume]) -> list[VolumeOut]:
+    """The volumes ``q`` selects, each with the status the API shows."""
+    return [volume_out(v, status) for v, status in s.execute(q.add_columns(volume_status()))]
+
+
+def shown_volume(s: Session, volume_id: str, who: Principal) -> VolumeOut:
+    """A volume the caller may see, as the API shows it (404 otherwise)."""
+    visible_volume(s, volume_id, who)
+    return volumes_out(s, select(Volume).where(Volume.id == volume_id))[0]
 
 
 def annotation_out(r: AnnotationRevision) -> AnnotationOut:
@@ -252,7 +266,7 @@ def _commit_revision(
             s.add(row)
             vol = s.get(Volume, volume_id)
             assert vol is not None
-            vol.status = "annotated"
+            vol.status = VolumeStatus.ANNOTATED
             stage_event(s, event)
             audit(s, author, "annotation.create", volume_id, site_id=site, revision=rev)
             s.flush()
@@ -263,10 +277,11 @@ def _commit_revision(
         ) from exc
 
 
-def clinical_volumes(s: Session, who: Principal) -> list[Volume]:
-    """The clinical volumes of the caller's sites, oldest first."""
+def clinical_volumes(s: Session, who: Principal) -> list[tuple[Volume, str]]:
+    """The clinical volumes of the caller's sites, oldest first, each with its shown status."""
     q = select(Volume).where(Volume.dataset == "clinical").order_by(Volume.created_at)
-    return list(s.scalars(q if who.is_admin else q.where(Volume.site_id.in_(who.sites))))
+    q = q if who.is_admin else q.where(Volume.site_id.in_(who.sites))
+    return [(v, status) for v, status in s.execute(q.add_columns(volume_status()))]
 
 
 def annotated_ids(s: Session, ids: list[str]) -> set[str]:

@@ -27,16 +27,16 @@ from ctloop import dicomweb
 from ctloop.auth import Principal
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import BlobRef, Dataset, volume_ingested
-from ctloop.core.datasets import nifti_gz_bytes
+from ctloop.core.blobs import STORED_CT_DTYPES, STORED_LABEL_DTYPES, encode_ct, nifti_gz_bytes
 from ctloop.core.organs import LabelMap, UnknownLabel
-from ctloop.db import Site, Volume, audit, session_scope
+from ctloop.db import Site, Volume, VolumeStatus, audit, session_scope
 from ctloop.log import bind
 from ctloop.outbox import stage_event
 from ctloop.storage import StoredObject
 from ctloop.timing import Laps
 from services.ingest.deps import IngestContext
 from services.ingest.errors import ApiError, conflict
-from services.ingest.records import SOURCE, volume_out
+from services.ingest.records import SOURCE, shown_volume, volume_out
 from services.ingest.schemas import VolumeOut
 from services.ingest.validation import (
     Grid,
@@ -53,10 +53,6 @@ from services.ingest.validation import (
 
 log = logging.getLogger("ctloop.ingest")
 
-# The data types of a stored CT blob and label: an upload already in that form (and otherwise
-# clean, see ``validation._stored_form``) is stored as it came, not decoded and encoded again.
-STORED_CT_DTYPES = ("int16", "float32")
-STORED_LABEL_DTYPES = ("uint8",)
 # What the audit log says of a volume whose DICOM attributes were all dropped: only pixel
 # data and geometry are kept (patient, study, institution, dates, UIDs are not), which covers
 # the PS3.15 Basic Profile.
@@ -117,21 +113,6 @@ class EarlyPut:
             return
         self.ctx.store.delete_version(self.ctx.bucket, self.key, obj.version_id)
         log.debug("early write removed", extra={"key": self.key, "version": obj.version_id})
-
-
-def encode_ct(image: np.ndarray, grid: Grid) -> bytes:
-    """A validated CT as the blob ctloop stores: int16 when every value is a whole HU that
-    fits (half the bytes of float32), float32 otherwise."""
-    if np.issubdtype(image.dtype, np.integer):
-        if image.min() >= -32768 and image.max() <= 32767:
-            return nifti_gz_bytes(image.astype(np.int16, copy=False), grid.affine)
-        return nifti_gz_bytes(image.astype(np.float32), grid.affine)
-    sample = image[:, :, 0]  # one plane: a scanner's float HU fail here, cheaply
-    if np.all(sample == np.rint(sample)) and image.min() >= -32768 and image.max() <= 32767:
-        rounded = np.rint(image)  # one full-size copy, used for the check and the result
-        if np.array_equal(rounded, image):
-            return nifti_gz_bytes(rounded.astype(np.int16), grid.affine)
-    return nifti_gz_bytes(image.astype(np.float32, copy=False), grid.affine)
 
 
 def parse_label_map(raw: str | None) -> LabelMap:
@@ -218,7 +199,7 @@ def _check(ctx: IngestContext, data: bytes, sha: str, timings: Laps) -> Checked:
         array, grid, storable = upload.array, upload.grid, upload.storable
     image = validate_ct(array, grid)
     timings.lap("decode")
-    image_blob = data if storable else encode_ct(image, grid)
+    image_blob = data if storable else encode_ct(image, grid.affine)
     provenance["stored"] = "as uploaded" if storable else "re-encoded"
     timings.lap("encode")
     return Checked(image_blob, grid, None, sha, provenance)
@@ -257,7 +238,7 @@ def import_series(
     grid = Grid((vol.image.shape[0], vol.image.shape[1], vol.image.shape[2]), vol.affine)
     provenance = {"source": "dicomweb", "series_uid": series_uid, "deidentified": DEIDENTIFIED}
     checked = Checked(
-        encode_ct(validate_ct(vol.image, grid), grid),
+        encode_ct(validate_ct(vol.image, grid), grid.affine),
         grid,
         None,
         hashlib.sha256(b"".join(sorted(blobs))).hexdigest(),
@@ -301,7 +282,7 @@ def _refuse_taken(ctx: IngestContext, up: Upload, vid: str, sha: str) -> None:
         if not up.who.may_see(existing.site_id):
             raise conflict("exists", f"volume {vid} exists")
         if existing.sha256 == sha and existing.site_id == up.site:
-            raise Existing(volume_out(existing))
+            raise Existing(shown_volume(s, vid, up.who))
     raise conflict("exists", f"volume {vid} exists with other content")
 
 
@@ -377,6 +358,6 @@ def _commit_volume(
                 **checked.provenance,
             )
             s.flush()
-            return volume_out(row)
+            return volume_out(row, VolumeStatus.INGESTED)
     except IntegrityError as exc:  # a concurrent upload of the same id won
         raise conflict("exists", f"volume {vid} was created concurrently") from exc

@@ -18,13 +18,8 @@ from isal import isal_zlib
 from numpy.typing import NDArray
 
 from ctloop.contracts import keys
-from ctloop.core.datasets import (
-    DatasetError,
-    Volume,
-    gzip_error,
-    load_dicom_series,
-    nifti_voxels,
-)
+from ctloop.core.blobs import gzip_error, nifti_voxels
+from ctloop.core.datasets import DatasetError, Volume, load_dicom_series
 from ctloop.core.organs import LabelMap, UnknownLabel
 from services.ingest.errors import ApiError
 

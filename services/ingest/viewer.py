@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
-from ctloop.core.datasets import nifti_from_gz
+from ctloop.core.blobs import nifti_from_gz
 from ctloop.storage import ObjectStore
 from services.ingest.schemas import ViewOut
 

@@ -7,8 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctloop.core.blobs import nifti_gz_bytes
-from services.ingest.uploads import STORED_CT_DTYPES
+from ctloop.core.blobs import STORED_CT_DTYPES, nifti_gz_bytes
 from services.ingest.validation import Limits, may_be_stored_as_is, read_nifti_upload
 
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])

@@ -133,7 +133,7 @@ def _multipart(params: dict[str, Any], filename: str, data: bytes) -> Response:
 
 def _stats(ctx: IngestContext, who: Principal) -> dict[str, Any]:
     with session_scope(ctx.db) as s:
-        ids = [v.id for v in clinical_volumes(s, who)]
+        ids = [v.id for v, _ in clinical_volumes(s, who)]
         done, predicted = annotated_ids(s, ids), predicted_ids(s, ids)
     return {
         "total": len(ids),
@@ -198,7 +198,7 @@ def datastore(
     if output == "stats":
         return _stats(ctx, who)
     with session_scope(ctx.db) as s:
-        vols = [(v.id, v.site_id, v.status, v.geometry) for v in clinical_volumes(s, who)]
+        vols = [(v.id, v.site_id, status, v.geometry) for v, status in clinical_volumes(s, who)]
         done = annotated_ids(s, [v[0] for v in vols])
     if output == "ids":
         return [v[0] for v in vols]

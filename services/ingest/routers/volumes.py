@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ctloop.contracts.payloads import Dataset
 from ctloop.core import dicom
-from ctloop.core.datasets import nifti_from_gz
-from ctloop.db import Volume, audit, session_scope
+from ctloop.core.blobs import nifti_from_gz
+from ctloop.db import Volume, audit, session_scope, volume_status
 from ctloop.timing import Laps
 from services.ingest.deps import Anyone, Context, Uploader, read_body, read_upload
 from services.ingest.errors import ApiError
@@ -25,8 +25,9 @@ from services.ingest.records import (
     image_blob,
     prediction_blob,
     required_prediction,
+    shown_volume,
     visible_volume,
-    volume_out,
+    volumes_out,
 )
 from services.ingest.schemas import DicomWebIn, ErrorOut, PredictionOut, VolumeOut
 from services.ingest.uploads import Existing, Upload, check_source, import_series, ingest_upload
@@ -167,14 +168,14 @@ def list_volumes(
         if dataset:
             q = q.where(Volume.dataset == dataset)
         if status:
-            q = q.where(Volume.status == status)
-        return [volume_out(v) for v in s.scalars(q)]
+            q = q.where(volume_status() == status)
+        return volumes_out(s, q)
 
 
 @router.get("/{volume_id}", response_model=VolumeOut, responses={404: {"model": ErrorOut}})
 def get_volume(ctx: Context, who: Anyone, volume_id: str) -> VolumeOut:
     with session_scope(ctx.db) as s:
-        return volume_out(visible_volume(s, volume_id, who))
+        return shown_volume(s, volume_id, who)
 
 
 @router.get("/{volume_id}/image", response_class=Response, responses=GZIP)

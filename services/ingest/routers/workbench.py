@@ -37,7 +37,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ctloop.core.datasets import gzip_bytes, nifti_from_gz
+from ctloop.core.blobs import gzip_bytes, nifti_from_gz
 from ctloop.core.organs import ORGANS
 from ctloop.db import AnnotationRevision, ServingModel, Volume, audit, session_scope
 from ctloop.log import bind
