@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from bench.b1_preannotation import upload
 from bench.common import Context, interleaved, median, result
-from bench.platform import CompletionWatcher, Platform, bench_platform, until
+from bench.platform import CompletionWatcher, Platform, bench_platform
 from bench.session import SITE, Session
 from bench.workload import CT, phantom_ct
 from ctloop.contracts.payloads import ModelRef
@@ -94,7 +94,7 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
         with p.client() as c:
             c.post("/v1/sites", json={"id": SITE}).raise_for_status()
         igniter = p.publish(ckpt, p.igniter, 1)
-        until("the igniter serving", lambda: _serving_igniter(p), 300, p)
+        p.until("the igniter serving", lambda: _serving_igniter(p), 300)
         ids = {i: f"b4-{p.tag}-{i}" for i in cts}
         waiting = ids[0]
         parts: list[dict[str, float]] = []
@@ -109,8 +109,8 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
                 for i in range(1 + PER_ROUND * r, 1 + PER_ROUND * (r + 1)):
                     _annotate(client, ids[i], cts[i], igniter)
                 t0 = time.time()
-                serving_at = until(
-                    "the sustainer serving", lambda: _serving(p, version) and time.time(), 1800, p
+                serving_at = p.until(
+                    "the sustainer serving", lambda: _serving(p, version) and time.time(), 1800
                 )
                 done = watch.wait(waiting, ModelRef(model=p.sustainer, version=version))
                 row = _round_row(p, version)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ctloop.core.model import ModelConfig
+from ctloop.core.model import TINY_MODEL, ModelConfig
 
 log = logging.getLogger("ctloop.bench")
 
@@ -49,7 +49,6 @@ class Preset:
         return ModelConfig.model_validate(self.model)
 
 
-TINY_MODEL = {"spacing": [8, 8, 8], "patch": [32, 32, 32], "channels": [8, 16], "strides": [2]}
 SMALL_MODEL = {"channels": [8, 16, 32], "strides": [2, 2]}
 
 PRESETS: dict[str, Preset] = {

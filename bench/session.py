@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from bench.common import Context, find_pids
-from bench.platform import Platform, bench_platform, until
+from bench.platform import Platform, bench_platform
 from bench.workload import checkpoint
 from ctloop.contracts.payloads import ModelRef
 from ctloop.contracts.topics import Topic
@@ -68,7 +68,7 @@ class Session:
                     recorded = row is not None and row.version == ref.version
                 return recorded and ref.version in triton.serving_versions(ref.model)
 
-            until("the igniter serving", serving, 300, p)
+            p.until("the igniter serving", serving, 300)
             self.igniter_stubs = sorted(set(find_pids(STUB)) - before)
             self._served = ref
         return p, self._served

@@ -213,7 +213,9 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ctloop.transfer.run import RunFailed, TransferRun, folder_volumes
+    from ctloop.transfer import RunFailed
+    from ctloop.transfer.run import TransferRun
+    from ctloop.transfer.volumes import folder_volumes
 
     data = None
     if args.public or args.clinical:

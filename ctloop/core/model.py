@@ -49,6 +49,17 @@ class ModelConfig(BaseModel):
         return len(self.organs)
 
 
+# A network small enough to train in seconds on 2 cores (the tiny run preset, the benchmarks'
+# smoke preset, the tests): overrides of ModelConfig's defaults, in the form the training
+# settings take them (``CTLOOP_TRAINING__MODEL``); ``ModelConfig(**TINY_MODEL)`` builds it.
+TINY_MODEL: dict[str, Any] = {
+    "spacing": [8, 8, 8],
+    "patch": [32, 32, 32],
+    "channels": [8, 16],
+    "strides": [2],
+}
+
+
 def build_network(cfg: ModelConfig) -> nn.Module:
     """A residual 3-D U-Net (MONAI ``UNet``): logits ``(B, num_classes, x, y, z)``."""
     return UNet(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
+from collections.abc import Mapping
 
 import httpx
 
@@ -23,9 +23,12 @@ SERVICES: dict[str, str] = {
 class ServiceProcess(Component):
     """One ctloop service; healthy when its ``/readyz`` answers 200."""
 
-    def __init__(self, settings: Settings, name: str, module: str) -> None:
+    def __init__(
+        self, settings: Settings, name: str, module: str, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.module = module
+        self.base_env = env
         super().__init__(settings)
 
     @property
@@ -40,8 +43,9 @@ class ServiceProcess(Component):
         return [sys.executable, "-m", self.module]
 
     def env(self) -> dict[str, str]:
-        path = os.environ.get("PYTHONPATH", "")
-        return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{path}" if path else str(REPO_ROOT)}
+        base = os.environ if self.base_env is None else self.base_env
+        path = base.get("PYTHONPATH", "")
+        return {**base, "PYTHONPATH": f"{REPO_ROOT}:{path}" if path else str(REPO_ROOT)}
 
     def listens(self) -> list[tuple[str, int]]:
         host, ep = self.settings.services.host, self.endpoint
@@ -63,30 +67,7 @@ class ServiceProcess(Component):
         return f"http://{h}:{ep.http_port}, gRPC {h}:{ep.grpc_port}"
 
 
-def service_components(settings: Settings) -> list[Component]:
-    return [ServiceProcess(settings, name, module) for name, module in SERVICES.items()]
-
-
-def instance_env(
-    run_dir: Path,
-    port_base: int,
-    tag: str,
-    group_prefix: str | None = None,
-    extra: dict[str, str] | None = None,
-) -> dict[str, str]:
-    """The environment of a separate platform instance on the shared stack: its own run folder
-    and SQLite workflow database, ports (HTTP ``port_base + 2i``, gRPC the next, in the order of
-    ``SERVICES``), model names ending in ``tag`` and, with ``group_prefix``, its own consumer
-    groups. Tests, benchmarks and ``ctloop run`` start their services with it."""
-    env = {
-        "CTLOOP_RUN_DIR": str(run_dir),
-        "CTLOOP_DB__URL": f"sqlite:///{run_dir / 'workflow.db'}",
-        "CTLOOP_SERVICES__IGNITER_MODEL": f"igniter{tag}",
-        "CTLOOP_SERVICES__SUSTAINER_MODEL": f"sustainer{tag}",
-    }
-    if group_prefix is not None:
-        env["CTLOOP_KAFKA__GROUP_PREFIX"] = group_prefix
-    for i, name in enumerate(SERVICES):
-        env[f"CTLOOP_SERVICES__{name.upper()}__HTTP_PORT"] = str(port_base + 2 * i)
-        env[f"CTLOOP_SERVICES__{name.upper()}__GRPC_PORT"] = str(port_base + 2 * i + 1)
-    return {**env, **(extra or {})}
+def service_components(settings: Settings, env: Mapping[str, str] | None = None) -> list[Component]:
+    """The four services; ``env`` is their processes' environment (default: this process's),
+    which a platform instance (``ctloop.platform``) sets to its own."""
+    return [ServiceProcess(settings, name, module, env) for name, module in SERVICES.items()]

@@ -21,135 +21,32 @@ the run watches the rounds and writes the report at the end.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
-import numpy as np
-from numpy.typing import NDArray
 
 from ctloop.core.blobs import nifti_gz_bytes
-from ctloop.core.datasets import DecathlonDataset
-from ctloop.core.phantom import generate_phantom
-from ctloop.settings import Settings, get_settings
+from ctloop.platform import PlatformInstance, PlatformTimeout
+from ctloop.settings import get_settings
 from ctloop.stack import LocalStack
-from ctloop.stack.services import instance_env, service_components
+from ctloop.transfer import RunFailed
 from ctloop.transfer.annotator import Plan, SimulatedAnnotator, Strategy, TimeModel
+from ctloop.transfer.presets import PRESETS, PUBLIC_SITE, SITES
+from ctloop.transfer.volumes import Volumes, synthetic_volumes
 from ctloop.v1 import (
     inference_pb2,
     inference_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
 )
-
-SITES = ("hospital-a", "hospital-b")
-PUBLIC_SITE = "public-site"
-
-
-@dataclass(frozen=True)
-class RunPreset:
-    size: str
-    n_public: int
-    clinical_per_site: int
-    n_evaluation: int
-    rounds: int
-    batch: int  # volumes annotated per round (over both sites)
-    flexible_rounds: int
-    igniter_steps: int
-    sustainer_steps: int
-    public_replay: int
-    holdout_every: int
-    nproc_per_node: int
-    model: dict[str, Any] = field(default_factory=dict)
-    expected: str = ""
-
-
-PRESETS: dict[str, RunPreset] = {
-    # A test of the whole path in about two minutes; the numbers mean nothing.
-    "tiny": RunPreset(
-        size="tiny", n_public=3, clinical_per_site=2, n_evaluation=2, rounds=2, batch=2,
-        flexible_rounds=1, igniter_steps=24, sustainer_steps=12, public_replay=1,
-        holdout_every=1000, nproc_per_node=1,
-        model={"spacing": [8, 8, 8], "patch": [32, 32, 32], "channels": [8, 16], "strides": [2]},
-        expected="~2-3 min on 2 cores",
-    ),
-    # `make run`: the README's numbers come from this preset.
-    "small": RunPreset(
-        size="small", n_public=10, clinical_per_site=9, n_evaluation=4, rounds=3, batch=6,
-        flexible_rounds=3, igniter_steps=400, sustainer_steps=150, public_replay=4,
-        holdout_every=1000, nproc_per_node=1, expected="~13 min on 2 cores",
-    ),
-    # Realistic sizes (512x512x~260); for a GPU machine.
-    "full": RunPreset(
-        size="full", n_public=30, clinical_per_site=50, n_evaluation=10, rounds=5, batch=20,
-        flexible_rounds=2, igniter_steps=4000, sustainer_steps=2000, public_replay=8,
-        holdout_every=10, nproc_per_node=1,
-        model={"spacing": [1.5, 1.5, 2.0], "patch": [128, 128, 96],
-               "channels": [32, 64, 128, 256], "strides": [2, 2, 2]},
-        expected="several hours on one GPU; days on 2 CPU cores",
-    ),
-}  # fmt: skip
-
-
-class RunFailed(RuntimeError):
-    pass
-
-
-@dataclass
-class Volumes:
-    """The run's data: id -> (site, image, affine, label or None)."""
-
-    public: dict[str, tuple[NDArray[Any], NDArray[np.float64], NDArray[np.uint8]]]
-    clinical: dict[str, tuple[str, NDArray[Any], NDArray[np.float64]]]
-    evaluation: dict[str, tuple[NDArray[Any], NDArray[np.float64], NDArray[np.uint8]]]
-    truth: dict[str, NDArray[np.uint8]] = field(default_factory=dict)  # clinical, if known
-
-
-def synthetic_volumes(preset: RunPreset, seed: int, prefix: str = "") -> Volumes:
-    public, clinical, evaluation, truth = {}, {}, {}, {}
-    for i in range(preset.n_public):
-        p = generate_phantom("public", seed + i, preset.size)
-        public[f"{prefix}pub-{i:03d}"] = (p.image, p.affine, p.label)
-    n = 0
-    for site in SITES:
-        for _ in range(preset.clinical_per_site):
-            p = generate_phantom("clinical-a", seed + 10_000 + n, preset.size)
-            vid = f"{prefix}cli-{n:03d}"
-            clinical[vid] = (site, p.image, p.affine)
-            truth[vid] = p.label
-            n += 1
-    for i in range(preset.n_evaluation):
-        p = generate_phantom("clinical-a", seed + 20_000 + i, preset.size)
-        evaluation[f"{prefix}eval-{i:03d}"] = (p.image, p.affine, p.label)
-    return Volumes(public, clinical, evaluation, truth)
-
-
-def folder_volumes(public: Path, clinical: Path, evaluation: Path | None) -> Volumes:
-    """The user's data: Decathlon folders (``dataset.json``) or plain NIfTI folders."""
-
-    def load(folder: Path, labelled: bool) -> list[Any]:
-        ds = DecathlonDataset.open(folder)
-        vols = list(ds)
-        if labelled and any(v.label is None for v in vols):
-            raise RunFailed(f"{folder}: every volume needs a label")
-        return vols
-
-    pub = {v.id: (v.image, v.affine, v.label) for v in load(public, True)}
-    cli = {
-        v.id: (SITES[i % len(SITES)], v.image, v.affine)
-        for i, v in enumerate(load(clinical, False))
-    }
-    ev = {v.id: (v.image, v.affine, v.label) for v in load(evaluation, True)} if evaluation else {}
-    return Volumes(pub, cli, ev)
 
 
 class TransferRun:
@@ -182,10 +79,9 @@ class TransferRun:
 
     # ------------------------------------------------------------ platform
     def _env(self) -> dict[str, str]:
-        p, rid = self.preset, self.run_id
-        platform = self.folder / "platform"
-        env = {
-            **instance_env(platform, self.port_base, f"-{rid}", group_prefix=f"run-{rid}-"),
+        """The run's training policy and model on top of the instance's own environment."""
+        p = self.preset
+        return {
             "CTLOOP_RUNS_DIR": str(self.base.runs_dir),
             "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": str(len(self.data.public) if self.data else 1),
             "CTLOOP_TRAINING__ROUND_MIN_NEW": str(p.batch),
@@ -199,21 +95,24 @@ class TransferRun:
             "CTLOOP_TRAINING__ACCEPT_TOLERANCE": "1.0",
             "CTLOOP_TRAINING__MODEL": json.dumps(p.model),
         }
-        return env
 
     def start_platform(self) -> None:
         self.echo(f"run {self.run_id}: preset {self.preset_name} ({self.preset.expected})")
         LocalStack(self.base, echo=lambda line: self.echo(f"  stack  {line}")).up()
-        os.environ.update(self._env())
-        self.settings = Settings()
-        self.platform = LocalStack(
-            self.settings,
+        rid = self.run_id
+        self.platform = PlatformInstance(
+            self.folder / "platform",
+            self.port_base,
+            f"-{rid}",
+            group_prefix=f"run-{rid}-",
+            extra_env=self._env(),
             echo=lambda line: self.echo(f"  svc    {line}"),
-            components=service_components(self.settings),
+            poll_s=2.0,
         )
+        self.settings = self.platform.settings
         self.platform.up()
         svc = self.settings.services
-        self.api = f"http://{svc.host}:{svc.ingest.http_port}"
+        self.api = self.platform.api
         self.metrics = httpx.Client(
             base_url=f"http://{svc.host}:{svc.metrics.http_port}", timeout=120
         )
@@ -223,11 +122,10 @@ class TransferRun:
         self.inference = inference_pb2_grpc.InferenceStub(
             grpc.insecure_channel(svc.grpc_target("inference"))
         )
-        token = self.settings.admin_token_file.read_text().strip()
         self.admin = httpx.Client(
-            base_url=self.api, timeout=120, headers={"Authorization": f"Bearer {token}"}
+            base_url=self.api, timeout=120, headers=self.platform.admin_headers()
         )
-        self.igniter, self.sustainer = svc.igniter_model, svc.sustainer_model
+        self.igniter, self.sustainer = self.platform.igniter, self.platform.sustainer
 
     def stop_platform(self) -> None:
         if hasattr(self, "platform") and not self.keep_services:
@@ -304,20 +202,20 @@ class TransferRun:
         return status.serving.model, status.serving.version
 
     def wait(self, what: str, check: Callable[[], Any], timeout_s: float) -> Any:
+        """Until ``check`` holds; a service that does not answer yet counts as not yet."""
         self.status["phase"] = what
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def probe() -> Any:
             try:
-                result = check()
+                return check()
             except (grpc.RpcError, httpx.HTTPError) as exc:
-                result = None
                 self.status["last_error"] = f"{type(exc).__name__}"
-            if result:
-                return result
-            time.sleep(2.0)
-        logs = self.settings.logs_dir
-        tails = {p.name: p.read_text()[-1200:] for p in sorted(logs.glob("*.log"))}
-        raise RunFailed(f"timed out waiting for {what}:\n{json.dumps(tails, indent=1)}")
+                return None
+
+        try:
+            return self.platform.until(what, probe, timeout_s)
+        except PlatformTimeout as exc:
+            raise RunFailed(str(exc)) from None
 
     def predicted_by(self, ref: tuple[str, int]) -> bool:
         """Every volume still waiting and every evaluation volume has ``ref``'s prediction."""

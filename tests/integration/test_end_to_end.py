@@ -17,8 +17,9 @@ import pytest
 
 from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.phantom import generate_phantom
+from ctloop.platform import until
 from ctloop.v1 import training_pb2, training_pb2_grpc
-from tests.integration.platform import run_platform, until
+from tests.helpers.platform import run_platform
 
 PORTS = {"INGEST": 28700, "INFERENCE": 28702, "TRAINING": 28704, "METRICS": 28706}
 API = f"http://127.0.0.1:{PORTS['INGEST']}"

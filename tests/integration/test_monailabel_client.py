@@ -17,7 +17,8 @@ from monailabel.client.client import MONAILabelClient, MONAILabelClientException
 from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
-from tests.integration.platform import run_platform, until
+from ctloop.platform import until
+from tests.helpers.platform import run_platform
 
 PORTS = {"INGEST": 28720, "INFERENCE": 28722, "TRAINING": 28724, "METRICS": 28726}
 

@@ -25,7 +25,7 @@ from ctloop.core.organs import ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
 from ctloop.settings import REPO_ROOT, Settings
 from ctloop.storage import ObjectStore
-from ctloop.transfer.run import PRESETS
+from ctloop.transfer.presets import PRESETS
 
 PORT_BASE = 28940
 

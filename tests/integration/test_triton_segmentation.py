@@ -5,7 +5,7 @@ import pytest
 
 from ctloop.core.datasets import synthesize_dataset
 from ctloop.core.infer import Segmenter
-from ctloop.core.model import ModelConfig
+from ctloop.core.model import TINY_MODEL, ModelConfig
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.phantom import generate_phantom
 from ctloop.core.train import DataSource, TrainConfig, train
@@ -24,9 +24,7 @@ def test_exported_package_answers_through_triton_with_the_in_process_mask(
     checkpoint = tmp_path / "igniter.pt"
     train(
         TrainConfig(
-            model=ModelConfig(
-                spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32), channels=(8, 16), strides=(2,)
-            ),
+            model=ModelConfig(**TINY_MODEL),
             sources=[DataSource(path=tmp_path / "public")],
             out=checkpoint,
             steps=15,

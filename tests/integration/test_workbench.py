@@ -26,10 +26,11 @@ import pytest
 from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
+from ctloop.platform import until
 from ctloop.settings import REPO_ROOT
-from tests.integration.browsers import missing, open_page
-from tests.integration.keycloak import User, run_keycloak
-from tests.integration.platform import run_platform, until
+from tests.helpers.browsers import missing, open_page
+from tests.helpers.keycloak import User, run_keycloak
+from tests.helpers.platform import run_platform
 
 PORTS = {"INGEST": 28960, "INFERENCE": 28962, "TRAINING": 28964, "METRICS": 28966}
 KEYCLOAK_PORT = 28970

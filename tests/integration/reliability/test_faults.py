@@ -31,11 +31,11 @@ from sqlalchemy import func, select
 
 from ctloop.contracts.topics import Topic
 from ctloop.core.blobs import nifti_gz_bytes
+from ctloop.core.model import TINY_MODEL
 from ctloop.core.phantom import generate_phantom
 from ctloop.db import AnnotationRevision, Prediction, TrainingRound, Volume, session_scope
 from ctloop.settings import REPO_ROOT, Settings
 from ctloop.storage import ObjectStore
-from tests.integration.platform import TINY_MODEL
 
 PORTS = {"INGEST": 29400, "INFERENCE": 29402, "TRAINING": 29404, "METRICS": 29406}
 REPORT: dict[str, list[str]] = {"faults": [], "invariants": []}

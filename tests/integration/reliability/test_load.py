@@ -22,7 +22,7 @@ from ctloop.core.phantom import generate_phantom
 from ctloop.db import AnnotationRevision, Volume, session_scope
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
-from tests.integration.platform import run_platform
+from tests.helpers.platform import run_platform
 
 PORTS = {"INGEST": 29520, "INFERENCE": 29522, "TRAINING": 29524, "METRICS": 29526}
 LONG = os.environ.get("CTLOOP_RELIABILITY_LONG") == "1"

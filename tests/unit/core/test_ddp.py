@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 from ctloop.core.datasets import synthesize_dataset
-from ctloop.core.model import ModelConfig
+from ctloop.core.model import TINY_MODEL, ModelConfig
 from ctloop.core.train import DataSource, TrainConfig
 
-TINY = ModelConfig(spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32), channels=(8, 16), strides=(2,))
+TINY = ModelConfig(**TINY_MODEL)
 
 
 def test_two_rank_ddp_ends_with_identical_weights_and_disjoint_shards(tmp_path):

@@ -1,0 +1,54 @@
+"""How big a transfer run is: its presets (volumes, rounds, training steps, model) and sites."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctloop.core.model import TINY_MODEL
+
+SITES = ("hospital-a", "hospital-b")
+PUBLIC_SITE = "public-site"
+
+
+@dataclass(frozen=True)
+class RunPreset:
+    size: str
+    n_public: int
+    clinical_per_site: int
+    n_evaluation: int
+    rounds: int
+    batch: int  # volumes annotated per round (over both sites)
+    flexible_rounds: int
+    igniter_steps: int
+    sustainer_steps: int
+    public_replay: int
+    holdout_every: int
+    nproc_per_node: int
+    model: dict[str, Any] = field(default_factory=dict)
+    expected: str = ""
+
+
+PRESETS: dict[str, RunPreset] = {
+    # A test of the whole path in about two minutes; the numbers mean nothing.
+    "tiny": RunPreset(
+        size="tiny", n_public=3, clinical_per_site=2, n_evaluation=2, rounds=2, batch=2,
+        flexible_rounds=1, igniter_steps=24, sustainer_steps=12, public_replay=1,
+        holdout_every=1000, nproc_per_node=1, model=TINY_MODEL, expected="~2-3 min on 2 cores",
+    ),
+    # `make run`: the README's numbers come from this preset.
+    "small": RunPreset(
+        size="small", n_public=10, clinical_per_site=9, n_evaluation=4, rounds=3, batch=6,
+        flexible_rounds=3, igniter_steps=400, sustainer_steps=150, public_replay=4,
+        holdout_every=1000, nproc_per_node=1, expected="~13 min on 2 cores",
+    ),
+    # Realistic sizes (512x512x~260); for a GPU machine.
+    "full": RunPreset(
+        size="full", n_public=30, clinical_per_site=50, n_evaluation=10, rounds=5, batch=20,
+        flexible_rounds=2, igniter_steps=4000, sustainer_steps=2000, public_replay=8,
+        holdout_every=10, nproc_per_node=1,
+        model={"spacing": [1.5, 1.5, 2.0], "patch": [128, 128, 96],
+               "channels": [32, 64, 128, 256], "strides": [2, 2, 2]},
+        expected="several hours on one GPU; days on 2 CPU cores",
+    ),
+}  # fmt: skip
