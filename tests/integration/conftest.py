@@ -1,9 +1,11 @@
-import json
+"""Integration tests: every one runs with the session's stack up; service tests share a module's
+own workflow database, its bootstrap admin and a stand-in OIDC issuer."""
 
 import pytest
 
 from ctloop.db import create_schema
 from ctloop.settings import Settings
+from tests.helpers.oidc import jwks_issuer
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -19,31 +21,8 @@ def _real_stack(stack):  # every integration test runs with the local stack up
 @pytest.fixture(scope="module")
 def oidc_issuer():
     """A real HTTP server publishing a JWKS, standing in for Keycloak's certs endpoint."""
-    import http.server
-    import threading
-
-    import jwt
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    body = json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}).encode()
-
-    class Certs(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Certs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    issuer = f"http://127.0.0.1:{server.server_port}/realms/ctloop"
-    yield issuer, key
-    server.shutdown()
+    with jwks_issuer() as issuer_and_key:
+        yield issuer_and_key
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from ctloop.outbox import OutboxRelay
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from services.ingest.app import create_app
-from tests.integration.services.conftest import dicom_zip, nifti, phantom
+from tests.helpers.volumes import dicom_zip, nifti, phantom
 
 SITE, OTHER = "rel-a", "rel-b"
 

@@ -26,7 +26,7 @@ from ctloop.contracts.payloads import (
 from ctloop.contracts.topics import Topic
 from ctloop.core.datasets import synthesize_dataset
 from ctloop.core.infer import PreparedVolume, Segmenter
-from ctloop.core.model import ModelConfig
+from ctloop.core.model import TINY_MODEL, ModelConfig
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.train import DataSource, TrainConfig, train
 from ctloop.db import OutboxEvent, Prediction, session_scope
@@ -37,9 +37,10 @@ from ctloop.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.grpc_api import InferenceService
 from services.inference.worker import InferenceWorker
 from services.ingest.app import create_app
-from tests.integration.services.conftest import nifti, phantom, wait_for_events
+from tests.helpers.events import wait_for_events
+from tests.helpers.volumes import nifti, phantom
 
-TINY = ModelConfig(spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32), channels=(8, 16), strides=(2,))
+TINY = ModelConfig(**TINY_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from ctloop.core.model import TINY_MODEL as TINY
 from ctloop.db import OutboxEvent, TrainingRound, session_scope
 from ctloop.model_repository import ModelRepository
 from ctloop.v1 import ingest_pb2_grpc
@@ -19,9 +20,7 @@ from services.ingest.app import create_app
 from services.ingest.grpc_api import WorkflowService
 from services.training.worker import RoundBusy, TrainingWorker
 from services.training.workflow import WorkflowClient
-from tests.integration.services.conftest import nifti, phantom
-
-TINY = {"spacing": [8, 8, 8], "patch": [32, 32, 32], "channels": [8, 16], "strides": [2]}
+from tests.helpers.volumes import nifti, phantom
 
 
 @pytest.fixture(scope="module")
