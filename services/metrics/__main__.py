@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 import grpc
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import Response
 
 from ctloop.bus import EventConsumer, EventProducer
@@ -18,7 +18,7 @@ from ctloop.contracts import keys
 from ctloop.contracts.topics import Topic
 from ctloop.log import configure_logging
 from ctloop.service import ServiceRuntime
-from ctloop.settings import get_settings
+from ctloop.settings import Settings, get_settings
 from ctloop.storage import ObjectStore
 from ctloop.v1 import common_pb2, metrics_pb2, metrics_pb2_grpc
 from services.metrics.report import (
@@ -79,7 +79,14 @@ def main() -> None:
     def events() -> tuple[bool, str]:
         return True, f"{state.events_seen} events in {time.monotonic() - started:.0f}s"
 
-    app = runtime.health_app({"events": events})
+    add_report_routes(runtime.health_app({"events": events}), settings, state)
+    metrics_pb2_grpc.add_MetricsServicer_to_server(MetricsService(state), runtime.grpc_server())
+    runtime.add_consumer(EventConsumer(settings, group, topics, state.handle, producer), producer)
+    runtime.serve(settings.services.shutdown_grace_s)
+
+
+def add_report_routes(app: FastAPI, settings: Settings, state: MetricsState) -> None:
+    """``/v1/report`` (the state now) and ``/v1/runs`` (transfer-run reports, kept in S3)."""
 
     @app.get("/v1/report")
     def report() -> dict[str, object]:
@@ -124,10 +131,6 @@ def main() -> None:
         if name not in FILES or not store.exists(bucket, key):
             raise _not_found(f"run {rid} has no {name}")
         return Response(store.get_bytes(bucket, key), media_type=FILES[name])
-
-    metrics_pb2_grpc.add_MetricsServicer_to_server(MetricsService(state), runtime.grpc_server())
-    runtime.add_consumer(EventConsumer(settings, group, topics, state.handle, producer), producer)
-    runtime.serve(settings.services.shutdown_grace_s)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,23 @@ class RunInfo(BaseModel):
 
 
 def build_report(run_id: str, info: RunInfo, state: MetricsState) -> dict[str, Any]:
+    rounds = _rounds(info, state)
+    ours, trends = _headline(rounds)
+    return {
+        "run_id": run_id,
+        "generated_at": datetime.now(UTC).isoformat(),
+        "run": info.model_dump(mode="json"),
+        "rounds": rounds,
+        "igniter_vs_final": ours,
+        "paper": PAPER,
+        "trends": trends,
+        "events_seen": state.events_seen,
+    }
+
+
+def _rounds(info: RunInfo, state: MetricsState) -> list[dict[str, Any]]:
+    """One entry per model version of this run, igniter first: its evaluation Dice and the
+    annotation minutes of the volumes it pre-annotated."""
     scored = {(e["model"], e["version"]): e for e in state.evaluation()}
     annotated = {(r["model"], r["version"]): r for r in state.report()}
     names = {info.igniter: "igniter", info.sustainer: "sustainer"}
@@ -81,6 +98,11 @@ def build_report(run_id: str, info: RunInfo, state: MetricsState) -> dict[str, A
                 "agreement_dice": a["mean_dice"] if a else None,
             }
         )
+    return rounds
+
+
+def _headline(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The igniter against the final sustainer, and the trends over the rounds."""
     with_dice = [r for r in rounds if r["dice"]]
     with_minutes = [r for r in rounds if r["minutes_per_ct"] is not None]
     igniter = next((r for r in with_dice if r["role"] == "igniter"), None)
@@ -110,16 +132,7 @@ def build_report(run_id: str, info: RunInfo, state: MetricsState) -> dict[str, A
         and all(b < a for a, b in itertools.pairwise(minutes)),
         "final_dice_above_igniter": bool(ours.get("dice_gain_points", 0) > 0),
     }
-    return {
-        "run_id": run_id,
-        "generated_at": datetime.now(UTC).isoformat(),
-        "run": info.model_dump(mode="json"),
-        "rounds": rounds,
-        "igniter_vs_final": ours,
-        "paper": PAPER,
-        "trends": trends,
-        "events_seen": state.events_seen,
-    }
+    return ours, trends
 
 
 def _fmt(x: float | None, pattern: str = "{:.3f}") -> str:
