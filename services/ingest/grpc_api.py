@@ -7,7 +7,7 @@ import json
 import grpc
 from sqlalchemy import func, select
 
-from ctloop.db import AnnotationRevision, Volume, session_scope
+from ctloop.db import AnnotationRevision, ReviewStatus, Volume, session_scope
 from ctloop.service import abort
 from ctloop.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
@@ -17,7 +17,11 @@ class WorkflowService(ingest_pb2_grpc.WorkflowServicer):
         self.db = database_url
         self.bucket = bucket
         # Which revisions are ground truth: approved ones only, or any not sent back.
-        self.usable = ("approved",) if review_required else ("pending", "approved")
+        self.usable = (
+            (ReviewStatus.APPROVED,)
+            if review_required
+            else (ReviewStatus.PENDING, ReviewStatus.APPROVED)
+        )
 
     def ListTrainingVolumes(
         self, request: ingest_pb2.ListTrainingVolumesRequest, context: grpc.ServicerContext

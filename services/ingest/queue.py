@@ -17,7 +17,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ctloop.auth import Principal
-from ctloop.db import AuditEntry, Lease, Volume, audit, session_scope, waiting_for_annotation
+from ctloop.db import (
+    AuditEntry,
+    Lease,
+    Volume,
+    VolumeStatus,
+    audit,
+    session_scope,
+    waiting_for_annotation,
+)
 from services.ingest.errors import ApiError
 from services.ingest.schemas import QueueSize, Strategy, TaskOut, TaskRow
 
@@ -200,7 +208,7 @@ class WorkQueue:
                 if row.site_id in sizes:
                     sizes[row.site_id]["waiting"] += 1
                     sizes[row.site_id]["leased"] += row.id in leased
-            for v in s.scalars(select(Volume).where(Volume.status == "annotated")):
+            for v in s.scalars(select(Volume).where(Volume.status == VolumeStatus.ANNOTATED)):
                 if v.site_id in sizes:
                     sizes[v.site_id]["annotated"] += 1
         return [QueueSize(site_id=k, **v) for k, v in sorted(sizes.items())]

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from ctloop.contracts.payloads import ModelRef
 from ctloop.core.organs import UnknownLabel
 from ctloop.core.partial import PartialLabel
-from ctloop.db import AnnotationRevision, audit, session_scope
+from ctloop.db import AnnotationRevision, ReviewStatus, VolumeStatus, audit, session_scope
 from services.ingest.deps import Annotator, Anyone, Context, Reviewer, read_upload
 from services.ingest.errors import ApiError, conflict
 from services.ingest.records import (
@@ -101,15 +101,16 @@ def review_annotation(
     with session_scope(ctx.db) as s:
         v = visible_volume(s, volume_id, who)
         row = revision_of(s, volume_id, revision)
-        if row.review_status != "pending":
+        if row.review_status != ReviewStatus.PENDING:
             raise conflict("reviewed", f"revision {revision} is {row.review_status}")
         if row.author == who.user_id:
             raise conflict("own_revision", "a reviewer cannot review their own work")
-        row.review_status = "approved" if body.decision == "approve" else "sent_back"
+        approve = body.decision == "approve"
+        row.review_status = ReviewStatus.APPROVED if approve else ReviewStatus.SENT_BACK
         row.reviewer, row.review_comment = who.user_id, body.comment
         row.reviewed_at = datetime.now(UTC)
         if body.decision == "send_back":
-            v.status = "sent_back"
+            v.status = VolumeStatus.SENT_BACK
         action = f"annotation.{body.decision}"
         audit(s, who.user_id, action, volume_id, site_id=v.site_id, revision=revision)
         s.flush()

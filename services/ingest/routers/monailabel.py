@@ -41,7 +41,7 @@ from ctloop.auth import Principal
 from ctloop.contracts.payloads import ModelRef
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS, LabelMap, UnknownLabel
 from ctloop.core.partial import PartialLabel
-from ctloop.db import Volume, audit, session_scope
+from ctloop.db import RoundStatus, Volume, audit, session_scope
 from ctloop.settings import Settings
 from ctloop.v1 import training_pb2
 from services.ingest.backends import latest_round, segment, start_round
@@ -77,7 +77,12 @@ STRATEGIES: dict[str, Strategy] = {
 VERSION = metadata.version("ctloop")
 # A training round's ctloop status as a MONAI Label task status (``retry``: it failed once
 # and will run again).
-ROUND_STATES = {"running": "RUNNING", "retry": "RUNNING", "published": "DONE", "rejected": "DONE"}
+ROUND_STATES: dict[str, str] = {
+    RoundStatus.RUNNING: "RUNNING",
+    RoundStatus.RETRY: "RUNNING",
+    RoundStatus.PUBLISHED: "DONE",
+    RoundStatus.REJECTED: "DONE",
+}
 
 
 def model_names(settings: Settings) -> dict[str, str]:
@@ -369,7 +374,9 @@ def train_start(
 @router.get("/train/", summary="The latest training round as a MONAI Label task")
 def train_status(ctx: Context, who: Anyone, check_if_running: bool = False) -> dict[str, Any]:
     latest = latest_round(ctx.backends)
-    if check_if_running and (latest is None or latest.status not in ("running", "retry")):
+    if check_if_running and (
+        latest is None or latest.status not in (RoundStatus.RUNNING, RoundStatus.RETRY)
+    ):
         raise not_found("no training round is running", "not_running")
     if latest is None:
         raise not_found("no training round has run yet", "no_rounds")
