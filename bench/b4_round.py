@@ -29,7 +29,7 @@ from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.datasets import Volume, write_decathlon
 from ctloop.core.infer import Segmenter
 from ctloop.core.train import DataSource, TrainConfig, train
-from ctloop.db import ServingModel, TrainingRound, session_scope
+from ctloop.db import RoundStatus, ServingModel, TrainingRound, session_scope
 
 NAME = "4_round"
 PER_ROUND = 2  # corrected volumes that start a round
@@ -65,7 +65,7 @@ def _serving(p: Platform, version: int) -> bool:
         row = s.get(ServingModel, p.sustainer)
         failed = s.scalars(
             select(TrainingRound.reason).where(
-                TrainingRound.model == p.sustainer, TrainingRound.status == "failed"
+                TrainingRound.model == p.sustainer, TrainingRound.status == RoundStatus.FAILED
             )
         ).first()
         if failed is not None:
