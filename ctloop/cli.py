@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from ctloop.log import configure_logging
 from ctloop.settings import get_settings
@@ -242,9 +243,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ctloop", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_operation_commands(sub: Any) -> None:
+    """stack, services, status, admin, info: running and administering a platform."""
     stack = sub.add_parser("stack", help="manage the embedded local stack")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.set_defaults(func=_stack)
@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="print how to reach the running stack")
     info.set_defaults(func=_info)
 
+
+def _add_science_commands(sub: Any) -> None:
+    """synth, train, segment: phantoms and the network, without the platform."""
     synth = sub.add_parser("synth", help="write synthetic CT phantoms as a Decathlon dataset")
     synth.add_argument("--site", default="public", help="built-in site name or a profile .json")
     synth.add_argument("--count", type=int, default=4)
@@ -304,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--out", type=Path, required=True, help="folder for the masks")
     seg.set_defaults(func=_segment)
 
+
+def _add_run_commands(sub: Any) -> None:
+    """experiment and run: the transfer, in-process or on the real services."""
     exp = sub.add_parser("experiment", help="run a documented experiment")
     exp_sub = exp.add_subparsers(dest="experiment", required=True)
     transfer = exp_sub.add_parser("transfer", help="igniter vs sustainer across a domain shift")
@@ -338,6 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-services", action="store_true", help="leave the run's services up at the end"
     )
     run.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ctloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_operation_commands(sub)
+    _add_science_commands(sub)
+    _add_run_commands(sub)
     args = parser.parse_args(argv)
     configure_logging(get_settings().log_level)
     from pydantic import ValidationError
