@@ -102,7 +102,7 @@ $(STAMPS)/kafka-jars: tools/kafka/pom.xml
 	@touch $@
 
 # Keycloak (its Quarkus distribution, from Maven Central): the OIDC provider the tests sign in
-# with, as a hospital's would (built once for an in-memory database; tests/integration/keycloak.py
+# with, as a hospital's would (built once for an in-memory database; tests/helpers/keycloak.py
 # starts it).
 keycloak: $(STAMPS)/keycloak-$(KEYCLOAK_VERSION)
 $(STAMPS)/keycloak-$(KEYCLOAK_VERSION):

@@ -148,7 +148,7 @@ class SecretEnv(BaseModel):
 
 class KubernetesLauncherSettings(BaseModel):
     """How a round runs as a Kubernetes Job (``training.launcher = "kubernetes"``); see
-    services/training/launcher.py. The Helm chart sets every field."""
+    services/training/kubernetes.py and manifests.py. The Helm chart sets every field."""
 
     api_url: str = "https://kubernetes.default.svc"
     namespace: str | None = None  # default: the training service's own namespace

@@ -1,6 +1,6 @@
 """``python -m services.training.job <s3-prefix>``: one node of a round run as a Kubernetes Job.
 
-The training service (:class:`services.training.launcher.KubernetesJobLauncher`) put the round
+The training service (:class:`services.training.kubernetes.KubernetesJobLauncher`) put the round
 under ``<s3-prefix>/input/`` of the data bucket: ``train.json`` with paths relative to that
 folder, the Decathlon folders and the parent weights. Each node downloads it into its scratch
 volume and runs ``torchrun`` (one node: standalone; several: c10d rendezvous on node 0, or the
