@@ -17,14 +17,6 @@ from nibabel import orientations
 from nibabel.spatialimages import SpatialImage
 from numpy.typing import NDArray
 
-# The stored-blob codec moved to ctloop.core.blobs; re-exported until ingest moves.
-from ctloop.core.blobs import (  # noqa: F401
-    gzip_bytes,
-    gzip_error,
-    nifti_from_gz,
-    nifti_gz_bytes,
-    nifti_voxels,
-)
 from ctloop.core.organs import ORGAN_IDS, LabelMap
 from ctloop.core.phantom import Phantom, SiteProfile, generate_phantom, load_site
 
