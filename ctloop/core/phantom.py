@@ -327,9 +327,26 @@ def _paint(
     axes: tuple[NDArray, NDArray, NDArray],
 ) -> tuple[NDArray, NDArray]:
     """Tissue HU and organ labels at the (warped) points; ``axes`` are the unwarped 1-D grid
-    coordinates, used to bound where each organ can be."""
+    coordinates, used to bound where each organ can be.
+
+    Layers are painted outside in, each over the last: trunk, musculoskeletal, organs.
+    """
     img = np.full(x.shape, hu["air"], dtype=np.float32)
     lab = np.zeros(x.shape, dtype=np.uint8)
+    inner, r_body = _paint_trunk(a, hu, x, y, z, img)
+    _paint_musculoskeletal(a, hu, x, y, z, img, inner, r_body)
+    _paint_organs(a, hu, x, y, z, axes, img, lab, inner)
+    return img, lab
+
+
+def _paint_trunk(
+    a: Anatomy, hu: dict[str, float], x: NDArray, y: NDArray, z: NDArray, img: NDArray
+) -> tuple[NDArray, NDArray]:
+    """Body outline, subcutaneous and visceral fat and the abdominal wall into ``img``.
+
+    Returns the inside of the subcutaneous fat (where everything else may go) and the body's
+    normalised radius (the ribs follow it).
+    """
     bx, by = a.body
     # Body tapers slightly towards the pelvis and the chest.
     taper = 1.0 - 0.0000025 * (z - 30.0) ** 2
@@ -343,7 +360,20 @@ def _paint(
     )
     img[inner] = hu["visceral_fat"]
     img[wall] = hu["muscle"]
-    # Paraspinal and psoas muscles.
+    return inner, r_body
+
+
+def _paint_musculoskeletal(
+    a: Anatomy,
+    hu: dict[str, float],
+    x: NDArray,
+    y: NDArray,
+    z: NDArray,
+    img: NDArray,
+    inner: NDArray,
+    r_body: NDArray,
+) -> None:
+    """Paraspinal and psoas muscles, the spine and the ribs into ``img`` (no labels)."""
     for sx in (-1, 1):
         para = ((x - sx * 38) / 28) ** 2 + ((y - a.spine_y + 15) / 22) ** 2 < 1.0
         psoas = ((x - sx * 35) / 16) ** 2 + ((y - a.spine_y - 22) / 16) ** 2 < 1.0
@@ -362,7 +392,22 @@ def _paint(
     ribs = rib_ring & (np.mod(z + 8.0, 30.0) < 9.0) & (z > 40.0) & (y > a.spine_y)
     img[ribs] = hu["bone"]
 
-    # Organs are evaluated only inside their bounding boxes (plus the largest displacement).
+
+def _paint_organs(
+    a: Anatomy,
+    hu: dict[str, float],
+    x: NDArray,
+    y: NDArray,
+    z: NDArray,
+    axes: tuple[NDArray, NDArray, NDArray],
+    img: NDArray,
+    lab: NDArray,
+    inner: NDArray,
+) -> None:
+    """Organs and vessels into ``img`` and ``lab``, only inside ``inner``.
+
+    Each organ is evaluated only inside its bounding box (plus the largest displacement).
+    """
     margin = float(np.abs(a.warp).max()) + 2.0
     ux, uy, uz = axes
 
@@ -404,4 +449,3 @@ def _paint(
     b = box((ix, iy, 0.0), (ir, ir, 1e6))
     ivc = ((x[b] - ix) ** 2 + ((y[b] - iy) * 1.3) ** 2 < ir**2) & (z[b] < a.ivc_top)
     put(b, ivc, "ivc", "ivc")
-    return img, lab
