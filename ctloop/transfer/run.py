@@ -50,6 +50,8 @@ from ctloop.v1 import (
 
 
 class TransferRun:
+    """One run: its platform instance, its data and annotators, the rounds, the report."""
+
     def __init__(
         self,
         preset_name: str,
