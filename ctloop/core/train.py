@@ -145,6 +145,62 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train per ``cfg``; rank 0 writes ``cfg.out``. Returns this rank's summary."""
     rank, world, device = _dist_setup()
     set_determinism(seed=cfg.seed + rank)
+    model_cfg, net, base_meta = _network(cfg, device, world)
+    items = load_items(cfg)
+    sampler, loader = _loader(cfg, model_cfg, items, rank, world)
+    loss_fn = PartialDiceCELoss()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    t0 = time.monotonic()
+    if rank == 0:
+        log.info(
+            "training",
+            extra={"volumes": len(items), "world_size": world, "device": str(device),
+                   "steps": cfg.steps, "init_from": str(cfg.init_from)},
+        )  # fmt: skip
+    step, seen, losses = _run_steps(
+        cfg, net, sampler, loader, loss_fn, opt, sched, device, use_amp, rank, t0
+    )
+
+    digest = weights_digest(net)
+    summary = {
+        "rank": rank,
+        "world_size": world,
+        "steps": step,
+        "seconds": time.monotonic() - t0,
+        "volumes_seen": sorted(set(seen)),
+        "losses": losses,
+        "weights_sha256": digest,
+    }
+    if rank == 0:
+        meta = {
+            **cfg.meta,
+            "parent": base_meta.get("name") if cfg.init_from else None,
+            "init_from": str(cfg.init_from) if cfg.init_from else None,
+            "training_volumes": [it["id"] for it in items],
+            "steps": step,
+            "world_size": world,
+        }
+        save_checkpoint(cfg.out, model_cfg, net, meta)
+    ranks_dir = cfg.out.parent / f"{cfg.out.stem}.ranks"
+    ranks_dir.mkdir(parents=True, exist_ok=True)
+    (ranks_dir / f"rank-{rank}.json").write_text(json.dumps(summary, indent=2))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _network(
+    cfg: TrainConfig, device: torch.device, world: int
+) -> tuple[ModelConfig, torch.nn.Module, dict[str, Any]]:
+    """The network to train, in train mode on ``device`` (DDP-wrapped when ``world > 1``).
+
+    Returns the config of the network actually trained, the network, and its parent's
+    checkpoint meta (empty when training from scratch).
+    """
     if cfg.init_from is not None:
         base_cfg, net, base_meta = load_checkpoint(cfg.init_from)
         model_cfg = base_cfg  # a fine-tune keeps its parent's architecture and grid
@@ -156,8 +212,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         net = DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
+    return model_cfg, net, base_meta
 
-    items = load_items(cfg)
+
+def _loader(
+    cfg: TrainConfig, model_cfg: ModelConfig, items: list[dict[str, Any]], rank: int, world: int
+) -> tuple[DistributedSampler[list[dict[str, Any]]], DataLoader]:
+    """Cached, preprocessed ``items`` as batches of random patches, this rank's shard only."""
     cached = CacheDataset(items, transform=preprocess_transforms(model_cfg), progress=False)
     # Patches of the network actually trained: a fine-tune's parent may differ from cfg.model.
     patches = _Patches(cached, model_cfg, cfg.samples_per_volume)
@@ -167,20 +228,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = DataLoader(
         patches, batch_size=cfg.batch_size, sampler=sampler, collate_fn=list_data_collate
     )
-    loss_fn = PartialDiceCELoss()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
-    use_amp = cfg.amp and device.type == "cuda"
+    return sampler, loader
 
+
+def _run_steps(
+    cfg: TrainConfig,
+    net: torch.nn.Module,
+    sampler: DistributedSampler[list[dict[str, Any]]],
+    loader: DataLoader,
+    loss_fn: PartialDiceCELoss,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    use_amp: bool,
+    rank: int,
+    t0: float,
+) -> tuple[int, list[str], list[float]]:
+    """``cfg.steps`` optimiser steps, epoch after epoch; rank 0 logs every ``cfg.log_every``.
+
+    Returns the steps taken, the ids of the volumes seen and the loss of every step.
+    """
     seen: list[str] = []
     losses: list[float] = []
-    step, epoch, t0, running = 0, 0, time.monotonic(), 0.0
-    if rank == 0:
-        log.info(
-            "training",
-            extra={"volumes": len(items), "world_size": world, "device": str(device),
-                   "steps": cfg.steps, "init_from": str(cfg.init_from)},
-        )  # fmt: skip
+    step, epoch, running = 0, 0, 0.0
     while step < cfg.steps:
         sampler.set_epoch(epoch)
         for batch in loader:
@@ -211,34 +281,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 )  # fmt: skip
                 running = 0.0
         epoch += 1
-
-    digest = weights_digest(net)
-    summary = {
-        "rank": rank,
-        "world_size": world,
-        "steps": step,
-        "seconds": time.monotonic() - t0,
-        "volumes_seen": sorted(set(seen)),
-        "losses": losses,
-        "weights_sha256": digest,
-    }
-    if rank == 0:
-        meta = {
-            **cfg.meta,
-            "parent": base_meta.get("name") if cfg.init_from else None,
-            "init_from": str(cfg.init_from) if cfg.init_from else None,
-            "training_volumes": [it["id"] for it in items],
-            "steps": step,
-            "world_size": world,
-        }
-        save_checkpoint(cfg.out, model_cfg, net, meta)
-    ranks_dir = cfg.out.parent / f"{cfg.out.stem}.ranks"
-    ranks_dir.mkdir(parents=True, exist_ok=True)
-    (ranks_dir / f"rank-{rank}.json").write_text(json.dumps(summary, indent=2))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
+    return step, seen, losses
 
 
 def main(argv: list[str] | None = None) -> int:
