@@ -78,10 +78,38 @@ def evaluate(checkpoint: Path, dataset: DecathlonDataset) -> dict[str, Any]:
 def run_transfer(
     preset_name: str, out: Path, clinical_site: str = "clinical-a", seed: int = 0
 ) -> dict[str, Any]:
+    """Run the whole experiment under ``out``; the result is also written to ``out/result.json``."""
     preset = PRESETS[preset_name]
     t0 = time.monotonic()
     data = out / "data"
-    sets = {
+    sets = _synthesize(preset, data, clinical_site, seed)
+    log.info("datasets ready", extra={k: len(v) for k, v in sets.items()})
+    igniter, sustainer = _train_both(preset, out, data, clinical_site, seed)
+    result: dict[str, Any] = {
+        "preset": preset_name,
+        "clinical_site": clinical_site,
+        "seed": seed,
+        "igniter": {
+            "public_test": evaluate(igniter, sets["public_test"]),
+            "clinical_test": evaluate(igniter, sets["clinical_test"]),
+        },
+        "sustainer": {
+            "public_test": evaluate(sustainer, sets["public_test"]),
+            "clinical_test": evaluate(sustainer, sets["clinical_test"]),
+        },
+        "preset_settings": preset.model_dump(),
+    }
+    result["summary"] = _summary(result, t0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _synthesize(
+    preset: Preset, data: Path, clinical_site: str, seed: int
+) -> dict[str, DecathlonDataset]:
+    """The four labelled splits under ``data``, each from its own seed range."""
+    return {
         "public": synthesize_dataset(data / "public", "public", preset.n_public, seed, preset.size),
         "public_test": synthesize_dataset(
             data / "public_test", "public", preset.n_public_test, seed + 10_000, preset.size
@@ -97,8 +125,15 @@ def run_transfer(
             preset.size,
         ),
     }
-    log.info("datasets ready", extra={k: len(v) for k, v in sets.items()})
 
+
+def _train_both(
+    preset: Preset, out: Path, data: Path, clinical_site: str, seed: int
+) -> tuple[Path, Path]:
+    """The igniter on public, then the sustainer fine-tuned from it on clinical plus replay.
+
+    Returns the two checkpoint paths.
+    """
     igniter = out / "igniter.pt"
     train(
         TrainConfig(
@@ -126,25 +161,16 @@ def run_transfer(
             meta={"name": "sustainer", "site": clinical_site},
         )
     )
-    result: dict[str, Any] = {
-        "preset": preset_name,
-        "clinical_site": clinical_site,
-        "seed": seed,
-        "igniter": {
-            "public_test": evaluate(igniter, sets["public_test"]),
-            "clinical_test": evaluate(igniter, sets["clinical_test"]),
-        },
-        "sustainer": {
-            "public_test": evaluate(sustainer, sets["public_test"]),
-            "clinical_test": evaluate(sustainer, sets["clinical_test"]),
-        },
-        "preset_settings": preset.model_dump(),
-    }
+    return igniter, sustainer
+
+
+def _summary(result: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The headline numbers: Dice before and after, the domain gap and how much of it closed."""
     ig_pub = result["igniter"]["public_test"]["mean_dice"]
     ig_cli = result["igniter"]["clinical_test"]["mean_dice"]
     su_cli = result["sustainer"]["clinical_test"]["mean_dice"]
     gap = ig_pub - ig_cli
-    result["summary"] = {
+    return {
         "igniter_public_dice": ig_pub,
         "igniter_clinical_dice": ig_cli,
         "sustainer_clinical_dice": su_cli,
@@ -152,6 +178,3 @@ def run_transfer(
         "gap_closed_fraction": (su_cli - ig_cli) / gap if gap > 0 else None,
         "seconds": time.monotonic() - t0,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    return result
