@@ -13,7 +13,8 @@ from ctloop.db import RoundStatus, TrainingRound, session_scope
 from ctloop.outbox import stage_event
 from ctloop.service import abort
 from ctloop.v1 import common_pb2, training_pb2, training_pb2_grpc
-from services.training.worker import SOURCE, NothingToTrain, RoundBusy, TrainingWorker
+from services.training.policy import NothingToTrain
+from services.training.worker import SOURCE, RoundBusy, TrainingWorker
 
 
 def round_message(r: TrainingRound, progress: tuple[int, int] = (0, 0)) -> training_pb2.Round:

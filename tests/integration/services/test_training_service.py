@@ -18,6 +18,7 @@ from ctloop.model_repository import ModelRepository
 from ctloop.v1 import ingest_pb2_grpc
 from services.ingest.app import create_app
 from services.ingest.grpc_api import WorkflowService
+from services.training.decathlon import materialise
 from services.training.worker import RoundBusy, TrainingWorker
 from services.training.workflow import WorkflowClient
 from tests.helpers.volumes import nifti, phantom
@@ -146,7 +147,7 @@ def test_partial_labels_reach_training_as_partial(world, tmp_path, admin_headers
         )
         assert r.status_code == 201, r.text
     worker = TrainingWorker(settings, workflow)
-    worker._materialise(tmp_path / "round", [vid])
+    materialise(worker.store, worker.workflow, tmp_path / "round", [vid])
     spec = json.loads((tmp_path / "round" / "dataset.json").read_text())
     assert spec["training"][0]["partial"] == {
         "organs": {"spleen": "skipped"},
