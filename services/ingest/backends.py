@@ -39,10 +39,6 @@ class Backends:
     def training(self) -> training_pb2_grpc.TrainingStub:
         return training_pb2_grpc.TrainingStub(self._channel("training"))
 
-    def close(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
-
 
 def rpc_error(service: str, exc: grpc.RpcError) -> ApiError:
     """A backend's gRPC status as the API error a client can act on."""
