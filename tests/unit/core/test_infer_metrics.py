@@ -7,7 +7,7 @@ import torch
 from ctloop.core.datasets import phantom_volume, write_decathlon
 from ctloop.core.infer import ModelInput, PreparedVolume, Preprocessor, Segmenter
 from ctloop.core.metrics import mean_dice, organ_dice, organ_surface_distance
-from ctloop.core.model import ModelConfig
+from ctloop.core.model import TINY_MODEL, ModelConfig
 from ctloop.core.organs import ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
 from ctloop.core.train import DataSource, TrainConfig, train
@@ -40,9 +40,7 @@ def tiny_checkpoint(tmp_path_factory):
     vols = [phantom_volume(generate_phantom("public", s, "tiny"), f"p{s}") for s in range(2)]
     write_decathlon(root / "ds", vols, "tiny")
     cfg = TrainConfig(
-        model=ModelConfig(
-            spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32), channels=(8, 16), strides=(2,)
-        ),
+        model=ModelConfig(**TINY_MODEL),
         sources=[DataSource(path=root / "ds")],
         out=root / "tiny.pt",
         steps=3,
