@@ -45,33 +45,36 @@ def _upload(client: httpx.Client, volume_id: str, site: str, dataset: str, seed:
     return p
 
 
-def test_transfer_loop_end_to_end(platform):
-    tag, logs = platform["tag"], platform["logs"]
-    igniter, sustainer = f"igniter{tag}", f"sustainer{tag}"
-    token = (logs.parent / "admin-token").read_text().strip()
-    client = httpx.Client(base_url=API, timeout=60, headers={"Authorization": f"Bearer {token}"})
+def _predicted_by(client: httpx.Client, model: str, volume_ids) -> bool:
+    for vid in volume_ids:
+        r = client.get(f"/v1/volumes/{vid}/prediction")
+        if r.status_code != 200 or r.json()["model"] != model:
+            return False
+    return True
+
+
+def _volumes_uploaded(client: httpx.Client, tag: str) -> dict:
+    """Three public volumes with labels, four clinical ones without (their phantoms, by id)."""
     for i in range(3):
         _upload(client, f"pub{i}-{tag}", "public-site", "public", seed=100 + i)
-    clinical = {
+    return {
         f"cli{i}-{tag}": _upload(client, f"cli{i}-{tag}", "hospital-a", "clinical", 200 + i)
         for i in range(4)
     }
 
-    def predicted_by(model: str, volume_ids) -> bool:
-        for vid in volume_ids:
-            r = client.get(f"/v1/volumes/{vid}/prediction")
-            if r.status_code != 200 or r.json()["model"] != model:
-                return False
-        return True
 
-    # The igniter trains on the public volumes, is published, and pre-annotates the clinical ones.
-    until("igniter pre-annotations", lambda: predicted_by(igniter, clinical), 300, logs)
+def _igniter_pre_annotates(client: httpx.Client, igniter: str, clinical: dict, tag: str, logs):
+    """The igniter trains on the public volumes, is published, and pre-annotates the clinical
+    ones."""
+    until("igniter pre-annotations", lambda: _predicted_by(client, igniter, clinical), 300, logs)
     pred = client.get(f"/v1/volumes/cli0-{tag}/prediction").json()
     assert pred["version"] == 1 and 0.0 <= pred["uncertainty"] <= 1.0
     mask = client.get(f"/v1/volumes/cli0-{tag}/prediction/mask")
     assert mask.status_code == 200 and mask.content[:2] == b"\x1f\x8b"
 
-    # Annotators correct three of them (the phantom truth stands in for their work).
+
+def _annotators_correct(client: httpx.Client, igniter: str, clinical: dict) -> list[str]:
+    """Annotators correct three of them (the phantom truth stands in for their work)."""
     corrected = list(clinical)[:3]
     for n, vid in enumerate(corrected):
         p = clinical[vid]
@@ -85,8 +88,11 @@ def test_transfer_loop_end_to_end(platform):
             },
         )
         assert r.status_code == 201, r.text
+    return corrected
 
-    # A sustainer round runs under torchrun with two processes and is published.
+
+def _sustainer_round_published(igniter: str, sustainer: str, corrected: list[str], logs):
+    """A sustainer round runs under torchrun with two processes and is published."""
     channel = grpc.insecure_channel(f"127.0.0.1:{PORTS['TRAINING'] + 1}")
     training = training_pb2_grpc.TrainingStub(channel)
 
@@ -105,11 +111,9 @@ def test_transfer_loop_end_to_end(platform):
     rounds = training.ListRounds(training_pb2.ListRoundsRequest()).rounds
     assert [(r.model, r.status) for r in rounds][:1] == [(igniter, "published")]
 
-    # Triton serves it and the volume still waiting for annotation is re-predicted with it.
-    waiting = [v for v in clinical if v not in corrected]
-    until("sustainer pre-annotation", lambda: predicted_by(sustainer, waiting), 180, logs)
 
-    # The metrics service reports the round the annotators worked on.
+def _metrics_report_the_round(platform, igniter: str, logs) -> dict:
+    """The metrics service reports the round the annotators worked on, over HTTP and gRPC."""
     metrics = httpx.Client(base_url=f"http://127.0.0.1:{PORTS['METRICS']}", timeout=30)
 
     def igniter_round():
@@ -132,8 +136,11 @@ def test_transfer_loop_end_to_end(platform):
     assert row.volumes_annotated == 3 and row.mean_dice == pytest.approx(report["mean_dice"])
     status = platform["ctloop"]("services", "status")
     assert status.returncode == 0, status.stdout
+    return report
 
-    # The metrics state is rebuilt from the topics alone: a fresh reader gets the same round.
+
+def _metrics_rebuilt_from_topics(igniter: str, report: dict, tag: str, logs) -> None:
+    """The metrics state is rebuilt from the topics alone: a fresh reader gets the same round."""
     from ctloop.bus import EventConsumer, EventProducer
     from ctloop.contracts.topics import Topic
     from ctloop.settings import Settings
@@ -162,3 +169,21 @@ def test_transfer_loop_end_to_end(platform):
     finally:
         consumer.close()
         producer.close()
+
+
+def test_transfer_loop_end_to_end(platform):
+    tag, logs = platform["tag"], platform["logs"]
+    igniter, sustainer = f"igniter{tag}", f"sustainer{tag}"
+    token = (logs.parent / "admin-token").read_text().strip()
+    client = httpx.Client(base_url=API, timeout=60, headers={"Authorization": f"Bearer {token}"})
+    clinical = _volumes_uploaded(client, tag)
+    _igniter_pre_annotates(client, igniter, clinical, tag, logs)
+    corrected = _annotators_correct(client, igniter, clinical)
+    _sustainer_round_published(igniter, sustainer, corrected, logs)
+
+    # Triton serves it and the volume still waiting for annotation is re-predicted with it.
+    waiting = [v for v in clinical if v not in corrected]
+    until("sustainer pre-annotation", lambda: _predicted_by(client, sustainer, waiting), 180, logs)
+
+    report = _metrics_report_the_round(platform, igniter, logs)
+    _metrics_rebuilt_from_topics(igniter, report, tag, logs)
