@@ -17,12 +17,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ctloop.bus import EventConsumer, EventProducer
-from ctloop.db import ping
-from ctloop.log import bind
+from ctloop.db import create_schema, ping
+from ctloop.log import bind, configure_logging
+from ctloop.outbox import OutboxRelay
+from ctloop.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
+
+
+def start_service(client_id: str) -> tuple[Settings, EventProducer, OutboxRelay]:
+    """What a service that writes workflow state does first: its settings, JSON logs, the
+    workflow schema migrated, its event producer and the outbox relay that publishes what it
+    stages (the caller runs the relay as a worker)."""
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    create_schema(settings.database_url)
+    producer = EventProducer(settings, client_id=client_id)
+    return settings, producer, OutboxRelay(settings.database_url, producer)
 
 
 def database_check(url: str) -> Check:

@@ -5,14 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from ctloop.bus import EventConsumer, EventProducer
+from ctloop.bus import EventConsumer
 from ctloop.contracts.topics import Topic
-from ctloop.db import create_schema
-from ctloop.log import configure_logging
 from ctloop.model_repository import ModelRepository, TritonModels
-from ctloop.outbox import OutboxRelay
-from ctloop.service import ServiceRuntime
-from ctloop.settings import get_settings
+from ctloop.service import ServiceRuntime, start_service
 from ctloop.v1 import inference_pb2_grpc
 from services.inference.grpc_api import InferenceService
 from services.inference.worker import CONSUMER, InferenceWorker
@@ -21,11 +17,7 @@ log = logging.getLogger("ctloop.inference")
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log_level)
-    create_schema(settings.database_url)
-    producer = EventProducer(settings, client_id=CONSUMER)
-    relay = OutboxRelay(settings.database_url, producer)
+    settings, producer, relay = start_service(CONSUMER)
     triton = TritonModels(settings)
     repository = ModelRepository(settings)
     worker = InferenceWorker(settings, triton, relay, repository)

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 from ctloop.auth import ensure_admin_token
-from ctloop.bus import EventProducer
-from ctloop.db import create_schema
-from ctloop.log import configure_logging
-from ctloop.outbox import OutboxRelay
-from ctloop.service import ServiceRuntime
-from ctloop.settings import get_settings
+from ctloop.service import ServiceRuntime, start_service
 from ctloop.v1 import ingest_pb2_grpc
 from services.ingest.app import create_app
 from services.ingest.grpc_api import WorkflowService
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log_level)
-    create_schema(settings.database_url)
+    settings, _, relay = start_service("ingest")
     svc = settings.services
     api = f"http://{svc.host}:{svc.ingest.http_port}"
     if ensure_admin_token(settings.database_url, settings.admin_token_file):
         print(f"ctloop API at {api}; the admin token is in {settings.admin_token_file}", flush=True)
-    relay = OutboxRelay(settings.database_url, EventProducer(settings, client_id="ingest"))
     ep = settings.services.ingest
     runtime = ServiceRuntime("ingest", settings.services.host, ep.http_port, ep.grpc_port)
     runtime.app = create_app(settings, relay)

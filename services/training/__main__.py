@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from ctloop.bus import EventConsumer, EventProducer
+from ctloop.bus import EventConsumer
 from ctloop.contracts.topics import Topic
-from ctloop.db import create_schema
-from ctloop.log import configure_logging
-from ctloop.outbox import OutboxRelay
-from ctloop.service import ServiceRuntime, database_check
-from ctloop.settings import get_settings
+from ctloop.service import ServiceRuntime, database_check, start_service
 from ctloop.v1 import training_pb2_grpc
 from services.training.grpc_api import TrainingService
 from services.training.worker import CONSUMER, TrainingWorker
@@ -16,11 +12,7 @@ from services.training.workflow import WorkflowClient
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log_level)
-    create_schema(settings.database_url)
-    producer = EventProducer(settings, client_id=CONSUMER)
-    relay = OutboxRelay(settings.database_url, producer)
+    settings, producer, relay = start_service(CONSUMER)
     svc = settings.services
     worker = TrainingWorker(settings, WorkflowClient(svc.grpc_target("ingest")), relay)
 
