@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ctloop.contracts import keys
 from ctloop.contracts.triton import ModelSpec, TensorSpec
 from ctloop.core.model import load_checkpoint
 
@@ -78,6 +79,6 @@ def package_checkpoint(
     }
     files = {
         "model.py": TRITON_MODEL_PY.read_bytes(),
-        "weights.pt": weights,
+        keys.MODEL_WEIGHTS: weights,
     }
     return TritonPackage(spec=spec, files=files, manifest=manifest)

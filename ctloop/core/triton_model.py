@@ -18,6 +18,7 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
+from ctloop.contracts import keys
 from ctloop.core.infer import Network
 from ctloop.core.model import load_checkpoint
 
@@ -32,7 +33,7 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             device = f"cuda:{args['model_instance_device_id']}"
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        cfg, net, _ = load_checkpoint(Path(folder) / "weights.pt")
+        cfg, net, _ = load_checkpoint(Path(folder) / keys.MODEL_WEIGHTS)
         self.network = Network(
             cfg,
             net,

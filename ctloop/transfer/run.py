@@ -34,6 +34,7 @@ import grpc
 import httpx
 
 from ctloop.core.blobs import nifti_gz_bytes
+from ctloop.db import RoundStatus, VolumeStatus
 from ctloop.platform import PlatformInstance, PlatformTimeout
 from ctloop.settings import get_settings
 from ctloop.stack import LocalStack
@@ -47,6 +48,9 @@ from ctloop.v1 import (
     training_pb2,
     training_pb2_grpc,
 )
+
+# How a training round ends (the run waits for one of these).
+ROUND_ENDS = (RoundStatus.PUBLISHED, RoundStatus.REJECTED, RoundStatus.FAILED)
 
 
 class TransferRun:
@@ -224,7 +228,7 @@ class TransferRun:
         waiting = [
             v["volume_id"]
             for v in self.admin.get("/v1/volumes", params={"dataset": "clinical"}).json()
-            if v["status"] not in ("annotated",)
+            if v["status"] != VolumeStatus.ANNOTATED
         ]
         ids = [*waiting, *(self.data.evaluation if self.data else [])]
         for vid in ids:
@@ -329,7 +333,8 @@ class TransferRun:
                     for r in self.rounds()
                     if r.model == self.sustainer
                     and r.round > before
-                    and r.status in ("published", "rejected", "failed")
+                    and r.status
+                    in (RoundStatus.PUBLISHED, RoundStatus.REJECTED, RoundStatus.FAILED)
                 ),
                 None,
             ),
@@ -340,7 +345,7 @@ class TransferRun:
             + (f" as v{rnd.version}" if rnd.version else f" ({rnd.reason})")
         )
         ref = self.wait("a serving model", self.serving, 600)
-        if rnd.status == "published":
+        if rnd.status == RoundStatus.PUBLISHED:
             ref = self.wait(
                 f"{self.sustainer} v{rnd.version} serving",
                 lambda: (s := self.serving()) == (self.sustainer, rnd.version) and s,

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from ctloop.contracts import keys
 from ctloop.core.train import TrainConfig
 from ctloop.settings import Settings
 from services.training.manifests import build_job, build_pytorchjob, job_name
@@ -122,7 +123,7 @@ class KubernetesJobLauncher:
 
     def run(self, config: TrainConfig, work: Path) -> None:
         name = job_name(config)
-        prefix = f"{self.k.s3_prefix.strip('/')}/{name}"
+        prefix = keys.training_job_prefix(self.k.s3_prefix, name)
         relative = relative_config(config, work)
         self._upload(relative, work, prefix)
         manifest = self.manifest(name, prefix, config)
@@ -134,12 +135,12 @@ class KubernetesJobLauncher:
         try:
             self.api.call("POST", collection, manifest)
             outcome = self._wait(f"{collection}/{name}")
-            got_log = self.files.download(f"{prefix}/output/{TRAIN_LOG}", work / TRAIN_LOG)
+            got_log = self.files.download(keys.training_output(prefix, TRAIN_LOG), work / TRAIN_LOG)
             if not got_log:
                 (work / TRAIN_LOG).write_text(self._pod_logs(name))
             if outcome != "succeeded":
                 raise RuntimeError(f"job {name} {outcome}:\n{log_tail(work / TRAIN_LOG)}")
-            if not self.files.download(f"{prefix}/output/{relative.out}", config.out):
+            if not self.files.download(keys.training_output(prefix, str(relative.out)), config.out):
                 raise RuntimeError(f"job {name} wrote no checkpoint:\n{log_tail(work / TRAIN_LOG)}")
         finally:
             self._delete(f"{collection}/{name}")
@@ -148,10 +149,10 @@ class KubernetesJobLauncher:
 
     def _upload(self, relative: TrainConfig, work: Path, prefix: str) -> None:
         for rel in input_files(relative, work):
-            self.files.upload(f"{prefix}/input/{rel.as_posix()}", work / rel)
+            self.files.upload(keys.training_input(prefix, rel.as_posix()), work / rel)
         spec = work / TRAIN_JSON
         spec.write_text(relative.model_dump_json(indent=2))
-        self.files.upload(f"{prefix}/input/{TRAIN_JSON}", spec)
+        self.files.upload(keys.training_input(prefix, TRAIN_JSON), spec)
 
     def _wait(self, path: str) -> str:
         deadline = self.clock() + self.k.timeout_s + 300  # past the Job's own deadline
