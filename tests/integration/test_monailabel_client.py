@@ -31,33 +31,37 @@ def platform(tmp_path: Path):
         yield running
 
 
-def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
-    tag, logs, api = platform["tag"], platform["logs"], platform["api"]
-    igniter, sustainer = f"igniter{tag}", f"sustainer{tag}"
-    admin = httpx.Client(
-        base_url=api, timeout=60, headers={"Authorization": f"Bearer {platform['admin_token']}"}
-    )
+def _upload(admin: httpx.Client, vid: str, site: str, dataset: str, seed: int):
+    p = generate_phantom("public" if dataset == "public" else "clinical-a", seed, "tiny")
+    files = {"file": ("ct.nii.gz", nifti_gz_bytes(p.image, p.affine), "application/gzip")}
+    if dataset == "public":
+        files["label"] = ("l.nii.gz", nifti_gz_bytes(p.label, p.affine), "application/gzip")
+    data = {"site_id": site, "dataset": dataset, "volume_id": vid}
+    r = admin.post("/v1/volumes", files=files, data=data)
+    assert r.status_code == 201, r.text
+    return p
+
+
+def _sites_and_reviewer(admin: httpx.Client) -> str:
+    """Three sites and rita, a reviewer at hospital-a; her API token."""
     for site in ("hospital-a", "hospital-b", "public-site"):
         assert admin.post("/v1/sites", json={"id": site}).status_code == 201
     r = admin.post("/v1/users", json={"id": "rita", "role": "reviewer", "sites": ["hospital-a"]})
     assert r.status_code == 201, r.text
-    rita_token = admin.post("/v1/users/rita/tokens", json={"label": "slicer"}).json()["token"]
+    return admin.post("/v1/users/rita/tokens", json={"label": "slicer"}).json()["token"]
 
-    def upload(vid: str, site: str, dataset: str, seed: int):
-        p = generate_phantom("public" if dataset == "public" else "clinical-a", seed, "tiny")
-        files = {"file": ("ct.nii.gz", nifti_gz_bytes(p.image, p.affine), "application/gzip")}
-        if dataset == "public":
-            files["label"] = ("l.nii.gz", nifti_gz_bytes(p.label, p.affine), "application/gzip")
-        data = {"site_id": site, "dataset": dataset, "volume_id": vid}
-        r = admin.post("/v1/volumes", files=files, data=data)
-        assert r.status_code == 201, r.text
-        return p
 
+def _volumes_pre_annotated(admin: httpx.Client, tag: str, igniter: str, logs):
+    """Public volumes, two of hers and one of another site's, all pre-annotated by the
+    igniter; (her volumes' phantoms by id, the other site's volume id)."""
     for i in range(3):
-        upload(f"pub{i}-{tag}", "public-site", "public", 100 + i)
-    mine = {f"a{i}-{tag}": upload(f"a{i}-{tag}", "hospital-a", "clinical", 200 + i) for i in (0, 1)}
+        _upload(admin, f"pub{i}-{tag}", "public-site", "public", 100 + i)
+    mine = {
+        f"a{i}-{tag}": _upload(admin, f"a{i}-{tag}", "hospital-a", "clinical", 200 + i)
+        for i in (0, 1)
+    }
     theirs = f"b0-{tag}"
-    upload(theirs, "hospital-b", "clinical", 300)
+    _upload(admin, theirs, "hospital-b", "clinical", 300)
 
     def pre_annotated() -> bool:
         for vid in [*mine, theirs]:
@@ -67,8 +71,11 @@ def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
         return True
 
     until("igniter pre-annotations", pre_annotated, 300, logs)
+    return mine, theirs
 
-    # Slicer: the server wants auth; user name + API token give a bearer token.
+
+def _slicer_signs_in(api: str, tmp_path: Path, rita_token: str) -> MONAILabelClient:
+    """Slicer: the server wants auth; user name + API token give a bearer token."""
     client = MONAILabelClient(api, tmpdir=str(tmp_path))
     assert client.auth_enabled()
     with pytest.raises(MONAILabelClientException):
@@ -77,7 +84,10 @@ def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
         client.auth_token("somebody-else", rita_token)
     client.update_auth(client.auth_token("rita", rita_token))
     assert client.auth_valid_token()
+    return client
 
+
+def _info_lists_models_and_datastore(client: MONAILabelClient, igniter: str, sustainer: str):
     info = client.info()
     assert info["labels"] == list(FOREGROUND)
     assert {"segmentation", igniter, sustainer} <= set(info["models"])
@@ -89,55 +99,68 @@ def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
         "label_tags": {"final": 0, "original": 2},
     }
 
-    # Only her site's volumes are in her datastore; another site's image is not found.
+
+def _only_her_site(client: MONAILabelClient, api: str, rita_token: str, mine, theirs: str):
+    """Only her site's volumes are in her datastore; another site's image is not found."""
     store = client.datastore()
     assert set(store["objects"]) == set(mine)
     rita = httpx.Client(base_url=api, timeout=60, headers={"Authorization": f"Bearer {rita_token}"})
     assert rita.get("/datastore/image", params={"image": theirs}).status_code == 404
     assert rita.post("/infer/segmentation", params={"image": theirs}).status_code == 404
+    return rita
 
-    saved = []
-    for n in range(2):
-        sample = client.next_sample("uncertainty", {})
-        vid = sample["id"]
-        assert vid in mine and vid not in saved and sample["model"] == igniter
-        # The sample is a leased task of hers (renewable like one from /v1/tasks/next).
-        assert rita.post(f"/v1/tasks/{vid}/renew").status_code == 200
 
-        image = rita.get("/datastore/image", params={"image": vid})
-        assert image.status_code == 200
-        grid = nib.Nifti1Image.from_bytes(gzip.decompress(image.content))
-        result_file, params = client.infer("segmentation", vid, {})
-        assert params["model"] == igniter and params["version"] == 1
-        pred = nib.load(result_file)
-        assert pred.shape == grid.shape
-        assert np.allclose(pred.affine, grid.affine, atol=1e-4)
-        assert set(np.unique(np.asarray(pred.dataobj))) <= set(ORGAN_IDS.values())
+def _next_sample_inferred(client: MONAILabelClient, rita: httpx.Client, mine, saved, igniter):
+    """The next sample: a leased task of hers, its image, the igniter's inference on its grid."""
+    sample = client.next_sample("uncertainty", {})
+    vid = sample["id"]
+    assert vid in mine and vid not in saved and sample["model"] == igniter
+    # The sample is a leased task of hers (renewable like one from /v1/tasks/next).
+    assert rita.post(f"/v1/tasks/{vid}/renew").status_code == 200
 
-        # Her correction: the truth (the phantom's label), pancreas left unreviewed once.
-        truth = mine[vid].label
-        label_path = tmp_path / f"{vid}-label.nii.gz"
-        label_path.write_bytes(nifti_gz_bytes(truth, mine[vid].affine))
-        extra = {"organs": {"pancreas": "skipped"}, "minutes": 7.5} if n == 0 else {}
-        out = client.save_label(vid, str(label_path), tag="final", params=extra)
-        assert out["revision"] == 1
-        saved.append(vid)
+    image = rita.get("/datastore/image", params={"image": vid})
+    assert image.status_code == 200
+    grid = nib.Nifti1Image.from_bytes(gzip.decompress(image.content))
+    result_file, params = client.infer("segmentation", vid, {})
+    assert params["model"] == igniter and params["version"] == 1
+    pred = nib.load(result_file)
+    assert pred.shape == grid.shape
+    assert np.allclose(pred.affine, grid.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= set(ORGAN_IDS.values())
+    return vid
 
-        back = nib.load(client.download_label(vid, "final"))
-        assert np.array_equal(np.asarray(back.dataobj, np.uint8), truth)
-        (rev,) = rita.get(f"/v1/volumes/{vid}/annotations").json()
-        assert rev["author"] == "rita"
-        if n == 0:
-            assert rev["organs"] == {"pancreas": "skipped"} and rev["minutes"] == 7.5
-        else:
-            assert rev["organs"] == {} and 0.0 <= rev["minutes"] < 30.0  # since her claim
 
+def _label_saved(client: MONAILabelClient, mine, vid: str, n: int, tmp_path: Path) -> None:
+    """Her correction: the truth (the phantom's label), pancreas left unreviewed once."""
+    truth = mine[vid].label
+    label_path = tmp_path / f"{vid}-label.nii.gz"
+    label_path.write_bytes(nifti_gz_bytes(truth, mine[vid].affine))
+    extra = {"organs": {"pancreas": "skipped"}, "minutes": 7.5} if n == 0 else {}
+    out = client.save_label(vid, str(label_path), tag="final", params=extra)
+    assert out["revision"] == 1
+
+
+def _label_read_back(client, rita: httpx.Client, mine, vid: str, n: int) -> None:
+    truth = mine[vid].label
+    back = nib.load(client.download_label(vid, "final"))
+    assert np.array_equal(np.asarray(back.dataobj, np.uint8), truth)
+    (rev,) = rita.get(f"/v1/volumes/{vid}/annotations").json()
+    assert rev["author"] == "rita"
+    if n == 0:
+        assert rev["organs"] == {"pancreas": "skipped"} and rev["minutes"] == 7.5
+    else:
+        assert rev["organs"] == {} and 0.0 <= rev["minutes"] < 30.0  # since her claim
+
+
+def _nothing_left(client: MONAILabelClient, saved: list[str]) -> None:
     with pytest.raises(MONAILabelClientException):
         client.next_sample("uncertainty", {})  # nothing of hers is left
     assert client.datastore()["objects"][saved[0]]["labels"]["final"]["ext"] == ".nii.gz"
     assert client.info()["datastore"]["completed"] == 2
 
-    # A sustainer round on her annotations, started and watched from the client.
+
+def _sustainer_round_from_client(client: MONAILabelClient, sustainer: str, logs) -> None:
+    """A sustainer round on her annotations, started and watched from the client."""
     task = client.train_start(sustainer, {})
     assert task["type"] == "train" and task["model"] == sustainer
 
@@ -149,7 +172,10 @@ def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
     assert done["status"] == "DONE" and done["ctloop_status"] == "published", str(done)
     assert not client.train_status(check_if_running=True)
 
-    # Once Triton has loaded it, the new model answers inference by name and as the default.
+
+def _sustainer_serves(client, rita: httpx.Client, sustainer: str, saved: list[str], logs):
+    """Once Triton has loaded it, the new model answers inference by name and as the default."""
+
     def serving() -> bool:
         r = rita.post(f"/infer/{sustainer}", params={"image": saved[0], "output": "json"})
         assert r.status_code in (200, 409), r.text  # 409 not_serving: still loading
@@ -159,7 +185,9 @@ def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
     _, params = client.infer("segmentation", saved[0], {})
     assert params["model"] == sustainer and params["version"] == 1
 
-    # Every read and write went into the audit log, with who did it.
+
+def _all_audited(admin: httpx.Client, saved: list[str]) -> None:
+    """Every read and write went into the audit log, with who did it."""
     entries = admin.get("/v1/audit", params={"limit": 1000}).json()
     rita_did = {(e["action"], e["resource"]) for e in entries if e["actor"] == "rita"}
     for vid in saved:
@@ -169,3 +197,26 @@ def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
     assert any(a == "training.start" for a, _ in rita_did)
     via = [e for e in entries if e["actor"] == "rita" and e["action"] == "volume.read"]
     assert all(e["detail"].get("via") == "monailabel" for e in via)
+
+
+def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
+    tag, logs, api = platform["tag"], platform["logs"], platform["api"]
+    igniter, sustainer = f"igniter{tag}", f"sustainer{tag}"
+    admin = httpx.Client(
+        base_url=api, timeout=60, headers={"Authorization": f"Bearer {platform['admin_token']}"}
+    )
+    rita_token = _sites_and_reviewer(admin)
+    mine, theirs = _volumes_pre_annotated(admin, tag, igniter, logs)
+    client = _slicer_signs_in(api, tmp_path, rita_token)
+    _info_lists_models_and_datastore(client, igniter, sustainer)
+    rita = _only_her_site(client, api, rita_token, mine, theirs)
+    saved: list[str] = []
+    for n in range(2):
+        vid = _next_sample_inferred(client, rita, mine, saved, igniter)
+        _label_saved(client, mine, vid, n, tmp_path)
+        saved.append(vid)
+        _label_read_back(client, rita, mine, vid, n)
+    _nothing_left(client, saved)
+    _sustainer_round_from_client(client, sustainer, logs)
+    _sustainer_serves(client, rita, sustainer, saved, logs)
+    _all_audited(admin, saved)
