@@ -23,6 +23,7 @@ import pytest
 from ctloop.contracts import keys
 from ctloop.core.organs import ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
+from ctloop.platform import instance_env
 from ctloop.settings import REPO_ROOT, Settings
 from ctloop.storage import ObjectStore
 from ctloop.transfer.presets import PRESETS
@@ -40,12 +41,10 @@ def _dice(pred: np.ndarray, truth: np.ndarray, k: int) -> float | None:
 def run_env(tmp_path: Path):
     env = {**os.environ, "CTLOOP_RUNS_DIR": str(tmp_path / "runs")}
     yield env
-    # The run leaves its services up (--keep-services): stop them as their platform.
+    # The run leaves its services up (--keep-services): stop them as their platform instance
+    # (the run's env: its folder, ports and tag, "-" + the run id).
     for platform in (tmp_path / "runs").glob("*/platform"):
-        down = {**env, "CTLOOP_RUN_DIR": str(platform)}
-        for i, name in enumerate(("INGEST", "INFERENCE", "TRAINING", "METRICS")):
-            down[f"CTLOOP_SERVICES__{name}__HTTP_PORT"] = str(PORT_BASE + 2 * i)
-            down[f"CTLOOP_SERVICES__{name}__GRPC_PORT"] = str(PORT_BASE + 2 * i + 1)
+        down = {**env, **instance_env(platform, PORT_BASE, f"-{platform.parent.name}")}
         subprocess.run(
             [sys.executable, "-m", "ctloop.cli", "services", "down"],
             cwd=REPO_ROOT,
