@@ -52,7 +52,6 @@ class Platform(PlatformInstance):
         self.root = root
         self.group_prefix = self.settings.kafka.group_prefix
         self.inference_grpc = self.settings.services.grpc_target("inference")
-        self.training_grpc = self.settings.services.grpc_target("training")
         self._pool: urllib3.PoolManager | None = None
 
     # ------------------------------------------------------------ processes

@@ -9,7 +9,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.losses import MaskedDiceLoss
 from monai.networks.nets import UNet
@@ -27,7 +26,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.nn import functional as F
 
-from ctloop.core.organs import NUM_CLASSES, ORGANS
+from ctloop.core.organs import ORGANS
 
 
 class ModelConfig(BaseModel):
@@ -172,8 +171,3 @@ class PartialDiceCELoss(nn.Module):
         cw = class_weight[:, 1:].to(dice.dtype)
         dice_term = (dice * cw).sum() / cw.sum().clamp_min(1.0)
         return self.lambda_dice * dice_term + self.lambda_ce * ce_term
-
-
-def full_weights(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weights of a fully reviewed label: every voxel and every organ counts."""
-    return np.ones((1, *label.shape[-3:]), dtype=np.float32), np.ones(NUM_CLASSES, np.float32)

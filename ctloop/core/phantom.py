@@ -168,9 +168,6 @@ class Ellipsoid:
         ax, ay, az = self.axes
         return (dx / ax) ** 2 + (dy / ay) ** 2 + ((z - cz) / az) ** 2
 
-    def z_range(self) -> tuple[float, float]:
-        return self.center[2] - self.axes[2], self.center[2] + self.axes[2]
-
 
 @dataclass(frozen=True)
 class Anatomy:

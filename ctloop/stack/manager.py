@@ -13,7 +13,7 @@ from ctloop.stack.components import Component, Health, StackError, stack_compone
 
 Printer = Callable[[str], None]
 
-START_TIMEOUT_S = {"kafka": 90.0, "s3": 30.0, "triton": 120.0, "postgres": 60.0, "ingest": 90.0,
+START_TIMEOUT_S = {"kafka": 90.0, "s3": 30.0, "postgres": 60.0, "ingest": 90.0,
                    "inference": 120.0, "training": 90.0, "metrics": 90.0}  # fmt: skip
 
 
@@ -79,7 +79,10 @@ class LocalStack:
             c.prepare()
             c.process.start(c.command(), env=c.env(), cwd=c.data_dir)
             started = True
-        health = self._wait_healthy(c, START_TIMEOUT_S.get(c.name, 60.0))
+        timeout = START_TIMEOUT_S.get(c.name, 60.0)
+        if c.name == "triton":  # loading its backends takes longest; a deployment may say how long
+            timeout = self.settings.triton.startup_timeout_s
+        health = self._wait_healthy(c, timeout)
         c.after_start()
         verb = "started" if started else "running"
         self.echo(f"{c.name:<9} {verb:<9} pid {c.process.pid}  {c.describe()}  ({health.detail})")

@@ -200,7 +200,6 @@ class SimulatedAnnotator:
         self.truth = truth
         self.strategy = strategy
         self.time = time
-        self.submitted = 0
 
     def claim(self) -> dict[str, Any] | None:
         r = self.client.post("/v1/tasks/next", json={"strategy": "uncertainty"})
@@ -246,7 +245,6 @@ class SimulatedAnnotator:
         )
         if r.status_code != 201:
             raise RuntimeError(f"{self.user_id}: submitting {plan.volume_id}: {r.text}")
-        self.submitted += 1
         log.debug(
             "annotation submitted",
             extra={"user": self.user_id, "volume_id": plan.volume_id, "minutes": minutes},

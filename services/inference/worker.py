@@ -65,10 +65,6 @@ PREDICT_SECONDS = Histogram("ctloop_prediction_seconds", "Time to pre-annotate o
 LOAD_FAILURES = Counter("ctloop_model_load_failures_total", "Model versions Triton refused")
 
 
-class NoModelServing(RuntimeError):
-    pass
-
-
 @dataclass(frozen=True)
 class StoredVolume:
     """Where a volume's image is stored."""
