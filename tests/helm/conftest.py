@@ -76,7 +76,3 @@ def pod_specs(docs: list[Doc]) -> list[tuple[str, Doc]]:
         for d in docs
         if d["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet")
     ]
-
-
-def container_env(container: Doc) -> dict[str, Doc]:
-    return {e["name"]: e for e in container.get("env", [])}

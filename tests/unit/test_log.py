@@ -4,7 +4,7 @@ import logging
 from ctloop.log import JsonFormatter, bind
 
 
-def test_lines_are_json_with_bound_identifiers(caplog):
+def test_lines_are_json_with_bound_identifiers():
     logger = logging.getLogger("ctloop.test")
     record = logger.makeRecord("ctloop.test", logging.INFO, __file__, 1, "handled", (), None)
     with bind(event_id="e-1", volume_id="v-9"):
