@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,14 +32,16 @@ from bench.common import (
     find_pids,
     interleaved,
     median,
-    proc_status_kib,
+    medians,
     reset_peak_rss,
     result,
+    rss_mb,
 )
 from bench.platform import CompletionWatcher, Platform
 from bench.session import SITE, STUB, Session
 from bench.workload import CT, phantom_ct
 from ctloop.contracts import keys
+from ctloop.contracts.payloads import ModelRef
 from ctloop.core.infer import Segmenter
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.model_repository import ModelRepository, TritonModels
@@ -72,16 +76,40 @@ def prediction_info(p: Platform, volume_id: str, model: str, version: int) -> di
 
 def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str, Any]:
     """Benchmark 1; ``details.memory`` feeds benchmark 7."""
-    preset = ctx.preset
-    repeats = repeats or preset.repeats
+    repeats = repeats or ctx.preset.repeats
     p, served = session.served()
-    ct = phantom_ct(preset.volume_size, seed=1)
+    ct = phantom_ct(ctx.preset.volume_size, seed=1)
     segmenter = Segmenter(session.checkpoint)
+    direct, stubs = _serve_direct(p, session)
+    channel = grpc.insecure_channel(
+        p.inference_grpc,
+        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+    )
+    pids = p.service_pids()
+    with CompletionWatcher(p) as watch:
+        inference = inference_pb2_grpc.InferenceStub(channel)
+        sides = _Sides(p, served, watch, inference, direct, ct, segmenter, ctx.work)
+        # Warm-up, not measured: Triton's first request and torch's first kernels are slower.
+        sides.platform_side(-1)
+        sides.baseline(-1)
+        sides.clear()
+        # Memory is measured from here: the warm size, and the peak over the measured repeats
+        # (what one more volume costs, not the first request's one-off allocations).
+        idle_rss = {n: rss_mb(pid, "VmRSS") for n, pid in pids.items()}
+        for pid in [*pids.values(), *session.igniter_stubs, *stubs]:
+            reset_peak_rss(pid)
+        ours, theirs = interleaved(repeats, sides.platform_side, sides.baseline)
+    channel.close()
+    memory = _memory(ct, idle_rss, pids, session.igniter_stubs, stubs)
+    return _result(ctx, sides, repeats, ours, theirs, memory)
 
-    # The same weights under a second name, loaded straight into Triton, for gRPC Segment on
-    # volumes the event path has already pre-annotated (one prediction per volume and model).
-    # Their model input is kept by then, so this times the re-prediction path (what every
-    # waiting volume costs after a round): no fetch, decode or preprocess of the CT.
+
+def _serve_direct(p: Platform, session: Session) -> tuple[str, list[int]]:
+    """The same weights under a second name, loaded straight into Triton, for gRPC Segment on
+    volumes the event path has already pre-annotated (one prediction per volume and model).
+    Their model input is kept by then, so this times the re-prediction path (what every
+    waiting volume costs after a round): no fetch, decode or preprocess of the CT. Returns the
+    model's name and its Triton stub processes."""
     direct = f"direct{p.tag}"
     stubs_before = set(find_pids(STUB))
     spec = segmentation_spec(direct)
@@ -90,107 +118,118 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
     triton = TritonModels(p.settings)
     triton.serve_version(spec, 1)
     session.stack.callback(triton.client.unload_model, direct)
-    stubs = sorted(set(find_pids(STUB)) - stubs_before)
-    channel = grpc.insecure_channel(
-        p.inference_grpc,
-        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
-    )
-    inference = inference_pb2_grpc.InferenceStub(channel)
-    pids = p.service_pids()
+    return direct, sorted(set(find_pids(STUB)) - stubs_before)
 
-    breakdowns: list[dict[str, float]] = []
-    grpc_seconds: list[float] = []
-    local_stages: list[dict[str, float]] = []
-    with CompletionWatcher(p) as watch:
 
-        def platform_side(i: int) -> float:
-            vid = f"b1-{p.tag}-{i}"
-            t0 = time.time()
-            upload_s = upload(p, ct, vid)
-            done = watch.wait(vid, served)
-            info = prediction_info(p, vid, served.model, served.version)
-            stages = info.get("stage_seconds", {})
-            breakdowns.append(
-                {
-                    "upload": upload_s,
-                    "queue": info["started_at"] - (t0 + upload_s),
-                    **stages,
-                    "completion": done - info["started_at"] - sum(stages.values()),
-                }
+@dataclass
+class _Sides:
+    """Both sides of benchmark 1, and what each repeat records beside its time: the platform's
+    stage breakdown and gRPC Segment time, the in-process stages and the script's time."""
+
+    p: Platform
+    served: ModelRef
+    watch: CompletionWatcher
+    inference: inference_pb2_grpc.InferenceStub
+    direct: str
+    ct: CT
+    segmenter: Segmenter
+    work: Path
+    breakdowns: list[dict[str, float]] = field(default_factory=list)
+    grpc_seconds: list[float] = field(default_factory=list)
+    local_stages: list[dict[str, float]] = field(default_factory=list)
+    script_seconds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """The CT as a file, for the script."""
+        self.ct_file = self.work / "b1-ct.nii.gz"
+        self.ct_file.write_bytes(self.ct.nifti_gz)
+
+    def clear(self) -> None:
+        """Forget the warm-up's records."""
+        self.breakdowns.clear()
+        self.grpc_seconds.clear()
+        self.local_stages.clear()
+        self.script_seconds.clear()
+
+    def platform_side(self, i: int) -> float:
+        p, vid = self.p, f"b1-{self.p.tag}-{i}"
+        t0 = time.time()
+        upload_s = upload(p, self.ct, vid)
+        done = self.watch.wait(vid, self.served)
+        info = prediction_info(p, vid, self.served.model, self.served.version)
+        stages = info.get("stage_seconds", {})
+        self.breakdowns.append(
+            {
+                "upload": upload_s,
+                "queue": info["started_at"] - (t0 + upload_s),
+                **stages,
+                "completion": done - info["started_at"] - sum(stages.values()),
+            }
+        )
+        g0 = time.perf_counter()
+        self.inference.Segment(
+            inference_pb2.SegmentRequest(
+                volume=common_pb2.VolumeRef(volume_id=vid, site_id=SITE),
+                model=common_pb2.ModelVersionRef(model=self.direct, version=1),
             )
-            g0 = time.perf_counter()
-            inference.Segment(
-                inference_pb2.SegmentRequest(
-                    volume=common_pb2.VolumeRef(volume_id=vid, site_id=SITE),
-                    model=common_pb2.ModelVersionRef(model=direct, version=1),
-                )
-            )
-            grpc_seconds.append(time.perf_counter() - g0)
-            return done - t0
+        )
+        self.grpc_seconds.append(time.perf_counter() - g0)
+        return done - t0
 
-        ct_file = ctx.work / "b1-ct.nii.gz"
-        ct_file.write_bytes(ct.nifti_gz)
-        script_seconds: list[float] = []
+    def script(self, i: int) -> float:
+        """What a user's script does with the same file: nibabel load, segment, save the
+        mask as NIfTI (the platform's job is file in, mask file out, too)."""
+        t0 = time.perf_counter()
+        img = nib.Nifti1Image.from_filename(self.ct_file)
+        seg = self.segmenter(np.asanyarray(img.dataobj), img.affine)
+        nib.save(nib.Nifti1Image(seg.label, img.affine), self.work / "b1-mask.nii.gz")
+        return time.perf_counter() - t0
 
-        def script(i: int) -> float:
-            """What a user's script does with the same file: nibabel load, segment, save the
-            mask as NIfTI (the platform's job is file in, mask file out, too)."""
-            t0 = time.perf_counter()
-            img = nib.Nifti1Image.from_filename(ct_file)
-            seg = segmenter(np.asanyarray(img.dataobj), img.affine)
-            nib.save(nib.Nifti1Image(seg.label, img.affine), ctx.work / "b1-mask.nii.gz")
-            return time.perf_counter() - t0
+    def baseline(self, i: int) -> float:
+        t0 = time.perf_counter()
+        seg = self.segmenter(self.ct.image, self.ct.affine)
+        seconds = time.perf_counter() - t0
+        self.local_stages.append(seg.timings)
+        # In the baseline's slot, so the script meets the same conditions (ABAB order).
+        self.script_seconds.append(self.script(i))
+        return seconds
 
-        def baseline(i: int) -> float:
-            t0 = time.perf_counter()
-            seg = segmenter(ct.image, ct.affine)
-            seconds = time.perf_counter() - t0
-            local_stages.append(seg.timings)
-            # In the baseline's slot, so the script meets the same conditions (ABAB order).
-            script_seconds.append(script(i))
-            return seconds
 
-        # Warm-up, not measured: Triton's first request and torch's first kernels are slower.
-        platform_side(-1)
-        baseline(-1)
-        breakdowns.clear()
-        grpc_seconds.clear()
-        local_stages.clear()
-        script_seconds.clear()
-        # Memory is measured from here: the warm size, and the peak over the measured repeats
-        # (what one more volume costs, not the first request's one-off allocations).
-        idle_rss = {n: proc_status_kib(pid, "VmRSS") for n, pid in pids.items()}
-        for pid in [*pids.values(), *session.igniter_stubs, *stubs]:
-            reset_peak_rss(pid)
-        ours, theirs = interleaved(repeats, platform_side, baseline)
-    channel.close()
-
-    breakdown = {k: median([b.get(k, 0.0) for b in breakdowns]) for k in breakdowns[0]}
-    local = {k: median([s[k] for s in local_stages]) for k in local_stages[0]}
-    breakdown["triton_network_in_process_equivalent"] = local["network"]
-    breakdown["triton_overhead"] = breakdown.get("triton", 0.0) - local["network"]
-    memory = {
+def _memory(
+    ct: CT, idle_rss: dict[str, float], pids: dict[str, int], igniter: list[int], direct: list[int]
+) -> dict[str, Any]:
+    """Sizes and peaks for benchmark 7: the services' warm and peak RSS, the Triton stubs'."""
+    return {
         "volume_mb": ct.megabytes,
         "upload_mb": len(ct.nifti_gz) / 1e6,
-        "services_idle_rss_mb": {n: (v or 0) / 1024 for n, v in idle_rss.items()},
-        "services_peak_rss_mb": {
-            n: (proc_status_kib(pid, "VmHWM") or 0) / 1024 for n, pid in pids.items()
-        },
+        "services_idle_rss_mb": idle_rss,
+        "services_peak_rss_mb": {n: rss_mb(pid) for n, pid in pids.items()},
         "triton_stub_peak_rss_mb": {
-            "event path (igniter)": [
-                (proc_status_kib(s, "VmHWM") or 0) / 1024 for s in session.igniter_stubs
-            ],
-            "gRPC Segment (direct)": [(proc_status_kib(s, "VmHWM") or 0) / 1024 for s in stubs],
+            "event path (igniter)": [rss_mb(s) for s in igniter],
+            "gRPC Segment (direct)": [rss_mb(s) for s in direct],
         },
     }
-    ratio_grpc = median(grpc_seconds) / median(theirs)
-    ratio_script = median(ours) / median(script_seconds)
-    ratio = median(ours) / median(theirs)
-    note = (
-        f"upload→prediction.completed {ratio:.2f}x and gRPC Segment {ratio_grpc:.2f}x "
-        f"(re-prediction: the volume's model input kept) the in-process Segmenter; "
-        f"{ratio_script:.2f}x a script that loads the file, "
-        f"segments and saves the mask ({median(script_seconds):.2f}s); platform stages "
+
+
+def _stages(sides: _Sides) -> tuple[dict[str, float], dict[str, float]]:
+    """The median platform breakdown (its Triton stage split into the in-process network time
+    and the rest) and the median in-process stages."""
+    breakdown = medians(sides.breakdowns)
+    local = medians(sides.local_stages)
+    breakdown["triton_network_in_process_equivalent"] = local["network"]
+    breakdown["triton_overhead"] = breakdown.get("triton", 0.0) - local["network"]
+    return breakdown, local
+
+
+def _note(
+    ratios: dict[str, float], script_s: float, breakdown: dict[str, float], local: dict[str, float]
+) -> str:
+    return (
+        f"upload→prediction.completed {ratios['event']:.2f}x and gRPC Segment "
+        f"{ratios['grpc']:.2f}x (re-prediction: the volume's model input kept) "
+        "the in-process Segmenter; "
+        f"{ratios['script']:.2f}x a script that loads the file, "
+        f"segments and saves the mask ({script_s:.2f}s); platform stages "
         + ", ".join(
             f"{k} {v:.2f}s"
             for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])
@@ -200,6 +239,38 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
         + ", ".join(f"{k} {v:.2f}s" for k, v in local.items())
         + "."
     )
+
+
+def _settings(ctx: Context, ct: CT, segmenter: Segmenter, repeats: int) -> dict[str, Any]:
+    return {
+        "volume_shape": list(ct.image.shape),
+        "volume_dtype": "float32",
+        "volume_mb": round(ct.megabytes, 1),
+        "phantom_size": ctx.preset.volume_size,
+        "model": segmenter.cfg.model_dump(mode="json"),
+        "sw_batch_size": segmenter.sw_batch_size,
+        "sw_overlap": segmenter.sw_overlap,
+        "repeats": repeats,
+        "torch_threads_in_process": ctx.threads,
+        "triton": "python backend, KIND_CPU, 1 instance, max_batch_size 0 (no batching)",
+    }
+
+
+def _result(
+    ctx: Context,
+    sides: _Sides,
+    repeats: int,
+    ours: list[float],
+    theirs: list[float],
+    memory: dict[str, Any],
+) -> dict[str, Any]:
+    breakdown, local = _stages(sides)
+    grpc_s, script_s = sides.grpc_seconds, sides.script_seconds
+    ratios = {
+        "event": median(ours) / median(theirs),
+        "grpc": median(grpc_s) / median(theirs),
+        "script": median(ours) / median(script_s),
+    }
     return result(
         NAME,
         "Pre-annotation overhead",
@@ -207,32 +278,21 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
         "s",
         ours,
         theirs,
-        {
-            "volume_shape": list(ct.image.shape),
-            "volume_dtype": "float32",
-            "volume_mb": round(ct.megabytes, 1),
-            "phantom_size": preset.volume_size,
-            "model": segmenter.cfg.model_dump(mode="json"),
-            "sw_batch_size": segmenter.sw_batch_size,
-            "sw_overlap": segmenter.sw_overlap,
-            "repeats": repeats,
-            "torch_threads_in_process": ctx.threads,
-            "triton": "python backend, KIND_CPU, 1 instance, max_batch_size 0 (no batching)",
-        },
+        _settings(ctx, sides.ct, sides.segmenter, repeats),
         baseline_name="in-process Segmenter",
         target="≤ 1.10",
-        target_met=ratio <= 1.10,
+        target_met=ratios["event"] <= 1.10,
         details={
-            "grpc_segment_seconds": grpc_seconds,
-            "grpc_segment_median": median(grpc_seconds),
-            "grpc_segment_ratio": ratio_grpc,
-            "script_seconds": script_seconds,
-            "script_median": median(script_seconds),
-            "ratio_vs_script": ratio_script,
+            "grpc_segment_seconds": grpc_s,
+            "grpc_segment_median": median(grpc_s),
+            "grpc_segment_ratio": ratios["grpc"],
+            "script_seconds": script_s,
+            "script_median": median(script_s),
+            "ratio_vs_script": ratios["script"],
             "breakdown_median_s": breakdown,
-            "breakdowns_s": breakdowns,
+            "breakdowns_s": sides.breakdowns,
             "in_process_stages_median_s": local,
             "memory": memory,
-            "note": note,
+            "note": _note(ratios, median(script_s), breakdown, local),
         },
     )

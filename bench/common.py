@@ -85,6 +85,12 @@ def percentile(values: list[float], q: float) -> float:
     return float(ordered[rank - 1])
 
 
+def medians(rows: list[dict[str, float]], keys: list[str] | None = None) -> dict[str, float]:
+    """The median of each key over per-repeat breakdowns (the first row's keys unless given;
+    a row without a key counts 0 for it)."""
+    return {k: median([row.get(k, 0.0) for row in rows]) for k in (keys or list(rows[0]))}
+
+
 def interleaved(
     repeats: int, platform_side: Callable[[int], float], baseline: Callable[[int], float]
 ) -> tuple[list[float], list[float]]:
@@ -126,6 +132,11 @@ def proc_status_kib(pid: int, field_name: str) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def rss_mb(pid: int, field_name: str = "VmHWM") -> float:
+    """A process's ``VmRSS`` or peak (``VmHWM``) in MB; 0 when it cannot be read."""
+    return (proc_status_kib(pid, field_name) or 0) / 1024
 
 
 def reset_peak_rss(pid: int) -> None:
