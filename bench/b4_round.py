@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from sqlalchemy import select
 
 from bench.b1_preannotation import upload
-from bench.common import Context, interleaved, median, result
+from bench.common import Context, Preset, interleaved, medians, result
 from bench.platform import CompletionWatcher, Platform, bench_platform
 from bench.session import SITE, Session
 from bench.workload import CT, phantom_ct
@@ -74,9 +76,30 @@ def _serving(p: Platform, version: int) -> bool:
 
 
 def run(ctx: Context, session: Session) -> dict[str, Any]:
+    """Benchmark 4, on a platform of its own (ports ``port_base + 8`` ..): its volumes are
+    pre-annotated by the igniter first, then each repeat is one round."""
     preset = ctx.preset
-    reps = preset.round_repeats
-    env = {
+    ckpt = session.checkpoint
+    cts = {
+        i: phantom_ct(preset.round_size, seed=400 + i)
+        for i in range(1 + PER_ROUND * preset.round_repeats)
+    }
+    with bench_platform(ctx.work / "round-platform", ctx.port_base + 8, _round_env(preset)) as p:
+        igniter = _serve_igniter(p, ckpt)
+        ids = {i: f"b4-{p.tag}-{i}" for i in cts}
+        with CompletionWatcher(p) as watch, p.client() as client:
+            for i, vid in ids.items():
+                upload(p, cts[i], vid)
+            for vid in ids.values():
+                watch.wait(vid, igniter)
+            sides = _Sides(ctx, p, watch, client, igniter, ckpt, cts, ids)
+            ours, theirs = interleaved(preset.round_repeats, sides.platform_side, sides.baseline)
+    return _result(preset, ours, theirs, sides.parts)
+
+
+def _round_env(preset: Preset) -> dict[str, str]:
+    """Rounds of ``PER_ROUND`` volumes, started quickly, one process, the preset's model."""
+    return {
         "CTLOOP_TRAINING__ROUND_MIN_NEW": str(PER_ROUND),
         "CTLOOP_TRAINING__DEBOUNCE_S": "1",
         "CTLOOP_TRAINING__TICK_S": "0.5",
@@ -88,80 +111,99 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
         # The sustainer fine-tunes the igniter's architecture; the round's crops use this one.
         "CTLOOP_TRAINING__MODEL": json.dumps(preset.model),
     }
-    ckpt = session.checkpoint
-    cts = {i: phantom_ct(preset.round_size, seed=400 + i) for i in range(1 + PER_ROUND * reps)}
-    with bench_platform(ctx.work / "round-platform", ctx.port_base + 8, env) as p:
-        with p.client() as c:
-            c.post("/v1/sites", json={"id": SITE}).raise_for_status()
-        igniter = p.publish(ckpt, p.igniter, 1)
-        p.until("the igniter serving", lambda: _serving_igniter(p), 300)
-        ids = {i: f"b4-{p.tag}-{i}" for i in cts}
-        waiting = ids[0]
-        parts: list[dict[str, float]] = []
-        with CompletionWatcher(p) as watch, p.client() as client:
-            for i, vid in ids.items():
-                upload(p, cts[i], vid)
-            for vid in ids.values():
-                watch.wait(vid, igniter)
 
-            def platform_side(r: int) -> float:
-                version = r + 1
-                for i in range(1 + PER_ROUND * r, 1 + PER_ROUND * (r + 1)):
-                    _annotate(client, ids[i], cts[i], igniter)
-                t0 = time.time()
-                serving_at = p.until(
-                    "the sustainer serving", lambda: _serving(p, version) and time.time(), 1800
-                )
-                done = watch.wait(waiting, ModelRef(model=p.sustainer, version=version))
-                row = _round_row(p, version)
-                assert row is not None
-                rank0 = p.run_dir / "data" / "training" / f"round-{row.id:04d}"
-                loop_s = json.loads((rank0 / "candidate.ranks" / "rank-0.json").read_text())[
-                    "seconds"
-                ]
-                started, finished = _epoch(row.started_at), _epoch(row.finished_at)
-                parts.append(
-                    {
-                        "policy_wait": started - t0,
-                        "training_loop": loop_s,
-                        "round_other": finished - started - loop_s,
-                        "load": serving_at - finished,
-                        "repredict": done - serving_at,
-                        "train_volumes": len(row.volumes.get("train", [])),
-                        "holdout_volumes": len(row.volumes.get("holdout", [])),
-                    }
-                )
-                return done - t0
 
-            def baseline(r: int) -> float:
-                # The same fine-tune as round r: the same parent, volumes and steps.
-                train_ids = [
-                    ids[i] for i in range(1, 1 + PER_ROUND * (r + 1))
-                ]  # every corrected volume so far (the platform holds some out)
-                folder = ctx.work / "b4-baseline" / f"r{r}"
-                vols = [
-                    Volume(id=v, image=cts[i].image, affine=cts[i].affine, label=cts[i].label)
-                    for i, v in ids.items()
-                    if v in train_ids
-                ]
-                t0 = time.perf_counter()
-                write_decathlon(folder / "data", vols, name="b4")
-                cfg = TrainConfig(
-                    model=preset.model_config(),
-                    sources=[DataSource(path=folder / "data")],
-                    out=folder / "model.pt",
-                    init_from=_parent(ctx, ckpt, folder, r),
-                    steps=preset.round_steps,
-                    lr=1e-3,
-                    seed=r,
-                )
-                train(cfg)
-                Segmenter(cfg.out)(cts[0].image, cts[0].affine)
-                return time.perf_counter() - t0
+def _serve_igniter(p: Platform, ckpt: Path) -> ModelRef:
+    """The bench site, and the checkpoint serving as the igniter (version 1)."""
+    with p.client() as c:
+        c.post("/v1/sites", json={"id": SITE}).raise_for_status()
+    igniter = p.publish(ckpt, p.igniter, 1)
+    p.until("the igniter serving", lambda: _serving_igniter(p), 300)
+    return igniter
 
-            ours, theirs = interleaved(reps, platform_side, baseline)
+
+@dataclass
+class _Sides:
+    """Round ``r`` on both sides: the platform's (annotate the round's volumes, wait for the
+    sustainer and the re-prediction, record the split) and the script's fine-tune + predict.
+    Volume 0 waits for annotation; volumes ``1 + PER_ROUND * r`` .. are round r's."""
+
+    ctx: Context
+    p: Platform
+    watch: CompletionWatcher
+    client: httpx.Client
+    igniter: ModelRef
+    ckpt: Path
+    cts: dict[int, CT]
+    ids: dict[int, str]
+    parts: list[dict[str, float]] = field(default_factory=list)
+
+    def platform_side(self, r: int) -> float:
+        p, version = self.p, r + 1
+        for i in range(1 + PER_ROUND * r, 1 + PER_ROUND * (r + 1)):
+            _annotate(self.client, self.ids[i], self.cts[i], self.igniter)
+        t0 = time.time()
+        serving_at = p.until(
+            "the sustainer serving", lambda: _serving(p, version) and time.time(), 1800
+        )
+        done = self.watch.wait(self.ids[0], ModelRef(model=p.sustainer, version=version))
+        row = _round_row(p, version)
+        assert row is not None
+        self.parts.append(_split(p, row, t0, serving_at, done))
+        return done - t0
+
+    def baseline(self, r: int) -> float:
+        # The same fine-tune as round r: the same parent, volumes and steps.
+        ids, cts, preset = self.ids, self.cts, self.ctx.preset
+        train_ids = [
+            ids[i] for i in range(1, 1 + PER_ROUND * (r + 1))
+        ]  # every corrected volume so far (the platform holds some out)
+        folder = self.ctx.work / "b4-baseline" / f"r{r}"
+        vols = [
+            Volume(id=v, image=cts[i].image, affine=cts[i].affine, label=cts[i].label)
+            for i, v in ids.items()
+            if v in train_ids
+        ]
+        t0 = time.perf_counter()
+        write_decathlon(folder / "data", vols, name="b4")
+        cfg = TrainConfig(
+            model=preset.model_config(),
+            sources=[DataSource(path=folder / "data")],
+            out=folder / "model.pt",
+            init_from=_parent(self.ctx, self.ckpt, folder, r),
+            steps=preset.round_steps,
+            lr=1e-3,
+            seed=r,
+        )
+        train(cfg)
+        Segmenter(cfg.out)(cts[0].image, cts[0].affine)
+        return time.perf_counter() - t0
+
+
+def _split(
+    p: Platform, row: TrainingRound, t0: float, serving_at: float, done: float
+) -> dict[str, float]:
+    """A round's turnaround split: policy wait, training loop, the rest of the round, load,
+    re-prediction (and the round's volume counts)."""
+    rank0 = p.run_dir / "data" / "training" / f"round-{row.id:04d}"
+    loop_s = json.loads((rank0 / "candidate.ranks" / "rank-0.json").read_text())["seconds"]
+    started, finished = _epoch(row.started_at), _epoch(row.finished_at)
+    return {
+        "policy_wait": started - t0,
+        "training_loop": loop_s,
+        "round_other": finished - started - loop_s,
+        "load": serving_at - finished,
+        "repredict": done - serving_at,
+        "train_volumes": len(row.volumes.get("train", [])),
+        "holdout_volumes": len(row.volumes.get("holdout", [])),
+    }
+
+
+def _result(
+    preset: Preset, ours: list[float], theirs: list[float], parts: list[dict[str, float]]
+) -> dict[str, Any]:
     keys = [k for k in parts[0] if not k.endswith("volumes")]
-    breakdown = {k: median([x[k] for x in parts]) for k in keys}
+    breakdown = medians(parts, keys)
     return result(
         NAME,
         "Round turnaround",
@@ -177,7 +219,7 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
             "debounce_s": 1,
             "tick_s": 0.5,
             "holdout_every": 3,
-            "repeats": reps,
+            "repeats": preset.round_repeats,
         },
         baseline_name="in-process fine-tune + predict",
         details={
