@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -18,6 +19,7 @@ from ctloop.bus import EventConsumer, EventProducer, ensure_topics
 from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import BlobRef, ModelRef, model_published
 from ctloop.contracts.topics import Topic
+from ctloop.settings import Settings
 
 NAME = "6_bus"
 GAP_S = 0.005  # between sends: latency, not a backlog, is measured
@@ -32,85 +34,112 @@ def _event(i: int) -> CloudEvent:
 
 
 def run(ctx: Context, session: Session) -> dict[str, Any]:
-    settings = session.platform().settings
-    tag = uuid.uuid4().hex[:8]
-    ours_topic, raw_topic = f"ctloop.bench.{tag}.services", f"ctloop.bench.{tag}.raw"
-    ensure_topics(settings, [ours_topic, raw_topic])
-    sent: dict[str, float] = {}
-    got: dict[str, float] = {}
-    stop = threading.Event()
+    bus = _Bus(session.platform().settings)
+    try:
+        ours, theirs = _measure(bus, ctx.preset.bus_events)
+    finally:
+        bus.close()
+    return _result(ours, theirs)
 
-    def on_event(event: CloudEvent) -> None:
-        got.setdefault(event.id, time.perf_counter())
 
-    producer = EventProducer(settings, client_id=f"bench-bus-{tag}")
-    # (a scratch topic instead of a catalog one: no service of any platform sees these events)
-    consumer = EventConsumer(
-        settings, f"bench-bus-{tag}", cast(list[Topic], [ours_topic]), on_event, producer
-    )
-    raw_producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
-    raw_consumer = KafkaConsumer(
-        raw_topic,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        group_id=f"bench-bus-raw-{tag}",
-        auto_offset_reset="earliest",
-    )
+class _Bus:
+    """Both sides on their scratch topics (no service of any platform sees these events): the
+    services' producer and consumer, and kafka-python's defaults, each consumer on a thread
+    that records when each event arrived."""
 
-    def raw_loop() -> None:
-        while not stop.is_set():
-            for records in raw_consumer.poll(timeout_ms=200).values():
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        tag = uuid.uuid4().hex[:8]
+        self.ours_topic, self.raw_topic = f"ctloop.bench.{tag}.services", f"ctloop.bench.{tag}.raw"
+        ensure_topics(settings, [self.ours_topic, self.raw_topic])
+        self.sent: dict[str, float] = {}
+        self.got: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.producer = EventProducer(settings, client_id=f"bench-bus-{tag}")
+        self.consumer = EventConsumer(
+            settings,
+            f"bench-bus-{tag}",
+            cast(list[Topic], [self.ours_topic]),
+            self._on_event,
+            self.producer,
+        )
+        self.raw_producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+        self.raw_consumer = KafkaConsumer(
+            self.raw_topic,
+            bootstrap_servers=settings.kafka.bootstrap_servers,
+            group_id=f"bench-bus-raw-{tag}",
+            auto_offset_reset="earliest",
+        )
+        self.threads = [
+            threading.Thread(target=self.consumer.run, args=(self.stop,), daemon=True),
+            threading.Thread(target=self._raw_loop, daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _on_event(self, event: CloudEvent) -> None:
+        self.got.setdefault(event.id, time.perf_counter())
+
+    def _raw_loop(self) -> None:
+        while not self.stop.is_set():
+            for records in self.raw_consumer.poll(timeout_ms=200).values():
                 for r in records:
-                    got.setdefault(r.key.decode(), time.perf_counter())
+                    self.got.setdefault(r.key.decode(), time.perf_counter())
 
-    threads = [
-        threading.Thread(target=consumer.run, args=(stop,), daemon=True),
-        threading.Thread(target=raw_loop, daemon=True),
-    ]
-    for t in threads:
-        t.start()
-
-    def send_ours(e: CloudEvent) -> None:
+    def send_ours(self, e: CloudEvent) -> None:
         _, value, headers = e.to_kafka()
-        producer.send_raw(ours_topic, e.id.encode(), value, headers)
+        self.producer.send_raw(self.ours_topic, e.id.encode(), value, headers)
 
-    def send_raw(e: CloudEvent) -> None:
+    def send_raw(self, e: CloudEvent) -> None:
         _, value, headers = e.to_kafka()
-        raw_producer.send(raw_topic, key=e.id.encode(), value=value, headers=headers).get(30)
+        self.raw_producer.send(self.raw_topic, key=e.id.encode(), value=value, headers=headers).get(
+            30
+        )
 
-    def batch(send: Any, n: int) -> list[float]:
+    def batch(self, send: Callable[[CloudEvent], None], n: int) -> list[float]:
+        """``n`` events sent one at a time; each one's latency in ms (those that arrived
+        within two minutes)."""
         events = [_event(i) for i in range(n)]
         for e in events:
-            sent[e.id] = time.perf_counter()
+            self.sent[e.id] = time.perf_counter()
             send(e)
             time.sleep(GAP_S)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not all(e.id in got for e in events):
+        while time.monotonic() < deadline and not all(e.id in self.got for e in events):
             time.sleep(0.05)
-        return [(got[e.id] - sent[e.id]) * 1000 for e in events if e.id in got]
+        return [(self.got[e.id] - self.sent[e.id]) * 1000 for e in events if e.id in self.got]
 
-    try:
-        for send in (send_ours, send_raw):  # warm-up: group joins, metadata, connections
-            batch(send, 5)
-        n = ctx.preset.bus_events
-        chunks = 4
-        ours: list[float] = []
-        theirs: list[float] = []
-        for c in range(chunks):  # ABAB
-            for send, out in ((send_ours, ours), (send_raw, theirs))[:: 1 if c % 2 == 0 else -1]:
-                out.extend(batch(send, n // chunks))
-    finally:
-        stop.set()
-        for t in threads:
+    def close(self) -> None:
+        """Stop both consumers, close every client, delete both topics."""
+        self.stop.set()
+        for t in self.threads:
             t.join(timeout=10)
-        consumer.close()
-        producer.close()
-        raw_consumer.close()
-        raw_producer.close()
-        admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+        self.consumer.close()
+        self.producer.close()
+        self.raw_consumer.close()
+        self.raw_producer.close()
+        admin = KafkaAdminClient(bootstrap_servers=self.settings.kafka.bootstrap_servers)
         try:
-            admin.delete_topics([ours_topic, raw_topic])
+            admin.delete_topics([self.ours_topic, self.raw_topic])
         finally:
             admin.close()
+
+
+def _measure(bus: _Bus, n: int) -> tuple[list[float], list[float]]:
+    """``n`` events per side in 4 chunks, ABAB, after a warm-up of each side."""
+    for send in (bus.send_ours, bus.send_raw):  # warm-up: group joins, metadata, connections
+        bus.batch(send, 5)
+    chunks = 4
+    ours: list[float] = []
+    theirs: list[float] = []
+    sides = ((bus.send_ours, ours), (bus.send_raw, theirs))
+    for c in range(chunks):  # ABAB
+        for send, out in sides[:: 1 if c % 2 == 0 else -1]:
+            out.extend(bus.batch(send, n // chunks))
+    return ours, theirs
+
+
+def _result(ours: list[float], theirs: list[float]) -> dict[str, Any]:
     p99 = (percentile(ours, 99), percentile(theirs, 99))
     return result(
         NAME,
