@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from typing import Any
 
 from bench.common import Context, interleaved, result
 from ctloop.core.datasets import synthesize_dataset
 from ctloop.core.train import DataSource, TrainConfig
+from services.training.torchrun import torchrun_command
 
 NAME = "3_training"
 
@@ -43,9 +43,9 @@ def train_once(ctx: Context, nproc: int, run: int) -> dict[str, Any]:
     if ctx.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "ctloop.core.train", str(cfg_path)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        torchrun_command(cfg_path, nproc), env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun ({nproc}) failed: {proc.stderr[-2000:]}")
     summary = json.loads((folder / f"n{nproc}-{run}.ranks" / "rank-0.json").read_text())
