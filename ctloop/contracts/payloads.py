@@ -31,7 +31,15 @@ RoundOutcome = Literal["published", "rejected", "failed"]
 
 
 class Payload(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Event data. Consumers ignore fields they do not know, so a producer one release ahead
+    (a rolling upgrade) may add an optional field without sending every older consumer's
+    events to the dead letters. A change an older consumer would misread (a field removed,
+    renamed, retyped or made required) is a new ``schema_version``: a new CloudEvents type that
+    older consumers do not know, so they dead-letter it instead of misreading it. Producers
+    build events only through the typed constructors below, so they cannot send a field that
+    is not declared."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class BlobRef(Payload):

@@ -92,3 +92,39 @@ def test_each_constructor_fixes_its_type_and_subject_and_validates_its_data():
     )
     assert by_hand.data == events["annotation.submitted"].data
     assert VOLUME_INGESTED.ce_type == events["volume.ingested"].type.ce_type
+
+
+def test_a_consumer_ignores_fields_a_newer_producer_added():
+    """A rolling upgrade: the producer is one release ahead and adds optional fields (at the
+    top level and inside a blob reference); the older consumer reads the event, it does not
+    dead-letter it."""
+    from ctloop.contracts import payloads as p
+
+    event = p.volume_ingested(
+        "/ingest",
+        volume_id="v1",
+        site_id="s",
+        dataset="clinical",
+        image=p.BlobRef(bucket="b", key="k"),
+        shape=(2, 2, 2),
+        spacing=(1.0, 1.0, 1.0),
+        sha256="0" * 64,
+    )
+    key, value, headers = event.to_kafka()
+    newer = json.loads(value)
+    newer["scanner"] = "added in the next release"
+    newer["image"]["storage_class"] = "STANDARD"
+    consumed = CloudEvent.from_kafka(json.dumps(newer).encode(), headers)
+    payload = p.payload_for(consumed)
+    assert isinstance(payload, p.VolumeIngested)
+    assert payload.volume_id == "v1" and payload.image.key == "k"
+    assert "scanner" not in payload.model_dump()
+
+
+def test_a_breaking_change_is_a_new_type_that_older_consumers_refuse():
+    """What an older consumer cannot read safely travels as another schema version: a type it
+    does not know, dead-lettered with the reason."""
+    with pytest.raises(InvalidEvent, match="unknown event type"):
+        CloudEvent.from_kafka(
+            b'{"schema_version": 2}', _headers(ce_type="org.ctloop.model.published.v2")
+        )
