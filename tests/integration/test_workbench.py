@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import gzip
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import nibabel as nib
@@ -28,7 +30,7 @@ from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
 from ctloop.platform import until
 from ctloop.settings import REPO_ROOT
-from tests.helpers.browsers import missing, open_page
+from tests.helpers.browsers import Page, missing, open_page
 from tests.helpers.keycloak import User, run_keycloak
 from tests.helpers.platform import run_platform
 
@@ -124,10 +126,22 @@ def _clinical(platform, site: str, names: list[str]) -> list[str]:
     return vids
 
 
-@pytest.mark.parametrize("browser", ["chromium", "firefox"])
-def test_annotator_corrects_a_task_in_the_browser(platform, browser):
-    if why := missing(browser):
-        pytest.fail(f"{browser}: {why}")
+@dataclass(frozen=True)
+class _Stroke:
+    """Where the brush painted: its radius, the axial plane (view, shape, index) and the row and
+    first column of the stroke in display pixels."""
+
+    radius: int
+    axial: dict
+    dims: list[int]
+    index: int
+    row: int
+    col: int
+
+
+def _annotator(platform, browser: str) -> tuple[str, list[str], str, str, httpx.Client]:
+    """A site of her own with two pre-annotated clinical volumes, and an annotator there:
+    (site, volume ids, user, token, her API client)."""
     tag, api = platform["tag"], platform["api"]
     admin = _admin(platform)
     site = f"hosp-{browser}-{tag}"
@@ -137,83 +151,99 @@ def test_annotator_corrects_a_task_in_the_browser(platform, browser):
     assert r.status_code == 201, r.text
     token = admin.post(f"/v1/users/{user}/tokens", json={"label": "browser"}).json()["token"]
     me = httpx.Client(base_url=api, timeout=60, headers={"Authorization": f"Bearer {token}"})
-    ARTIFACTS.mkdir(exist_ok=True)
+    return site, clinical, user, token, me
 
-    with open_page(browser) as page:
-        page.goto(f"{api}/ui/")
 
-        # Sign in with the token; the task list shows the annotator's site.
-        page.fill("#token", token)
-        page.click("#signin-form button[type=submit]")
-        page.wait_for("#tasks:not([hidden])")
-        assert site in page.text("#sites")
-        assert all(v in page.text("#waiting") for v in clinical)
+def _signs_in(page: Page, token: str, site: str, clinical: list[str]) -> None:
+    """Sign in with the token; the task list shows the annotator's site."""
+    page.fill("#token", token)
+    page.click("#signin-form button[type=submit]")
+    page.wait_for("#tasks:not([hidden])")
+    assert site in page.text("#sites")
+    assert all(v in page.text("#waiting") for v in clinical)
 
-        # Next task: a lease from the queue, the volume open in three views.
-        page.click("#next-task")
-        page.wait_for("#workbench:not([hidden])")
-        page.wait_for("#view-axial .caption:not(:empty)")
-        vid = page.evaluate("ctloopWorkbench.task.volumeId")
-        assert vid in clinical
-        meta = me.get(f"/v1/volumes/{vid}/viewer").json()
-        assert meta["lease_holder"] == user
-        pre = _nifti(me.get(f"/v1/volumes/{vid}/prediction/mask").content)
 
-        # The spleen, brush one step larger than the default (3 -> 4), on the middle axial plane.
-        page.press(str(FOREGROUND.index(PAINTED) + 1))
-        page.press("]")
-        radius = int(page.value("#brush-size"))
-        assert radius == 4
-        axial = meta["views"]["axial"]
-        dims = meta["shape"]
-        index = page.evaluate("ctloopWorkbench.views[0].index")
-        n_rows, n_cols = dims[axial["rows"]], dims[axial["cols"]]
-        row, col = n_rows // 2, n_cols // 2 - 6
+def _takes_next_task(page: Page, me: httpx.Client, clinical: list[str], user: str):
+    """Next task: a lease from the queue, the volume open in three views; (volume id, its
+    viewer metadata, its pre-annotation)."""
+    page.click("#next-task")
+    page.wait_for("#workbench:not([hidden])")
+    page.wait_for("#view-axial .caption:not(:empty)")
+    vid = page.evaluate("ctloopWorkbench.task.volumeId")
+    assert vid in clinical
+    meta = me.get(f"/v1/volumes/{vid}/viewer").json()
+    assert meta["lease_holder"] == user
+    pre = _nifti(me.get(f"/v1/volumes/{vid}/prediction/mask").content)
+    return vid, meta, pre
 
-        def at(r: int, c: int) -> dict[str, float]:
-            return dict(page.evaluate(f"ctloopWorkbench.views[0].clientPoint({r}, {c})"))
 
-        # A stroke of four brush positions along one row ...
-        page.drag([at(row, col), at(row, col + 3)])
-        # ... and a second dab elsewhere, undone with Ctrl+Z (redo and undo again on the way).
-        page.click_at(at(row - 12, col + 12))
-        page.press("Control+z")
-        page.press("Control+y")
-        page.press("Control+z")
+def _paints_and_undoes(page: Page, meta: dict) -> _Stroke:
+    """The spleen, brush one step larger than the default (3 -> 4), on the middle axial plane:
+    one stroke kept, a second dab undone."""
+    page.press(str(FOREGROUND.index(PAINTED) + 1))
+    page.press("]")
+    radius = int(page.value("#brush-size"))
+    assert radius == 4
+    axial = meta["views"]["axial"]
+    dims = meta["shape"]
+    index = page.evaluate("ctloopWorkbench.views[0].index")
+    n_rows, n_cols = dims[axial["rows"]], dims[axial["cols"]]
+    row, col = n_rows // 2, n_cols // 2 - 6
 
-        # Accept every other organ with its own button; the painted one became "corrected".
-        for organ in FOREGROUND:
-            if organ != PAINTED:
-                page.click(f'#organs tr[data-organ="{organ}"] button[data-status="accepted"]')
-        time.sleep(1.2)  # let the timer count a second of work
-        viewer_png = ARTIFACTS / f"workbench-viewer-{browser}.png"
-        page.screenshot(viewer_png)
+    def at(r: int, c: int) -> dict[str, float]:
+        return dict(page.evaluate(f"ctloopWorkbench.views[0].clientPoint({r}, {c})"))
 
-        page.click("#submit")
-        page.wait_for("body[data-submitted]")
-        assert page.attribute("body", "data-submitted") == f"{vid}:1"
+    # A stroke of four brush positions along one row ...
+    page.drag([at(row, col), at(row, col + 3)])
+    # ... and a second dab elsewhere, undone with Ctrl+Z (redo and undo again on the way).
+    page.click_at(at(row - 12, col + 12))
+    page.press("Control+z")
+    page.press("Control+y")
+    page.press("Control+z")
+    return _Stroke(radius, axial, dims, index, row, col)
 
-        page.goto(f"{api}/ui/dashboard.html")
-        page.wait_for("body[data-loaded]")
-        assert site in page.text("#queues")
-        dashboard_png = ARTIFACTS / f"workbench-dashboard-{browser}.png"
-        page.screenshot(dashboard_png, full_page=True)
-        errors = page.errors()
-    assert not errors, errors
-    print(f"screenshots: {viewer_png} {dashboard_png}")
 
-    # Through the API: one revision, statuses as clicked, minutes spent ...
+def _accepts_the_rest_and_submits(page: Page, browser: str, vid: str) -> Path:
+    """Accept every other organ with its own button; the painted one became "corrected"."""
+    for organ in FOREGROUND:
+        if organ != PAINTED:
+            page.click(f'#organs tr[data-organ="{organ}"] button[data-status="accepted"]')
+    time.sleep(1.2)  # let the timer count a second of work
+    viewer_png = ARTIFACTS / f"workbench-viewer-{browser}.png"
+    page.screenshot(viewer_png)
+
+    page.click("#submit")
+    page.wait_for("body[data-submitted]")
+    assert page.attribute("body", "data-submitted") == f"{vid}:1"
+    return viewer_png
+
+
+def _dashboard_shows_the_site(page: Page, api: str, site: str, browser: str) -> Path:
+    page.goto(f"{api}/ui/dashboard.html")
+    page.wait_for("body[data-loaded]")
+    assert site in page.text("#queues")
+    dashboard_png = ARTIFACTS / f"workbench-dashboard-{browser}.png"
+    page.screenshot(dashboard_png, full_page=True)
+    return dashboard_png
+
+
+def _revision_as_clicked(me: httpx.Client, vid: str, user: str) -> None:
+    """Through the API: one revision, statuses as clicked, minutes spent."""
     (rev,) = me.get(f"/v1/volumes/{vid}/annotations").json()
     assert rev["author"] == user and rev["revision"] == 1
     assert rev["organs"] == {o: ("corrected" if o == PAINTED else "accepted") for o in FOREGROUND}
     assert rev["reviewed_slices"] is None and 0 < rev["minutes"] < 10
-    # ... and the mask is the pre-annotation plus exactly the painted voxels.
+
+
+def _mask_is_pre_plus_painted(me: httpx.Client, vid: str, pre: np.ndarray, s: _Stroke) -> None:
+    """The mask is the pre-annotation plus exactly the painted voxels; the lease was released."""
+    n_rows, n_cols = s.dims[s.axial["rows"]], s.dims[s.axial["cols"]]
     expected = pre.copy()
-    for c in range(col, col + 4):
-        for dr, dc in _disc(radius, axial["row_mm"], axial["col_mm"]):
-            r2, c2 = row + dr, c + dc
+    for c in range(s.col, s.col + 4):
+        for dr, dc in _disc(s.radius, s.axial["row_mm"], s.axial["col_mm"]):
+            r2, c2 = s.row + dr, c + dc
             if 0 <= r2 < n_rows and 0 <= c2 < n_cols:
-                expected[_voxel(axial, dims, index, r2, c2)] = ORGAN_IDS[PAINTED]
+                expected[_voxel(s.axial, s.dims, s.index, r2, c2)] = ORGAN_IDS[PAINTED]
     got = me.get("/datastore/label", params={"label": vid, "tag": "final"})
     assert got.status_code == 200, got.text
     mask = _nifti(got.content)
@@ -221,6 +251,29 @@ def test_annotator_corrects_a_task_in_the_browser(platform, browser):
     assert changed > 0
     assert np.array_equal(mask, expected), f"{int((mask != expected).sum())} voxels differ"
     assert me.get("/v1/workbench/tasks").json()["mine"] == []  # the lease was released
+
+
+@pytest.mark.parametrize("browser", ["chromium", "firefox"])
+def test_annotator_corrects_a_task_in_the_browser(platform, browser):
+    if why := missing(browser):
+        pytest.fail(f"{browser}: {why}")
+    api = platform["api"]
+    site, clinical, user, token, me = _annotator(platform, browser)
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    with open_page(browser) as page:
+        page.goto(f"{api}/ui/")
+        _signs_in(page, token, site, clinical)
+        vid, meta, pre = _takes_next_task(page, me, clinical, user)
+        stroke = _paints_and_undoes(page, meta)
+        viewer_png = _accepts_the_rest_and_submits(page, browser, vid)
+        dashboard_png = _dashboard_shows_the_site(page, api, site, browser)
+        errors = page.errors()
+    assert not errors, errors
+    print(f"screenshots: {viewer_png} {dashboard_png}")
+
+    _revision_as_clicked(me, vid, user)
+    _mask_is_pre_plus_painted(me, vid, pre, stroke)
 
 
 @pytest.mark.parametrize("browser", ["chromium", "firefox"])
