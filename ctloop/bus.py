@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
@@ -51,17 +51,29 @@ def broker_ready(settings: Settings) -> tuple[bool, str]:
     return True, f"{len(ours)} ctloop topics"
 
 
+def topic_configs(settings: Settings) -> dict[str, str]:
+    """The per-topic configuration ctloop sets on its topics (from settings)."""
+    return {"retention.ms": str(settings.kafka.topic_retention_ms)}
+
+
 def ensure_topics(settings: Settings, topics: Iterable[str] = tuple(Topic)) -> None:
-    """Create the catalog's topics that do not exist yet."""
-    admin = KafkaAdminClient(
-        bootstrap_servers=settings.kafka.bootstrap_servers, client_id="ctloop-admin"
-    )
+    """Create the catalog's topics that do not exist yet, with the configured partitions,
+    replication factor and retention; set the retention of those that do (an upgrade from a
+    release that kept events for a week keeps them from then on)."""
+    k = settings.kafka
+    admin = KafkaAdminClient(bootstrap_servers=k.bootstrap_servers, client_id="ctloop-admin")
     try:
         existing = set(admin.list_topics())
-        missing = [t for t in topics if t not in existing]
-        for name in missing:
+        for name in topics:
+            if name in existing:
+                resource = ConfigResource(ConfigResourceType.TOPIC, name, topic_configs(settings))
+                admin.alter_configs([resource])
+                continue
             new = NewTopic(
-                name, num_partitions=settings.kafka.topic_partitions, replication_factor=1
+                name,
+                num_partitions=k.topic_partitions,
+                replication_factor=k.topic_replication_factor,
+                topic_configs=topic_configs(settings),
             )
             # A concurrent caller may have created it in the meantime.
             with contextlib.suppress(TopicAlreadyExistsError):

@@ -23,6 +23,12 @@ class KafkaSettings(BaseModel):
     # Set to use an existing cluster instead of the embedded broker ("host:port,host:port").
     external_bootstrap: str | None = None
     topic_partitions: int = 3
+    # Replicas of each ctloop topic: 1 for one broker; 3 with the chart's 3-broker example,
+    # whose min.insync.replicas=2 refuses acks=all writes to a topic with fewer replicas.
+    topic_replication_factor: int = Field(default=1, ge=1)
+    # How long the brokers keep ctloop's events; -1: for ever. The metrics service rebuilds its
+    # state from the topics at every start, so a finite retention forgets old rounds.
+    topic_retention_ms: int = Field(default=-1, ge=-1)
     heap: str = "512m"
     # Prepended to every consumer group: two platform instances on one cluster (e.g. a
     # `ctloop run` beside `make services-up`) then never share a group.

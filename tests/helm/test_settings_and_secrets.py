@@ -15,7 +15,7 @@ import yaml
 
 from ctloop.settings import Settings
 from services.training.manifests import build_job
-from tests.helm.conftest import CHART, EXAMPLES, Doc, named, of_kind, render
+from tests.helm.conftest import CHART, EXAMPLES, SETUPS, Doc, named, of_kind, render
 
 SERVICES = ("ingest", "inference", "training", "metrics")
 SECRET_VARS = re.compile(r"(PASSWORD|SECRET_KEY|ACCESS_KEY(_ID)?|ROOT_USER)$")
@@ -174,3 +174,29 @@ def test_unknown_values_are_refused():
 
     result = helm_template("--set", "ingest.replica=3")
     assert result.returncode != 0 and "replica" in result.stderr
+
+
+def _kafka_property(docs: list[Doc], name: str) -> str:
+    (config,) = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"] == "ctloop-kafka"]
+    props = dict(
+        line.split("=", 1) for line in config["data"]["server.properties"].splitlines() if line
+    )
+    return props[name]
+
+
+@pytest.mark.parametrize(
+    ("example", "replication"),
+    [("default", 1), ("multi-node-training", 3), ("external-services", 3)],
+)
+def test_topics_get_the_replication_the_brokers_insist_on_and_keep_events(example, replication):
+    """With 3 brokers the release sets min.insync.replicas=2 and producers write with
+    acks=all: ctloop's topics must then have 3 replicas or every write is refused. Events are
+    kept for ever by default (the metrics service rebuilds its state from them)."""
+    docs = render(*SETUPS[example])
+    for svc in SERVICES:
+        s = settings_of(service_container(docs, svc))
+        assert s.kafka.topic_replication_factor == replication
+        assert s.kafka.topic_retention_ms == -1
+    if example != "external-services":
+        assert int(_kafka_property(docs, "default.replication.factor")) == replication
+        assert int(_kafka_property(docs, "min.insync.replicas")) <= replication

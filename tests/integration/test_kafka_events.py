@@ -164,3 +164,48 @@ def test_failing_handler_is_retried_then_dead_lettered(settings, unique):
         consumer.close()
     assert attempts.count(poison.id) == 3
     producer.close()
+
+
+def _topic_config(settings, name: str) -> tuple[int, dict[str, str]]:
+    """(replication factor, configs) of a topic, as the broker reports them."""
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    try:
+        (meta,) = admin.describe_topics([name])
+        replicas = {len(p["replica_nodes"]) for p in meta["partitions"]}
+        answer = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+        configs = {k: v["value"] for k, v in answer["topic"][name].items()}
+    finally:
+        admin.close()
+    assert len(replicas) == 1, replicas
+    return replicas.pop(), configs
+
+
+def test_topics_are_made_with_the_configured_replication_and_keep_events_for_ever(settings, unique):
+    """Topics are created with the replication factor and retention of the settings (the
+    chart sets 3 replicas for its 3-broker example), and the retention of an existing topic
+    (made by an earlier release with the broker's 7 days) is set to the configured one."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from ctloop.bus import ensure_topics
+
+    fresh, old = f"ctloop.test.fresh-{unique}", f"ctloop.test.old-{unique}"
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    week = str(7 * 24 * 3600 * 1000)
+    admin.create_topics([NewTopic(old, 1, 1, topic_configs={"retention.ms": week})])
+    admin.close()
+    assert _topic_config(settings, old)[1]["retention.ms"] == week
+
+    ensure_topics(settings, [fresh, old])
+    assert settings.kafka.topic_retention_ms == -1  # the default: keep every event
+    replication, configs = _topic_config(settings, fresh)
+    assert replication == settings.kafka.topic_replication_factor == 1
+    assert configs["retention.ms"] == "-1"
+    assert _topic_config(settings, old)[1]["retention.ms"] == "-1"
+
+    day = settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"topic_retention_ms": 86_400_000})}
+    )
+    ensure_topics(day, [old])
+    assert _topic_config(settings, old)[1]["retention.ms"] == "86400000"

@@ -73,6 +73,16 @@ imagePullSecrets:
 {{- end -}}
 {{- end -}}
 
+{{- /* Replicas of each ctloop topic: the release's brokers (at most 3, as the brokers' own
+       default.replication.factor), or what the external cluster is said to need. */ -}}
+{{- define "ctloop.kafka.replicationFactor" -}}
+{{- if .Values.kafka.enabled -}}
+{{- min 3 (int .Values.kafka.replicas) -}}
+{{- else -}}
+{{- int .Values.kafka.external.replicationFactor -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "ctloop.s3.endpoint" -}}
 {{- if .Values.minio.enabled -}}
 {{- printf "%s:%d" (include "ctloop.componentName" (dict "root" . "component" "minio")) (int .Values.minio.port) -}}
@@ -181,6 +191,10 @@ imagePullSecrets:
   value: {{ include "ctloop.kafka.bootstrap" . | quote }}
 - name: CTLOOP_KAFKA__TOPIC_PARTITIONS
   value: {{ .Values.kafka.topicPartitions | quote }}
+- name: CTLOOP_KAFKA__TOPIC_REPLICATION_FACTOR
+  value: {{ include "ctloop.kafka.replicationFactor" . | quote }}
+- name: CTLOOP_KAFKA__TOPIC_RETENTION_MS
+  value: {{ .Values.kafka.topicRetentionMs | int64 | quote }}
 {{ include "ctloop.s3Env" . }}
 - name: CTLOOP_TRITON__EXTERNAL_URL
   value: {{ printf "%s:%d" (include "ctloop.componentName" (dict "root" . "component" "triton")) (int .Values.triton.grpcPort) | quote }}
