@@ -173,3 +173,38 @@ def test_migrations_build_exactly_the_models_schema_and_rerun_as_a_no_op(db_url)
 
     assert diff == []
     assert version == ScriptDirectory.from_config(alembic_config(db_url)).get_current_head()
+
+
+def test_replicas_starting_together_migrate_a_fresh_database_once(postgres_settings, unique):
+    """Every replica of every service runs the migrations at start, and an install or upgrade
+    starts them at the same moment: on PostgreSQL they take turns (an advisory lock), the
+    first migrates, the others find the schema at head; none fails."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import text
+
+    from ctloop.db import engine_for
+
+    name = f"test_race_{unique}"
+    server = PostgresDatabase(postgres_settings)
+    with server.connect(autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = postgres_settings.database_url.rsplit("/", 1)[0] + f"/{name}"
+    code = "import sys; from ctloop.db import create_schema; create_schema(sys.argv[1])"
+    try:
+        replicas = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            for _ in range(4)
+        ]
+        outputs = [(p.wait(timeout=300), p.stdout.read().decode()) for p in replicas]
+        assert [rc for rc, _ in outputs] == [0, 0, 0, 0], outputs
+        with engine_for(url).connect() as conn:
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+        assert len(versions) == 1
+    finally:
+        engine_for(url).dispose()
+        with server.connect(autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
