@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import jwt
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from ctloop.db import ApiToken, SiteMembership, User, session_scope
 from ctloop.settings import AuthSettings
@@ -45,8 +46,13 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def new_token() -> str:
+    """A random API token (shown once; only its SHA-256 is kept)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
 def issue_token(database_url: str, user_id: str, label: str = "") -> str:
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = new_token()
     with session_scope(database_url) as s:
         s.add(ApiToken(sha256=token_hash(token), user_id=user_id, label=label))
     return token
@@ -118,16 +124,25 @@ def revoke_token(database_url: str, token_sha256: str) -> bool:
         return True
 
 
-def ensure_admin_token(database_url: str, path: Path) -> str | None:
-    """Create the first admin and write its token to ``path`` (0600) unless an admin exists.
+def ensure_admin_token(database_url: str, path: Path, given: str | None = None) -> str | None:
+    """Create the first admin unless an admin exists, with the deployment's ``given`` token
+    (kept in a Secret) or a new one, and write the token to ``path`` (0600).
 
-    Returns the new token, or None when nothing was created.
+    Returns the token, or None when nothing was created (an admin exists, or another replica
+    created it at the same moment).
     """
-    with session_scope(database_url) as s:
-        if s.scalar(select(User.id).where(User.role == "admin").limit(1)) is not None:
-            return None
-        s.add(User(id="admin", role="admin"))
-    token = issue_token(database_url, "admin", label="bootstrap")
+    if given is not None and not given.startswith(TOKEN_PREFIX):
+        raise ValueError(f"the bootstrap admin token must start with {TOKEN_PREFIX!r}")
+    token = given or new_token()
+    try:
+        with session_scope(database_url) as s:
+            if s.scalar(select(User.id).where(User.role == "admin").limit(1)) is not None:
+                return None
+            s.add(User(id="admin", role="admin"))
+            s.flush()
+            s.add(ApiToken(sha256=token_hash(token), user_id="admin", label="bootstrap"))
+    except IntegrityError:  # another replica made the admin first
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -134,6 +134,10 @@ class AuthSettings(BaseModel):
     username_claim: str = "preferred_username"
     roles_claim: str = "realm_access.roles"  # dotted path into the token's claims
     sites_claim: str = "ctloop_sites"
+    # The first admin's API token when the deployment provides it (the chart keeps it in a
+    # Secret that outlives pods and upgrades); unset: ingest makes one and writes it to
+    # <run_dir>/admin-token. Must start with "ctl_".
+    bootstrap_admin_token: SecretStr | None = None
 
     @property
     def jwks_url(self) -> str | None:

@@ -13,7 +13,12 @@ def main() -> None:
     settings, _, relay = start_service("ingest")
     svc = settings.services
     api = f"http://{svc.host}:{svc.ingest.http_port}"
-    if ensure_admin_token(settings.database_url, settings.admin_token_file):
+    given = settings.auth.bootstrap_admin_token
+    if ensure_admin_token(
+        settings.database_url,
+        settings.admin_token_file,
+        given.get_secret_value() if given is not None else None,
+    ):
         print(f"ctloop API at {api}; the admin token is in {settings.admin_token_file}", flush=True)
     ep = settings.services.ingest
     runtime = ServiceRuntime("ingest", settings.services.host, ep.http_port, ep.grpc_port)

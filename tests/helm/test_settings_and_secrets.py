@@ -127,7 +127,7 @@ def test_generated_secrets_are_random_not_from_values():
         return {d["metadata"]["name"]: d["data"] for d in yaml.safe_load_all(out) if d}
 
     first, second = secrets(), secrets()
-    assert set(first) == {"ctloop-s3", "ctloop-postgresql"}
+    assert set(first) == {"ctloop-s3", "ctloop-postgresql", "ctloop-admin-token"}
     for name, data in first.items():
         for key, value in data.items():
             assert value != second[name][key]  # random per install (kept on upgrade by lookup)
@@ -136,7 +136,9 @@ def test_generated_secrets_are_random_not_from_values():
 
 def test_switching_off_kafka_minio_postgresql_uses_the_external_ones_and_their_secrets():
     docs = render(next(f for f in EXAMPLES if f.stem == "external-services"))
-    assert not of_kind(docs, "Secret") and not of_kind(docs, "StatefulSet")
+    # Only the first admin's token is the chart's own; every other credential is the hospital's.
+    assert [d["metadata"]["name"] for d in of_kind(docs, "Secret")] == ["ctloop-admin-token"]
+    assert not of_kind(docs, "StatefulSet")
     for svc in SERVICES:
         c = service_container(docs, svc)
         s = settings_of(c)
@@ -200,3 +202,21 @@ def test_topics_get_the_replication_the_brokers_insist_on_and_keep_events(exampl
     if example != "external-services":
         assert int(_kafka_property(docs, "default.replication.factor")) == replication
         assert int(_kafka_property(docs, "min.insync.replicas")) <= replication
+
+
+def test_the_first_admins_token_lives_in_a_secret_that_outlives_pods_and_upgrades():
+    """Ingest registers the bootstrap admin token from a Secret the chart generates once (kept
+    on upgrade and uninstall), not only in one pod's scratch volume."""
+    docs = render()
+    secret = named(docs, "Secret", "admin-token")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert base64.b64decode(secret["data"]["token"]).decode().startswith("ctl_")
+    for svc in SERVICES:
+        env = {e["name"]: e for e in service_container(docs, svc)["env"]}
+        ref = env.get("CTLOOP_AUTH__BOOTSTRAP_ADMIN_TOKEN")
+        if svc != "ingest":
+            assert ref is None, svc
+            continue
+        assert ref is not None
+        assert ref["valueFrom"]["secretKeyRef"] == {"name": "ctloop-admin-token", "key": "token"}
+        assert settings_of(service_container(docs, svc)).auth.bootstrap_admin_token is not None

@@ -127,6 +127,11 @@ imagePullSecrets:
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the first admin's API token. */}}
+{{- define "ctloop.adminTokenSecret" -}}
+{{- include "ctloop.componentName" (dict "root" . "component" "admin-token") -}}
+{{- end -}}
+
 {{/* A generated secret value that survives upgrades: the live Secret's, else random. */}}
 {{- define "ctloop.secretValue" -}}
 {{- $existing := lookup "v1" "Secret" .root.Release.Namespace .name -}}
