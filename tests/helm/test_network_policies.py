@@ -1,63 +1,44 @@
-"""The network policies allow exactly the flows of the design, nothing more, nothing less.
+"""The network policies allow exactly the flows of the chart's flow table, nothing more, nothing
+less; the ServiceMonitor scrapes each component on the port the table names; and the table
+holds every flow the services' own code dials.
 
-FLOWS is the design's flow table (shared/DESIGN.md, "Shape" and the component table), written
-once here and independently of the chart: (from, to, port). "ingress-controller" and
-"prometheus" are the namespaces named in values (networkPolicy.*NamespaceSelector).
+The table (helm/ctloop/files/flows.yaml) names ports; the port numbers below are the chart's
+defaults, written here independently. "ingress-controller" and "prometheus" are the namespaces
+named in values (networkPolicy.*NamespaceSelector).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from tests.helm.conftest import Doc, named, of_kind, render
+import yaml
 
-INGEST_HTTP, INGEST_GRPC = 8000, 50051
-INFERENCE_HTTP, INFERENCE_GRPC = 18100, 50052
-TRAINING_HTTP, TRAINING_GRPC = 18200, 50053
-METRICS_HTTP = 18300
-TRITON_GRPC, TRITON_METRICS = 8001, 8002
-KAFKA, KAFKA_CONTROLLER, S3, POSTGRESQL = 9092, 9093, 9000, 5432
+from ctloop.settings import REPO_ROOT
+from tests.helm.conftest import CHART, Doc, named, of_kind, render
+
+PORTS = {
+    "ingest": {"http": 8000, "grpc": 50051},
+    "inference": {"http": 18100, "grpc": 50052},
+    "training": {"http": 18200, "grpc": 50053},
+    "metrics": {"http": 18300, "grpc": 50054},
+    "triton": {"grpc": 8001, "metrics": 8002},
+    "kafka": {"kafka": 9092, "controller": 9093},
+    "minio": {"s3": 9000},
+    "postgresql": {"postgresql": 5432},
+}
 ANY = "any port"
+TABLE = yaml.safe_load((CHART / "files" / "flows.yaml").read_text())
+SERVICES = ("ingest", "inference", "training", "metrics")
 
 FLOWS: set[tuple[str, str, Any]] = {
-    # clients reach the REST API through the ingress controller
-    ("ingress-controller", "ingest", INGEST_HTTP),
-    # ingest: Segment (inference) and train requests (training) over gRPC; events, blobs, state
-    ("ingest", "inference", INFERENCE_GRPC),
-    ("ingest", "training", TRAINING_GRPC),
-    ("ingest", "kafka", KAFKA),
-    ("ingest", "minio", S3),
-    ("ingest", "postgresql", POSTGRESQL),
-    # inference: Triton over gRPC, events, masks, its outbox
-    ("inference", "triton", TRITON_GRPC),
-    ("inference", "kafka", KAFKA),
-    ("inference", "minio", S3),
-    ("inference", "postgresql", POSTGRESQL),
-    # training: asks ingest for its data, events, the model repository, rounds
-    ("training", "ingest", INGEST_GRPC),
-    ("training", "kafka", KAFKA),
-    ("training", "minio", S3),
-    ("training", "postgresql", POSTGRESQL),
-    # metrics: every topic, and the masks it scores
-    ("metrics", "kafka", KAFKA),
-    ("metrics", "minio", S3),
-    # Triton loads models from the S3 repository
-    ("triton", "minio", S3),
-    # a round's pods: their data in S3, rendezvous and NCCL among themselves
-    ("training-job", "minio", S3),
-    ("training-job", "training-job", ANY),
-    # the Kafka quorum
-    ("kafka", "kafka", KAFKA),
-    ("kafka", "kafka", KAFKA_CONTROLLER),
-    # Prometheus scrapes /metrics
-    ("prometheus", "ingest", INGEST_HTTP),
-    ("prometheus", "inference", INFERENCE_HTTP),
-    ("prometheus", "training", TRAINING_HTTP),
-    ("prometheus", "metrics", METRICS_HTTP),
-    ("prometheus", "triton", TRITON_METRICS),
+    (src, dst, PORTS[dst][port]) for src, dst, port in TABLE["flows"]
 }
-# Egress outside the release: DNS for everyone, the API server for training (Jobs).
-EXTERNAL_EGRESS = {("training", "kube-apiserver", 443), ("training", "kube-apiserver", 6443)}
+FLOWS |= {
+    ("training-job", "training-job", ANY),  # rendezvous and NCCL among a round's pods
+    ("ingress-controller", "ingest", PORTS["ingest"]["http"]),  # clients reach the REST API
+}
+FLOWS |= {("prometheus", c, PORTS[c][port]) for c, port in TABLE["scraped"]}
 
 
 def peer_name(peer: Doc) -> str:
@@ -147,3 +128,52 @@ def test_with_external_services_their_flows_go_to_the_given_peers_and_ports():
 
 def test_policies_can_be_switched_off():
     assert not of_kind(render(set_values=("networkPolicy.enabled=false",)), "NetworkPolicy")
+
+
+# What a service's code reveals about whom it dials (its whole package, as text).
+_DIALS = {
+    "kafka": re.compile(r"\b(EventProducer|EventConsumer|start_service)\("),
+    "minio": re.compile(r"\b(ObjectStore|ModelRepository)\("),
+    "postgresql": re.compile(r"\b(session_scope|start_service|create_schema)\("),
+    "triton": re.compile(r"\bTritonModels\("),
+}
+
+
+def code_flows(service: str) -> set[tuple[str, str, str]]:
+    """(service, peer, named port) for every peer the service's code dials: another service's
+    gRPC target or HTTP address, the bus, the object store, the database, Triton."""
+    text = "\n".join(p.read_text() for p in (REPO_ROOT / "services" / service).rglob("*.py"))
+    found = {(service, peer, "grpc") for peer in re.findall(r'grpc_target\("(\w+)"\)', text)}
+    found |= {(service, peer, "http") for peer in re.findall(r"\.(\w+)\.address\b", text)}
+    ports = {"kafka": "kafka", "minio": "s3", "postgresql": "postgresql", "triton": "grpc"}
+    found |= {(service, peer, ports[peer]) for peer, rx in _DIALS.items() if rx.search(text)}
+    return found
+
+
+def test_the_table_holds_exactly_the_flows_the_services_code_dials():
+    """The chart's table cannot drift from the code: a dashboard that reads the metrics report
+    needs ingest -> metrics, whatever the table says."""
+    table = {tuple(f) for f in TABLE["flows"] if f[0] in SERVICES}
+    dialled = set().union(*(code_flows(s) for s in SERVICES))
+    assert ("ingest", "metrics", "http") in dialled
+    assert table == dialled
+
+
+def test_the_service_monitor_scrapes_each_component_on_its_metrics_port_only():
+    docs = render(set_values=("serviceMonitor.enabled=true",))
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    scraped: set[tuple[str, str]] = set()
+    services = {
+        s["metadata"]["labels"]["app.kubernetes.io/component"]: {
+            p["name"] for p in s["spec"]["ports"]
+        }
+        for s in of_kind(docs, "Service")
+        if s["metadata"]["labels"].get("ctloop.org/metrics") == "true"
+    }
+    for endpoint in monitor["spec"]["endpoints"]:
+        (keep,) = [r for r in endpoint["relabelings"] if r["action"] == "keep"]
+        for component in keep["regex"].split("|"):
+            assert endpoint["port"] in services[component], (component, endpoint["port"])
+            scraped.add((component, endpoint["port"]))
+    assert scraped == {tuple(s) for s in TABLE["scraped"]}
+    assert ("triton", "http") not in scraped and set(services) == {c for c, _ in scraped}
