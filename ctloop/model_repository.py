@@ -25,7 +25,7 @@ from ctloop.contracts.payloads import BlobRef
 from ctloop.contracts.triton import ModelSpec
 from ctloop.core.infer import PreparedVolume, Preprocessor, Segmentation, finish
 from ctloop.core.model import ModelConfig
-from ctloop.core.packaging import INTERFACE
+from ctloop.core.packaging import INTERFACE, segmentation_spec
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from ctloop.timing import Laps
@@ -88,6 +88,14 @@ class ModelRepository:
     def weights(self, model: str, version: int) -> bytes:
         """A published version's checkpoint (a round fine-tunes from it)."""
         return self.store.get_bytes(self.bucket, keys.model_weights(self.prefix, model, version))
+
+
+def serving_spec(settings: Settings, model: str) -> ModelSpec:
+    """A segmentation model's Triton spec for this deployment: a GPU instance group when the
+    Triton replicas have GPUs (``settings.triton.instance_kind``), a CPU one otherwise. Both the
+    published ``config.pbtxt`` and the config each load pins come from here."""
+    t = settings.triton
+    return segmentation_spec(model, gpu=t.instance_kind == "gpu", instance_count=t.instance_count)
 
 
 class TritonModels:

@@ -68,6 +68,10 @@ class TritonSettings(BaseModel):
     external_url: str | None = None  # "host:port" of an existing Triton gRPC endpoint
     model_prefix: str = "models"  # folder of the model repository inside the model bucket
     startup_timeout_s: float = 120.0
+    # Where the served models run: "gpu" when the Triton replicas have GPUs (the chart says so
+    # when it gives Triton nvidia.com/gpu), "cpu" otherwise; instances per GPU (or in all).
+    instance_kind: Literal["cpu", "gpu"] = "cpu"
+    instance_count: int = Field(default=1, ge=1)
 
     @property
     def grpc_url(self) -> str:

@@ -33,7 +33,6 @@ from ctloop.contracts.payloads import (
 )
 from ctloop.core.blobs import nifti_array_from_gz, nifti_gz_bytes
 from ctloop.core.infer import PreparedVolume
-from ctloop.core.packaging import segmentation_spec
 from ctloop.db import (
     Prediction,
     ServingModel,
@@ -50,6 +49,7 @@ from ctloop.model_repository import (
     ModelRepository,
     TritonModels,
     TritonSegmenter,
+    serving_spec,
 )
 from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.settings import Settings
@@ -151,7 +151,7 @@ class InferenceWorker:
         with bind(model=ref.model, model_version=ref.version):
             try:
                 self.segmenter.preprocessor(ref.model, ref.version)  # its manifest fits
-                self.triton.serve_version(segmentation_spec(ref.model), ref.version)
+                self.triton.serve_version(serving_spec(self.settings, ref.model), ref.version)
             except (ModelLoadFailed, IncompatibleModel):
                 LOAD_FAILURES.inc()
                 log.exception("new version failed to load; the previous one keeps serving")

@@ -13,8 +13,8 @@ from ctloop.contracts.payloads import ModelRef
 from ctloop.core.datasets import DecathlonDataset
 from ctloop.core.infer import Segmenter
 from ctloop.core.metrics import mean_dice
-from ctloop.core.packaging import package_checkpoint, segmentation_spec
-from ctloop.model_repository import ModelRepository
+from ctloop.core.packaging import package_checkpoint
+from ctloop.model_repository import ModelRepository, serving_spec
 
 
 def holdout_dice(checkpoint: Path, folder: Path) -> float | None:
@@ -56,7 +56,7 @@ def publish_candidate(
 ) -> int:
     """Package ``candidate`` and publish it as ``model``'s next version; that version."""
     version = max(repo.published_versions(model), default=0) + 1
-    spec = segmentation_spec(model)
+    spec = serving_spec(repo.settings, model)
     package = package_checkpoint(
         candidate, spec, parent_version=parent.version if parent else None, metrics=metrics
     )

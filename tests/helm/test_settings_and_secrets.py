@@ -220,3 +220,21 @@ def test_the_first_admins_token_lives_in_a_secret_that_outlives_pods_and_upgrade
         assert ref is not None
         assert ref["valueFrom"]["secretKeyRef"] == {"name": "ctloop-admin-token", "key": "token"}
         assert settings_of(service_container(docs, svc)).auth.bootstrap_admin_token is not None
+
+
+@pytest.mark.parametrize(("gpus", "kind"), [(None, "gpu"), (0, "cpu")])
+def test_models_are_served_on_the_gpu_triton_is_given(gpus, kind):
+    """The chart gives Triton nvidia.com/gpu; the services then publish and load every model
+    version with a GPU instance group (they used to ask for a CPU one whatever Triton had)."""
+    from ctloop.model_repository import serving_spec
+
+    no_gpu = (
+        "triton.resources.limits.nvidia\\.com/gpu=0",
+        "triton.resources.requests.nvidia\\.com/gpu=0",
+    )
+    docs = render(set_values=no_gpu if gpus == 0 else ())
+    for svc in ("inference", "training"):
+        s = settings_of(service_container(docs, svc))
+        assert s.triton.instance_kind == kind
+        group = serving_spec(s, "sustainer").config(3)["instance_group"]
+        assert group == [{"kind": f"KIND_{kind.upper()}", "count": 1}]

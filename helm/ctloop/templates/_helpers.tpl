@@ -127,6 +127,12 @@ imagePullSecrets:
 {{- end -}}
 {{- end -}}
 
+{{/* Where Triton runs the models: on its GPUs when the chart gives it any. */}}
+{{- define "ctloop.triton.instanceKind" -}}
+{{- $limits := .Values.triton.resources.limits | default dict -}}
+{{- if gt (int (index $limits "nvidia.com/gpu" | default 0)) 0 -}}gpu{{- else -}}cpu{{- end -}}
+{{- end -}}
+
 {{/* The Secret holding the first admin's API token. */}}
 {{- define "ctloop.adminTokenSecret" -}}
 {{- include "ctloop.componentName" (dict "root" . "component" "admin-token") -}}
@@ -201,6 +207,8 @@ imagePullSecrets:
 - name: CTLOOP_KAFKA__TOPIC_RETENTION_MS
   value: {{ .Values.kafka.topicRetentionMs | int64 | quote }}
 {{ include "ctloop.s3Env" . }}
+- name: CTLOOP_TRITON__INSTANCE_KIND
+  value: {{ include "ctloop.triton.instanceKind" . | quote }}
 - name: CTLOOP_TRITON__EXTERNAL_URL
   value: {{ printf "%s:%d" (include "ctloop.componentName" (dict "root" . "component" "triton")) (int .Values.triton.grpcPort) | quote }}
 - name: CTLOOP_DB__BACKEND
