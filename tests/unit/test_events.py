@@ -110,7 +110,7 @@ def test_a_consumer_ignores_fields_a_newer_producer_added():
         spacing=(1.0, 1.0, 1.0),
         sha256="0" * 64,
     )
-    key, value, headers = event.to_kafka()
+    _, value, headers = event.to_kafka()
     newer = json.loads(value)
     newer["scanner"] = "added in the next release"
     newer["image"]["storage_class"] = "STANDARD"
