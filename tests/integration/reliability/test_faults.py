@@ -202,13 +202,14 @@ def _lag(settings: Settings, group: str, topics: list[Topic]) -> int:
         admin.close()
 
 
-@pytest.mark.timeout(1800)
-def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
-    p = private
+def _repo_keys(p: Private, store: ObjectStore) -> list[str]:
     s = p.settings
+    return store.list_keys(s.s3.model_bucket, f"{s.triton.model_prefix}/")
 
-    # S3 gateway down: an upload is refused with 503 + Retry-After, nothing is recorded; it
-    # recovers by itself once the gateway is back.
+
+def _s3_down_refuses_uploads(p: Private) -> None:
+    """S3 gateway down: an upload is refused with 503 + Retry-After, nothing is recorded; it
+    recovers by itself once the gateway is back."""
     p.kill("s3")
     r = _upload(p, "down-s3", "clinical", 1)
     p.invariant(
@@ -219,23 +220,28 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
     p.invariant("readyz says not ready", p.api.get("/readyz").status_code == 503)
     p.ctloop("stack", "up")
     p.until("ingest ready again", lambda: p.api.get("/readyz").status_code == 200)
-    with session_scope(s.database_url) as db:
+    with session_scope(p.settings.database_url) as db:
         p.invariant("a refused upload left no row", db.get(Volume, "down-s3") is None)
 
-    # Kafka down: uploads are still accepted (the outbox keeps their events) and announced
-    # once the broker is back.
+
+def _kafka_down_keeps_uploads(p: Private) -> None:
+    """Kafka down: uploads are still accepted (the outbox keeps their events) and announced
+    once the broker is back."""
     p.kill("kafka")
     r = _upload(p, "during-kafka", "clinical", 2)
     p.invariant("upload accepted while Kafka is down", r.status_code == 201, r.text)
     p.ctloop("stack", "up")
     p.until(
         "the outbox to deliver",
-        lambda: "during-kafka" in _events(s, Topic.VOLUME_INGESTED),
+        lambda: "during-kafka" in _events(p.settings, Topic.VOLUME_INGESTED),
         180,
     )
 
-    # Training killed in the middle of the igniter's round: after a restart the round is
-    # recovered and the igniter is published exactly once, never half.
+
+def _training_killed_mid_round(p: Private) -> None:
+    """Training killed in the middle of the igniter's round (recovered after the restart)."""
+    s = p.settings
+
     def round_running() -> bool:
         with session_scope(s.database_url) as db:
             return bool(db.scalar(select(TrainingRound).where(TrainingRound.status == "running")))
@@ -247,16 +253,10 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
     p.kill("training")
     p.ctloop("services", "up")
 
-    store = ObjectStore(s)
-    repo_keys = lambda: store.list_keys(s.s3.model_bucket, f"{s.triton.model_prefix}/")  # noqa: E731
-    p.until(
-        "the igniter published after the restart",
-        lambda: any(k.endswith("/1/manifest.json") for k in repo_keys()),
-        600,
-    )
 
-    # Inference killed while it pre-annotates: every clinical volume ends up with exactly one
-    # pre-annotation per model version.
+def _inference_killed_mid_pre_annotation(p: Private) -> None:
+    """Inference killed while it pre-annotates: every clinical volume ends up pre-annotated."""
+    s = p.settings
     for i in range(3):
         assert _upload(p, f"cli-{i}", "clinical", 20 + i).status_code == 201
     time.sleep(2)
@@ -271,7 +271,10 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
 
     p.until("every clinical volume pre-annotated", all_predicted, 300)
 
-    # Triton killed: inference says it is not ready, the API keeps answering, and it recovers.
+
+def _triton_down_keeps_the_api(p: Private) -> None:
+    """Triton killed: inference says it is not ready, the API keeps answering, and it
+    recovers."""
     p.kill("triton")
     inference = httpx.Client(base_url=f"http://127.0.0.1:{PORTS['INFERENCE']}", timeout=10)
     p.until("inference not ready", lambda: inference.get("/readyz").status_code == 503, 60)
@@ -286,8 +289,10 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
         300,
     )
 
-    # Ingest killed in the middle of an upload: the volume is either wholly there or absent,
-    # and the same upload afterwards succeeds.
+
+def _ingest_killed_mid_upload(p: Private) -> None:
+    """Ingest killed in the middle of an upload: the volume is either wholly there or absent,
+    and the same upload afterwards succeeds."""
     big, _ = _volume(99)
     payload = big + b""
 
@@ -312,7 +317,8 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
     )
     p.invariant("the upload succeeds after the restart", r.status_code in (200, 201), r.text)
 
-    # An annotation, then a last check of every invariant from the stores.
+
+def _annotation_submitted(p: Private) -> None:
     _image, label = _volume(20)
     r = p.api.post(
         "/v1/volumes/cli-0/annotations",
@@ -321,6 +327,10 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
     )
     assert r.status_code == 201, r.text
 
+
+def _stores_agree(p: Private, store: ObjectStore) -> list[Volume]:
+    """Every SQL row has its blob in S3, one pre-annotation per model version; the volumes."""
+    s = p.settings
     with session_scope(s.database_url) as db:
         vols = list(db.scalars(select(Volume)))
         anns = list(db.scalars(select(AnnotationRevision)))
@@ -338,6 +348,12 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
         all(store.exists(s.s3.bucket, a.s3_key) for a in anns),
     )
     p.invariant("one pre-annotation per volume and model version", not dup_preds, dup_preds)
+    return vols
+
+
+def _announced_once(p: Private, vols: list[Volume]) -> None:
+    """Every volume and the annotation announced by exactly one event (deduplicated by id)."""
+    s = p.settings
 
     def announced_once() -> bool:
         events = _events(s, Topic.VOLUME_INGESTED)
@@ -351,15 +367,21 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
     events = _events(s, Topic.ANNOTATION_SUBMITTED)
     p.invariant("the annotation announced by one event", len(events.get("cli-0", {})) == 1)
 
-    versions = [k for k in repo_keys() if k.endswith("/manifest.json") and "/igniter/" in f"/{k}"]
+
+def _no_half_published_version(p: Private, store: ObjectStore) -> None:
+    keys = lambda: _repo_keys(p, store)  # noqa: E731
+    versions = [k for k in keys() if k.endswith("/manifest.json") and "/igniter/" in f"/{k}"]
     igniter_dirs = {k.rsplit("/", 2)[0] + "/" + k.rsplit("/", 2)[1] for k in versions}
-    weights = [k for k in repo_keys() if "/igniter/" in f"/{k}" and k.endswith("weights.pt")]
+    weights = [k for k in keys() if "/igniter/" in f"/{k}" and k.endswith("weights.pt")]
     p.invariant(
         "no half-published or duplicated model version",
         len(igniter_dirs) == len(versions) == len(weights) >= 1,
         (versions, weights),
     )
 
+
+def _consumer_lag_drains(p: Private) -> None:
+    s = p.settings
     p.until(
         "the consumer lag to drain",
         lambda: (
@@ -369,3 +391,31 @@ def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
         180,
     )
     REPORT["invariants"].append("consumer lag drained to zero")
+
+
+@pytest.mark.timeout(1800)
+def test_faults_lose_nothing_and_the_platform_recovers(private: Private):
+    p = private
+    _s3_down_refuses_uploads(p)
+    _kafka_down_keeps_uploads(p)
+    _training_killed_mid_round(p)
+
+    # After the restart the round is recovered and the igniter is published exactly once,
+    # never half.
+    store = ObjectStore(p.settings)
+    p.until(
+        "the igniter published after the restart",
+        lambda: any(k.endswith("/1/manifest.json") for k in _repo_keys(p, store)),
+        600,
+    )
+
+    _inference_killed_mid_pre_annotation(p)
+    _triton_down_keeps_the_api(p)
+    _ingest_killed_mid_upload(p)
+
+    # An annotation, then a last check of every invariant from the stores.
+    _annotation_submitted(p)
+    vols = _stores_agree(p, store)
+    _announced_once(p, vols)
+    _no_half_published_version(p, store)
+    _consumer_lag_drains(p)
