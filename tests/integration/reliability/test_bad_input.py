@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from ctloop.bus import EventProducer
+from ctloop.core.phantom import Phantom
 from ctloop.db import AnnotationRevision, Lease, OutboxEvent, Volume, session_scope
 from ctloop.outbox import OutboxRelay
 from ctloop.settings import Settings
@@ -79,9 +80,9 @@ def _annotation(mask: bytes | None = None, **form: str) -> Callable[[dict[str, A
     return build
 
 
-def _corpus() -> dict[str, Case]:
+def _broken_volume_files(p: Phantom) -> dict[str, Case]:
+    """Volume uploads that are not a readable, sane 3-D CT."""
     p = phantom(seed=901)
-    pub = phantom("public", 902)
     good = nifti(p.image, p.affine)
     nan, inf = p.image.astype(np.float32), p.image.astype(np.float32)
     nan[1, 1, 1] = np.nan
@@ -97,7 +98,7 @@ def _corpus() -> dict[str, Case]:
     bomb_header = gzip.compress(bytes(header) + b"\0" * 2048)
     other_series = dicom_zip(p, series_uids=("1.2.3.4.5", "1.2.3.4.6"))
     u: Callable[..., Any] = _upload
-    cases = {
+    return {
         # volumes: broken files
         "corrupt_gzip": Case("POST", "/v1/volumes", 422, "corrupt_gzip", u(b"\x1f\x8b" + b"x" * 9)),
         "truncated_gzip": Case("POST", "/v1/volumes", 422, "truncated", u(good[: len(good) // 3])),
@@ -131,6 +132,13 @@ def _corpus() -> dict[str, Case]:
             "POST", "/v1/volumes", 422, "bad_dicom", u(_zip({"a.dcm": b"not dicom" * 50}))
         ),
         "zip_mixed_series": Case("POST", "/v1/volumes", 422, "bad_dicom", u(other_series)),
+    }  # fmt: skip
+
+
+def _hostile_volume_fields(good: bytes) -> dict[str, Case]:
+    """Volume uploads with hostile or wrong form fields."""
+    u: Callable[..., Any] = _upload
+    return {
         # volumes: hostile or wrong form fields
         "site_traversal": Case("POST", "/v1/volumes", 422, "bad_id", u(good, site_id="../x")),
         "id_with_slash": Case("POST", "/v1/volumes", 422, "bad_id", u(good, volume_id="a/b")),
@@ -144,6 +152,12 @@ def _corpus() -> dict[str, Case]:
         "another_sites_upload": Case(
             "POST", "/v1/volumes", 404, "unknown_site", u(good, site_id=OTHER), as_user="uploader"
         ),
+    }  # fmt: skip
+
+
+def _bad_labels(pub: Phantom) -> dict[str, Case]:
+    """Labelled uploads whose label does not fit the volume or the organ list."""
+    return {
         # labels
         "label_other_grid": Case(
             "POST", "/v1/volumes", 422, "grid_mismatch",
@@ -166,6 +180,12 @@ def _corpus() -> dict[str, Case]:
             "POST", "/v1/volumes", 422, "bad_label_map",
             _labelled(nifti(pub.label, pub.affine), label_map='{"heart": 1}'), as_user="admin",
         ),
+    }  # fmt: skip
+
+
+def _bad_annotations(p: Phantom) -> dict[str, Case]:
+    """Annotations with a bad mask, review or model reference, or for a volume not yours."""
+    return {
         # annotations
         "mask_other_grid": Case(
             "POST", "/v1/volumes/{vid}/annotations", 422, "grid_mismatch",
@@ -214,6 +234,12 @@ def _corpus() -> dict[str, Case]:
             "POST", "/v1/volumes/{vid}/annotations", 404, "not_found", _annotation(),
             as_user="other",
         ),
+    }  # fmt: skip
+
+
+def _access_and_tokens() -> dict[str, Case]:
+    """Reads across sites, hostile paths, malformed JSON bodies, bad tokens, a wrong role."""
+    return {
         # reads across sites and hostile paths
         "read_another_sites_image": Case(
             "GET", "/v1/volumes/{vid}/image", 404, "not_found", lambda c: {}, as_user="other"
@@ -246,6 +272,17 @@ def _corpus() -> dict[str, Case]:
             "POST", "/v1/sites", 403, "forbidden", lambda c: {"json": {"id": "mine"}}
         ),
     }  # fmt: skip
+
+
+def _corpus() -> dict[str, Case]:
+    p = phantom(seed=901)
+    cases = {
+        **_broken_volume_files(p),
+        **_hostile_volume_fields(nifti(p.image, p.affine)),
+        **_bad_labels(phantom("public", 902)),
+        **_bad_annotations(p),
+        **_access_and_tokens(),
+    }
     # Uploads come from machine clients (role integration) unless a case says otherwise.
     return {
         name: replace(c, as_user="uploader")
