@@ -54,7 +54,8 @@ def run_env(tmp_path: Path):
         )
 
 
-def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: Path):
+def _run_the_tiny_preset(run_env: dict[str, str]) -> None:
+    """`ctloop run --preset tiny` succeeds and prints its progress."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -76,7 +77,9 @@ def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: P
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "time model calibrated" in proc.stdout and "round 2/2" in proc.stdout  # progress
 
-    runs = tmp_path / "runs"
+
+def _latest_report_is_written(runs: Path) -> dict:
+    """runs/latest points at the run, with its JSON report, two PNG plots and the Markdown."""
     latest = runs / "latest"
     assert latest.is_symlink()
     report = json.loads((latest / "report.json").read_text())
@@ -84,8 +87,11 @@ def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: P
         assert (latest / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (latest / "report.md").read_text()
     assert "+19.7 %" in md and "13.87" in md and "| round | model |" in md
+    return report
 
-    # Structure: igniter first, then one sustainer per round; the paper beside ours.
+
+def _rounds_follow_the_preset(report: dict) -> None:
+    """Structure: igniter first, then one sustainer per round; the paper beside ours."""
     preset = PRESETS["tiny"]
     rounds = report["rounds"]
     assert [r["role"] for r in rounds] == ["igniter"] + ["sustainer"] * preset.rounds
@@ -97,9 +103,11 @@ def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: P
     # The time model is calibrated on the first round: its mean is the paper's.
     assert rounds[0]["minutes_per_ct"] == pytest.approx(13.87, abs=0.01)
 
-    # Minutes per round = the minutes the annotators really submitted (workflow database).
-    run_id = report["run_id"]
-    db = sqlite3.connect(runs / run_id / "platform" / "workflow.db")
+
+def _minutes_are_the_submitted_ones(runs: Path, report: dict) -> None:
+    """Minutes per round = the minutes the annotators really submitted (workflow database)."""
+    rounds = report["rounds"]
+    db = sqlite3.connect(runs / report["run_id"] / "platform" / "workflow.db")
     stored: dict[tuple[str, int], list[float]] = {}
     for (detail,) in db.execute("SELECT detail FROM annotation_revisions"):
         d = json.loads(detail)
@@ -114,14 +122,18 @@ def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: P
     authors = {a for (a,) in db.execute("SELECT author FROM annotation_revisions")}
     assert any(a.startswith("a-") for a in authors) and any(a.startswith("b-") for a in authors)
 
-    # Dice = the stored pre-annotations of the evaluation volumes against the phantoms' truth.
+
+def _dice_is_the_stored_predictions_against_truth(report: dict) -> None:
+    """Dice = the stored pre-annotations of the evaluation volumes against the phantoms' truth."""
+    preset = PRESETS["tiny"]
+    run_id = report["run_id"]
     settings = Settings()
     store = ObjectStore(settings)
     truths = [
         generate_phantom("clinical-a", 20_000 + i, preset.size).label
         for i in range(preset.n_evaluation)
     ]
-    for r in rounds:
+    for r in report["rounds"]:
         per_volume = []
         for i, truth in enumerate(truths):
             key = keys.prediction_mask(f"r{run_id}-eval-{i:03d}", r["model"], r["version"])
@@ -131,7 +143,10 @@ def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: P
             per_volume.append(np.mean([_dice(pred, truth, k) or 0.0 for k in organs]))
         assert r["dice"]["mean"] == pytest.approx(float(np.mean(per_volume)), abs=1e-6)
 
-    # Trends and headline follow from the rows.
+
+def _trends_and_headline_follow_from_the_rows(report: dict) -> None:
+    """The report's trends and its igniter-versus-final headline follow from its rows."""
+    rounds = report["rounds"]
     minutes = [r["minutes_per_ct"] for r in rounds if r["minutes_per_ct"] is not None]
     assert report["trends"]["minutes_per_ct"] == minutes
     falling = all(b < a for a, b in itertools.pairwise(minutes))
@@ -140,7 +155,9 @@ def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: P
     assert ours["igniter_dice"] == rounds[0]["dice"]["mean"]
     assert ours["final_sustainer_dice"] == rounds[-1]["dice"]["mean"]
 
-    # The metrics service serves the same report over its API.
+
+def _metrics_service_serves_the_same_report(run_id: str) -> None:
+    """The metrics service serves the same report over its API, and nothing outside the runs."""
     api = httpx.Client(base_url=f"http://127.0.0.1:{PORT_BASE + 6}", timeout=30)
     assert run_id in api.get("/v1/runs").json()
     served = api.get("/v1/runs/latest/report.json")
@@ -148,3 +165,14 @@ def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: P
     assert api.get(f"/v1/runs/{run_id}/minutes_by_round.png").content[:4] == b"\x89PNG"
     assert api.get(f"/v1/runs/{run_id}/secrets.txt").status_code == 404
     assert api.get("/v1/runs/..%2F..%2Fetc/report.json").status_code in (404, 422)
+
+
+def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: Path):
+    runs = tmp_path / "runs"
+    _run_the_tiny_preset(run_env)
+    report = _latest_report_is_written(runs)
+    _rounds_follow_the_preset(report)
+    _minutes_are_the_submitted_ones(runs, report)
+    _dice_is_the_stored_predictions_against_truth(report)
+    _trends_and_headline_follow_from_the_rows(report)
+    _metrics_service_serves_the_same_report(report["run_id"])
