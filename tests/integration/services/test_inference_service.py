@@ -121,81 +121,122 @@ def _outbox_count(env):
         return s.scalar(select(func.count()).select_from(OutboxEvent))
 
 
-def test_the_whole_pre_annotation_lifecycle(env, unique):
-    worker: InferenceWorker = env["worker"]
-    names = env["settings"].services
-    igniter, sustainer = names.igniter_model, names.sustainer_model
-
-    # A volume that arrives before any model waits.
-    p1, ingested1 = _ingest(env, f"w1-{unique}", 1)
+def _a_volume_before_any_model_waits(env, worker: InferenceWorker, vid: str):
+    """A volume that arrives before any model waits."""
+    p1, ingested1 = _ingest(env, vid, 1)
     worker.handle(ingested1)
-    assert _predictions(env, f"w1-{unique}") == []
+    assert _predictions(env, vid) == []
+    return p1
 
-    # The igniter is published: loaded, and the waiting volume is pre-annotated.
+
+def _the_igniter_pre_annotates_the_waiting_volume(
+    env, worker: InferenceWorker, igniter: str, vid: str
+) -> None:
+    """The igniter is published: loaded, and the waiting volume is pre-annotated."""
     worker.handle(_publish(env, igniter, 1))
     assert worker.serving() == ModelRef(model=igniter, version=1)
-    preds = _predictions(env, f"w1-{unique}")
+    preds = _predictions(env, vid)
     assert [(m, v) for _, m, v, _ in preds] == [(igniter, 1)]
 
-    # The mask in S3 is what in-process inference gives for the same weights.
+
+def _the_stored_mask_is_the_in_process_one(env, p1, igniter: str, vid: str) -> None:
+    """The mask in S3 is what in-process inference gives for the same weights."""
     env["relay"].flush()
     (done,) = wait_for_events(
-        env["settings"], Topic.PREDICTION_COMPLETED, lambda e: e.subject == f"w1-{unique}"
+        env["settings"], Topic.PREDICTION_COMPLETED, lambda e: e.subject == vid
     )
     completed = payload_for(done)
     assert isinstance(completed, PredictionCompleted)
     store = ObjectStore(env["settings"])
-    info = json.loads(
-        store.get_bytes(completed.mask.bucket, keys.prediction_info(f"w1-{unique}", igniter, 1))
-    )
+    info = json.loads(store.get_bytes(completed.mask.bucket, keys.prediction_info(vid, igniter, 1)))
     assert info["uncertainty"] == pytest.approx(completed.uncertainty)
     raw = store.get_bytes(completed.mask.bucket, completed.mask.key)
     served = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj)
     local = Segmenter(env["ckpt"])(p1.image.astype(np.float32), p1.affine)
     assert np.mean(served != local.label) < 1e-4
 
-    # A volume that arrives now is pre-annotated at once; its event delivered twice, once.
-    _, ingested2 = _ingest(env, f"w2-{unique}", 2)
+
+def _a_new_volume_is_pre_annotated_once(env, worker: InferenceWorker, vid: str):
+    """A volume that arrives now is pre-annotated at once; its event delivered twice, once.
+    Returns the predictions and outbox count after it (nothing may change them later)."""
+    _, ingested2 = _ingest(env, vid, 2)
     worker.handle(ingested2)
     before = (_predictions(env), _outbox_count(env))
     worker.handle(ingested2)
     assert (_predictions(env), _outbox_count(env)) == before
-    assert len(_predictions(env, f"w2-{unique}")) == 1
+    assert len(_predictions(env, vid)) == 1
+    return before
 
-    # A broken igniter v2 fails to load: v1 keeps serving and nothing is re-predicted.
+
+def _a_broken_version_leaves_v1_serving(
+    env, worker: InferenceWorker, igniter: str, predictions_before
+) -> None:
+    """A broken igniter v2 fails to load: v1 keeps serving and nothing is re-predicted."""
     worker.handle(_publish(env, igniter, 2, broken=True))
     assert worker.serving() == ModelRef(model=igniter, version=1)
     assert env["triton"].serving_versions(igniter) == [1]
-    assert _predictions(env) == before[0]
+    assert _predictions(env) == predictions_before
 
-    # The first sustainer takes over and re-predicts the waiting volumes, most uncertain first.
-    uncertainty = {v: u for v, _, _, u in before[0]}
+
+def _waiting_volumes_are_most_uncertain_first(worker: InferenceWorker, predictions_before) -> None:
+    """The first sustainer will re-predict the waiting volumes, most uncertain first."""
+    uncertainty = {v: u for v, _, _, u in predictions_before}
     waiting = [v for v in worker.waiting_volumes() if v in uncertainty]
     assert waiting == sorted(uncertainty, key=lambda v: -uncertainty[v])
-    # Each volume was decoded and resampled once; its model input is kept beside it, so the
-    # re-prediction reads that instead of the CT (w2's kept copy is broken: prepared again).
+
+
+def _each_volume_keeps_its_model_input(
+    env, worker: InferenceWorker, igniter: str, vids: tuple[str, str]
+) -> dict[str, str]:
+    """Each volume was decoded and resampled once; its model input is kept beside it.
+    Returns each volume's kept-input key."""
     pre = worker.segmenter.preprocessor(igniter, 1)
+    store = ObjectStore(env["settings"])
     bucket = env["settings"].s3.bucket
-    kept = {
-        v: keys.volume_model_input("site-c", v, pre.digest)
-        for v in (f"w1-{unique}", f"w2-{unique}")
-    }
+    kept = {v: keys.volume_model_input("site-c", v, pre.digest) for v in vids}
     for vid, key in kept.items():
         assert "decode" in _info(env, vid, igniter, 1)["stage_seconds"]
         prepared = PreparedVolume.from_bytes(store.get_bytes(bucket, key))
         assert prepared.shape == _mask(env, vid, igniter, 1).shape
-    store.put_bytes(bucket, kept[f"w2-{unique}"], b"PK\x03\x04 not an npz")
+    return kept
+
+
+def _the_sustainer_repredicts_from_the_kept_inputs(
+    env, worker: InferenceWorker, kept: dict[str, str], vids: tuple[str, str]
+) -> None:
+    """The first sustainer takes over and re-predicts the waiting volumes from their kept model
+    input instead of the CT (w2's kept copy is broken: prepared again)."""
+    names = env["settings"].services
+    igniter, sustainer = names.igniter_model, names.sustainer_model
+    w1, w2 = vids
+    store = ObjectStore(env["settings"])
+    bucket = env["settings"].s3.bucket
+    store.put_bytes(bucket, kept[w2], b"PK\x03\x04 not an npz")
     worker.handle(_publish(env, sustainer, 1))
     assert worker.serving() == ModelRef(model=sustainer, version=1)
-    for vid in (f"w1-{unique}", f"w2-{unique}"):
+    for vid in vids:
         assert (sustainer, 1) in [(m, v) for _, m, v, _ in _predictions(env, vid)]
-    stages = _info(env, f"w1-{unique}", sustainer, 1)["stage_seconds"]
+    stages = _info(env, w1, sustainer, 1)["stage_seconds"]
     assert "prepared" in stages and "decode" not in stages and "fetch" not in stages
-    assert "decode" in _info(env, f"w2-{unique}", sustainer, 1)["stage_seconds"]
-    PreparedVolume.from_bytes(store.get_bytes(bucket, kept[f"w2-{unique}"]))  # readable again
+    assert "decode" in _info(env, w2, sustainer, 1)["stage_seconds"]
+    PreparedVolume.from_bytes(store.get_bytes(bucket, kept[w2]))  # readable again
     # The same weights (the test publishes one checkpoint) give the same mask from the kept input.
-    for vid in (f"w1-{unique}", f"w2-{unique}"):
+    for vid in vids:
         assert np.array_equal(_mask(env, vid, sustainer, 1), _mask(env, vid, igniter, 1))
+
+
+def test_the_whole_pre_annotation_lifecycle(env, unique):
+    worker: InferenceWorker = env["worker"]
+    igniter = env["settings"].services.igniter_model
+    vids = (f"w1-{unique}", f"w2-{unique}")
+    p1 = _a_volume_before_any_model_waits(env, worker, vids[0])
+    _the_igniter_pre_annotates_the_waiting_volume(env, worker, igniter, vids[0])
+    _the_stored_mask_is_the_in_process_one(env, p1, igniter, vids[0])
+    before = _a_new_volume_is_pre_annotated_once(env, worker, vids[1])
+    _a_broken_version_leaves_v1_serving(env, worker, igniter, before[0])
+    _waiting_volumes_are_most_uncertain_first(worker, before[0])
+    kept = _each_volume_keeps_its_model_input(env, worker, igniter, vids)
+    _the_sustainer_repredicts_from_the_kept_inputs(env, worker, kept, vids)
 
 
 def _info(env, volume_id: str, model: str, version: int) -> dict:
