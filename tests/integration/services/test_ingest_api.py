@@ -410,24 +410,31 @@ def test_dicom_series_zip_becomes_a_volume(api, unique):
     assert mixed.status_code == 422 and mixed.json()["code"] == "bad_dicom"
 
 
-def test_annotations_are_immutable_revisions_and_announced(api, svc_settings, relay, unique):
-    p = phantom(seed=10)
-    vid = f"ann-{unique}"
-    assert _upload(api, nifti(p.image, p.affine), volume_id=vid).status_code == 201
+def _annotators(api, unique: str, names: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Annotators of site-a, each with a token; returns their request headers by name."""
     headers = {}
-    for name in ("ann-1", "ann-2"):
+    for name in names:
         user = api.post(
             "/v1/users", json={"id": f"{name}-{unique}", "role": "annotator", "sites": ["site-a"]}
         )
         assert user.status_code == 201, user.text
         token = api.post(f"/v1/users/{name}-{unique}/tokens", json={"label": "test"}).json()
         headers[name] = {"Authorization": f"Bearer {token['token']}"}
-    form = {
+    return headers
+
+
+def _annotation_form() -> dict[str, str]:
+    return {
         "minutes": "7.5",
         "organs": json.dumps({"liver": "accepted", "spleen": "skipped"}),
         "reviewed_slices": json.dumps([[0, 10]]),
         "from_model": "igniter:1",
     }
+
+
+def _two_submissions_are_two_revisions(api, svc_settings, vid: str, p, headers, unique) -> None:
+    """Two annotators' submissions are revisions 1 and 2, each kept with its author."""
+    form = _annotation_form()
     files = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
     first = api.post(
         f"/v1/volumes/{vid}/annotations", data=form, files=files, headers=headers["ann-1"]
@@ -451,6 +458,8 @@ def test_annotations_are_immutable_revisions_and_announced(api, svc_settings, re
             (2, f"ann-2-{unique}"),
         ]
 
+
+def _each_revision_is_announced(svc_settings, relay, vid: str) -> None:
     relay.flush()
     events = wait_for_events(
         svc_settings, Topic.ANNOTATION_SUBMITTED, lambda e: e.subject == vid, count=2
@@ -460,6 +469,11 @@ def test_annotations_are_immutable_revisions_and_announced(api, svc_settings, re
     assert payloads[0].organs == {"liver": "accepted", "spleen": "skipped"}
     assert payloads[0].from_model is not None and payloads[0].from_model.version == 1
 
+
+def _bad_annotations_are_refused(api, vid: str, p) -> None:
+    """A mask on another grid, an unknown organ, or a volume that does not exist."""
+    form = _annotation_form()
+    files = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
     wrong = api.post(
         f"/v1/volumes/{vid}/annotations",
         data=form,
@@ -474,6 +488,16 @@ def test_annotations_are_immutable_revisions_and_announced(api, svc_settings, re
     assert unknown.status_code == 422 and unknown.json()["code"] == "bad_review"
     missing = api.post("/v1/volumes/nope/annotations", data=form, files=files)
     assert missing.status_code == 404
+
+
+def test_annotations_are_immutable_revisions_and_announced(api, svc_settings, relay, unique):
+    p = phantom(seed=10)
+    vid = f"ann-{unique}"
+    assert _upload(api, nifti(p.image, p.affine), volume_id=vid).status_code == 201
+    headers = _annotators(api, unique, ("ann-1", "ann-2"))
+    _two_submissions_are_two_revisions(api, svc_settings, vid, p, headers, unique)
+    _each_revision_is_announced(svc_settings, relay, vid)
+    _bad_annotations_are_refused(api, vid, p)
 
 
 def test_health_endpoints(api):
@@ -540,23 +564,15 @@ def test_every_endpoint_needs_a_valid_token(svc_settings, relay):
         assert anonymous.get("/healthz").status_code == 200  # probes stay open
 
 
-def test_users_see_and_change_only_their_sites(api, svc_settings, relay, unique):
-    site_a, site_b = f"sa-{unique}", f"sb-{unique}"
-    for site in (site_a, site_b):
-        assert api.post("/v1/sites", json={"id": site}).status_code == 201
+def _site_user(api, name: str, role: str, sites: list[str]) -> dict[str, str]:
+    """A user of these sites with a token; returns its request headers."""
+    assert api.post("/v1/users", json={"id": name, "role": role, "sites": sites}).status_code == 201
+    token = api.post(f"/v1/users/{name}/tokens", json={}).json()
+    return {"Authorization": f"Bearer {token['token']}"}
 
-    def user(name: str, role: str, sites: list[str]) -> dict[str, str]:
-        assert (
-            api.post("/v1/users", json={"id": name, "role": role, "sites": sites}).status_code
-            == 201
-        )
-        token = api.post(f"/v1/users/{name}/tokens", json={}).json()
-        return {"Authorization": f"Bearer {token['token']}"}
 
-    annotator_a = user(f"ann-a-{unique}", "annotator", [site_a])
-    machine_a = user(f"pacs-a-{unique}", "integration", [site_a])
-    p = phantom(seed=51)
-    image = nifti(p.image, p.affine)
+def _a_volume_in_each_site(api, machine_a, site_a: str, site_b: str, image, p, unique) -> None:
+    """Site A's machine client uploads va-; the admin uploads vb- into site B."""
     in_a = api.post(
         "/v1/volumes",
         headers=machine_a,
@@ -569,55 +585,80 @@ def test_users_see_and_change_only_their_sites(api, svc_settings, relay, unique)
     )
     assert in_b.status_code == 201
 
-    with TestClient(create_app(svc_settings, relay)) as c:
-        # The other site's volume does not exist for them, on every endpoint.
-        for path in (
-            f"/v1/volumes/vb-{unique}",
-            f"/v1/volumes/vb-{unique}/image",
-            f"/v1/volumes/vb-{unique}/prediction",
-            f"/v1/volumes/vb-{unique}/prediction/mask",
-        ):
-            r = c.get(path, headers=annotator_a)
-            assert r.status_code == 404, (path, r.text)
-        mask = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
-        r = c.post(
-            f"/v1/volumes/vb-{unique}/annotations",
-            headers=annotator_a,
-            files=mask,
-            data={"minutes": "1"},
-        )
-        assert r.status_code == 404
-        listed = {v["volume_id"] for v in c.get("/v1/volumes", headers=annotator_a).json()}
-        assert listed == {f"va-{unique}"}
-        assert {s["id"] for s in c.get("/v1/sites", headers=annotator_a).json()} == {site_a}
-        # Their own site's volume they can read and annotate; an annotator cannot upload.
-        assert c.get(f"/v1/volumes/va-{unique}/image", headers=annotator_a).status_code == 200
-        r = c.post(
-            f"/v1/volumes/va-{unique}/annotations",
-            headers=annotator_a,
-            files=mask,
-            data={"minutes": "2"},
-        )
-        assert r.status_code == 201 and r.json()["author"] == f"ann-a-{unique}"
-        assert _upload(c, image, site=site_a, headers=annotator_a).status_code == 403
-        # A machine client of site A cannot put data into site B; nor can anyone administer.
-        r = c.post(
-            "/v1/volumes",
-            headers=machine_a,
-            data={"site_id": site_b, "dataset": "clinical"},
-            files={"file": ("ct.nii.gz", image, "application/gzip")},
-        )
-        assert r.status_code == 404 and r.json()["code"] == "unknown_site"
-        assert c.post("/v1/sites", json={"id": "x"}, headers=machine_a).status_code == 403
-        assert c.get("/v1/audit", headers=annotator_a).status_code == 403
 
-    # Reads and writes of patient data are in the audit log, with who did them.
+def _the_other_sites_volume_does_not_exist(c, annotator_a, mask, site_a: str, unique) -> None:
+    """The other site's volume does not exist for them, on every endpoint."""
+    for path in (
+        f"/v1/volumes/vb-{unique}",
+        f"/v1/volumes/vb-{unique}/image",
+        f"/v1/volumes/vb-{unique}/prediction",
+        f"/v1/volumes/vb-{unique}/prediction/mask",
+    ):
+        r = c.get(path, headers=annotator_a)
+        assert r.status_code == 404, (path, r.text)
+    r = c.post(
+        f"/v1/volumes/vb-{unique}/annotations",
+        headers=annotator_a,
+        files=mask,
+        data={"minutes": "1"},
+    )
+    assert r.status_code == 404
+    listed = {v["volume_id"] for v in c.get("/v1/volumes", headers=annotator_a).json()}
+    assert listed == {f"va-{unique}"}
+    assert {s["id"] for s in c.get("/v1/sites", headers=annotator_a).json()} == {site_a}
+
+
+def _own_sites_volume_is_read_and_annotated(c, annotator_a, mask, image, site_a, unique) -> None:
+    """Their own site's volume they can read and annotate; an annotator cannot upload."""
+    assert c.get(f"/v1/volumes/va-{unique}/image", headers=annotator_a).status_code == 200
+    r = c.post(
+        f"/v1/volumes/va-{unique}/annotations",
+        headers=annotator_a,
+        files=mask,
+        data={"minutes": "2"},
+    )
+    assert r.status_code == 201 and r.json()["author"] == f"ann-a-{unique}"
+    assert _upload(c, image, site=site_a, headers=annotator_a).status_code == 403
+
+
+def _nobody_crosses_sites_or_administers(c, machine_a, annotator_a, image, site_b) -> None:
+    """A machine client of site A cannot put data into site B; nor can anyone administer."""
+    r = c.post(
+        "/v1/volumes",
+        headers=machine_a,
+        data={"site_id": site_b, "dataset": "clinical"},
+        files={"file": ("ct.nii.gz", image, "application/gzip")},
+    )
+    assert r.status_code == 404 and r.json()["code"] == "unknown_site"
+    assert c.post("/v1/sites", json={"id": "x"}, headers=machine_a).status_code == 403
+    assert c.get("/v1/audit", headers=annotator_a).status_code == 403
+
+
+def _patient_data_access_is_audited(api, unique: str) -> None:
+    """Reads and writes of patient data are in the audit log, with who did them."""
     trail = api.get("/v1/audit", params={"resource": f"va-{unique}"}).json()
     assert {(e["actor"], e["action"]) for e in trail} >= {
         (f"pacs-a-{unique}", "volume.create"),
         (f"ann-a-{unique}", "volume.read"),
         (f"ann-a-{unique}", "annotation.create"),
     }
+
+
+def test_users_see_and_change_only_their_sites(api, svc_settings, relay, unique):
+    site_a, site_b = f"sa-{unique}", f"sb-{unique}"
+    for site in (site_a, site_b):
+        assert api.post("/v1/sites", json={"id": site}).status_code == 201
+    annotator_a = _site_user(api, f"ann-a-{unique}", "annotator", [site_a])
+    machine_a = _site_user(api, f"pacs-a-{unique}", "integration", [site_a])
+    p = phantom(seed=51)
+    image = nifti(p.image, p.affine)
+    _a_volume_in_each_site(api, machine_a, site_a, site_b, image, p, unique)
+    with TestClient(create_app(svc_settings, relay)) as c:
+        mask = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
+        _the_other_sites_volume_does_not_exist(c, annotator_a, mask, site_a, unique)
+        _own_sites_volume_is_read_and_annotated(c, annotator_a, mask, image, site_a, unique)
+        _nobody_crosses_sites_or_administers(c, machine_a, annotator_a, image, site_b)
+    _patient_data_access_is_audited(api, unique)
 
 
 def test_a_revoked_token_stops_working(api, svc_settings, relay, unique):
@@ -807,7 +848,23 @@ def test_oidc_bearer_tokens_are_verified_and_scoped(svc_settings, relay, oidc_is
         assert c.get("/v1/volumes", headers=dict(api.headers)).status_code == 200
 
 
-def test_review_step_approves_or_sends_back(api, svc_settings, relay, unique):
+def _reviewer(api, unique: str, site: str) -> dict[str, str]:
+    """boss-<unique>, a reviewer of the site, with a token; returns its request headers."""
+    assert (
+        api.post(
+            "/v1/users", json={"id": f"boss-{unique}", "role": "reviewer", "sites": [site]}
+        ).status_code
+        == 201
+    )
+    return {
+        "Authorization": "Bearer "
+        + api.post(f"/v1/users/boss-{unique}/tokens", json={}).json()["token"]
+    }
+
+
+def _workflow_server_requiring_review(svc_settings):
+    """A workflow gRPC server that requires review, and a client of it (what training reads).
+    Returns (server, client); the caller stops both."""
     from concurrent import futures
 
     import grpc
@@ -816,20 +873,6 @@ def test_review_step_approves_or_sends_back(api, svc_settings, relay, unique):
     from services.ingest.grpc_api import WorkflowService
     from services.training.workflow import WorkflowClient
 
-    site, headers, (vid,) = _team(api, unique, 1, names=("ann", "rev"))
-    assert (
-        api.post(
-            "/v1/users", json={"id": f"boss-{unique}", "role": "reviewer", "sites": [site]}
-        ).status_code
-        == 201
-    )
-    boss = {
-        "Authorization": "Bearer "
-        + api.post(f"/v1/users/boss-{unique}/tokens", json={}).json()["token"]
-    }
-    p = phantom(seed=60)
-    mask = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
-
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     ingest_pb2_grpc.add_WorkflowServicer_to_server(
         WorkflowService(svc_settings.database_url, svc_settings.s3.bucket, review_required=True),
@@ -837,57 +880,72 @@ def test_review_step_approves_or_sends_back(api, svc_settings, relay, unique):
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    approved_only = WorkflowClient(f"127.0.0.1:{port}")
+    return server, WorkflowClient(f"127.0.0.1:{port}")
 
-    def in_training() -> list[int]:
-        return [
-            v.label.key for v in approved_only.training_volumes("clinical") if v.volume_id == vid
-        ]
 
+def _in_training(approved_only, vid: str) -> list[int]:
+    return [v.label.key for v in approved_only.training_volumes("clinical") if v.volume_id == vid]
+
+
+def _a_sent_back_revision_makes_a_task_again(c, vid: str, annotator, boss, mask) -> None:
+    """Only a reviewer reviews, once; a revision sent back makes the volume a task again."""
+    assert (
+        c.post(
+            f"/v1/volumes/{vid}/annotations",
+            headers=annotator,
+            files=mask,
+            data={"minutes": "6"},
+        ).status_code
+        == 201
+    )
+    review = f"/v1/volumes/{vid}/annotations/1/review"
+    assert c.post(review, json={"decision": "approve"}, headers=annotator).status_code == 403
+    back = c.post(review, json={"decision": "send_back", "comment": "spleen too big"}, headers=boss)
+    assert back.status_code == 200 and back.json()["review_status"] == "sent_back"
+    assert c.post(review, json={"decision": "approve"}, headers=boss).json()["code"] == "reviewed"
+    # Sent back: the volume is a task again.
+    assert c.post("/v1/tasks/next", json={}, headers=annotator).json()["volume_id"] == vid
+
+
+def _only_an_approved_revision_is_ground_truth(
+    c, approved_only, site: str, vid: str, annotator, boss, mask, unique
+) -> None:
+    """A pending revision is not ground truth while review is required; an approved one is."""
+    assert (
+        c.post(
+            f"/v1/volumes/{vid}/annotations",
+            headers=annotator,
+            files=mask,
+            data={"minutes": "3"},
+        ).status_code
+        == 201
+    )
+    # Pending: not ground truth while review is required.
+    assert _in_training(approved_only, vid) == []
+    ok = c.post(
+        f"/v1/volumes/{vid}/annotations/2/review", json={"decision": "approve"}, headers=boss
+    )
+    assert ok.status_code == 200 and ok.json()["reviewer"] == f"boss-{unique}"
+    assert _in_training(approved_only, vid) == [keys.annotation_mask(site, vid, 2)]
+    listed = c.get(f"/v1/volumes/{vid}/annotations", headers=annotator).json()
+    assert [(a["revision"], a["review_status"]) for a in listed] == [
+        (1, "sent_back"),
+        (2, "approved"),
+    ]
+    assert listed[0]["review_comment"] == "spleen too big"
+
+
+def test_review_step_approves_or_sends_back(api, svc_settings, relay, unique):
+    site, headers, (vid,) = _team(api, unique, 1, names=("ann", "rev"))
+    boss = _reviewer(api, unique, site)
+    p = phantom(seed=60)
+    mask = {"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")}
+    server, approved_only = _workflow_server_requiring_review(svc_settings)
     with TestClient(create_app(svc_settings, relay)) as c:
-        assert (
-            c.post(
-                f"/v1/volumes/{vid}/annotations",
-                headers=headers["ann"],
-                files=mask,
-                data={"minutes": "6"},
-            ).status_code
-            == 201
+        _a_sent_back_revision_makes_a_task_again(c, vid, headers["ann"], boss, mask)
+        _only_an_approved_revision_is_ground_truth(
+            c, approved_only, site, vid, headers["ann"], boss, mask, unique
         )
-        review = f"/v1/volumes/{vid}/annotations/1/review"
-        assert (
-            c.post(review, json={"decision": "approve"}, headers=headers["ann"]).status_code == 403
-        )
-        back = c.post(
-            review, json={"decision": "send_back", "comment": "spleen too big"}, headers=boss
-        )
-        assert back.status_code == 200 and back.json()["review_status"] == "sent_back"
-        assert (
-            c.post(review, json={"decision": "approve"}, headers=boss).json()["code"] == "reviewed"
-        )
-        # Sent back: the volume is a task again.
-        assert c.post("/v1/tasks/next", json={}, headers=headers["ann"]).json()["volume_id"] == vid
-        assert (
-            c.post(
-                f"/v1/volumes/{vid}/annotations",
-                headers=headers["ann"],
-                files=mask,
-                data={"minutes": "3"},
-            ).status_code
-            == 201
-        )
-        assert in_training() == []  # pending: not ground truth while review is required
-        ok = c.post(
-            f"/v1/volumes/{vid}/annotations/2/review", json={"decision": "approve"}, headers=boss
-        )
-        assert ok.status_code == 200 and ok.json()["reviewer"] == f"boss-{unique}"
-        assert in_training() == [keys.annotation_mask(site, vid, 2)]
-        listed = c.get(f"/v1/volumes/{vid}/annotations", headers=headers["ann"]).json()
-        assert [(a["revision"], a["review_status"]) for a in listed] == [
-            (1, "sent_back"),
-            (2, "approved"),
-        ]
-        assert listed[0]["review_comment"] == "spleen too big"
     approved_only.close()
     server.stop(0)
 
