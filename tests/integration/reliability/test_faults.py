@@ -15,8 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -34,71 +32,49 @@ from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.model import TINY_MODEL
 from ctloop.core.phantom import generate_phantom
 from ctloop.db import AnnotationRevision, Prediction, TrainingRound, Volume, session_scope
-from ctloop.settings import REPO_ROOT, Settings
+from ctloop.platform import PlatformInstance
+from ctloop.settings import Settings
+from ctloop.stack import LocalStack
 from ctloop.storage import ObjectStore
 
-PORTS = {"INGEST": 29400, "INFERENCE": 29402, "TRAINING": 29404, "METRICS": 29406}
+PORT_BASE = 29400  # the services' ports: ingest 29400/29401, inference 29402/29403, ...
+# The private stack's own ports, and a training policy that rounds quickly.
+PRIVATE_ENV = {
+    "CTLOOP_KAFKA__PORT": "29492",
+    "CTLOOP_KAFKA__CONTROLLER_PORT": "29493",
+    "CTLOOP_S3__PORT": "27270",
+    "CTLOOP_TRITON__HTTP_PORT": "28300",
+    "CTLOOP_TRITON__GRPC_PORT": "28301",
+    "CTLOOP_TRITON__METRICS_PORT": "28302",
+    "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": "3",
+    "CTLOOP_TRAINING__ROUND_MIN_NEW": "2",
+    "CTLOOP_TRAINING__DEBOUNCE_S": "2",
+    "CTLOOP_TRAINING__HOLDOUT_EVERY": "1000",
+    "CTLOOP_TRAINING__IGNITER_STEPS": "150",  # long enough to be killed in the middle
+    "CTLOOP_TRAINING__SUSTAINER_STEPS": "8",
+    "CTLOOP_TRAINING__ACCEPT_TOLERANCE": "1.0",
+    "CTLOOP_TRAINING__TICK_S": "1",
+    "CTLOOP_TRAINING__MODEL": json.dumps(TINY_MODEL),
+}
 REPORT: dict[str, list[str]] = {"faults": [], "invariants": []}
 
 
-def _env(run: Path) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "CTLOOP_RUN_DIR": str(run),
-        "CTLOOP_KAFKA__PORT": "29492",
-        "CTLOOP_KAFKA__CONTROLLER_PORT": "29493",
-        "CTLOOP_S3__PORT": "27270",
-        "CTLOOP_TRITON__HTTP_PORT": "28300",
-        "CTLOOP_TRITON__GRPC_PORT": "28301",
-        "CTLOOP_TRITON__METRICS_PORT": "28302",
-        "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": "3",
-        "CTLOOP_TRAINING__ROUND_MIN_NEW": "2",
-        "CTLOOP_TRAINING__DEBOUNCE_S": "2",
-        "CTLOOP_TRAINING__HOLDOUT_EVERY": "1000",
-        "CTLOOP_TRAINING__IGNITER_STEPS": "150",  # long enough to be killed in the middle
-        "CTLOOP_TRAINING__SUSTAINER_STEPS": "8",
-        "CTLOOP_TRAINING__ACCEPT_TOLERANCE": "1.0",
-        "CTLOOP_TRAINING__TICK_S": "1",
-        "CTLOOP_TRAINING__MODEL": json.dumps(TINY_MODEL),
-    }
-    for name, port in PORTS.items():
-        env[f"CTLOOP_SERVICES__{name}__HTTP_PORT"] = str(port)
-        env[f"CTLOOP_SERVICES__{name}__GRPC_PORT"] = str(port + 1)
-    return env
-
-
-class Private:
-    """The private platform: `ctloop` commands, kills, clients."""
+class Private(PlatformInstance):
+    """A platform instance on a private stack of its own: start, kill, restart, clients."""
 
     def __init__(self, run: Path) -> None:
-        self.run = run
-        self.env = _env(run)
-        saved = dict(os.environ)
-        os.environ.update(self.env)
-        try:
-            self.settings = Settings()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{PORTS['INGEST']}", timeout=60)
-
-    def ctloop(self, *args: str) -> None:
-        proc = subprocess.run(
-            [sys.executable, "-m", "ctloop.cli", *args],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        super().__init__(run, PORT_BASE, "", extra_env=PRIVATE_ENV, echo=lambda _: None)
+        self.stack = LocalStack(self.settings, echo=lambda _: None)
+        self.http = httpx.Client(base_url=self.api, timeout=60)
+        self.inference_api = f"http://127.0.0.1:{self.settings.services.inference.http_port}"
 
     def up(self) -> None:
-        self.ctloop("stack", "up")
-        self.ctloop("services", "up")
+        """The private stack, then the services: whatever is not running."""
+        self.stack.up()
+        super().up()
 
     def kill(self, name: str) -> None:
-        pid = int((self.run / "state" / f"{name}.pid").read_text())
+        pid = int((self.settings.state_dir / f"{name}.pid").read_text())
         os.killpg(pid, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
@@ -109,17 +85,16 @@ class Private:
         REPORT["faults"].append(name)
 
     def until(self, what: str, check: Callable[[], Any], timeout_s: float = 300) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        """Wait for ``check``; a dependency that is still down (a refused connection) is a
+        "not yet", not a failure."""
+
+        def tolerant() -> Any:
             try:
-                result = check()
+                return check()
             except (httpx.HTTPError, OSError):
-                result = None
-            if result:
-                return result
-            time.sleep(1.0)
-        logs = {p.name: p.read_text()[-1500:] for p in sorted((self.run / "logs").glob("*.log"))}
-        raise AssertionError(f"timed out waiting for {what}:\n{json.dumps(logs, indent=1)}")
+                return None
+
+        return super().until(what, tolerant, timeout_s)
 
     def invariant(self, name: str, ok: bool, detail: Any = "") -> None:
         assert ok, f"{name}: {detail}"
@@ -131,18 +106,12 @@ def private(tmp_path: Path) -> Iterator[Private]:
     p = Private(tmp_path / "run")
     try:  # a stack that fails half-way up is still taken down (it would hold the ports)
         p.up()
-        token = (p.run / "admin-token").read_text().strip()
-        p.api.headers["Authorization"] = f"Bearer {token}"
+        p.http.headers["Authorization"] = f"Bearer {p.admin_token}"
         yield p
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "ctloop.cli", "services", "down"],
-            cwd=REPO_ROOT, env=p.env, capture_output=True, timeout=300,
-        )  # fmt: skip
-        subprocess.run(
-            [sys.executable, "-m", "ctloop.cli", "stack", "down"],
-            cwd=REPO_ROOT, env=p.env, capture_output=True, timeout=300,
-        )  # fmt: skip
+        with contextlib.suppress(Exception):
+            p.down()
+        p.stack.down()
         print(f"\nfaults injected: {REPORT['faults']}\ninvariants checked: {REPORT['invariants']}")
 
 
@@ -157,7 +126,7 @@ def _upload(p: Private, vid: str, dataset: str, seed: int) -> httpx.Response:
     if dataset == "public":
         files["label"] = ("label.nii.gz", label, "application/gzip")
     site = "pub" if dataset == "public" else "hosp"
-    return p.api.post(
+    return p.http.post(
         "/v1/volumes",
         files=files,
         data={"site_id": site, "dataset": dataset, "volume_id": vid},
@@ -217,9 +186,9 @@ def _s3_down_refuses_uploads(p: Private) -> None:
         r.status_code == 503 and r.headers.get("retry-after") and r.json()["code"] == "unavailable",
         r.text,
     )
-    p.invariant("readyz says not ready", p.api.get("/readyz").status_code == 503)
-    p.ctloop("stack", "up")
-    p.until("ingest ready again", lambda: p.api.get("/readyz").status_code == 200)
+    p.invariant("readyz says not ready", p.http.get("/readyz").status_code == 503)
+    p.stack.up()
+    p.until("ingest ready again", lambda: p.http.get("/readyz").status_code == 200)
     with session_scope(p.settings.database_url) as db:
         p.invariant("a refused upload left no row", db.get(Volume, "down-s3") is None)
 
@@ -230,7 +199,7 @@ def _kafka_down_keeps_uploads(p: Private) -> None:
     p.kill("kafka")
     r = _upload(p, "during-kafka", "clinical", 2)
     p.invariant("upload accepted while Kafka is down", r.status_code == 201, r.text)
-    p.ctloop("stack", "up")
+    p.stack.up()
     p.until(
         "the outbox to deliver",
         lambda: "during-kafka" in _events(p.settings, Topic.VOLUME_INGESTED),
@@ -251,7 +220,7 @@ def _training_killed_mid_round(p: Private) -> None:
     p.until("the igniter round to start", round_running, 180)
     time.sleep(2)
     p.kill("training")
-    p.ctloop("services", "up")
+    p.up()
 
 
 def _inference_killed_mid_pre_annotation(p: Private) -> None:
@@ -261,7 +230,7 @@ def _inference_killed_mid_pre_annotation(p: Private) -> None:
         assert _upload(p, f"cli-{i}", "clinical", 20 + i).status_code == 201
     time.sleep(2)
     p.kill("inference")
-    p.ctloop("services", "up")
+    p.up()
 
     def all_predicted() -> bool:
         with session_scope(s.database_url) as db:
@@ -276,16 +245,18 @@ def _triton_down_keeps_the_api(p: Private) -> None:
     """Triton killed: inference says it is not ready, the API keeps answering, and it
     recovers."""
     p.kill("triton")
-    inference = httpx.Client(base_url=f"http://127.0.0.1:{PORTS['INFERENCE']}", timeout=10)
+    inference = httpx.Client(base_url=p.inference_api, timeout=10)
     p.until("inference not ready", lambda: inference.get("/readyz").status_code == 503, 60)
-    p.invariant("the API answers while Triton is down", p.api.get("/v1/volumes").status_code == 200)
+    p.invariant(
+        "the API answers while Triton is down", p.http.get("/v1/volumes").status_code == 200
+    )
     r = _upload(p, "during-triton", "clinical", 30)
     p.invariant("uploads accepted while Triton is down", r.status_code == 201, r.text)
-    p.ctloop("stack", "up")
+    p.stack.up()
     p.until("inference ready again", lambda: inference.get("/readyz").status_code == 200, 180)
     p.until(
         "the volume that came while Triton was down pre-annotated",
-        lambda: p.api.get("/v1/volumes/during-triton/prediction").status_code == 200,
+        lambda: p.http.get("/v1/volumes/during-triton/prediction").status_code == 200,
         300,
     )
 
@@ -298,7 +269,7 @@ def _ingest_killed_mid_upload(p: Private) -> None:
 
     def slow_upload() -> None:
         with contextlib.suppress(httpx.HTTPError):
-            p.api.post(
+            p.http.post(
                 "/v1/volumes",
                 files={"file": ("ct.nii.gz", payload, "application/gzip")},
                 data={"site_id": "hosp", "dataset": "clinical", "volume_id": "mid-upload"},
@@ -309,8 +280,8 @@ def _ingest_killed_mid_upload(p: Private) -> None:
     time.sleep(0.05)
     p.kill("ingest")
     t.join(timeout=60)
-    p.ctloop("services", "up")
-    r = p.api.post(
+    p.up()
+    r = p.http.post(
         "/v1/volumes",
         files={"file": ("ct.nii.gz", payload, "application/gzip")},
         data={"site_id": "hosp", "dataset": "clinical", "volume_id": "mid-upload"},
@@ -320,7 +291,7 @@ def _ingest_killed_mid_upload(p: Private) -> None:
 
 def _annotation_submitted(p: Private) -> None:
     _image, label = _volume(20)
-    r = p.api.post(
+    r = p.http.post(
         "/v1/volumes/cli-0/annotations",
         files={"mask": ("m.nii.gz", label, "application/gzip")},
         data={"minutes": "5"},
