@@ -100,11 +100,20 @@ def test_ingest_and_inference_scale_horizontally_by_default():
         assert "replicas" not in named(docs, "Deployment", svc)["spec"]
 
 
+def _serves_on(docs: list[Doc]) -> str:
+    """Where the services ask Triton to run the models (cpu | gpu)."""
+    (c,) = named(docs, "Deployment", "inference")["spec"]["template"]["spec"]["containers"]
+    return str({e["name"]: e.get("value") for e in c["env"]}["CTLOOP_TRITON__INSTANCE_KIND"])
+
+
 def test_triton_requests_a_gpu_and_serves_the_s3_repository_in_explicit_mode(rendered):
     (c,) = named(rendered, "Deployment", "triton")["spec"]["template"]["spec"]["containers"]
     requests, limits = c["resources"]["requests"], c["resources"]["limits"]
-    assert requests["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
-    assert int(limits["nvidia.com/gpu"]) >= 1
+    if _serves_on(rendered) == "gpu":
+        assert requests["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
+        assert int(limits["nvidia.com/gpu"]) >= 1
+    else:  # a CPU-only install: no GPU asked for anywhere
+        assert "nvidia.com/gpu" not in requests and "nvidia.com/gpu" not in limits
     assert "--model-control-mode=explicit" in c["args"]
     repo = next(a for a in c["args"] if a.startswith("--model-repository="))
     assert re.fullmatch(r"--model-repository=s3://https?://[^/]+/[^/]+/models", repo), repo
@@ -162,3 +171,48 @@ def test_the_optional_kinds_appear_when_enabled():
     defaults = render()
     for kind in ("ServiceMonitor", "Ingress", "PeerAuthentication"):
         assert not of_kind(defaults, kind)
+
+
+def _quantity(value: str | int) -> float:
+    """A Kubernetes CPU or memory quantity as cores or bytes."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    text = str(value)
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def test_only_the_small_node_example_is_cpu_only():
+    from tests.helm.conftest import SETUPS
+
+    cpu_only = {name for name, files in SETUPS.items() if _serves_on(render(*files)) == "cpu"}
+    assert cpu_only == {"small-node"}
+
+
+def test_the_small_node_example_fits_one_small_node_with_a_round_running():
+    """Every long-running pod plus a training round's CPU Job fits a 2-core node with 16 GiB
+    free (what `make test-cluster` runs on), leaving room for the cluster's own pods."""
+    from ctloop.settings import KubernetesLauncherSettings
+    from tests.helm.conftest import EXAMPLES
+    from tests.helm.test_settings_and_secrets import service_container, settings_of
+
+    docs = render(next(f for f in EXAMPLES if f.stem == "small-node"))
+    cpu = memory = 0.0
+    for d in docs:
+        if d["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        replicas = d["spec"].get("replicas", 1)
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            requests = c["resources"]["requests"]
+            assert "nvidia.com/gpu" not in requests, d["metadata"]["name"]
+            cpu += replicas * _quantity(requests["cpu"])
+            memory += replicas * _quantity(requests["memory"])
+    job: KubernetesLauncherSettings = settings_of(
+        service_container(docs, "training")
+    ).training.kubernetes
+    assert job.gpu_resource == "" and job.node_selector == {}
+    cpu += _quantity(job.cpu)
+    memory += _quantity(job.memory)
+    assert cpu <= 1.5, cpu  # of 2 cores: the rest for the API server, etcd, CoreDNS, ...
+    assert memory <= 16 * 2**30, memory / 2**30
