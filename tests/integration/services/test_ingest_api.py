@@ -883,21 +883,20 @@ def _workflow_server_requiring_review(svc_settings):
     return server, WorkflowClient(f"127.0.0.1:{port}")
 
 
-def _in_training(approved_only, vid: str) -> list[int]:
+def _in_training(approved_only, vid: str) -> list[str]:
     return [v.label.key for v in approved_only.training_volumes("clinical") if v.volume_id == vid]
+
+
+def _submit(c, vid: str, annotator, mask, minutes: str):
+    """An annotator's corrected mask, submitted as the volume's next revision."""
+    return c.post(
+        f"/v1/volumes/{vid}/annotations", headers=annotator, files=mask, data={"minutes": minutes}
+    )
 
 
 def _a_sent_back_revision_makes_a_task_again(c, vid: str, annotator, boss, mask) -> None:
     """Only a reviewer reviews, once; a revision sent back makes the volume a task again."""
-    assert (
-        c.post(
-            f"/v1/volumes/{vid}/annotations",
-            headers=annotator,
-            files=mask,
-            data={"minutes": "6"},
-        ).status_code
-        == 201
-    )
+    assert _submit(c, vid, annotator, mask, "6").status_code == 201
     review = f"/v1/volumes/{vid}/annotations/1/review"
     assert c.post(review, json={"decision": "approve"}, headers=annotator).status_code == 403
     back = c.post(review, json={"decision": "send_back", "comment": "spleen too big"}, headers=boss)
@@ -911,15 +910,7 @@ def _only_an_approved_revision_is_ground_truth(
     c, approved_only, site: str, vid: str, annotator, boss, mask, unique
 ) -> None:
     """A pending revision is not ground truth while review is required; an approved one is."""
-    assert (
-        c.post(
-            f"/v1/volumes/{vid}/annotations",
-            headers=annotator,
-            files=mask,
-            data={"minutes": "3"},
-        ).status_code
-        == 201
-    )
+    assert _submit(c, vid, annotator, mask, "3").status_code == 201
     # Pending: not ground truth while review is required.
     assert _in_training(approved_only, vid) == []
     ok = c.post(
