@@ -26,7 +26,8 @@ PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
 .PHONY: help setup venv dev protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak \
         stack-up stack-down stack-status services-up services-down status \
-        run test test-reliability lint format unit integration helm-check bench clean
+        run test test-reliability lint format unit integration helm-check bench clean \
+        cluster-tools wheelhouse images cluster-up cluster-down cluster-status test-cluster
 
 help:
 	@echo "make run           set up what the run needs, run the main job: a transfer run with its report (RUN_PRESET=small)"
@@ -39,6 +40,9 @@ help:
 	@echo "make format"
 	@echo "make helm-check    lint, render and validate the Helm chart offline (tests/helm)"
 	@echo "make bench         benchmarks vs in-process baselines (BENCH_PRESET=quick|full)"
+	@echo "make images        build every image the chart uses, without a container registry (root)"
+	@echo "make cluster-up | cluster-down | cluster-status   a single-node Kubernetes here (root)"
+	@echo "make test-cluster  images + cluster + the chart installed and exercised in it (not in make test)"
 
 # ---------------------------------------------------------------- set-up
 # Each step prints one line (`[setup] Kafka jars (Maven Central) ... ok (41 s)`); its whole output
@@ -233,7 +237,7 @@ integration: setup
 	$(VENV)/bin/pytest tests/integration
 
 test: setup lint helm-check
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests --ignore=tests/cluster
 
 # Faults, load, bad input and API fuzzing against the real stack (also part of `make test`);
 # LONG=1 runs the load test for five minutes with more clients.
@@ -242,3 +246,93 @@ test-reliability: setup
 
 clean: services-down stack-down
 	rm -rf $(RUN_DIR)/data $(RUN_DIR)/state $(RUN_DIR)/stamps ctloop/v1
+
+# ---------------------------------------------------------------- Kubernetes (test-cluster)
+# A single-node Kubernetes on this machine and every image the chart uses, built without any
+# container registry: Kubernetes and CoreDNS from the Go module proxy, Debian's etcd, containerd,
+# runc and CNI plugins, Debian roots made with mmdebstrap, podman builds from PyPI wheels, Maven
+# Central jars and Go binaries. Needs root. Details: docs/install.md ("A cluster on this machine").
+K8S_VERSION        := 1.34.4
+COREDNS_VERSION    := v1.14.7
+LOCAL_PATH_VERSION := v0.0.30
+K8S_BIN     := $(TOOLS)/k8s-$(K8S_VERSION)/bin
+IMAGES_DIR  := $(RUN_DIR)/images
+CLUSTER_DIR := $(abspath $(RUN_DIR)/cluster)
+WHEELHOUSE  := $(RUN_DIR)/wheelhouse
+APP_VERSION := $(shell sed -n 's/^appVersion: *"*\([^"]*\)"*/\1/p' helm/ctloop/Chart.yaml)
+IMAGE_SRC   := $(shell git ls-files ctloop services proto 2>/dev/null) requirements.lock.txt pyproject.toml
+IMAGES_ENV  := TAG=$(APP_VERSION) K8S_BIN=$(abspath $(K8S_BIN)) IMAGES_DIR=$(abspath $(IMAGES_DIR)) \
+               WHEELHOUSE=$(abspath $(WHEELHOUSE)) KAFKA_LIBS=$(abspath $(KAFKA_LIBS)) \
+               VERSITYGW=$(abspath $(TOOLS)/bin/versitygw)
+CLUSTER_ENV := CLUSTER_DIR=$(CLUSTER_DIR) K8S_BIN=$(abspath $(K8S_BIN)) IMAGES_DIR=$(abspath $(IMAGES_DIR))
+CLUSTER_PACKAGES := podman buildah runc conmon containernetworking-plugins fuse-overlayfs slirp4netns \
+                    uidmap iptables mmdebstrap busybox-static gcc libc6-dev containerd etcd-server \
+                    etcd-client conntrack socat openssl binutils
+
+cluster-tools: $(STAMPS)/cluster-packages $(K8S_BIN)/.stamp
+$(STAMPS)/cluster-packages:
+	@mkdir -p $(STAMPS)
+	@$(SUDO) true
+	@$(STEP) cluster-packages "container and node packages (apt-get: podman, containerd, etcd, runc, CNI, mmdebstrap)" \
+	  '$(APT_INSTALL) $(CLUSTER_PACKAGES)'
+	@touch $@
+$(K8S_BIN)/.stamp: tools/cluster/build-k8s.sh
+	@$(call need,go,Go 1.25+)
+	@$(STEP) k8s "Kubernetes v$(K8S_VERSION), CoreDNS, local-path provisioner (Go module proxy; ~11 min cold)" \
+	  'K8S_VERSION=$(K8S_VERSION) COREDNS_VERSION=$(COREDNS_VERSION) LOCAL_PATH_VERSION=$(LOCAL_PATH_VERSION) \
+	   K8S_BIN=$(abspath $(K8S_BIN)) tools/cluster/build-k8s.sh'
+	@touch $@
+
+# Wheels of the services and Triton, fetched once: the image builds install from them offline.
+wheelhouse: $(STAMPS)/wheelhouse
+$(STAMPS)/wheelhouse: requirements.lock.txt requirements-triton.txt | $(STAMPS)/venv
+	@$(STEP) wheelhouse "wheels for the images (pip download; a few GB the first time)" \
+	  'mkdir -p $(WHEELHOUSE); \
+	   $(PY) -m pip download --progress-bar off -d $(WHEELHOUSE) -r requirements.lock.txt setuptools wheel; \
+	   $(PY) -m pip download --progress-bar off --no-deps -d $(WHEELHOUSE) -r requirements-triton.txt'
+	@touch $@
+
+IMAGES_SH := $(IMAGES_ENV) tools/cluster/images.sh
+$(STAMPS)/image-bases: tools/cluster/images.sh | $(STAMPS)/cluster-packages
+	@$(STEP) image-bases "Debian bookworm base images (mmdebstrap)" '$(IMAGES_SH) bases'
+	@touch $@
+$(STAMPS)/image-system: $(K8S_BIN)/.stamp | $(STAMPS)/cluster-packages
+	@$(STEP) image-system "pause, CoreDNS, local-path, busybox images" '$(IMAGES_SH) system'
+	@touch $@
+$(STAMPS)/image-ctloop: $(STAMPS)/image-bases $(STAMPS)/wheelhouse docker/Dockerfile $(IMAGE_SRC)
+	@$(STEP) image-ctloop "image ctloop/ctloop:$(APP_VERSION) (podman build)" '$(IMAGES_SH) build ctloop'
+	@touch $@
+$(STAMPS)/image-triton: $(STAMPS)/image-ctloop docker/Dockerfile.triton docker/triton/setup-triton.sh
+	@$(STEP) image-triton "image ctloop/ctloop-triton:$(APP_VERSION) (podman build)" '$(IMAGES_SH) build triton'
+	@touch $@
+$(STAMPS)/image-kafka: $(STAMPS)/image-bases $(STAMPS)/kafka-jars docker/Dockerfile.kafka $(wildcard docker/kafka/*)
+	@$(STEP) image-kafka "image ctloop/ctloop-kafka:$(APP_VERSION) (podman build)" '$(IMAGES_SH) build kafka'
+	@touch $@
+$(STAMPS)/image-postgresql: $(STAMPS)/image-bases docker/Dockerfile.postgresql docker/postgresql/entrypoint.sh
+	@$(STEP) image-postgresql "image ctloop/ctloop-postgresql:$(APP_VERSION) (podman build)" '$(IMAGES_SH) build postgresql'
+	@touch $@
+$(STAMPS)/image-s3: $(STAMPS)/image-bases $(TOOLS)/bin/versitygw docker/Dockerfile.s3
+	@$(STEP) image-s3 "image ctloop/ctloop-s3:$(APP_VERSION) (podman build)" '$(IMAGES_SH) build s3'
+	@touch $@
+IMAGE_STAMPS := $(addprefix $(STAMPS)/image-,system ctloop triton kafka postgresql s3)
+$(IMAGES_DIR)/.saved: $(IMAGE_STAMPS)
+	@$(STEP) images-save "image archives for containerd ($(IMAGES_DIR))" '$(IMAGES_SH) save'
+	@touch $@
+
+images: venv protos kafka-jars s3-gateway cluster-tools $(IMAGES_DIR)/.saved
+	@CONTAINERS_CONF=tools/cluster/containers.conf podman images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
+	  | grep -E '^(ghcr.io/ctloop|localhost/)' | sort
+
+cluster-up: images
+	@$(CLUSTER_ENV) tools/cluster/cluster.sh up
+cluster-down:
+	@$(CLUSTER_ENV) tools/cluster/cluster.sh down
+cluster-status:
+	@$(CLUSTER_ENV) tools/cluster/cluster.sh status
+
+# The chart in the cluster (tests/cluster): install with k8s/examples/small-node.yaml and
+# local-images.yaml, helm test, a round end to end, upgrade, pod deletion, 3 brokers, uninstall.
+# Not part of `make test` (it takes longer than CI allows); each step prints its time.
+test-cluster: dev helm cluster-up
+	KUBECONFIG=$(CLUSTER_DIR)/admin.kubeconfig CTLOOP_K8S_BIN=$(abspath $(K8S_BIN)) HELM=$(abspath $(TOOLS)/bin/helm) \
+	  $(VENV)/bin/pytest tests/cluster -p no:cacheprovider -s

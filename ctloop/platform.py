@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,17 +77,23 @@ def logs_tail(logs_dir: Path, chars: int = 1500) -> str:
 
 
 def until(
-    what: str, check: Callable[[], Any], timeout_s: float, logs_dir: Path, poll_s: float = 1.0
+    what: str,
+    check: Callable[[], Any],
+    timeout_s: float,
+    logs_dir: Path | None,
+    poll_s: float = 1.0,
 ) -> Any:
     """Poll ``check`` until it returns something truthy and return that; on timeout raise
-    :class:`PlatformTimeout` with the tails of the services' logs, which say why."""
+    :class:`PlatformTimeout` with the tails of the services' logs (when they are local), which
+    say why."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
         time.sleep(poll_s)
-    raise PlatformTimeout(f"timed out waiting for {what}; logs:\n{logs_tail(logs_dir)}")
+    logs = f"; logs:\n{logs_tail(logs_dir)}" if logs_dir is not None else ""
+    raise PlatformTimeout(f"timed out waiting for {what}{logs}")
 
 
 class PlatformInstance:
@@ -120,6 +127,10 @@ class PlatformInstance:
         svc = self.settings.services
         self.igniter, self.sustainer = svc.igniter_model, svc.sustainer_model
         self.api = f"http://{svc.host}:{svc.ingest.http_port}"
+        self.metrics_url = f"http://{svc.host}:{svc.metrics.http_port}"
+        self.training_target = svc.grpc_target("training")
+        self.inference_target = svc.grpc_target("inference")
+        self.token_hint = f"admin token in {self.settings.admin_token_file}"
         self.logs_dir = self.settings.logs_dir
 
     def _services(self) -> LocalStack:
@@ -158,6 +169,36 @@ class PlatformInstance:
     def until(self, what: str, check: Callable[[], Any], timeout_s: float) -> Any:
         """:func:`until`, with this instance's logs and pace."""
         return until(what, check, timeout_s, self.logs_dir, self.poll_s)
+
+
+@dataclass
+class RemotePlatform:
+    """A platform that already runs elsewhere (e.g. a Helm release reached through
+    ``kubectl port-forward``): the endpoints a transfer run talks to, and nothing to start or
+    stop. Same surface as :class:`PlatformInstance` for :class:`ctloop.transfer.run.TransferRun`.
+    """
+
+    api: str
+    metrics_url: str
+    training_target: str
+    inference_target: str
+    admin_token: str
+    igniter: str = "igniter"
+    sustainer: str = "sustainer"
+    poll_s: float = 2.0
+    token_hint: str = "the release's bootstrap admin token"
+
+    def up(self) -> None:
+        """Nothing to start: the release runs on its own."""
+
+    def down(self) -> None:
+        """Nothing to stop: the release outlives the run."""
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def until(self, what: str, check: Callable[[], Any], timeout_s: float) -> Any:
+        return until(what, check, timeout_s, None, self.poll_s)
 
 
 @contextmanager

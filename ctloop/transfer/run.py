@@ -35,7 +35,7 @@ import httpx
 
 from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.db import RoundStatus, VolumeStatus
-from ctloop.platform import PlatformInstance, PlatformTimeout
+from ctloop.platform import PlatformInstance, PlatformTimeout, RemotePlatform
 from ctloop.settings import get_settings
 from ctloop.stack import LocalStack
 from ctloop.transfer import RunFailed
@@ -65,6 +65,7 @@ class TransferRun:
         data: Volumes | None = None,
         echo: Callable[[str], None] = print,
         keep_services: bool = False,
+        platform: RemotePlatform | None = None,
     ) -> None:
         self.preset_name = preset_name
         self.preset = PRESETS[preset_name]
@@ -73,6 +74,7 @@ class TransferRun:
         self.port_base = port_base
         self.echo = echo
         self.keep_services = keep_services
+        self.remote = platform  # a release that runs elsewhere: nothing local is started
         self.run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         self.base = get_settings()
         self.folder = self.base.runs_dir / self.run_id
@@ -104,29 +106,29 @@ class TransferRun:
 
     def start_platform(self) -> None:
         self.echo(f"run {self.run_id}: preset {self.preset_name} ({self.preset.expected})")
-        LocalStack(self.base, echo=lambda line: self.echo(f"  stack  {line}")).up()
-        rid = self.run_id
-        self.platform = PlatformInstance(
-            self.folder / "platform",
-            self.port_base,
-            f"-{rid}",
-            group_prefix=f"run-{rid}-",
-            extra_env=self._env(),
-            echo=lambda line: self.echo(f"  svc    {line}"),
-            poll_s=2.0,
-        )
-        self.settings = self.platform.settings
-        self.platform.up()
-        svc = self.settings.services
+        self.platform: PlatformInstance | RemotePlatform
+        if self.remote is not None:
+            self.platform = self.remote
+        else:
+            LocalStack(self.base, echo=lambda line: self.echo(f"  stack  {line}")).up()
+            rid = self.run_id
+            self.platform = PlatformInstance(
+                self.folder / "platform",
+                self.port_base,
+                f"-{rid}",
+                group_prefix=f"run-{rid}-",
+                extra_env=self._env(),
+                echo=lambda line: self.echo(f"  svc    {line}"),
+                poll_s=2.0,
+            )
+            self.platform.up()
         self.api = self.platform.api
-        self.metrics = httpx.Client(
-            base_url=f"http://{svc.host}:{svc.metrics.http_port}", timeout=120
-        )
+        self.metrics = httpx.Client(base_url=self.platform.metrics_url, timeout=120)
         self.training = training_pb2_grpc.TrainingStub(
-            grpc.insecure_channel(svc.grpc_target("training"))
+            grpc.insecure_channel(self.platform.training_target)
         )
         self.inference = inference_pb2_grpc.InferenceStub(
-            grpc.insecure_channel(svc.grpc_target("inference"))
+            grpc.insecure_channel(self.platform.inference_target)
         )
         self.admin = httpx.Client(
             base_url=self.api, timeout=120, headers=self.platform.admin_headers()
@@ -383,8 +385,8 @@ class TransferRun:
             team = self.people() if self.data.truth and self.annotators_per_site > 0 else []
             if not team:
                 self.echo(
-                    f"  annotate through the API at {self.api} (admin token in "
-                    f"{self.settings.admin_token_file}); the run follows the rounds"
+                    f"  annotate through the API at {self.api} ({self.platform.token_hint}); "
+                    "the run follows the rounds"
                 )
             for number in range(1, self.preset.rounds + 1):
                 last = max((r.round for r in self.rounds()), default=0)

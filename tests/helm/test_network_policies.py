@@ -96,7 +96,11 @@ def test_every_component_is_default_deny_and_only_dns_is_open_to_all():
         for d in docs
         if d["kind"] in ("Deployment", "StatefulSet")
     }
-    assert workloads | {"training-job"} == covered
+    test_pods = {  # `helm test` hooks
+        d["metadata"]["labels"]["app.kubernetes.io/component"] for d in of_kind(docs, "Pod")
+    }
+    assert test_pods == {"release-check"}
+    assert workloads | test_pods | {"training-job"} == covered
     for policy in of_kind(docs, "NetworkPolicy"):
         dns = policy["spec"]["egress"][0]
         assert {p["port"] for p in dns["ports"]} == {53}

@@ -1,0 +1,133 @@
+"""``python -m ctloop.release_check``: is every part of a release answering through its Service?
+
+The Helm chart's ``helm test`` hook runs this in a pod with the services' own settings (the same
+``CTLOOP_*`` environment), so it dials exactly the addresses the services dial: each ctloop
+service's HTTP readiness and gRPC health, Triton's readiness, Kafka's topics and the buckets.
+One line per check; exit status 1 when any fails (helm test then reports the pod failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ctloop.contracts.topics import Topic
+from ctloop.settings import Settings, get_settings
+
+ServiceName = Literal["ingest", "inference", "training", "metrics"]
+SERVICES: tuple[ServiceName, ...] = ("ingest", "inference", "training", "metrics")
+
+
+def http_ready(settings: Settings, name: ServiceName) -> str:
+    ep = getattr(settings.services, name)
+    url = f"http://{ep.address or settings.services.host}:{ep.http_port}/readyz"
+    r = httpx.get(url, timeout=10)
+    r.raise_for_status()
+    return f"GET {url} {r.status_code}"
+
+
+def grpc_serving(settings: Settings, name: ServiceName) -> str:
+    target = settings.services.grpc_target(name)
+    with grpc.insecure_channel(target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        raise RuntimeError(f"{target} health is {answer.status}")
+    return f"gRPC health {target} SERVING"
+
+
+def triton_ready(settings: Settings) -> str:
+    import tritonclient.grpc as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(settings.triton.grpc_url)
+    try:
+        if not client.is_server_ready():
+            raise RuntimeError(f"Triton at {settings.triton.grpc_url} is not ready")
+    finally:
+        client.close()
+    return f"Triton {settings.triton.grpc_url} ready"
+
+
+def kafka_topics(settings: Settings) -> str:
+    from kafka import KafkaConsumer
+
+    bootstrap = settings.kafka.bootstrap_servers
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    try:
+        present = consumer.topics()
+    finally:
+        consumer.close()
+    missing = [t.value for t in Topic if t.value not in present]
+    if missing:
+        raise RuntimeError(f"topics missing on {bootstrap}: {missing}")
+    return f"Kafka {bootstrap}: {len(list(Topic))} topics"
+
+
+def buckets(settings: Settings) -> str:
+    from ctloop.storage import ObjectStore
+
+    present = ObjectStore(settings).list_buckets()
+    wanted = [settings.s3.bucket, settings.s3.model_bucket]
+    missing = [b for b in wanted if b not in present]
+    if missing:
+        raise RuntimeError(f"buckets missing at {settings.s3.endpoint}: {missing}")
+    return f"S3 {settings.s3.endpoint}: buckets {', '.join(wanted)}"
+
+
+def reason(exc: Exception) -> str:
+    """One line: a gRPC error's code and details, otherwise the exception."""
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        return f"gRPC {exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
+    found: list[tuple[str, Callable[[], str]]] = []
+    for name in SERVICES:
+        found.append((f"{name} http", partial(http_ready, settings, name)))
+        found.append((f"{name} grpc", partial(grpc_serving, settings, name)))
+    found += [
+        ("triton", lambda: triton_ready(settings)),
+        ("kafka", lambda: kafka_topics(settings)),
+        ("s3", lambda: buckets(settings)),
+    ]
+    return found
+
+
+def run(settings: Settings, attempts: int, wait_s: float) -> int:
+    """Each check, retried ``attempts`` times (a pod that just restarted may need a moment)."""
+    failed = 0
+    for label, check in checks(settings):
+        for attempt in range(1, attempts + 1):
+            try:
+                print(f"ok    {label:16} {check()}", flush=True)
+                break
+            except Exception as exc:  # any failure of the dialled component is the answer
+                if attempt == attempts:
+                    print(f"FAIL  {label:16} {reason(exc)}", flush=True)
+                    failed += 1
+                else:
+                    time.sleep(wait_s)
+    print(f"{'all checks passed' if not failed else f'{failed} checks failed'}", flush=True)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ctloop.release_check", description=__doc__)
+    parser.add_argument("--attempts", type=int, default=6)
+    parser.add_argument("--wait", type=float, default=5.0, help="seconds between attempts")
+    args = parser.parse_args(argv)
+    return run(get_settings(), args.attempts, args.wait)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

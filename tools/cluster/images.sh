@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Container images without any registry but PyPI, Maven Central, the Go module proxy and Debian.
+#   images.sh bases            Debian bookworm roots made with mmdebstrap (python, plain)
+#   images.sh system           pause, CoreDNS, local-path provisioner, busybox (from $K8S_BIN)
+#   images.sh build NAME       one of the chart's images: ctloop triton kafka postgresql s3
+#   images.sh save             every image above into $IMAGES_DIR/*.tar (for containerd)
+# Env: REGISTRY/TAG (the chart's image names), K8S_BIN, IMAGES_DIR, WHEELHOUSE, KAFKA_LIBS,
+# VERSITYGW, COREDNS_VERSION. Runs as root (podman with runc, see containers.conf).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+export CONTAINERS_CONF=$here/containers.conf
+: "${REGISTRY:=ghcr.io/ctloop}" "${TAG:?}" "${IMAGES_DIR:=$root/.ctloop/images}"
+PY_BASE=localhost/ctloop-base/python:3.11-bookworm
+DEB_BASE=localhost/ctloop-base/debian:bookworm
+SYSTEM=(localhost/pause:3.10 localhost/coredns:local localhost/local-path-provisioner:local localhost/busybox:local)
+APP=(ctloop ctloop-triton ctloop-kafka ctloop-postgresql ctloop-s3)
+
+mmdebstrap_image() {  # name, packages (comma-separated)
+  local t; t=$(mktemp -d)
+  nice -n 10 mmdebstrap --quiet --variant=minbase --mode=root --format=tar --include="$2" \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
+    bookworm "$t/root.tar"  # no mirror given: the host's own apt sources
+  podman import --change 'CMD ["/bin/bash"]' \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    "$t/root.tar" "$1" >/dev/null
+  rm -rf "$t"
+}
+
+static_image() {  # name, entrypoint, user, files...
+  local name=$1 entry=$2 user=$3; shift 3
+  local t; t=$(mktemp -d)
+  mkdir -p "$t/bin" && cp "$@" "$t/bin/"
+  tar -C "$t" -cf "$t/img.tar" bin
+  podman import --change "ENTRYPOINT [\"$entry\"]" --change "USER $user" "$t/img.tar" "$name" >/dev/null
+  rm -rf "$t"
+}
+
+bases() {
+  mmdebstrap_image "$PY_BASE" python3,python3-venv,python-is-python3,libpython3.11,ca-certificates
+  mmdebstrap_image "$DEB_BASE" ca-certificates
+}
+
+system() {
+  : "${K8S_BIN:?}"
+  static_image localhost/pause:3.10 /bin/pause 65535:65535 "$K8S_BIN/pause"
+  static_image localhost/coredns:local /bin/coredns 65532:65532 "$K8S_BIN/coredns"
+  static_image localhost/local-path-provisioner:local /bin/local-path-provisioner 0:0 "$K8S_BIN/local-path-provisioner"
+  # busybox: the provisioner's helper pods (mkdir/rm of volume folders) and debugging
+  local t; t=$(mktemp -d); mkdir -p "$t/bin"; cp /bin/busybox "$t/bin/"
+  for a in sh ls cat echo sleep mkdir rm rmdir chmod wget nc; do ln -s busybox "$t/bin/$a"; done
+  tar -C "$t" -cf "$t/bb.tar" bin
+  podman import --change 'CMD ["/bin/sh"]' --change 'ENV PATH=/bin' "$t/bb.tar" localhost/busybox:local >/dev/null
+  rm -rf "$t"
+}
+
+build() {
+  local name=$1 ctx
+  local args=(--pull=never --layers --tag "$REGISTRY/$name:$TAG" --build-arg BASE_IMAGE=$DEB_BASE)
+  case $name in
+    ctloop)
+      : "${WHEELHOUSE:?}"
+      podman build "${args[@]}" -f "$root/docker/Dockerfile" --build-arg PYTHON_IMAGE=$PY_BASE \
+        --build-arg TORCH_INDEX_URL= --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels \
+        --volume "$WHEELHOUSE:/wheels:ro" "$root"
+      # PyPI's torch carries CUDA: the same image is the round Jobs' CUDA image
+      podman tag "$REGISTRY/ctloop:$TAG" "$REGISTRY/ctloop-cuda:$TAG" ;;
+    triton)
+      podman build "${args[@]}" -f "$root/docker/Dockerfile.triton" \
+        --build-arg CTLOOP_IMAGE="$REGISTRY/ctloop:$TAG" --build-arg PIP_NO_INDEX=1 \
+        --build-arg PIP_FIND_LINKS=/wheels --volume "$WHEELHOUSE:/wheels:ro" "$root" ;;
+    kafka)
+      : "${KAFKA_LIBS:?}"; ctx=$(mktemp -d)
+      cp -r "$KAFKA_LIBS" "$ctx/libs"; cp -r "$root/docker/kafka" "$ctx/kafka"
+      podman build "${args[@]}" -f "$root/docker/Dockerfile.kafka" "$ctx"; rm -rf "$ctx" ;;
+    postgresql)
+      podman build "${args[@]}" -f "$root/docker/Dockerfile.postgresql" "$root/docker/postgresql" ;;
+    s3)
+      : "${VERSITYGW:?}"; ctx=$(mktemp -d); cp "$VERSITYGW" "$ctx/versitygw"; strip "$ctx/versitygw"
+      podman build "${args[@]}" -f "$root/docker/Dockerfile.s3" "$ctx"; rm -rf "$ctx" ;;
+    *) echo "unknown image $name (ctloop triton kafka postgresql s3)" >&2; exit 2 ;;
+  esac
+}
+
+save() {
+  mkdir -p "$IMAGES_DIR"
+  # one multi-image archive per group: the ctloop and Triton images share their big layers
+  podman save --multi-image-archive --format docker-archive -o "$IMAGES_DIR/system.tar.part" "${SYSTEM[@]}"
+  mv "$IMAGES_DIR/system.tar.part" "$IMAGES_DIR/system.tar"
+  local app=(); for n in "${APP[@]}"; do app+=("$REGISTRY/$n:$TAG"); done
+  app+=("$REGISTRY/ctloop-cuda:$TAG")
+  podman save --multi-image-archive --format docker-archive -o "$IMAGES_DIR/ctloop.tar.part" "${app[@]}"
+  mv "$IMAGES_DIR/ctloop.tar.part" "$IMAGES_DIR/ctloop.tar"
+  podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E "ctloop|localhost/" | sort
+}
+
+case ${1:-} in
+  bases) bases ;;
+  system) system ;;
+  build) build "${2:?image name}" ;;
+  save) save ;;
+  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
+esac
