@@ -29,8 +29,11 @@ SERVICES: tuple[ServiceName, ...] = ("ingest", "inference", "training", "metrics
 def http_ready(settings: Settings, name: ServiceName) -> str:
     ep = getattr(settings.services, name)
     url = f"http://{ep.address or settings.services.host}:{ep.http_port}/readyz"
-    r = httpx.get(url, timeout=10)
-    r.raise_for_status()
+    try:
+        r = httpx.get(url, timeout=10)
+        r.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise RuntimeError(f"GET {url}: {exc}") from exc
     return f"GET {url} {r.status_code}"
 
 
@@ -87,6 +90,8 @@ def reason(exc: Exception) -> str:
     """One line: a gRPC error's code and details, otherwise the exception."""
     if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
         return f"gRPC {exc.code().name}: {exc.details()}"
+    if isinstance(exc, RuntimeError):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 

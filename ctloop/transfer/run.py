@@ -86,7 +86,7 @@ class TransferRun:
         self._stop = threading.Event()
 
     # ------------------------------------------------------------ platform
-    def _env(self) -> dict[str, str]:
+    def policy_env(self) -> dict[str, str]:
         """The run's training policy and model on top of the instance's own environment."""
         p = self.preset
         return {
@@ -117,7 +117,7 @@ class TransferRun:
                 self.port_base,
                 f"-{rid}",
                 group_prefix=f"run-{rid}-",
-                extra_env=self._env(),
+                extra_env=self.policy_env(),
                 echo=lambda line: self.echo(f"  svc    {line}"),
                 poll_s=2.0,
             )

@@ -33,11 +33,11 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags="$ldflags -X $p.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $p.gitTreeState=clean"
 done
 echo "building $cmds"
-nice -n 19 go build -trimpath -ldflags "$ldflags" -o "$K8S_BIN/" $pkgs
+nice -n 5 go build -trimpath -ldflags "$ldflags" -o "$K8S_BIN/" $pkgs
 
 echo "building coredns $COREDNS_VERSION, local-path-provisioner $LOCAL_PATH_VERSION"
-GOBIN=$K8S_BIN nice -n 19 go install -trimpath -ldflags '-s -w' "github.com/coredns/coredns@$COREDNS_VERSION"
-GOBIN=$K8S_BIN nice -n 19 go install -trimpath -ldflags '-s -w' \
+GOBIN=$K8S_BIN nice -n 5 go install -trimpath -ldflags '-s -w' "github.com/coredns/coredns@$COREDNS_VERSION"
+GOBIN=$K8S_BIN nice -n 5 go install -trimpath -ldflags '-s -w' \
   "github.com/rancher/local-path-provisioner@$LOCAL_PATH_VERSION"
 # the pause container's source ships in the module zip; built static, it needs no base image
 gcc -Os -static -DVERSION="v$K8S_VERSION-ctloop" -o "$K8S_BIN/pause" "$kdir/build/pause/linux/pause.c"
