@@ -7,13 +7,16 @@ Layout (keys from :mod:`ctloop.contracts.keys`)::
 
 Versions are immutable: publishing a version that exists is refused. ``manifest.json`` is
 written last, so a version without one is incomplete (a crash mid-publish) and never served.
-Serving a version means an explicit Triton load whose config pins exactly that version, so
-rollback is a load of an older one; a failed load leaves the old version serving.
+Serving a version means an explicit Triton load whose config pins exactly that version, on
+every Triton replica, so rollback is a load of an older one; a failed load (on any replica)
+leaves the old version serving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,11 @@ from ctloop.core.packaging import INTERFACE, segmentation_spec
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from ctloop.timing import Laps
+from ctloop.triton_replicas import Resolver, TritonReplicas, resolve_all
+
+# A status question (what a replica serves) answers in well under a second; a replica that
+# does not answer in this long is treated as down rather than holding up the others.
+STATUS_TIMEOUT_S = 10.0
 
 
 class VersionExists(RuntimeError):
@@ -98,26 +106,110 @@ def serving_spec(settings: Settings, model: str) -> ModelSpec:
     return segmentation_spec(model, gpu=t.instance_kind == "gpu", instance_count=t.instance_count)
 
 
-class TritonModels:
-    """Loads and queries models on a Triton server over gRPC."""
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What reconciling did on one replica: loaded the version, or could not (``error``):
+    the replica refused it, or did not answer (down, restarting)."""
 
-    def __init__(self, settings: Settings) -> None:
+    replica: str
+    error: str | None = None
+    refused: bool = False
+
+
+class TritonModels:
+    """Loads and queries models on the Triton replicas over gRPC.
+
+    Inference requests go through ``settings.triton.grpc_url`` (a Service balances them over
+    the replicas); loads and what serves are per replica (:mod:`ctloop.triton_replicas`).
+    """
+
+    def __init__(self, settings: Settings, resolve: Resolver = resolve_all) -> None:
         self.client = triton_grpc.InferenceServerClient(settings.triton.grpc_url)
+        self.replicas = TritonReplicas(settings, resolve)
 
     def serve_version(self, spec: ModelSpec, version: int) -> None:
-        """Load exactly ``version``; on failure the previously loaded version keeps serving."""
+        """Load exactly ``version`` on every replica. If one refuses (or does not answer), the
+        replicas that took it go back to what they served, so the previous version keeps
+        serving everywhere, and :class:`ModelLoadFailed` names the replica."""
+        replicas = self.replicas.addresses()
+        if not replicas:
+            raise ModelLoadFailed(
+                f"{spec.name} v{version}: no Triton replica ({self.replicas.describe()})"
+            )
+        # What each replica serves now, to go back to: the last one is never gone back on.
+        before = {r: self._before_load(r, spec, version) for r in replicas[:-1]}
+        done: list[str] = []
+        for replica in replicas:
+            try:
+                self.load_on(replica, spec, version)
+            except ModelLoadFailed:
+                self._put_back(spec, {r: before[r] for r in done})
+                raise
+            done.append(replica)
+
+    def load_on(self, replica: str, spec: ModelSpec, version: int) -> None:
+        """Load exactly ``version`` on one replica; its previous version serves if this fails."""
         try:
-            self.client.load_model(spec.name, config=json.dumps(spec.config(version)))
+            client = self.replicas.client(replica)
+            client.load_model(spec.name, config=json.dumps(spec.config(version)))
         except InferenceServerException as exc:
-            raise ModelLoadFailed(f"{spec.name} v{version}: {exc.message()}") from exc
+            raise ModelLoadFailed(
+                f"{spec.name} v{version} on Triton {replica}: {exc.message()}"
+            ) from exc
+
+    def load_where_missing(self, spec: ModelSpec, version: int) -> list[ReplicaLoad]:
+        """Load ``version`` on each replica that does not serve it READY (one that started
+        since, or restarted, has nothing loaded). A replica that is down or refuses does not
+        stop the others; the list says what happened on each replica that lacked it."""
+        done: list[ReplicaLoad] = []
+        for replica in self.replicas.addresses():
+            try:
+                if not self.replica_serves(replica, spec.name, version):
+                    self.load_on(replica, spec, version)
+                    done.append(ReplicaLoad(replica))
+            except InferenceServerException as exc:
+                done.append(ReplicaLoad(replica, f"did not answer: {exc.message()}"))
+            except ModelLoadFailed as exc:
+                done.append(ReplicaLoad(replica, str(exc), refused=True))
+        return done
 
     def serving_versions(self, model: str) -> list[int]:
-        index = self.client.get_model_repository_index(as_json=True)
+        """Versions READY on every replica (a version some replica lacks does not serve)."""
+        ready = [set(self.replica_versions(r, model)) for r in self.replicas.addresses()]
+        return sorted(set.intersection(*ready)) if ready else []
+
+    def replica_serves(self, replica: str, model: str, version: int) -> bool:
+        """Whether one replica has ``version`` READY (asks no more: it lists no repository)."""
+        client = self.replicas.client(replica)
+        return bool(client.is_model_ready(model, str(version), client_timeout=STATUS_TIMEOUT_S))
+
+    def replica_versions(self, replica: str, model: str) -> list[int]:
+        """Versions of ``model`` READY on one replica."""
+        client = self.replicas.client(replica)
+        index = client.get_model_repository_index(as_json=True, client_timeout=STATUS_TIMEOUT_S)
         return sorted(
             int(m["version"])
             for m in index.get("models", [])
             if m.get("name") == model and m.get("state") == "READY" and m.get("version")
         )
+
+    def _before_load(self, replica: str, spec: ModelSpec, version: int) -> list[int]:
+        try:
+            return self.replica_versions(replica, spec.name)
+        except InferenceServerException as exc:
+            raise ModelLoadFailed(
+                f"{spec.name} v{version}: Triton {replica} did not answer: {exc.message()}"
+            ) from exc
+
+    def _put_back(self, spec: ModelSpec, before: dict[str, list[int]]) -> None:
+        """Best effort (the inference service's reconciling repairs what this cannot): each
+        replica back to the version it served, or to none."""
+        for replica, versions in before.items():
+            with contextlib.suppress(InferenceServerException, ModelLoadFailed):
+                if versions:
+                    self.load_on(replica, spec, max(versions))
+                else:
+                    self.replicas.client(replica).unload_model(spec.name)
 
     def probabilities(self, model: str, version: int, x: np.ndarray) -> np.ndarray:
         """Class probabilities (C, x, y, z) of a model-grid volume from a served segmentation
@@ -132,6 +224,7 @@ class TritonModels:
 
     def close(self) -> None:
         self.client.close()
+        self.replicas.close()
 
 
 class IncompatibleModel(RuntimeError):

@@ -72,6 +72,15 @@ class TritonSettings(BaseModel):
     # when it gives Triton nvidia.com/gpu), "cpu" otherwise; instances per GPU (or in all).
     instance_kind: Literal["cpu", "gpu"] = "cpu"
     instance_count: int = Field(default=1, ge=1)
+    # Every replica, when several serve behind one address: explicit model control is per
+    # server, so the inference service loads on each (inference requests still go to
+    # grpc_url). "host:port" entries, comma-separated; each host resolves to all its addresses
+    # (a Kubernetes headless Service: one per ready pod), a missing port is grpc_port. Unset:
+    # grpc_url is the only replica.
+    replicas: str | None = None
+    # How often the inference service loads the serving version on replicas that lack it (a
+    # new or restarted one comes up with nothing loaded).
+    reconcile_interval_s: float = Field(default=10.0, gt=0)
 
     @property
     def grpc_url(self) -> str:
