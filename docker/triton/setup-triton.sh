@@ -4,7 +4,8 @@
 # PATH as a wrapper that puts the interpreter's libpython and the wheel's bundled libraries first
 # (without them the stub loads no libpython, or another one, and model.py cannot import torch).
 set -eu
-wheel=$(python -c 'import pathlib, pytriton; print(pathlib.Path(pytriton.__file__).parent)')
+# find_spec, not import: pytriton's own package imports its client's dependencies (gevent, …)
+wheel=$(python -c 'import importlib.util as u; print(u.find_spec("pytriton").submodule_search_locations[0])')
 server=$wheel/tritonserver
 py=$(python -c 'import sys; print(f"{sys.version_info.major}.{sys.version_info.minor}")')
 libdir=$(python -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')

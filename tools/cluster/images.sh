@@ -57,8 +57,9 @@ system() {
 }
 
 build() {
-  local name=$1 ctx
-  local args=(--pull=never --layers --tag "$REGISTRY/$name:$TAG" --build-arg BASE_IMAGE=$DEB_BASE)
+  local name=$1 ctx repo
+  repo=$([ "$name" = ctloop ] && echo ctloop || echo "ctloop-$name")
+  local args=(--pull=never --layers --tag "$REGISTRY/$repo:$TAG" --build-arg BASE_IMAGE=$DEB_BASE)
   case $name in
     ctloop)
       : "${WHEELHOUSE:?}"
