@@ -5,6 +5,10 @@ Consumer: a consumer group with auto-commit off. Each record is handled, then it
 committed, so a crash replays rather than loses (handlers deduplicate by event id). A record
 that is not a valid CloudEvent, or whose handler keeps failing, goes to the dead-letter topic
 with the reason and its origin in headers; the consumer carries on.
+
+A consumer that keeps its own durable record of how far it got (the metrics service's snapshot)
+passes a :class:`Checkpoint`: newly assigned partitions start where it says, and it hears of
+every handled record and of each poll, to save when due.
 """
 
 from __future__ import annotations
@@ -13,9 +17,16 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Protocol
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    TopicPartition,
+)
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
@@ -82,6 +93,17 @@ def ensure_topics(settings: Settings, topics: Iterable[str] = tuple(Topic)) -> N
         admin.close()
 
 
+def cluster_id(settings: Settings) -> str:
+    """The Kafka cluster's id: offsets mean something only on the cluster they came from."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap_servers, client_id="ctloop-cluster-id"
+    )
+    try:
+        return str(admin.describe_cluster()["cluster_id"])
+    finally:
+        admin.close()
+
+
 class EventProducer:
     def __init__(self, settings: Settings, client_id: str) -> None:
         self._producer = KafkaProducer(
@@ -113,6 +135,45 @@ class EventProducer:
         self._producer.close()
 
 
+class Checkpoint(Protocol):
+    """A consumer's own record of how far it got, kept with the state it built."""
+
+    def start_offsets(self, assigned: Collection[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where each newly assigned partition is read from; one left out starts where the group
+        committed, or at its beginning. Runs on the Kafka client's I/O thread: no I/O here."""
+        ...
+
+    def earliest(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """The earliest offsets still on the brokers, of the partitions just assigned."""
+        ...
+
+    def handled(self, tp: TopicPartition, next_offset: int) -> None:
+        """The records of ``tp`` before ``next_offset`` are handled."""
+        ...
+
+    def tick(self, stopping: bool) -> None:
+        """After each poll, and once when the loop stops (``stopping``): save if due."""
+        ...
+
+
+class _StartAtCheckpoint(ConsumerRebalanceListener):
+    """Seeks newly assigned partitions to the checkpoint's offsets and notes them, so the
+    consumer asks for their earliest offsets after the poll (the listener must not block)."""
+
+    def __init__(self, consumer: KafkaConsumer, checkpoint: Checkpoint) -> None:
+        self._consumer = consumer
+        self._checkpoint = checkpoint
+        self.assigned: set[TopicPartition] = set()
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp, offset in self._checkpoint.start_offsets(assigned).items():
+            self._consumer.seek(tp, offset)
+        self.assigned |= set(assigned)
+
+
 class EventConsumer:
     """Feeds the events of ``topics`` to ``handler`` as member of consumer group ``group_id``."""
 
@@ -124,10 +185,12 @@ class EventConsumer:
         handler: Handler,
         dead_letters: EventProducer,
         retry: RetryPolicy | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         group_id = settings.kafka.group_prefix + group_id
+        names = [str(t) for t in topics]
         self._consumer = KafkaConsumer(
-            *[str(t) for t in topics],
+            *([] if checkpoint else names),  # with a checkpoint: subscribed below, to seek
             bootstrap_servers=settings.kafka.bootstrap_servers,
             group_id=group_id,
             client_id=group_id,
@@ -139,6 +202,11 @@ class EventConsumer:
         self._handler = handler
         self._dead_letters = dead_letters
         self._retry = retry or RetryPolicy(give_up_on=(InvalidEvent,))
+        self._checkpoint = checkpoint
+        self._listener: _StartAtCheckpoint | None = None
+        if checkpoint is not None:
+            self._listener = _StartAtCheckpoint(self._consumer, checkpoint)
+            self._consumer.subscribe(names, listener=self._listener)
 
     def poll_once(self, timeout_ms: int = 1000, stop: threading.Event | None = None) -> int:
         """Handle what one poll returns; the number of records it took.
@@ -147,6 +215,7 @@ class EventConsumer:
         committed and goes to the next member of the group.
         """
         batches = self._consumer.poll(timeout_ms=timeout_ms)
+        self._tell_earliest()
         count = 0
         for tp, records in batches.items():
             for record in records:
@@ -154,8 +223,19 @@ class EventConsumer:
                     return count
                 self._handle_record(tp, record)
                 self._consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+                if self._checkpoint is not None:
+                    self._checkpoint.handled(tp, record.offset + 1)
                 count += 1
         return count
+
+    def _tell_earliest(self) -> None:
+        """The checkpoint learns the earliest offsets of the partitions assigned in the last
+        poll (what retention left), to see whether events it never covered are gone."""
+        if self._checkpoint is None or self._listener is None or not self._listener.assigned:
+            return
+        assigned = set(self._listener.assigned)
+        self._checkpoint.earliest(self._consumer.beginning_offsets(list(assigned)))
+        self._listener.assigned -= assigned
 
     def _handle_record(self, tp: TopicPartition, record: object) -> None:
         value = getattr(record, "value", None)
@@ -199,6 +279,10 @@ class EventConsumer:
             except KafkaError:
                 log.exception("poll failed; retrying")
                 time.sleep(1.0)
+            if self._checkpoint is not None:
+                self._checkpoint.tick(stopping=False)
+        if self._checkpoint is not None:
+            self._checkpoint.tick(stopping=True)
 
     def close(self) -> None:
         self._consumer.close()
