@@ -26,8 +26,9 @@ class KafkaSettings(BaseModel):
     # Replicas of each ctloop topic: 1 for one broker; 3 with the chart's 3-broker example,
     # whose min.insync.replicas=2 refuses acks=all writes to a topic with fewer replicas.
     topic_replication_factor: int = Field(default=1, ge=1)
-    # How long the brokers keep ctloop's events; -1: for ever. The metrics service rebuilds its
-    # state from the topics at every start, so a finite retention forgets old rounds.
+    # How long the brokers keep ctloop's events; -1: for ever. The metrics service restarts
+    # from its snapshot (see MetricsSettings), so a finite retention keeps its rounds as long as
+    # a snapshot covered the events before they expired.
     topic_retention_ms: int = Field(default=-1, ge=-1)
     heap: str = "512m"
     # Prepended to every consumer group: two platform instances on one cluster (e.g. a
@@ -222,6 +223,20 @@ class TrainingSettings(BaseModel):
     kubernetes: KubernetesLauncherSettings = KubernetesLauncherSettings()
 
 
+class MetricsSettings(BaseModel):
+    """How the metrics service keeps its state through restarts and Kafka's retention: a
+    snapshot in S3 (``metrics/<snapshot_name>/snapshot.json``) with the offsets it covers; a
+    restart loads it and reads the topics from there on."""
+
+    # A snapshot is written once this many events came since the last one, or this many
+    # seconds passed with some; and at a graceful shutdown.
+    snapshot_every_events: int = Field(default=1000, ge=1)
+    snapshot_every_s: float = Field(default=60.0, gt=0)
+    # One name per Kafka cluster whose events the snapshot holds. Instances reading the same
+    # cluster may share it (any of their snapshots is a consistent state with its offsets).
+    snapshot_name: str = "default"
+
+
 class Settings(BaseSettings):
     """Everything configurable, in one place."""
 
@@ -246,6 +261,7 @@ class Settings(BaseSettings):
     db: DatabaseSettings = DatabaseSettings()
     services: ServicesSettings = ServicesSettings()
     training: TrainingSettings = TrainingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     auth: AuthSettings = AuthSettings()
 
     @property

@@ -9,6 +9,8 @@ Data bucket::
     predictions/<volume>/<model>/v<version>/mask.nii.gz, prediction.json
     <training s3_prefix>/<job>/input/..., output/...   (a round run as a Kubernetes Job)
     reports/<run>/<file>, reports/latest                (transfer-run reports)
+    metrics/<name>/snapshot.json                        (the metrics service's state)
+    metrics/<name>/set-aside/<stamp>.json               (a snapshot it could not use)
     bench/<tag>/<run>/<part>.nii.gz                     (benchmark baselines, deleted after)
 
 Model bucket (the Triton model repository, under ``<model_prefix>/``)::
@@ -143,6 +145,22 @@ def report_latest() -> str:
 def report_runs(listed: list[str]) -> list[str]:
     """The run ids among the keys listed under :data:`REPORTS_PREFIX`, sorted."""
     return sorted({k.split("/")[1] for k in listed if k.count("/") == 2})
+
+
+METRICS_PREFIX = "metrics/"
+
+
+def metrics_snapshot(name: str) -> str:
+    """The metrics service's newest snapshot: its state and the Kafka offsets it covers."""
+    return f"{METRICS_PREFIX}{safe_id(name, 'snapshot name')}/snapshot.json"
+
+
+def metrics_snapshot_aside(name: str, stamp: str) -> str:
+    """Where a snapshot the service could not use (unreadable, from another Kafka cluster) is
+    copied before it is replaced, to be looked at later."""
+    return (
+        f"{METRICS_PREFIX}{safe_id(name, 'snapshot name')}/set-aside/{safe_id(stamp, 'stamp')}.json"
+    )
 
 
 def bench_blob(tag: str, run: str, part: str) -> str:

@@ -1,6 +1,7 @@
 """``python -m services.metrics``: per-round Dice and minutes from every topic; Prometheus and
-gRPC. Its state is rebuilt from the topics on every start (a fresh consumer group reads them
-from the beginning)."""
+gRPC. At start it restores its state from the newest snapshot in S3 and reads the topics on from
+the offsets that snapshot covers (services/metrics/snapshot.py); without one, a fresh consumer
+group reads them from the beginning."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import grpc
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import Response
 
-from ctloop.bus import EventConsumer, EventProducer
+from ctloop.bus import EventConsumer, EventProducer, cluster_id
 from ctloop.contracts import keys
 from ctloop.contracts.topics import Topic
 from ctloop.log import configure_logging
+from ctloop.retry import RetryPolicy
 from ctloop.service import ServiceRuntime
 from ctloop.settings import Settings, get_settings
 from ctloop.storage import ObjectStore
@@ -28,6 +30,7 @@ from services.metrics.report import (
     render_files,
     write_report,
 )
+from services.metrics.snapshot import SnapshotCheckpoint, SnapshotStore
 from services.metrics.state import MetricsState
 
 
@@ -64,12 +67,31 @@ def report_message(state: MetricsState) -> metrics_pb2.Report:
     )
 
 
+def restored_checkpoint(settings: Settings, state: MetricsState) -> SnapshotCheckpoint:
+    """The state restored from its snapshot (if there is a usable one), and the checkpoint that
+    starts the consumer where it left off. S3 or Kafka not answering is retried, then fatal:
+    starting from nothing would later overwrite a good snapshot with less."""
+    m = settings.metrics
+    snapshots = SnapshotStore(ObjectStore(settings), settings.s3.bucket, m.snapshot_name)
+    retry = RetryPolicy(attempts=5, max_delay_s=10.0)
+    checkpoint = SnapshotCheckpoint(
+        state,
+        snapshots,
+        retry.call(lambda: cluster_id(settings)),
+        m.snapshot_every_events,
+        m.snapshot_every_s,
+    )
+    retry.call(checkpoint.restore)
+    return checkpoint
+
+
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level)
     state = MetricsState(ObjectStore(settings), settings.s3.bucket)
+    checkpoint = restored_checkpoint(settings, state)
     producer = EventProducer(settings, client_id="metrics")
-    # A fresh group reads every topic from its beginning: the state is rebuilt at each start.
+    # A fresh group: where each partition starts is the snapshot's business, not the group's.
     group = f"metrics-{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
     topics = [t for t in Topic if t != Topic.DEAD_LETTER]
     ep = settings.services.metrics
@@ -77,11 +99,13 @@ def main() -> None:
     started = time.monotonic()
 
     def events() -> tuple[bool, str]:
-        return True, f"{state.events_seen} events in {time.monotonic() - started:.0f}s"
+        complete = "" if state.history()["complete"] else "; history incomplete"
+        return True, f"{state.events_seen} events in {time.monotonic() - started:.0f}s{complete}"
 
     add_report_routes(runtime.health_app({"events": events}), settings, state)
     metrics_pb2_grpc.add_MetricsServicer_to_server(MetricsService(state), runtime.grpc_server())
-    runtime.add_consumer(EventConsumer(settings, group, topics, state.handle, producer), producer)
+    consumer = EventConsumer(settings, group, topics, state.handle, producer, checkpoint=checkpoint)
+    runtime.add_consumer(consumer, producer)
     runtime.serve(settings.services.shutdown_grace_s)
 
 
@@ -94,6 +118,7 @@ def add_report_routes(app: FastAPI, settings: Settings, state: MetricsState) -> 
             "rounds": state.report(),
             "evaluation": state.evaluation(),
             "events_seen": state.events_seen,
+            "history": state.history(),
         }
 
     store, bucket = ObjectStore(settings), settings.s3.bucket

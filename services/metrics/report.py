@@ -66,6 +66,8 @@ def build_report(run_id: str, info: RunInfo, state: MetricsState) -> dict[str, A
         "paper": PAPER,
         "trends": trends,
         "events_seen": state.events_seen,
+        # Not complete when Kafka deleted events before the metrics snapshot covered them.
+        "history": state.history(),
     }
 
 
@@ -139,6 +141,21 @@ def _fmt(x: float | None, pattern: str = "{:.3f}") -> str:
     return "-" if x is None else pattern.format(x)
 
 
+def _incomplete_warning(report: dict[str, Any]) -> list[str]:
+    gaps = report.get("history", {}).get("gaps", [])
+    if not gaps:
+        return []
+    where = ", ".join(
+        f"{g['topic']}/{g['partition']} offsets {g['first_missing']}-{g['first_kept'] - 1}"
+        for g in gaps
+    )
+    return [
+        f"**May be incomplete:** Kafka deleted events before the metrics service's snapshot "
+        f"covered them ({where}).",
+        "",
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     run, ours, paper = report["run"], report["igniter_vs_final"], report["paper"]
     organs = sorted({o for r in report["rounds"] if r["dice"] for o in r["dice"]["organs"]})
@@ -149,6 +166,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{', '.join(run['annotators']) or '-'}. Generated {report['generated_at']} from "
         f"{report['events_seen']} events.",
         "",
+        *_incomplete_warning(report),
         "## Headline: ours beside the paper (Ma et al. 2022)",
         "",
         "| | ours | paper |",

@@ -8,6 +8,10 @@ minutes it took. Replayed events are counted once.
 Independently of the annotators, every model version that pre-annotates an *evaluation* volume
 (clinical volumes uploaded with reference labels, never trained on) is scored against that label:
 the Dice per organ and mean on the clinical data that the report compares across rounds.
+
+The state is kept through restarts as a :class:`StateDoc` (services/metrics/snapshot.py writes
+it to S3 with the offsets it covers). Events that Kafka deleted before a snapshot covered them
+are recorded as gaps: from then on the report says it may be incomplete.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ from ctloop.core.blobs import nifti_from_gz
 from ctloop.core.metrics import mean_dice, organ_dice
 from ctloop.core.partial import PartialLabel
 from ctloop.storage import ObjectStore
+from services.metrics.snapshot_format import (
+    HistoryGap,
+    PredictionDoc,
+    RoundDoc,
+    RoundOfDoc,
+    ScoreDoc,
+    StateDoc,
+)
 
 log = logging.getLogger("ctloop.metrics")
 
@@ -47,6 +59,16 @@ ROUND_VOLUMES = Gauge("ctloop_round_volumes_annotated", "Volumes annotated", ["m
 EVAL_DICE = Gauge(
     "ctloop_evaluation_mean_dice", "Mean Dice on the evaluation volumes", ["model", "version"]
 )
+HISTORY_COMPLETE = Gauge(
+    "ctloop_metrics_history_complete",
+    "1 unless events were deleted from Kafka before a snapshot covered them",
+)
+MISSING_OFFSETS = Gauge(
+    "ctloop_metrics_missing_offsets",
+    "Offsets deleted from Kafka before a snapshot covered them",
+    ["topic", "partition"],
+)
+HISTORY_COMPLETE.set(1)
 
 
 @dataclass
@@ -83,6 +105,7 @@ class MetricsState:
         self._evaluation: dict[str, tuple[str, str, str | None]] = {}  # volume -> its label
         # (model, version) -> volume -> (mean Dice, Dice per organ)
         self._scores: dict[tuple[str, int], dict[str, tuple[float, dict[str, float]]]] = {}
+        self._gaps: list[HistoryGap] = []
         self.events_seen = 0
 
     def handle(self, event: CloudEvent) -> None:
@@ -205,6 +228,89 @@ class MetricsState:
                 ROUND_VOLUMES.labels(*labels).set(summary["volumes_annotated"])
                 rounds.append(summary)
         return rounds
+
+    def note_gap(self, gap: HistoryGap) -> None:
+        """Events that were deleted before they were folded in: the report is incomplete."""
+        log.warning(
+            "events were deleted from Kafka before a snapshot covered them: the report may be "
+            "incomplete",
+            extra=gap.model_dump() | {"missing": gap.first_kept - gap.first_missing},
+        )
+        with self._lock:
+            self._gaps.append(gap)
+            _expose_gaps(self._gaps)
+
+    def history(self) -> dict[str, Any]:
+        """Whether every event this state needed was read (``complete``), and which were not."""
+        with self._lock:
+            gaps = [g.model_dump() for g in self._gaps]
+        return {"complete": not gaps, "gaps": gaps}
+
+    def export(self) -> StateDoc:
+        with self._lock:
+            return StateDoc(
+                events_seen=self.events_seen,
+                seen=sorted(self._seen),
+                predictions=[
+                    PredictionDoc(volume_id=v, model=m, version=n, mask=mask)
+                    for (v, m, n), mask in self._predictions.items()
+                ],
+                rounds=[_round_doc(s) for s in self._rounds.values()],
+                round_of=[
+                    RoundOfDoc(model=m, version=v, round=r) for (m, v), r in self._round_of.items()
+                ],
+                evaluation=dict(self._evaluation),
+                scores=[
+                    ScoreDoc(model=m, version=n, volume_id=v, mean_dice=mean, organ_dice=organs)
+                    for (m, n), per in self._scores.items()
+                    for v, (mean, organs) in per.items()
+                ],
+                gaps=list(self._gaps),
+            )
+
+    def restore(self, doc: StateDoc) -> None:
+        """Replace everything with ``doc`` (at start, before any event is handled)."""
+        with self._lock:
+            self.events_seen = doc.events_seen
+            self._seen = set(doc.seen)
+            self._predictions = {(p.volume_id, p.model, p.version): p.mask for p in doc.predictions}
+            self._rounds = {(r.model, r.version): _round_stats(r) for r in doc.rounds}
+            self._round_of = {(r.model, r.version): r.round for r in doc.round_of}
+            self._evaluation = dict(doc.evaluation)
+            self._scores = {}
+            for s in doc.scores:
+                per = self._scores.setdefault((s.model, s.version), {})
+                per[s.volume_id] = (s.mean_dice, dict(s.organ_dice))
+            self._gaps = list(doc.gaps)
+            _expose_gaps(self._gaps)
+
+
+def _round_doc(stats: RoundStats) -> RoundDoc:
+    return RoundDoc(
+        model=stats.model,
+        version=stats.version,
+        minutes=list(stats.minutes),
+        dice=list(stats.dice),
+        organ_dice={o: list(d) for o, d in stats.organ_dice.items()},
+        volumes=sorted(stats.volumes),
+    )
+
+
+def _round_stats(doc: RoundDoc) -> RoundStats:
+    stats = RoundStats(doc.model, doc.version, minutes=list(doc.minutes), dice=list(doc.dice))
+    for organ, dice in doc.organ_dice.items():
+        stats.organ_dice[organ].extend(dice)
+    stats.volumes.update(doc.volumes)
+    return stats
+
+
+def _expose_gaps(gaps: list[HistoryGap]) -> None:
+    HISTORY_COMPLETE.set(0 if gaps else 1)
+    missing: dict[tuple[str, str], int] = defaultdict(int)
+    for g in gaps:
+        missing[(g.topic, str(g.partition))] += g.first_kept - g.first_missing
+    for labels, count in missing.items():
+        MISSING_OFFSETS.labels(*labels).set(count)
 
 
 def key_of(ref: Any) -> tuple[str, str, str | None]:
