@@ -40,11 +40,14 @@ def main() -> None:
     runtime.add_worker("outbox", relay.run)
 
     def keep_loaded(stop: threading.Event) -> None:
-        """At start, and after a Triton restart, load again what serves and pre-annotate what
-        waits: volumes that arrived while Triton was down went to the dead letters, and a
-        re-prediction pass cut short by a crash is not redone by its (already claimed) event."""
+        """At start, and every ``triton.reconcile_interval_s``, load what serves on each Triton
+        replica that lacks it (a restarted or new one: its address is looked up again each
+        time) and, after a load, pre-annotate what waits: volumes that arrived while Triton was
+        down went to the dead letters, and a re-prediction pass cut short by a crash is not
+        redone by its (already claimed) event."""
         pending = True
-        while not stop.wait(0.5 if pending else 5.0):
+        every = settings.triton.reconcile_interval_s
+        while not stop.wait(0.5 if pending else every):
             try:
                 if worker.ensure_loaded() or pending:
                     worker.repredict_waiting()

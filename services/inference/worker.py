@@ -2,8 +2,9 @@
 
 - ``volume.ingested`` (clinical): segment with the serving model through Triton, write the mask
   to S3, record the prediction and stage ``prediction.completed`` in one transaction.
-- ``model.published``: load that exact version into Triton; if the load fails the old version
-  keeps serving. Then re-predict every volume still waiting for annotation, most uncertain first.
+- ``model.published``: load that exact version on every Triton replica; if a load fails the old
+  version keeps serving. Then re-predict every volume still waiting for annotation, most
+  uncertain first. The service's reconciling loads what serves on replicas that lack it.
 
 Which model serves: the newest loaded sustainer once one exists, else the igniter.
 Every handler claims its event id in the same transaction as its effect (idempotent).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -101,6 +103,7 @@ class InferenceWorker:
         self.segmenter = TritonSegmenter(triton, self.repository)
         self.relay = relay
         self.preference = (settings.services.sustainer_model, settings.services.igniter_model)
+        self._serving_change = threading.Lock()  # loads of what serves, one at a time
 
     # ------------------------------------------------------------ events
     def handle(self, event: CloudEvent) -> None:
@@ -133,12 +136,12 @@ class InferenceWorker:
         if m.model.model not in self.preference:
             self._mark_done(event_id)  # another platform's model (or an unconfigured one)
             return
-        with session_scope(self.db) as s:
+        with self._serving_change, session_scope(self.db) as s:
             if not claim_event(s, CONSUMER, event_id):
                 return
+            row = s.get(ServingModel, m.model.model, with_for_update=True)
             ok = self._load(m.model)
             if ok:
-                row = s.get(ServingModel, m.model.model)
                 if row is None:
                     s.add(ServingModel(model=m.model.model, version=m.model.version))
                 elif m.model.version >= row.version or m.rollback:
@@ -168,15 +171,32 @@ class InferenceWorker:
         return None
 
     def ensure_loaded(self) -> int:
-        """After a restart (or a Triton restart) load what the database says serves; the
-        number of versions it had to load."""
-        with session_scope(self.db) as s:
-            rows = list(s.scalars(select(ServingModel)))
+        """Load what the database says serves on every Triton replica that lacks it: after
+        this service restarts, a Triton replica restarts (it comes up with nothing loaded) or
+        a new one starts. The number of loads it made."""
+        # Never while a model.published handler loads the version that replaces one of these
+        # (it would be loaded back): this process's lock, and the rows' locks for the other
+        # replicas of this service (PostgreSQL; SQLite is one process).
+        with self._serving_change, session_scope(self.db) as s:
+            rows = list(s.scalars(select(ServingModel).with_for_update()))
             refs = [ModelRef(model=r.model, version=r.version) for r in rows]
+            return sum(self._load_where_missing(ref) for ref in refs)
+
+    def _load_where_missing(self, ref: ModelRef) -> int:
+        spec = serving_spec(self.settings, ref.model)
         loaded = 0
-        for ref in refs:
-            if ref.version not in self.triton.serving_versions(ref.model):
-                loaded += int(self._load(ref))
+        with bind(model=ref.model, model_version=ref.version):
+            for done in self.triton.load_where_missing(spec, ref.version):
+                if done.error is None:
+                    loaded += 1
+                    log.info("serving version loaded on a replica", extra={"replica": done.replica})
+                    continue
+                if done.refused:  # a replica that is down refused nothing
+                    LOAD_FAILURES.inc()
+                log.warning(
+                    "serving version not loaded on a replica; trying again later",
+                    extra={"replica": done.replica, "error": done.error},
+                )
         return loaded
 
     def waiting_volumes(self) -> list[str]:
