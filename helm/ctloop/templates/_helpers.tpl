@@ -211,6 +211,8 @@ imagePullSecrets:
   value: {{ include "ctloop.triton.instanceKind" . | quote }}
 - name: CTLOOP_TRITON__EXTERNAL_URL
   value: {{ printf "%s:%d" (include "ctloop.componentName" (dict "root" . "component" "triton")) (int .Values.triton.grpcPort) | quote }}
+- name: CTLOOP_TRITON__REPLICAS
+  value: {{ printf "%s:%d" (include "ctloop.componentName" (dict "root" . "component" "triton-replicas")) (int .Values.triton.grpcPort) | quote }}
 - name: CTLOOP_DB__BACKEND
   value: postgresql
 - name: CTLOOP_DB__PG_HOST
