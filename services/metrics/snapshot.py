@@ -122,6 +122,7 @@ class SnapshotCheckpoint:
         self._pending = 0  # events folded in since the last snapshot
         self._dirty = False
         self._saved_at = clock()
+        self._next_try = 0.0  # after a failed write: not before this (S3 may be down a while)
 
     def restore(self) -> bool:
         """Load the newest usable snapshot into the state; whether there was one."""
@@ -167,8 +168,9 @@ class SnapshotCheckpoint:
     def tick(self, stopping: bool) -> None:
         if not self._dirty:
             return
-        due = self._pending >= self.every_events or self._clock() - self._saved_at >= self.every_s
-        if stopping or due:
+        now = self._clock()
+        due = self._pending >= self.every_events or now - self._saved_at >= self.every_s
+        if stopping or (due and now >= self._next_try):
             self.save()
 
     def snapshot(self) -> Snapshot:
@@ -184,14 +186,15 @@ class SnapshotCheckpoint:
         )
 
     def save(self) -> None:
-        """Write the snapshot now; a failure is logged and retried at the next due time (the
-        consumer carries on: a later snapshot covers these events too)."""
-        self._saved_at = self._clock()
+        """Write the snapshot now. A failure is logged and tried again ``every_s`` later, the
+        consumer carrying on meanwhile: a later snapshot covers these events too."""
         try:
             self.snapshots.save(self.snapshot())
         except Exception:
             log.exception("metrics snapshot not written; trying again later")
+            self._next_try = self._clock() + self.every_s
             return
+        self._saved_at = self._clock()
         self._pending = 0
         self._dirty = False
         SNAPSHOT_TIME.set_to_current_time()

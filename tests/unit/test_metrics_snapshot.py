@@ -207,3 +207,24 @@ def test_nothing_deleted_is_a_complete_history():
     checkpoint.start_offsets({a0})
     checkpoint.earliest({a0: 0})
     assert state.history() == {"complete": True, "gaps": []}
+
+
+def test_a_failed_write_is_tried_again_a_period_later(caplog):
+    """S3 not answering (nothing listens on its port) does not stop the consumer, and the write
+    is not retried at every poll."""
+    settings = Settings()
+    settings = settings.model_copy(
+        update={"s3": settings.s3.model_copy(update={"external_endpoint": "127.0.0.1:9"})}
+    )
+    now = [0.0]
+    snapshots = SnapshotStore(ObjectStore(settings), settings.s3.bucket, "unit")
+    checkpoint = SnapshotCheckpoint(_state(), snapshots, "c", 1, 60.0, clock=lambda: now[0])
+    checkpoint.handled(TopicPartition("t.a", 0), 1)
+    checkpoint.tick(stopping=False)
+    checkpoint.tick(stopping=False)
+    now[0] = 59.0
+    checkpoint.tick(stopping=False)
+    assert caplog.text.count("metrics snapshot not written") == 1
+    now[0] = 61.0
+    checkpoint.tick(stopping=False)
+    assert caplog.text.count("metrics snapshot not written") == 2
