@@ -109,12 +109,23 @@ class MetricsState:
         self.events_seen = 0
 
     def handle(self, event: CloudEvent) -> None:
+        """Apply an event once. An event whose effect failed half-way (a mask S3 could not
+        give) is not marked seen, so its redelivery applies it instead of skipping it."""
         with self._lock:
             if event.id in self._seen:
                 return
             self._seen.add(event.id)
             self.events_seen += 1
+        try:
+            self._apply(event)
+        except BaseException:
+            with self._lock:
+                self._seen.discard(event.id)
+                self.events_seen -= 1
+            raise
         EVENTS.labels(event.type.name).inc()
+
+    def _apply(self, event: CloudEvent) -> None:
         payload = payload_for(event)
         if isinstance(payload, PredictionCompleted):
             key = (payload.volume_id, payload.model.model, payload.model.version)
@@ -149,27 +160,31 @@ class MetricsState:
                 self._round_of[(payload.model, payload.version)] = payload.round
 
     def _annotation(self, a: AnnotationSubmitted) -> None:
+        """The annotation's minutes and the Dice of its pre-annotation against the correction.
+        Every blob is read before the state changes, so a failed read leaves nothing half-done
+        (the event's redelivery applies it whole)."""
         if a.from_model is None:
             return
         ref = (a.from_model.model, a.from_model.version)
         with self._lock:
-            stats = self._rounds.setdefault(ref, RoundStats(*ref))
-            stats.minutes.append(a.minutes)
-            stats.volumes.add(a.volume_id)
             seen = self._predictions.get((a.volume_id, *ref))
         # Topics are not ordered with each other: the pre-annotation's key is known without its
         # event (S3 is the source of truth for blobs).
         prediction = seen or (self.bucket, keys.prediction_mask(a.volume_id, *ref), None)
-        if not self.store.exists(prediction[0], prediction[1]):
+        per: dict[str, float] = {}
+        if self.store.exists(prediction[0], prediction[1]):
+            pred = self._mask(*prediction)
+            corrected = self._mask(a.mask.bucket, a.mask.key, a.mask.version_id)
+            review = PartialLabel(organs=a.organs, reviewed_slices=a.reviewed_slices)
+            rows = review.slice_mask(corrected.shape[2])
+            per = organ_dice(pred[:, :, rows], corrected[:, :, rows])
+            per = {o: d for o, d in per.items() if a.organs.get(o) != "skipped"}
+        else:
             log.warning("no pre-annotation for this annotation", extra={"volume_id": a.volume_id})
-            return
-        pred = self._mask(*prediction)
-        corrected = self._mask(a.mask.bucket, a.mask.key, a.mask.version_id)
-        review = PartialLabel(organs=a.organs, reviewed_slices=a.reviewed_slices)
-        rows = review.slice_mask(corrected.shape[2])
-        per = organ_dice(pred[:, :, rows], corrected[:, :, rows])
-        per = {o: d for o, d in per.items() if a.organs.get(o) != "skipped"}
         with self._lock:
+            stats = self._rounds.setdefault(ref, RoundStats(*ref))
+            stats.minutes.append(a.minutes)
+            stats.volumes.add(a.volume_id)
             for organ, d in per.items():
                 stats.organ_dice[organ].append(d)
             if per:

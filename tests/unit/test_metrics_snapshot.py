@@ -228,3 +228,29 @@ def test_a_failed_write_is_tried_again_a_period_later(caplog):
     now[0] = 61.0
     checkpoint.tick(stopping=False)
     assert caplog.text.count("metrics snapshot not written") == 2
+
+
+def test_an_event_whose_blob_read_fails_is_applied_whole_when_it_comes_again():
+    """S3 down while an annotation is scored: nothing of it is counted and the event is not
+    marked seen, so the redelivery is applied (before, it was skipped as seen with only its
+    minutes counted)."""
+    from ctloop.contracts.payloads import annotation_submitted
+
+    down = Settings(s3={"port": 1})  # nothing listens there
+    state = MetricsState(ObjectStore(down), down.s3.bucket)
+    event = annotation_submitted(
+        "test",
+        volume_id="v1",
+        site_id="s",
+        revision=1,
+        author="a",
+        minutes=4.5,
+        organs={"liver": "corrected"},
+        reviewed_slices=None,
+        mask=BlobRef(bucket="ctloop", key="annotations/v1/1/mask.nii.gz"),
+        from_model=ModelRef(model="igniter", version=1),
+    )
+    with pytest.raises(Exception):  # noqa: B017 - whatever the client raises for a dead S3
+        state.handle(event)
+    assert state.events_seen == 0
+    assert state.report() == []
