@@ -293,7 +293,7 @@ $(STAMPS)/wheelhouse: requirements.lock.txt requirements-triton.txt | $(STAMPS)/
 	@touch $@
 
 IMAGES_SH := $(IMAGES_ENV) tools/cluster/images.sh
-$(STAMPS)/image-bases: tools/cluster/images.sh | $(STAMPS)/cluster-packages
+$(STAMPS)/image-bases: | $(STAMPS)/cluster-packages
 	@$(STEP) image-bases "Debian bookworm base images (mmdebstrap)" '$(IMAGES_SH) bases'
 	@touch $@
 $(STAMPS)/image-system: $(K8S_BIN)/.stamp | $(STAMPS)/cluster-packages
@@ -315,13 +315,8 @@ $(STAMPS)/image-s3: $(STAMPS)/image-bases $(TOOLS)/bin/versitygw docker/Dockerfi
 	@$(STEP) image-s3 "image ctloop/ctloop-s3:$(APP_VERSION) (podman build)" '$(IMAGES_SH) build s3'
 	@touch $@
 IMAGE_STAMPS := $(addprefix $(STAMPS)/image-,system ctloop triton kafka postgresql s3)
-$(IMAGES_DIR)/.saved: $(IMAGE_STAMPS)
-	@$(STEP) images-save "image archives for containerd ($(IMAGES_DIR))" '$(IMAGES_SH) save'
-	@touch $@
-
-images: venv protos kafka-jars s3-gateway cluster-tools $(IMAGES_DIR)/.saved
-	@CONTAINERS_CONF=tools/cluster/containers.conf podman images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
-	  | grep -E '^(ghcr.io/ctloop|localhost/)' | sort
+images: venv protos kafka-jars s3-gateway cluster-tools $(IMAGE_STAMPS)
+	@$(IMAGES_SH) list
 
 cluster-up: images
 	@$(CLUSTER_ENV) tools/cluster/cluster.sh up

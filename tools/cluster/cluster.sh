@@ -2,12 +2,13 @@
 # A single-node Kubernetes on this machine, from the binaries build-k8s.sh makes and Debian's
 # etcd, containerd, runc and CNI plugins (make cluster-up / cluster-down / cluster-status).
 #   cluster.sh up       start (or re-start) the node: containerd, etcd, control plane, kubelet,
-#                       kube-proxy; import $IMAGES_DIR/*.tar; CoreDNS + local-path StorageClass
+#                       kube-proxy; the images of $IMAGES_DIR/images.txt; CoreDNS + local-path StorageClass
 #   cluster.sh down     stop everything and remove what it made: pods first (so the kubelet
 #                       releases their network), processes, mounts, iptables chains, cni0, state
-#                       (the PKI and containerd's image store stay for a fast next `up`)
+#                       (the PKI and containerd's image store stay for a fast next `up`;
+#                       PURGE=1 removes them too)
 #   cluster.sh status   processes, node and pods; exit 1 when the node is not Ready
-# Env: CLUSTER_DIR (state), K8S_BIN (binaries), IMAGES_DIR (image tars). Runs as root.
+# Env: CLUSTER_DIR (state), K8S_BIN (binaries), IMAGES_DIR (images.txt). Runs as root.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 : "${CLUSTER_DIR:?}" "${K8S_BIN:?}" "${IMAGES_DIR:?}"
@@ -102,9 +103,13 @@ podLogsDir: $DIR/podlogs
 resolvConf: /etc/resolv.conf
 protectKernelDefaults: false
 maxPods: 60
-evictionHard: {memory.available: "300Mi", nodefs.available: "2%", imagefs.available: "2%"}
-imageGCHighThresholdPercent: 99
-imageGCLowThresholdPercent: 98
+# absolute floors, not percentages: on a big shared disk 2% is GBs, and under disk pressure the
+# kubelet deletes images it cannot pull back
+evictionHard: {memory.available: "300Mi", nodefs.available: "1Gi", imagefs.available: "1Gi", nodefs.inodesFree: "1%"}
+# no image garbage collection: the images come from make images, not from a registry, so
+# one the kubelet deleted could not be pulled back
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 KL
 }
 
@@ -121,15 +126,17 @@ wait_for() {  # seconds, what, command...
   say "timed out after ${s}s waiting for $what (logs: $DIR/logs)"; return 1
 }
 
-import_images() {
-  local t stamp
-  for t in "$IMAGES_DIR"/*.tar; do
-    [ -f "$t" ] || continue
-    stamp="$DIR/containerd/imported-$(basename "$t").stamp"
-    [ "$stamp" -nt "$t" ] && continue
-    say "importing $(basename "$t") ($(du -h "$t" | cut -f1)) into containerd"
-    ctr_ images import --no-unpack "$t" >/dev/null && touch "$stamp"
-  done
+import_images() {  # stream the images `make images` listed from podman's store into containerd
+  local list=$IMAGES_DIR/images.txt done=$DIR/containerd/imported.txt
+  [ -f "$list" ] || { say "no $list: run make images"; return 1; }
+  cmp -s "$list" "$done" 2>/dev/null && return 0
+  say "importing $(wc -l < "$list") images into containerd (podman save | ctr import)"
+  # Unpacked here, one image after another: left to the first pods, several of them unpack the
+  # same 6 GB of layers side by side (each CreateContainer timing out: tens of GB of snapshots).
+  # shellcheck disable=SC2046  # one ref per line
+  CONTAINERS_CONF=$here/containers.conf podman save --multi-image-archive --format docker-archive \
+    $(cut -d' ' -f1 "$list") | ctr_ images import - >/dev/null
+  cp "$list" "$done"
 }
 
 up() {
@@ -207,9 +214,9 @@ down() {
     done
   done
   # the bridge plugin's masquerade rules for the pod subnet
-  iptables-save -t nat 2>/dev/null | grep -oE '^:CNI-[0-9a-f]+' | tr -d : | while read -r c; do
+  { iptables-save -t nat 2>/dev/null | grep -oE '^:CNI-[0-9a-f]+' || true; } | tr -d : | while read -r c; do
     iptables -t nat -D POSTROUTING -s 10.244.0.0/24 -j "$c" 2>/dev/null || true
-    iptables-save -t nat | grep -E "^-A POSTROUTING .* -j $c" | sed 's/^-A/-D/' | while read -r r; do
+    { iptables-save -t nat | grep -E "^-A POSTROUTING .* -j $c" || true; } | sed 's/^-A/-D/' | while read -r r; do
       eval iptables -t nat "$r" 2>/dev/null || true; done
     iptables -t nat -F "$c" 2>/dev/null || true; iptables -t nat -X "$c" 2>/dev/null || true
   done
@@ -217,6 +224,7 @@ down() {
   rm -rf /var/lib/cni/networks/ctloop-pods /var/lib/cni/results/ctloop-pods-*
   grep " $DIR/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$DIR"/{etcd,kubelet,logs,podlogs,volumes,manifests} "$DIR"/*.pid "$DIR"/containerd/state
+  if [ -n "${PURGE:-}" ]; then rm -rf "$DIR"; say "purged $DIR (images, PKI)"; fi
   say "down: no cluster process, mount, pod network or firewall chain left"
 }
 

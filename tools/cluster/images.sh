@@ -3,7 +3,8 @@
 #   images.sh bases            Debian bookworm roots made with mmdebstrap (python, plain)
 #   images.sh system           pause, CoreDNS, local-path provisioner, busybox (from $K8S_BIN)
 #   images.sh build NAME       one of the chart's images: ctloop triton kafka postgresql s3
-#   images.sh save             every image above into $IMAGES_DIR/*.tar (for containerd)
+#   images.sh list             $IMAGES_DIR/images.txt: every image above with its id (what
+#                              `cluster.sh up` streams from podman's store into containerd)
 # Env: REGISTRY/TAG (the chart's image names), K8S_BIN, IMAGES_DIR, WHEELHOUSE, KAFKA_LIBS,
 # VERSITYGW, COREDNS_VERSION. Runs as root (podman with runc, see containers.conf).
 set -euo pipefail
@@ -85,22 +86,21 @@ build() {
   esac
 }
 
-save() {
+list() {
   mkdir -p "$IMAGES_DIR"
-  # one multi-image archive per group: the ctloop and Triton images share their big layers
-  podman save --multi-image-archive --format docker-archive -o "$IMAGES_DIR/system.tar.part" "${SYSTEM[@]}"
-  mv "$IMAGES_DIR/system.tar.part" "$IMAGES_DIR/system.tar"
-  local app=(); for n in "${APP[@]}"; do app+=("$REGISTRY/$n:$TAG"); done
-  app+=("$REGISTRY/ctloop-cuda:$TAG")
-  podman save --multi-image-archive --format docker-archive -o "$IMAGES_DIR/ctloop.tar.part" "${app[@]}"
-  mv "$IMAGES_DIR/ctloop.tar.part" "$IMAGES_DIR/ctloop.tar"
-  podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E "ctloop|localhost/" | sort
+  local refs=("${SYSTEM[@]}") n
+  for n in "${APP[@]}"; do refs+=("$REGISTRY/$n:$TAG"); done
+  refs+=("$REGISTRY/ctloop-cuda:$TAG")
+  for n in "${refs[@]}"; do printf '%s %s\n' "$n" "$(podman image inspect --format '{{.Id}}' "$n")"; done \
+    > "$IMAGES_DIR/images.txt.part"
+  mv "$IMAGES_DIR/images.txt.part" "$IMAGES_DIR/images.txt"
+  podman images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E '^(ghcr.io/ctloop|localhost/)' | sort
 }
 
 case ${1:-} in
   bases) bases ;;
   system) system ;;
   build) build "${2:?image name}" ;;
-  save) save ;;
+  list) list ;;
   *) sed -n '2,8p' "$0" >&2; exit 2 ;;
 esac
