@@ -55,6 +55,18 @@ def test_every_service_gets_valid_settings_pointing_at_the_release():
         assert s.services.grpc_target("inference") == "ctloop-inference:50052"
 
 
+def test_every_path_a_service_writes_is_on_a_mounted_volume():
+    """The images' root filesystems are read-only: the run folder and the run reports (the
+    settings' defaults point beside the code, which a cluster run found) are on a volume."""
+    docs = render()
+    for svc in SERVICES:
+        c = service_container(docs, svc)
+        s = settings_of(c)
+        mounts = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
+        for path in (s.run_dir, s.runs_dir, s.logs_dir):
+            assert any(str(path).startswith(m) for m in mounts), (svc, path, mounts)
+
+
 def test_oidc_values_reach_the_services_settings_and_the_workbench_sign_in():
     issuer = "https://sso.hospital.example/realms/radiology"
     docs = render(

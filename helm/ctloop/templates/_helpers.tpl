@@ -177,6 +177,8 @@ imagePullSecrets:
 {{- define "ctloop.env" -}}
 - name: CTLOOP_RUN_DIR
   value: /var/lib/ctloop
+- name: CTLOOP_RUNS_DIR  # run reports the metrics service writes (its default is beside the code)
+  value: /var/lib/ctloop/runs
 - name: HOME
   value: /tmp
 - name: CTLOOP_LOG_LEVEL
