@@ -108,6 +108,20 @@ def round_ends(p: RemotePlatform, number: int, timeout_s: float = 1800) -> Any:
     )
 
 
+def the_round_ends_and_nothing_is_lost(
+    release: Release, number: int, before: dict[str, int], after: str
+) -> None:
+    """After a disruption: round ``number`` still ends (published or rejected), every
+    annotation revision there was is still there, and ``helm test`` passes."""
+    with reach(release) as p:
+        with step(f"round {number} ends after {after}"):
+            end = round_ends(p, number)
+        assert end.status in (RoundStatus.PUBLISHED, RoundStatus.REJECTED), end
+        assert annotated(p) == before
+    with step(f"helm test after {after}"):
+        helm_test(release)
+
+
 def test_install_every_pod_ready_and_helm_test_passes(release: Release) -> None:
     with step("helm test (every part through its Service)"):
         out = helm_test(release)
@@ -149,13 +163,7 @@ def test_helm_upgrade_during_a_round_loses_no_annotation(release: Release) -> No
                 {**_current_extra(release), "logLevel": "DEBUG"},
             )
             wait_ready(release.namespace)
-    with reach(release) as p:
-        with step(f"round {number} ends after the upgrade"):
-            end = round_ends(p, number)
-        assert end.status in (RoundStatus.PUBLISHED, RoundStatus.REJECTED), end
-        assert annotated(p) == before
-    with step("helm test after the upgrade"):
-        helm_test(release)
+    the_round_ends_and_nothing_is_lost(release, number, before, "the upgrade")
 
 
 def test_a_pod_of_each_service_deleted_mid_round_recovers(release: Release) -> None:
@@ -184,13 +192,7 @@ def test_a_pod_of_each_service_deleted_mid_round_recovers(release: Release) -> N
                 f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component={c}",
             )
         wait_ready(release.namespace)
-    with reach(release) as p:
-        with step(f"round {number} ends after the deletions"):
-            end = round_ends(p, number)
-        assert end.status in (RoundStatus.PUBLISHED, RoundStatus.REJECTED), end
-        assert annotated(p) == before
-    with step("helm test after the deletions"):
-        helm_test(release)
+    the_round_ends_and_nothing_is_lost(release, number, before, "the deletions")
 
 
 def test_uninstall_leaves_only_what_is_kept(release: Release) -> None:
