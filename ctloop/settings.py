@@ -193,6 +193,10 @@ class KubernetesLauncherSettings(BaseModel):
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     priority_class: str | None = None
     headless_service: str = ""  # subdomain of the pods; multi-node rendezvous by pod hostname
+    # The Deployment (the training service's own, in the chart) that owns every round Job: a
+    # Job a restarted service no longer watches, or one running at `helm uninstall`, is then
+    # deleted with the release by Kubernetes' garbage collector. Empty: no owner.
+    owner_deployment: str = ""
     rdzv_port: int = 29500
     labels: dict[str, str] = Field(default_factory=dict)
     secret_env: list[SecretEnv] = Field(default_factory=list)  # S3 credentials for the pods

@@ -444,5 +444,8 @@ class TransferRun:
         if r.status_code != 200:
             raise RunFailed(f"the metrics service could not write the report: {r.text}")
         report: dict[str, Any] = r.json()
-        self.echo(f"report: {self.folder}/report.md (runs/latest -> {self.run_id})")
+        if self.remote is None:
+            self.echo(f"report: {self.folder}/report.md (runs/latest -> {self.run_id})")
+        else:
+            self.echo(f"report: GET {self.platform.metrics_url}/v1/runs/{self.run_id}/report.md")
         return report

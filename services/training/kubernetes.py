@@ -119,7 +119,17 @@ class KubernetesJobLauncher:
 
     def manifest(self, name: str, prefix: str, config: TrainConfig) -> dict[str, Any]:
         build = build_pytorchjob if self.k.kind == "pytorchjob" else build_job
-        return build(self.settings, name, prefix, config)
+        manifest = build(self.settings, name, prefix, config)
+        if self.k.owner_deployment:
+            manifest["metadata"]["ownerReferences"] = [self._owner()]
+        return manifest
+
+    def _owner(self) -> dict[str, Any]:
+        """The owning Deployment as an owner reference (its uid read from the API)."""
+        name = self.k.owner_deployment
+        path = f"/apis/apps/v1/namespaces/{self.api.namespace}/deployments/{name}"
+        uid = self.api.call("GET", path)["metadata"]["uid"]
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid}
 
     def run(self, config: TrainConfig, work: Path) -> None:
         name = job_name(config)

@@ -67,6 +67,25 @@ def test_every_path_a_service_writes_is_on_a_mounted_volume():
             assert any(str(path).startswith(m) for m in mounts), (svc, path, mounts)
 
 
+def test_round_jobs_are_owned_by_the_training_deployment_which_may_read_only_itself():
+    """helm uninstall deletes the training Deployment, and with it (Kubernetes' garbage
+    collector) every round Job it owns; the training service may read that one Deployment."""
+    docs = render()
+    deployment = named(docs, "Deployment", "training")["metadata"]["name"]
+    k = settings_of(service_container(docs, "training")).training.kubernetes
+    assert k.owner_deployment == deployment
+    (role,) = [r for r in of_kind(docs, "Role") if r["metadata"]["name"].endswith("-training")]
+    apps = [rule for rule in role["rules"] if rule["apiGroups"] == ["apps"]]
+    assert apps == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": [deployment],
+            "verbs": ["get"],
+        }
+    ]
+
+
 def test_oidc_values_reach_the_services_settings_and_the_workbench_sign_in():
     issuer = "https://sso.hospital.example/realms/radiology"
     docs = render(

@@ -287,6 +287,8 @@ class FakeApi:
             return httpx.Response(200 if self.jobs.pop(name, None) else 404, json={})
         if path.endswith("/pods"):
             return httpx.Response(200, json={"items": []})
+        if "/apis/apps/v1/" in path:
+            return httpx.Response(200, json={"metadata": {"name": name, "uid": f"uid-of-{name}"}})
         body = self.jobs[name]
         if self.on_poll is not None:
             self.on_poll(body)
@@ -329,6 +331,31 @@ def test_a_round_goes_up_runs_as_a_job_and_comes_back(tmp_path):
     assert methods[0] == "POST" and methods[-1] == "DELETE"
     assert api.calls[0][1] == "/apis/batch/v1/namespaces/ctloop/jobs"
     assert api.jobs == {} and files.objects == {}  # the Job and the round's prefix are gone
+
+
+def test_round_jobs_are_owned_by_the_training_deployment(tmp_path):
+    """Kubernetes then deletes a Job with the release (helm uninstall deletes the Deployment),
+    also one a restarted training service no longer watches."""
+    config, _work = round_folder(tmp_path)
+    api = FakeApi()
+    owned = KubernetesJobLauncher(
+        settings_with(owner_deployment="ctloop-training"),
+        files=MemoryFiles(),
+        api=api.client(tmp_path),
+        sleep=lambda _: None,
+    )
+    manifest = owned.manifest("ctloop-sustainer-r0001-abc", "jobs/x", config)
+    assert manifest["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": "ctloop-training",
+            "uid": "uid-of-ctloop-training",
+        }
+    ]
+    assert ("GET", "/apis/apps/v1/namespaces/ctloop/deployments/ctloop-training") in api.calls
+    free = KubernetesJobLauncher(settings_with(), files=MemoryFiles(), api=api.client(tmp_path))
+    assert "ownerReferences" not in free.manifest("j", "jobs/x", config)["metadata"]
 
 
 def test_a_failed_job_raises_with_its_log_and_is_still_cleaned_up(tmp_path):
