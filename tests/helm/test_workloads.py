@@ -135,6 +135,7 @@ def test_the_training_role_allows_only_what_the_launcher_does():
         ("batch", "jobs"): sorted(["create", "get", "list", "watch", "delete"]),
         ("", "pods"): ["get", "list"],
         ("", "pods/log"): ["get"],
+        ("apps", "deployments"): ["get"],  # its own Deployment only (the round Jobs' owner)
     }
     assert not of_kind(render(), "ClusterRole") and not of_kind(render(), "ClusterRoleBinding")
     (binding,) = of_kind(render(), "RoleBinding")
