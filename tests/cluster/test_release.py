@@ -250,7 +250,8 @@ def test_three_kafka_brokers_replicate_every_topic(release: Release) -> None:
         "a = KafkaAdminClient(bootstrap_servers=get_settings().kafka.bootstrap_servers)\n"
         "for t in a.describe_topics([x.value for x in Topic]):\n"
         "    for p in t['partitions']:\n"
-        "        print(t['topic'], p['partition'], len(p['replicas']), len(p['isr']))\n"
+        "        print(t['name'], p['partition_index'], len(p['replica_nodes']),"
+        " len(p['isr_nodes']))\n"
     )
     out = kube.kubectl(
         "exec",
