@@ -84,21 +84,31 @@ class Release:
         return kube.secret_value(self.namespace, name, "token")
 
 
+# The policy settings the chart has values for (it sets their variables itself; the same name
+# again in extraEnv is a duplicate env entry, which `helm upgrade` cannot patch).
+CHART_VALUES = {
+    "CTLOOP_TRAINING__IGNITER_MIN_VOLUMES": "igniterMinVolumes",
+    "CTLOOP_TRAINING__ROUND_MIN_NEW": "roundMinNew",
+    "CTLOOP_TRAINING__IGNITER_STEPS": "igniterSteps",
+    "CTLOOP_TRAINING__SUSTAINER_STEPS": "sustainerSteps",
+}
+
+
 def policy_values(data: Volumes) -> dict[str, object]:
     """The tiny preset's training policy as the chart's values (what ``ctloop run`` gives its
-    local training service)."""
+    local training service): chart values where the chart has them, extraEnv for the rest."""
     env = TransferRun(PRESET, data=data).policy_env()
-    steps = {
-        "igniterSteps": PRESETS[PRESET].igniter_steps,
-        "sustainerSteps": PRESETS[PRESET].sustainer_steps,
+    training: dict[str, object] = {
+        CHART_VALUES[k]: int(v) for k, v in env.items() if k in CHART_VALUES
     }
-    extra = [
+    training["extraEnv"] = [
         {"name": k, "value": v}
         for k, v in sorted(env.items())
         if k.startswith("CTLOOP_TRAINING__")
-        and k not in ("CTLOOP_TRAINING__IGNITER_STEPS", "CTLOOP_TRAINING__SUSTAINER_STEPS")
+        and k not in CHART_VALUES
+        and k != "CTLOOP_TRAINING__NPROC_PER_NODE"  # training.job.gpusPerNode (1 here)
     ]
-    return {"training": {**steps, "extraEnv": extra}}
+    return {"training": training}
 
 
 def install(namespace: str, name: str, values: list[str], extra: dict[str, object]) -> None:

@@ -226,7 +226,10 @@ def test_uninstall_leaves_only_what_is_kept(release: Release) -> None:
     kept = {
         "ConfigMap/kube-root-ca.crt",  # Kubernetes' own, in every namespace
         "ServiceAccount/default",
-        "Secret/ctloop-admin-token",  # helm.sh/resource-policy: keep (the database may be kept)
+        # helm.sh/resource-policy: keep, so that the kept volumes open again on a reinstall
+        "Secret/ctloop-admin-token",
+        "Secret/ctloop-s3",
+        "Secret/ctloop-postgresql",
     }
     data = {n for n in names if n.startswith("PersistentVolumeClaim/data-")}
     assert set(names) - data == kept, names
