@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -287,7 +288,13 @@ def test_events_deleted_before_any_snapshot_make_the_report_incomplete(metrics_e
     _delete_records(private, end)
     published = [tp for tp in end if tp.topic == Topic.MODEL_PUBLISHED and end[tp] > 0]
     with metrics_service(metrics_env) as settings:
+        # the gap is known once the consumer has its partitions and their earliest offsets,
+        # which can come after the service answers (a loaded machine: seconds)
+        deadline = time.monotonic() + 60
         history = _report()["history"]
+        while history["complete"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+            history = _report()["history"]
         prometheus = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
         log = (settings.logs_dir / "metrics.log").read_text()
     assert not history["complete"]
