@@ -231,6 +231,10 @@ class User(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     role: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=_now)
+    # shown to people; the id (an OIDC ``sub``) is what every row refers to
+    display_name: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    # a disabled user's tokens and JWTs are refused; nothing of theirs is deleted
+    disabled_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class SiteMembership(Base):
@@ -250,6 +254,7 @@ class ApiToken(Base):
     label: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(default=_now)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class AuditEntry(Base):
@@ -262,6 +267,20 @@ class AuditEntry(Base):
     resource: Mapped[str] = mapped_column(String(512))
     site_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # hash chain: entry_hash = SHA-256 over prev_hash and this row's fields, so an edited or
+    # deleted row breaks every hash after it
+    prev_hash: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    entry_hash: Mapped[str] = mapped_column(String(64), default="", server_default="")
+
+
+class SiteDicomwebSource(Base):
+    """A DICOMweb service (base URL) a site's volumes may be pulled from."""
+
+    # written by: ingest (admin) / read by: ingest (DICOMweb pulls)
+    __tablename__ = "site_dicomweb_sources"
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    base_url: Mapped[str] = mapped_column(String(512), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 @cache
