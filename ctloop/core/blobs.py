@@ -24,8 +24,33 @@ STORED_CT_DTYPES = ("int16", "float32")
 STORED_LABEL_DTYPES = ("uint8",)
 
 
+# gzip header flags (RFC 1952, 2.3.1)
+_FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 0x02, 0x04, 0x08, 0x10
+
+
 def gzip_bytes(data: bytes) -> bytes:
-    return igzip.compress(data, 1)
+    return igzip.compress(data, 1, mtime=0)
+
+
+def bare_gzip(data: bytes) -> bytes:
+    """A gzip member as ctloop stores it: its header stripped to the bare 10 bytes (no file
+    name, comment, extra field or header CRC; mtime 0, OS unknown) and its compressed data
+    kept byte for byte. A client's gzip header can name the patient (``doe_jane.nii``) or the
+    scan date; an upload stored "as it came" is stored like this. ``data`` must start with a
+    gzip header (a checked upload); the same bytes come back when it is bare already."""
+    flags, pos = data[3], 10
+    if flags & _FEXTRA:
+        pos += 2 + int.from_bytes(data[pos : pos + 2], "little")
+    if flags & _FNAME:
+        pos = data.index(b"\0", pos) + 1
+    if flags & _FCOMMENT:
+        pos = data.index(b"\0", pos) + 1
+    if flags & _FHCRC:
+        pos += 2
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + data[8:9] + b"\xff"
+    if pos == 10 and data[:10] == header:
+        return data
+    return b"".join((header, memoryview(data)[pos:]))  # one copy of the payload
 
 
 def gunzip_bytes(data: bytes) -> bytes:

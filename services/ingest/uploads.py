@@ -5,8 +5,10 @@ for labelled datasets); :func:`import_series` takes a series pulled from a PACS.
 :func:`accept_volume`: the blobs go to S3 under immutable keys, then the volume's row, its
 ``volume.ingested`` event (outbox) and its audit entry commit in one SQL transaction.
 
-A clean NIfTI CT's own bytes are kept as they came, and written while its voxels are still
-being checked (:class:`EarlyPut`); that S3 version is removed unless the row commits.
+A clean NIfTI CT's own bytes are kept as they came (its compressed data byte for byte; the
+gzip header bare, without the file name or comment a client's tool wrote into it), and written
+while its voxels are still being checked (:class:`EarlyPut`); that S3 version is removed unless
+the row commits.
 No FastAPI here: the routers turn requests into these calls.
 """
 
@@ -27,7 +29,13 @@ from ctloop import dicomweb
 from ctloop.auth import Principal
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import BlobRef, Dataset, volume_ingested
-from ctloop.core.blobs import STORED_CT_DTYPES, STORED_LABEL_DTYPES, encode_ct, nifti_gz_bytes
+from ctloop.core.blobs import (
+    STORED_CT_DTYPES,
+    STORED_LABEL_DTYPES,
+    bare_gzip,
+    encode_ct,
+    nifti_gz_bytes,
+)
 from ctloop.core.organs import LabelMap, UnknownLabel
 from ctloop.db import Site, Volume, VolumeStatus, audit, session_scope
 from ctloop.log import bind
@@ -36,6 +44,7 @@ from ctloop.storage import StoredObject
 from ctloop.timing import Laps
 from services.ingest.deps import IngestContext
 from services.ingest.errors import ApiError, conflict
+from services.ingest.pacs_sources import allowed_source, uid
 from services.ingest.records import SOURCE, shown_volume, volume_out
 from services.ingest.schemas import VolumeOut
 from services.ingest.validation import (
@@ -99,6 +108,7 @@ class EarlyPut:
 
     def __init__(self, ctx: IngestContext, key: str, data: bytes) -> None:
         self.ctx, self.key, self.kept = ctx, key, False
+        self.data = data  # what is written: the upload with a bare gzip header
         self._put: Future[StoredObject] = ctx.pool.submit(
             ctx.store.put_bytes, ctx.bucket, key, data
         )
@@ -148,11 +158,11 @@ def ingest_upload(
     sha = hashlib.sha256(data).hexdigest()
     early = _early_put(ctx, up, data, sha)
     try:
-        checked = _check(ctx, data, sha, timings)
+        checked = _check(ctx, data, sha, timings, early.data if early else None)
         if label is not None and label_job is not None:
             checked = _with_label(checked, label[0], label_job.result())
         timings.lap("label")  # what the label's check took beyond the image's
-        kept = early if checked.image_blob is data else None
+        kept = early if early is not None and checked.image_blob is early.data else None
         return accept_volume(ctx, up, checked, timings, kept)
     finally:
         if early is not None and not early.kept:
@@ -182,12 +192,13 @@ def _early_put(ctx: IngestContext, up: Upload, data: bytes, sha: str) -> EarlyPu
     with session_scope(ctx.db) as s:
         if s.get(Volume, vid) is not None:
             return None
-    return EarlyPut(ctx, keys.volume_image(up.site, vid), data)
+    return EarlyPut(ctx, keys.volume_image(up.site, vid), bare_gzip(data))
 
 
-def _check(ctx: IngestContext, data: bytes, sha: str, timings: Laps) -> Checked:
+def _check(ctx: IngestContext, data: bytes, sha: str, timings: Laps, bare: bytes | None) -> Checked:
     """Decode and check every voxel; the blob to store is the upload's own bytes when they
-    already are a stored blob (most NIfTI CTs: int16 or float32, gzipped, no extensions)."""
+    already are a stored blob (most NIfTI CTs: int16 or float32, gzipped, no extensions),
+    with a bare gzip header (``bare``: that form, when the early write made it already)."""
     if data[:2] == b"PK":
         vol = read_dicom_zip(data, ctx.limits)
         provenance = {"source": "dicom", "deidentified": DEIDENTIFIED}
@@ -199,7 +210,10 @@ def _check(ctx: IngestContext, data: bytes, sha: str, timings: Laps) -> Checked:
         array, grid, storable = upload.array, upload.grid, upload.storable
     image = validate_ct(array, grid)
     timings.lap("decode")
-    image_blob = data if storable else encode_ct(image, grid.affine)
+    if storable:
+        image_blob = bare if bare is not None else bare_gzip(data)
+    else:
+        image_blob = encode_ct(image, grid.affine)
     provenance["stored"] = "as uploaded" if storable else "re-encoded"
     timings.lap("encode")
     return Checked(image_blob, grid, None, sha, provenance)
@@ -212,31 +226,31 @@ def _with_label(checked: Checked, raw: bytes, read: LabelRead) -> Checked:
     grid = checked.grid
     check_mask_grid(lab.grid, grid)
     keep = canonical and np.array_equal(lab.grid.affine, grid.affine)
-    mask_blob = raw if keep else nifti_gz_bytes(mask, grid.affine)
+    mask_blob = bare_gzip(raw) if keep else nifti_gz_bytes(mask, grid.affine)
     return Checked(checked.image_blob, grid, mask_blob, checked.sha, checked.provenance)
-
-
-def check_source(ctx: IngestContext, url: str) -> None:
-    """403 unless ``url`` is one of the configured DICOMweb services."""
-    allowed = [u.rstrip("/") for u in ctx.settings.services.dicomweb_sources]
-    if url.rstrip("/") not in allowed:
-        raise ApiError("source_not_allowed", "that DICOMweb service is not configured", 403)
 
 
 def import_series(
     ctx: IngestContext, up: Upload, url: str, study_uid: str, series_uid: str
 ) -> VolumeOut:
-    """Pull one CT series from a PACS (QIDO-RS, WADO-RS) and ingest it like an upload
-    (``url`` passed :func:`check_source`; a clinical volume: no label)."""
-    check_source(ctx, url)
+    """Pull one CT series from a PACS (QIDO-RS, WADO-RS) and ingest it like an upload (a
+    clinical volume: no label). ``up.site`` is one of the caller's; ``url`` must be one of
+    that site's services (403 otherwise), and only UIDs reach the URL (422 ``bad_uid``)."""
+    study_uid, series_uid = uid(study_uid, "study_uid"), uid(series_uid, "series_uid")
+    url = allowed_source(ctx, up.site, url)
     try:
         dicomweb.series_instances(url, study_uid, series_uid)
         blobs = dicomweb.retrieve_series(url, study_uid, series_uid, ctx.limits.max_bytes)
     except (dicomweb.DicomWebError, httpx.HTTPError) as exc:
         raise ApiError("dicomweb", f"could not retrieve the series: {exc}", 422) from exc
-    vol = read_dicom_instances(blobs)
+    vol = read_dicom_instances(blobs, ctx.limits)
     grid = Grid((vol.image.shape[0], vol.image.shape[1], vol.image.shape[2]), vol.affine)
-    provenance = {"source": "dicomweb", "series_uid": series_uid, "deidentified": DEIDENTIFIED}
+    provenance = {
+        "source": "dicomweb",
+        "pacs": url,
+        "series_uid": series_uid,
+        "deidentified": DEIDENTIFIED,
+    }
     checked = Checked(
         encode_ct(validate_ct(vol.image, grid), grid.affine),
         grid,

@@ -7,19 +7,23 @@ HTTP status and a message saying what was wrong.
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import nibabel as nib
 import numpy as np
-from isal import isal_zlib
 from numpy.typing import NDArray
 
 from ctloop.contracts import keys
-from ctloop.core.blobs import gzip_error, nifti_voxels
-from ctloop.core.datasets import DatasetError, Volume, load_dicom_series
+from ctloop.core.blobs import nifti_voxels
+from ctloop.core.bounded import GzipReader, InflateRefused, open_zip, zip_member_reader
+from ctloop.core.datasets import Volume, load_dicom_series
+from ctloop.core.dicom_budget import HEADER_BYTES_PER_SERIES, SeriesBudget, bounded_instance
 from ctloop.core.organs import LabelMap, UnknownLabel
 from services.ingest.errors import ApiError
 
@@ -27,6 +31,13 @@ MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
 MAX_DIM = 4096
 MAX_DICOM_FILES = 5000
 MAX_ZIP_RATIO = 200  # uncompressed / compressed; far beyond what CT pixel data reaches
+# What a NIfTI file's header is read from (NIfTI-2's 540 bytes and the extension flag), and
+# how far its extensions (DICOM headers, JSON sidecars) may push the voxels' offset.
+NIFTI_HEAD_BYTES = 544
+MAX_NIFTI_EXTENSIONS = 4 << 20
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+
+log = logging.getLogger("ctloop.ingest")
 
 
 @dataclass(frozen=True)
@@ -54,28 +65,13 @@ def safe_id(value: str, what: str) -> str:
         raise ApiError("bad_id", str(exc)) from exc
 
 
-def _gunzip_bounded(data: bytes, limit: int) -> tuple[bytes, bool]:
-    """Decompress gzip without ever holding more than ``limit`` bytes (decompression bombs);
-    and whether it was one gzip member with nothing after it (what ctloop's readers take).
-    Several members one after another (bgzip writes them) are read as one stream."""
-    members: list[bytes] = []
-    total, rest = 0, data
-    while rest:
-        d = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
-        try:
-            chunk = d.decompress(rest, limit + 1 - total)
-        except gzip_error as exc:
-            raise ApiError("corrupt_gzip", f"the gzip stream is corrupt ({exc})") from exc
-        total += len(chunk)
-        if total > limit or d.unconsumed_tail:
-            raise ApiError("too_large", f"decompresses to more than {limit} bytes", 413)
-        if not d.eof:
-            raise ApiError("truncated", "the gzip stream ends early (truncated upload?)")
-        members.append(chunk)
-        rest = d.unused_data  # the next member, or data after the stream (refused above)
-    if len(members) == 1:
-        return members[0], True  # the common case: no copy
-    return b"".join(members), False
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """A bounded reader's refusal as the API's: 413 for a size limit, 422 otherwise."""
+    try:
+        yield
+    except InflateRefused as exc:
+        raise ApiError(exc.code, exc.message, 413 if exc.too_large else 422) from exc
 
 
 @dataclass(frozen=True)
@@ -83,7 +79,7 @@ class NiftiUpload:
     array: NDArray
     grid: Grid
     # The upload's own bytes are a blob as ctloop stores it (see ``_stored_form``): keeping
-    # them saves re-encoding the volume.
+    # them (with a bare gzip header) saves re-encoding the volume.
     storable: bool
 
 
@@ -97,20 +93,57 @@ def read_nifti_upload(
     data: bytes, limits: Limits, what: str = "volume", dtypes: tuple[str, ...] = ()
 ) -> NiftiUpload:
     """:func:`read_nifti`, and whether the bytes may be stored as they came (``dtypes``: the
-    stored forms' data types; none: never)."""
-    raw, single_member = data, False
-    if data[:2] == b"\x1f\x8b":
-        raw, single_member = _gunzip_bounded(data, limits.max_voxels * 8 + 352 + 1024)
-    if len(raw) < 348:
-        raise ApiError("not_nifti", f"the {what} is not a NIfTI file (too short)")
+    stored forms' data types; none: never).
+
+    The header is inflated and checked first; then exactly the bytes it declares (header,
+    extensions, voxels) are inflated, and anything after them is refused (``trailing_data``):
+    nothing is inflated beyond what the header accounts for."""
+    gzipped = data[:2] == b"\x1f\x8b"
+    with _refusals():
+        head = GzipReader(data).read(NIFTI_HEAD_BYTES) if gzipped else data[:NIFTI_HEAD_BYTES]
+    header = _nifti_header(head, what)
+    shape = _declared_shape(header, limits, what)
+    size = _declared_size(header, what)
+    raw, single_member = _exact_bytes(data, size, gzipped, what)
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     try:
-        img = nib.Nifti1Image.from_bytes(raw)
+        img = image_class.from_bytes(raw)
+        array = nifti_voxels(img, raw).reshape(shape)  # in place: no second copy
     except Exception as exc:
-        try:
-            img = nib.Nifti2Image.from_bytes(raw)
-        except Exception:
-            raise ApiError("not_nifti", f"the {what} is not a readable NIfTI file ({exc})") from exc
-    shape = tuple(int(d) for d in img.header.get_data_shape())
+        log.info("unreadable NIfTI", extra={"error": f"{type(exc).__name__}: {exc}"})
+        raise ApiError("not_nifti", f"the {what} is not a readable NIfTI file") from exc
+    affine = np.asarray(img.affine, dtype=np.float64)
+    grid = Grid(shape=(shape[0], shape[1], shape[2]), affine=affine)
+    _check_grid(grid, what)
+    storable = single_member and _stored_form(img, raw, dtypes)
+    return NiftiUpload(array, grid, storable)
+
+
+def _nifti_header(head: bytes, what: str) -> nib.Nifti1Header:
+    """The single-file NIfTI-1 or NIfTI-2 header at the start of ``head`` (nibabel's parser,
+    its own checks); ``not_nifti`` otherwise."""
+    if len(head) < nib.Nifti1Header.sizeof_hdr:
+        raise ApiError("not_nifti", f"the {what} is not a NIfTI file (too short)")
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    klass = nib.Nifti2Header if nib.Nifti2Header.sizeof_hdr in sizes else nib.Nifti1Header
+    try:
+        header = klass.from_fileobj(io.BytesIO(head[: klass.sizeof_hdr]), check=True)
+        magic = bytes(header["magic"].item())
+    except Exception as exc:
+        log.info("unreadable NIfTI header", extra={"error": f"{type(exc).__name__}: {exc}"})
+        raise ApiError("not_nifti", f"the {what} is not a readable NIfTI file") from exc
+    if magic not in (b"n+1", b"n+2"):
+        raise ApiError("not_nifti", f"the {what} is not a single-file NIfTI (.nii)")
+    return header
+
+
+def _declared_shape(header: nib.Nifti1Header, limits: Limits, what: str) -> tuple[int, ...]:
+    """The 3-D shape the header declares, within the limits, with a numeric data type."""
+    try:
+        shape = tuple(int(d) for d in header.get_data_shape())
+        kind = header.get_data_dtype().kind
+    except Exception as exc:
+        raise ApiError("not_nifti", f"the {what}'s header declares no valid image") from exc
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
@@ -119,15 +152,44 @@ def read_nifti_upload(
         raise ApiError("bad_shape", f"each dimension must be 2..{MAX_DIM}, got {shape}")
     if int(np.prod(shape)) > limits.max_voxels:
         raise ApiError("too_large", f"{shape} exceeds {limits.max_voxels} voxels", 413)
+    if kind not in "iuf":
+        raise ApiError("bad_dtype", f"the {what} must hold integer or real voxels")
+    return shape
+
+
+def _declared_size(header: nib.Nifti1Header, what: str) -> int:
+    """The file's size as its header declares it: the voxels' offset (header and extensions,
+    at most MAX_NIFTI_EXTENSIONS of them) plus the voxels' bytes."""
+    minimum = header.sizeof_hdr + 4
     try:
-        array = nifti_voxels(img, raw).reshape(shape)  # in place: no second copy
-    except Exception as exc:
-        raise ApiError("truncated", f"the {what}'s data is incomplete ({exc})") from exc
-    affine = np.asarray(img.affine, dtype=np.float64)
-    grid = Grid(shape=(shape[0], shape[1], shape[2]), affine=affine)
-    _check_grid(grid, what)
-    storable = single_member and _stored_form(img, raw, dtypes)
-    return NiftiUpload(array, grid, storable)
+        offset = int(header["vox_offset"])
+    except (ValueError, OverflowError) as exc:
+        raise ApiError("not_nifti", f"the {what}'s header has no valid data offset") from exc
+    if offset < minimum:
+        raise ApiError("not_nifti", f"the {what}'s data offset lies inside its header")
+    if offset > minimum + MAX_NIFTI_EXTENSIONS:
+        raise ApiError("too_large", f"the {what}'s header extensions exceed the limit", 413)
+    shape, dtype = header.get_data_shape(), header.get_data_dtype()
+    return offset + int(np.prod(shape)) * dtype.itemsize
+
+
+def _exact_bytes(data: bytes, size: int, gzipped: bool, what: str) -> tuple[bytes, bool]:
+    """The file's first ``size`` bytes, decompressed, and whether it was one gzip member;
+    refused when shorter (``truncated``) or when anything follows (``trailing_data``)."""
+    if not gzipped:
+        if len(data) > size:
+            raise ApiError("trailing_data", f"the {what} holds data after the image it declares")
+        raw, single_member = data, False
+    else:
+        with _refusals():
+            reader = GzipReader(data)
+            raw = reader.read(size)
+            if len(raw) == size:
+                reader.expect_end()
+        single_member = reader.members == 1
+    if len(raw) < size:
+        raise ApiError("truncated", f"the {what}'s data is incomplete (truncated upload?)")
+    return raw, single_member
 
 
 def _stored_form(img: nib.Nifti1Image, raw: bytes, dtypes: tuple[str, ...]) -> bool:
@@ -174,7 +236,7 @@ def may_be_stored_as_is(data: bytes, dtypes: tuple[str, ...]) -> bool:
     if data[:2] != b"\x1f\x8b":
         return False
     try:
-        head = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS).decompress(data[:65536], 352)
+        head = GzipReader(data).read(352)
         if len(head) < 352:
             return False
         header = _file_header(head)
@@ -243,35 +305,64 @@ def mask_values(array: NDArray, label_map: LabelMap) -> NDArray[np.uint8]:
 
 
 def read_dicom_zip(data: bytes, limits: Limits) -> Volume:
-    """One CT series from a zip of its files, checked for traversal and zip bombs."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        members = [m for m in archive.infolist() if not m.is_dir()]
-    except zipfile.BadZipFile as exc:
-        raise ApiError("not_zip", f"not a readable zip archive ({exc})") from exc
-    if not members:
-        raise ApiError("empty_zip", "the zip holds no files")
-    if len(members) > MAX_DICOM_FILES:
-        raise ApiError("too_many_files", f"more than {MAX_DICOM_FILES} files", 413)
+    """One CT series from a zip of its files: checked for traversal, nested archives and
+    zip bombs, each member inflated no further than its DICOM header declares
+    (:mod:`ctloop.core.dicom_budget`)."""
+    with _refusals():
+        archive, members = open_zip(data, MAX_DICOM_FILES)
+        if not members:
+            raise ApiError("empty_zip", "the zip holds no files")
+        _check_members(members, limits)
+        budget = SeriesBudget(limits.max_voxels)
+        blobs = [_member_instance(archive, m, budget) for m in members]
+    return _series_volume(blobs)
+
+
+def _check_members(members: list[zipfile.ZipInfo], limits: Limits) -> None:
+    """What the zip's directory says, checked before anything is inflated (the budgets bound
+    the inflate itself: these sizes may lie)."""
     total = 0
     for m in members:
         path = PurePosixPath(m.filename.replace("\\", "/"))
         if path.is_absolute() or ".." in path.parts or m.filename.startswith("/"):
             raise ApiError("unsafe_path", f"zip member {m.filename!r} escapes the archive")
+        if path.suffix.lower() == ".zip":
+            raise ApiError("nested_zip", "the zip holds another archive; send the files")
         total += m.file_size
         if m.compress_size and m.file_size / m.compress_size > MAX_ZIP_RATIO:
             raise ApiError("zip_bomb", f"{m.filename!r} expands {MAX_ZIP_RATIO}x+", 413)
-    if total > limits.max_voxels * 2 + len(members) * 4096:
+    if total > limits.max_voxels * 4 + HEADER_BYTES_PER_SERIES:
         raise ApiError("too_large", f"the zip expands to {total} bytes", 413)
-    blobs = []
-    for m in members:
-        with archive.open(m) as src:
-            blobs.append(src.read(m.file_size + 1)[: m.file_size + 1])
-    return read_dicom_instances(blobs)
 
 
-def read_dicom_instances(blobs: list[bytes]) -> Volume:
-    """One CT series from its instances' bytes (a zip's members, or a PACS's WADO-RS answer)."""
+def _member_instance(
+    archive: zipfile.ZipFile, member: zipfile.ZipInfo, budget: SeriesBudget
+) -> bytes:
+    """A zip member read as one DICOM instance against the series' budget; an archive inside
+    the archive is refused, whatever its name."""
+    read = zip_member_reader(archive, member)
+    magic = read(4)
+    if magic in _ZIP_MAGIC:
+        raise ApiError("nested_zip", "the zip holds another archive; send the files")
+    pending = [magic]
+
+    def again(n: int) -> bytes:
+        return pending.pop() if pending else read(n)
+
+    return bounded_instance(again, budget)
+
+
+def read_dicom_instances(blobs: list[bytes], limits: Limits) -> Volume:
+    """One CT series from its instances' bytes (a PACS's WADO-RS answer), each checked against
+    the series' budget first (deflated datasets inflated within it)."""
+    budget = SeriesBudget(limits.max_voxels)
+    with _refusals():
+        bounded = [bounded_instance(io.BytesIO(blob).read, budget) for blob in blobs]
+    return _series_volume(bounded)
+
+
+def _series_volume(blobs: list[bytes]) -> Volume:
+    """The series' volume (RAS), from instances already within their budget."""
     with tempfile.TemporaryDirectory(prefix="ctloop-dicom-") as tmp:
         files = []
         for i, blob in enumerate(blobs):
@@ -280,8 +371,13 @@ def read_dicom_instances(blobs: list[bytes]) -> Volume:
             files.append(target)
         try:
             volume = load_dicom_series(files).as_ras()
-        except DatasetError as exc:
-            raise ApiError("bad_dicom", str(exc)) from exc
+        except Exception as exc:  # pydicom's and its decoders' errors are many; none is ours
+            log.info("unreadable DICOM series", extra={"error": f"{type(exc).__name__}: {exc}"})
+            raise ApiError(
+                "bad_dicom",
+                "the files are not one readable CT series (one series, with its geometry and "
+                "pixel data, in a transfer syntax ctloop reads)",
+            ) from exc
     shape = volume.image.shape
     if len(shape) != 3 or shape[2] < 2:
         raise ApiError("not_3d", f"the series must have at least 2 slices, got {shape}")
