@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,17 @@ class KafkaSettings(BaseModel):
     # Prepended to every consumer group: two platform instances on one cluster (e.g. a
     # `ctloop run` beside `make services-up`) then never share a group.
     group_prefix: str = ""
+    # SASL/SCRAM-SHA-512 (see ctloop/kafka_security.py): the principal this process is (its
+    # grants are in ctloop/contracts/kafka_acls.py) and its password. The chart sets both from
+    # the service's own Secret. Without a password the client reads it from the credentials
+    # file the local stack's broker writes (<run_dir>/kafka-credentials.json, else
+    # ``credentials_file``: a platform instance's run folder has none of its own); no file
+    # either: PLAINTEXT, as a broker without SASL expects. No principal: the service whose
+    # module runs this process (``python -m services.<name>``), else ``admin`` (the stack, the
+    # operator's tools, the tests).
+    principal: str | None = None
+    password: SecretStr | None = None
+    credentials_file: Path | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -50,6 +61,15 @@ class S3Settings(BaseModel):
     region: str = "us-east-1"
     bucket: str = "ctloop"
     model_bucket: str = "ctloop-models"
+    # The S3 identity this process uses (ctloop/s3_grants.py: ingest, inference, training,
+    # metrics, triton), each limited to what it needs. Unset: the service whose module runs
+    # this process (``python -m services.<name>``), else none: the root credential above (the
+    # stack itself, admin tools). The chart sets it, and the identity's own keys as
+    # access_key/secret_key.
+    identity: str | None = None
+    # Where the local stack's gateway wrote each identity's credential (<identity>.json, 0600);
+    # default <run_dir>/s3-credentials. No file for the identity: access_key/secret_key.
+    credentials_dir: Path | None = None
 
     @property
     def endpoint(self) -> str:
@@ -120,8 +140,19 @@ class ServicesSettings(BaseModel):
     shutdown_grace_s: float = 20.0
     lease_s: float = 30 * 60  # how long a claimed task stays with its annotator unless renewed
     queue_strategy: Literal["uncertainty", "random", "sequential"] = "uncertainty"
-    # DICOMweb services (base URLs) volumes may be pulled from; nothing else is ever fetched.
-    dicomweb_sources: list[str] = Field(default_factory=list)
+    # DICOMweb services (PACS base URLs) each site's volumes may be pulled from, beside those
+    # admins add (/v1/sites/{site}/dicomweb-sources): {"site-a": ["https://pacs-a/dicom-web"]}.
+    # Key "*": every site. The old list form is still read, as "*" (deprecated: a PACS serves
+    # its own sites). Nothing else is ever fetched.
+    dicomweb_sources: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("dicomweb_sources", mode="before")
+    @classmethod
+    def _sources_by_site(cls, value: Any) -> dict[str, list[str]]:
+        from ctloop.dicomweb import sources_by_site
+
+        return sources_by_site(value)
+
     # With review on, only revisions a reviewer approved are used for training.
     review_required: bool = False
     # Model names the inference service serves; the sustainer wins once it exists.
@@ -145,13 +176,37 @@ class AuthSettings(BaseModel):
     # redirect URI ``<ingest>/ui/``). Unset: the page only takes pasted tokens.
     oidc_client_id: str | None = None
     oidc_scope: str = "openid"
+    # The name shown to people (users.display_name); the identity is always ``sub``, which the
+    # issuer never changes (a renamed user keeps their id, rows and tokens).
     username_claim: str = "preferred_username"
-    roles_claim: str = "realm_access.roles"  # dotted path into the token's claims
+    # Dotted path into the token's claims holding the role names. Empty: the roles of the
+    # ctloop client itself (``resource_access.<oidc_audience>.roles``), so a realm-wide role
+    # such as Keycloak's ``admin`` means nothing here; "realm_access.roles" opts into realm roles.
+    roles_claim: str = ""
     sites_claim: str = "ctloop_sites"
+    # The issuer's signing keys (JWKS) are fetched again after this many seconds, so a key the
+    # issuer removed stops working within it; a token signed with a key not seen yet fetches
+    # them at once, but at most once per jwks_refresh_cooldown_s (forged ``kid``s cannot make
+    # ingest hammer the issuer).
+    jwks_ttl_s: float = Field(default=300.0, gt=0)
+    jwks_refresh_cooldown_s: float = Field(default=30.0, ge=0)
+    # Lifetime of a new API token when the admin gives none (``--expires-in``), the bootstrap
+    # admin's token included: a credential in a file or Secret does not open the API forever.
+    token_lifetime_days: int = Field(default=90, ge=1, le=3650)
     # The first admin's API token when the deployment provides it (the chart keeps it in a
     # Secret that outlives pods and upgrades); unset: ingest makes one and writes it to
     # <run_dir>/admin-token. Must start with "ctl_".
     bootstrap_admin_token: SecretStr | None = None
+    # Refused requests (401, 403) written to the audit log per client address and minute;
+    # past it one summary row, the rest counted (services/ingest/auth_audit.py).
+    refusals_audited_per_minute: int = Field(default=10, ge=1)
+
+    @property
+    def roles_path(self) -> tuple[str, ...]:
+        """Where the role names are in a token's claims (see ``roles_claim``)."""
+        if self.roles_claim:
+            return tuple(self.roles_claim.split("."))
+        return ("resource_access", self.oidc_audience, "roles")
 
     @property
     def jwks_url(self) -> str | None:
@@ -160,6 +215,17 @@ class AuthSettings(BaseModel):
         if self.oidc_issuer:
             return self.oidc_issuer.rstrip("/") + "/protocol/openid-connect/certs"
         return None
+
+
+class GrpcAuthSettings(BaseModel):
+    """How a service proves who it is on gRPC, and whom it lets in (ctloop/rpc_auth.py)."""
+
+    # This service's own token for its calls to other services (the chart sets it from the
+    # release's gRPC-token Secret). Unset: its entry in <run_dir>/grpc-tokens.json.
+    token: SecretStr | None = None
+    # Caller name -> hex SHA-256 of that caller's token: whom this service's gRPC server
+    # accepts. Empty: every caller in <run_dir>/grpc-tokens.json (made if it is missing).
+    callers: dict[str, str] = Field(default_factory=dict)
 
 
 class SecretEnv(BaseModel):
@@ -267,10 +333,43 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     metrics: MetricsSettings = MetricsSettings()
     auth: AuthSettings = AuthSettings()
+    grpc: GrpcAuthSettings = GrpcAuthSettings()
 
     @property
     def admin_token_file(self) -> Path:
         return self.run_dir / "admin-token"
+
+    @property
+    def s3_identity(self) -> str | None:
+        """:attr:`S3Settings.identity`, or the service this process runs, or None (root)."""
+        if self.s3.identity:
+            return self.s3.identity
+        from ctloop.s3_grants import running_service
+
+        return running_service()
+
+    def s3_credential(self, identity: str | None = None) -> tuple[str, str]:
+        """(access key, secret key) of ``identity`` (default: this process's): its credential
+        file if the local stack wrote one, else the configured keys."""
+        from ctloop.s3_grants import credential_file, read_credential
+
+        identity = identity or self.s3_identity
+        if identity is not None:
+            where = self.s3.credentials_dir or self.run_dir / "s3-credentials"
+            found = read_credential(credential_file(where, identity))
+            if found is not None:
+                return found.access_key, found.secret_key
+        return self.s3.access_key, self.s3.secret_key.get_secret_value()
+
+    @property
+    def kafka_credentials_file(self) -> Path:
+        """Where the local stack's broker writes its principals' passwords (mode 0600)."""
+        return self.run_dir / "kafka-credentials.json"
+
+    @property
+    def grpc_tokens_file(self) -> Path:
+        """Every gRPC caller's token on a local platform (0600; see ctloop/rpc_auth.py)."""
+        return self.run_dir / "grpc-tokens.json"
 
     @property
     def data_dir(self) -> Path:

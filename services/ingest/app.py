@@ -12,9 +12,10 @@ from fastapi import FastAPI
 from ctloop.outbox import OutboxRelay
 from ctloop.service import database_check, health_router
 from ctloop.settings import Settings
+from services.ingest.authfirst import AuthenticateFirst
 from services.ingest.deps import IngestContext
 from services.ingest.errors import install_error_handlers
-from services.ingest.routers import admin, monailabel, tasks, volumes, workbench
+from services.ingest.routers import admin, monailabel, pacs, tasks, volumes, workbench
 from services.ingest.routers import annotations as annotation_routes
 
 
@@ -27,12 +28,14 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     )
     app.state.ingest = ctx
     install_error_handlers(app)
+    # Credentials are checked from the headers before any route reads a body.
+    app.add_middleware(AuthenticateFirst, ctx=ctx)
 
     def s3_ready() -> tuple[bool, str]:
         return ctx.store.client.bucket_exists(ctx.bucket), ctx.bucket
 
     checks = {"database": database_check(settings.database_url), "s3": s3_ready}
     app.include_router(health_router("ingest", checks))
-    for module in (volumes, annotation_routes, admin, tasks, monailabel, workbench):
+    for module in (volumes, annotation_routes, admin, pacs, tasks, monailabel, workbench):
         app.include_router(module.router)
     return app

@@ -16,11 +16,16 @@ from ctloop.auth import ROLES, TOKEN_PREFIX, OidcVerifier, Principal, principal_
 from ctloop.outbox import OutboxRelay
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
+from services.ingest.auth_audit import AuthAudit
 from services.ingest.backends import Backends
 from services.ingest.errors import ApiError
 from services.ingest.queue import WorkQueue
 from services.ingest.validation import Limits
 from services.ingest.viewer import SliceReads, VolumeCache
+
+# Where :class:`services.ingest.authfirst.AuthenticateFirst` leaves the caller it verified
+# from the headers, so the route's dependency does not verify the token a second time.
+PRINCIPAL_KEY = "ctloop.principal"
 
 
 class Auth:
@@ -30,9 +35,11 @@ class Auth:
         self.db = database_url
         self.oidc = oidc
 
-    def principal(self, request: Request) -> Principal:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+    def authenticate(self, authorization: str) -> Principal:
+        """The caller an ``Authorization`` header value names; 401 (``unauthenticated``: no
+        bearer token, ``bad_token``: unknown, revoked or invalid) otherwise."""
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(
                 "unauthenticated",
                 "send 'Authorization: Bearer <token>'",
@@ -48,6 +55,13 @@ class Auth:
                 {"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         return who
+
+    def principal(self, request: Request) -> Principal:
+        """The caller of ``request``: the one the middleware verified, else from its headers."""
+        found = request.scope.get(PRINCIPAL_KEY)
+        if isinstance(found, Principal):
+            return found
+        return self.authenticate(request.headers.get("authorization", ""))
 
     def verify(self, token: str) -> Principal | None:
         """The principal a bearer token stands for (None: unknown, revoked or invalid)."""
@@ -72,8 +86,9 @@ class IngestContext:
         self.limits = Limits(
             max_bytes=svc.max_upload_mb * 1024 * 1024, max_voxels=svc.max_volume_voxels
         )
-        oidc = OidcVerifier(settings.auth) if settings.auth.oidc_issuer else None
+        oidc = OidcVerifier(settings.auth, self.db) if settings.auth.oidc_issuer else None
         self.auth = Auth(self.db, oidc)
+        self.auth_audit = AuthAudit(self.db, settings.auth.refusals_audited_per_minute)
         self.queue = WorkQueue(self.db, svc.queue_strategy, svc.lease_s)
         self.backends = Backends(svc.grpc_target("inference"), svc.grpc_target("training"))
         self.volumes = VolumeCache()
@@ -101,9 +116,13 @@ def signed_in(request: Request) -> Principal:
 def requires(*roles: str) -> Callable[..., Principal]:
     """A dependency: the caller, if their role is one of ``roles`` (403 otherwise)."""
 
-    def dependency(who: Annotated[Principal, Depends(signed_in)]) -> Principal:
+    def dependency(request: Request, who: Annotated[Principal, Depends(signed_in)]) -> Principal:
         if who.role not in roles:
-            raise ApiError("forbidden", f"role {who.role} may not do this", 403)
+            reason = f"role {who.role} may not do this"
+            where = f"{request.method} {request.url.path}"
+            address = request.client.host if request.client else "unknown"
+            get_context(request).auth_audit.denied(who, address, where, reason)
+            raise ApiError("forbidden", reason, 403)
         return who
 
     dependency.__name__ = f"requires_{'_'.join(roles)}"

@@ -72,20 +72,33 @@ async def _invalid(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
-    # A dependency (object store, database) is down: the request changed nothing that stays
-    # (S3 objects without their database row are unreferenced), so it can be retried.
+# A storage dependency (object store, database) not answering: the request changed nothing
+# that stays (S3 objects without their database row are unreferenced), so it can be retried.
+DEPENDENCY_DOWN: tuple[type[Exception], ...] = (
+    urllib3.exceptions.HTTPError,
+    OperationalError,
+    ServerError,
+)
+
+
+def unavailable(exc: Exception) -> ApiError:
+    """The 503 answer to one of :data:`DEPENDENCY_DOWN` (logged; its text is not sent)."""
     log.warning("dependency unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
-    return JSONResponse(
-        {"code": "unavailable", "message": "a storage dependency is not answering; retry shortly"},
-        status_code=503,
-        headers={"Retry-After": "5"},
+    return ApiError(
+        "unavailable",
+        "a storage dependency is not answering; retry shortly",
+        503,
+        {"Retry-After": "5"},
     )
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return await _api_error(request, unavailable(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # routing's 404/405 too
     app.add_exception_handler(RequestValidationError, _invalid)
-    for kind in (urllib3.exceptions.HTTPError, OperationalError, ServerError):
+    for kind in DEPENDENCY_DOWN:
         app.add_exception_handler(kind, _unavailable)
