@@ -172,6 +172,52 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_pacs(client: Any, args: argparse.Namespace) -> Any:
+    """``ctloop admin pacs list|add|remove SITE [URL]``: a site's DICOMweb services."""
+    path = f"/v1/sites/{args.site}/dicomweb-sources"
+    if args.action == "list":
+        return client.get(path)
+    if not args.url:
+        raise SystemExit(f"error: ctloop admin pacs {args.action} needs a URL")
+    if args.action == "add":
+        return client.post(path, json={"url": args.url})
+    return client.delete(path, params={"url": args.url})
+
+
+def _admin_user(client: Any, args: argparse.Namespace) -> Any:
+    """``ctloop admin user ID --role R [--site S]`` adds a user; ``user disable|enable ID``."""
+    if args.id in ("disable", "enable"):
+        if not args.target:
+            raise SystemExit(f"error: ctloop admin user {args.id} needs a user id")
+        return client.post(f"/v1/users/{args.target}/{args.id}")
+    if not args.role:
+        raise SystemExit("error: ctloop admin user ID needs --role")
+    return client.post("/v1/users", json={"id": args.id, "role": args.role, "sites": args.site})
+
+
+def _admin_token(client: Any, args: argparse.Namespace) -> Any:
+    """``ctloop admin token issue USER [--label L] [--expires-in DAYS]`` (printed once),
+    ``token list [--user USER]``, ``token revoke SHA256``."""
+    if args.action == "list":
+        return client.get("/v1/tokens", params={"user": args.user} if args.user else {})
+    if not args.target:
+        raise SystemExit(f"error: ctloop admin token {args.action} needs a user id or sha256")
+    if args.action == "revoke":
+        return client.delete(f"/v1/tokens/{args.target}")
+    body = {"label": args.label, "expires_in_days": args.expires_in}
+    return client.post(f"/v1/users/{args.target}/tokens", json=body)
+
+
+def _admin_audit(client: Any, args: argparse.Namespace) -> Any:
+    """``ctloop admin audit [RESOURCE] [--limit N]``; ``audit verify [--anchor ID:HASH]``
+    checks the hash chain (exit status 1 when it finds a problem)."""
+    if args.id == "verify":
+        return client.get("/v1/audit/verify", params={"anchor": args.anchor} if args.anchor else {})
+    return client.get(
+        "/v1/audit", params={"limit": args.limit, **({"resource": args.id} if args.id else {})}
+    )
+
+
 def _admin(args: argparse.Namespace) -> int:
     """Administration through the ingest API, as the admin whose token is in .ctloop."""
     import json
@@ -195,13 +241,13 @@ def _admin(args: argparse.Namespace) -> int:
     if args.what == "site":
         r = client.post("/v1/sites", json={"id": args.id, "name": args.name or args.id})
     elif args.what == "user":
-        r = client.post("/v1/users", json={"id": args.id, "role": args.role, "sites": args.site})
+        r = _admin_user(client, args)
     elif args.what == "token":
-        r = client.post(f"/v1/users/{args.id}/tokens", json={"label": args.label})
+        r = _admin_token(client, args)
+    elif args.what == "pacs":
+        r = _admin_pacs(client, args)
     else:
-        r = client.get(
-            "/v1/audit", params={"limit": args.limit, **({"resource": args.id} if args.id else {})}
-        )
+        r = _admin_audit(client, args)
     if r.status_code >= 400:
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
         print(
@@ -209,7 +255,10 @@ def _admin(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    print(json.dumps(r.json(), indent=2))
+    if r.content:  # a removal answers 204, no body
+        print(json.dumps(r.json(), indent=2))
+    if args.what == "audit" and args.id == "verify" and not r.json()["ok"]:
+        return 1
     return 0
 
 
@@ -260,18 +309,31 @@ def _add_operation_commands(sub: Any) -> None:
     site = admin_sub.add_parser("site", help="add a site")
     site.add_argument("id")
     site.add_argument("--name")
-    user = admin_sub.add_parser("user", help="add a user with a role and sites")
-    user.add_argument("id")
-    user.add_argument(
-        "--role", required=True, choices=["admin", "reviewer", "annotator", "integration"]
+    user = admin_sub.add_parser(
+        "user", help="add a user with a role and sites (ID --role R); disable ID; enable ID"
     )
+    user.add_argument("id", help="the new user's id, or disable / enable")
+    user.add_argument("target", nargs="?", help="the user to disable or enable")
+    user.add_argument("--role", choices=["admin", "reviewer", "annotator", "integration"])
     user.add_argument("--site", action="append", default=[], help="repeat for several")
-    token = admin_sub.add_parser("token", help="issue a token for a user (printed once)")
-    token.add_argument("id")
+    token = admin_sub.add_parser(
+        "token", help="issue USER (printed once), list [--user USER], revoke SHA256"
+    )
+    token.add_argument("action", choices=["issue", "list", "revoke"])
+    token.add_argument("target", nargs="?", help="issue: the user; revoke: the token's sha256")
     token.add_argument("--label", default="")
-    audit_log = admin_sub.add_parser("audit", help="recent audit entries")
-    audit_log.add_argument("id", nargs="?", help="only this resource (e.g. a volume id)")
+    token.add_argument("--expires-in", type=int, metavar="DAYS", help="default: the settings'")
+    token.add_argument("--user", help="list: only this user's tokens")
+    audit_log = admin_sub.add_parser(
+        "audit", help="recent audit entries; 'audit verify' checks the hash chain"
+    )
+    audit_log.add_argument("id", nargs="?", help="only this resource (e.g. a volume id), or verify")
     audit_log.add_argument("--limit", type=int, default=50)
+    audit_log.add_argument("--anchor", help="verify: ID:HASH, the head an earlier check printed")
+    pacs = admin_sub.add_parser("pacs", help="list, add or remove a site's DICOMweb services")
+    pacs.add_argument("action", choices=["list", "add", "remove"])
+    pacs.add_argument("site")
+    pacs.add_argument("url", nargs="?", help="the service's base URL (add, remove)")
     admin.set_defaults(func=_admin)
     info = sub.add_parser("info", help="print how to reach the running stack")
     info.set_defaults(func=_info)

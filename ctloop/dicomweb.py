@@ -1,23 +1,137 @@
-"""A DICOMweb client (QIDO-RS / WADO-RS) for ingesting a series from a PACS such as Orthanc."""
+"""A DICOMweb client (QIDO-RS / WADO-RS) for ingesting a series from a PACS such as Orthanc.
+
+Nothing a caller sends reaches a URL unchecked: study and series UIDs must match the DICOM UID
+grammar (:func:`check_uid`), base URLs are compared in one normal form (:func:`normal_base_url`),
+and redirects are never followed (a PACS that redirects is answered with an error, so an
+allowed service cannot send ingest to a host nobody allowed).
+"""
 
 from __future__ import annotations
 
 import email.parser
 import email.policy
+import re
+import warnings
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+
+# PS3.5 9.1: components of digits separated by '.', no leading zero in a multi-digit
+# component, at most 64 characters in all.
+UID_MAX_CHARS = 64
+_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+# What a base URL's path may hold: RFC 3986 unreserved characters, '/', and the sub-delimiters
+# PACS paths use. No '%' (one spelling per path), no '?' or '#', no dot segments.
+_PATH = re.compile(r"[A-Za-z0-9._~/@:;=+,!$'()*-]*")
+_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# The key of an allow-list entry that serves every site (what the old, global list meant).
+ALL_SITES = "*"
 
 
 class DicomWebError(RuntimeError):
     pass
 
 
+class BadUid(ValueError):
+    """A study or series UID that does not follow the DICOM UID grammar."""
+
+
+class BadBaseUrl(ValueError):
+    """A DICOMweb base URL that cannot be compared exactly (or is not http/https)."""
+
+
+def check_uid(value: str, what: str = "UID") -> str:
+    """``value`` if it is a DICOM UID (PS3.5 9.1), else :class:`BadUid`. Only digits and
+    dots pass, so a UID can never add a path segment, a query or a host to a URL."""
+    if len(value) > UID_MAX_CHARS:
+        raise BadUid(f"{what} is longer than {UID_MAX_CHARS} characters")
+    if not _UID.fullmatch(value):
+        raise BadUid(f"{what} must be digit components separated by '.', without leading zeros")
+    return value
+
+
+def normal_base_url(url: str) -> str:
+    """The one spelling of a DICOMweb base URL that allow-lists store and compare:
+    ``scheme://host[:port]/path`` with the scheme and host in lower case, the scheme's default
+    port left out and no trailing '/'. Credentials, queries, fragments, percent-escapes, dot
+    segments and empty segments are refused (:class:`BadBaseUrl`): each would give one service
+    several spellings, or a spelling that names another one."""
+    url = url.strip()
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise BadBaseUrl("the URL must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BadBaseUrl(f"not a URL: {exc}") from exc
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if scheme not in _DEFAULT_PORTS:
+        raise BadBaseUrl("the URL must start with http:// or https://")
+    if "@" in parts.netloc or parts.query or parts.fragment or "?" in url or "#" in url:
+        raise BadBaseUrl("the URL must not carry credentials, a query or a fragment")
+    if ":" in host:
+        host = f"[{host}]"
+    if not _HOST.fullmatch(host):
+        raise BadBaseUrl(f"not a host name: {parts.hostname!r}")
+    path = parts.path.rstrip("/")
+    segments = path.split("/")[1:]
+    if not _PATH.fullmatch(path) or any(s in ("", ".", "..") for s in segments):
+        raise BadBaseUrl(f"the path {parts.path!r} is not in plain form")
+    netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{path}"
+
+
+def sources_by_site(value: Any) -> dict[str, list[str]]:
+    """A site → base URLs allow-list in normal form (:func:`normal_base_url`); site ids are
+    checked like every key segment. A plain list is the deprecated global form and means
+    :data:`ALL_SITES`."""
+    from ctloop.contracts.keys import safe_id
+
+    if isinstance(value, (list, tuple)):
+        warnings.warn(
+            "services.dicomweb_sources as a list allows every PACS for every site; give a "
+            'mapping of site id to base URLs instead ({"site-a": ["https://pacs/dicom-web"]})',
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        value = {ALL_SITES: list(value)} if value else {}
+    if not isinstance(value, dict):
+        raise ValueError("dicomweb_sources must map site ids to lists of base URLs")
+    by_site: dict[str, list[str]] = {}
+    for site, urls in value.items():
+        site = site if site == ALL_SITES else safe_id(str(site), "site id")
+        if isinstance(urls, str) or not isinstance(urls, (list, tuple)):
+            raise ValueError(f"dicomweb_sources[{site!r}] must be a list of base URLs")
+        by_site[site] = sorted({normal_base_url(str(u)) for u in urls})
+    return by_site
+
+
+def _series_url(base_url: str, study_uid: str, series_uid: str) -> str:
+    """The series' resource under ``base_url``; the UIDs are checked here too, so no caller
+    can put anything else into the URL."""
+    study = check_uid(study_uid, "study_uid")
+    series = check_uid(series_uid, "series_uid")
+    return f"{normal_base_url(base_url)}/studies/{study}/series/{series}"
+
+
+def _refuse_redirect(r: httpx.Response, what: str) -> None:
+    if r.is_redirect:
+        raise DicomWebError(
+            f"{what} answered a redirect ({r.status_code}); redirects are not followed"
+        )
+
+
 def series_instances(
     base_url: str, study_uid: str, series_uid: str, timeout_s: float = 60.0
 ) -> int:
     """How many instances the PACS lists for the series (QIDO-RS)."""
-    url = f"{base_url.rstrip('/')}/studies/{study_uid}/series/{series_uid}/instances"
-    r = httpx.get(url, headers={"Accept": "application/dicom+json"}, timeout=timeout_s)
+    url = f"{_series_url(base_url, study_uid, series_uid)}/instances"
+    r = httpx.get(
+        url, headers={"Accept": "application/dicom+json"}, timeout=timeout_s, follow_redirects=False
+    )
+    _refuse_redirect(r, "QIDO-RS")
     if r.status_code == 404 or (r.status_code == 200 and not r.json()):
         raise DicomWebError(f"the PACS has no series {series_uid} in study {study_uid}")
     if r.status_code != 200:
@@ -28,11 +142,15 @@ def series_instances(
 def retrieve_series(
     base_url: str, study_uid: str, series_uid: str, max_bytes: int, timeout_s: float = 300.0
 ) -> list[bytes]:
-    """Every instance of the series as DICOM Part 10 bytes (WADO-RS), at most ``max_bytes``."""
-    url = f"{base_url.rstrip('/')}/studies/{study_uid}/series/{series_uid}"
+    """Every instance of the series as DICOM Part 10 bytes (WADO-RS), at most ``max_bytes``
+    in all (the caller's DICOM reader bounds what each instance may decode to)."""
+    url = _series_url(base_url, study_uid, series_uid)
     accept = 'multipart/related; type="application/dicom"'
     body = bytearray()
-    with httpx.stream("GET", url, headers={"Accept": accept}, timeout=timeout_s) as r:
+    with httpx.stream(
+        "GET", url, headers={"Accept": accept}, timeout=timeout_s, follow_redirects=False
+    ) as r:
+        _refuse_redirect(r, "WADO-RS")
         if r.status_code != 200:
             raise DicomWebError(f"WADO-RS answered {r.status_code}")
         content_type = r.headers.get("content-type", "")

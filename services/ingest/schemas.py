@@ -54,12 +54,25 @@ class PredictionOut(BaseModel):
 
 
 class DicomWebIn(BaseModel):
-    url: str = Field(description="base URL of an allowed DICOMweb service")
-    study_uid: str
-    series_uid: str
-    site_id: str
+    url: str = Field(description="base URL of a DICOMweb service allowed for site_id")
+    study_uid: str = Field(description="a DICOM UID (digits and '.', at most 64 characters)")
+    series_uid: str = Field(description="a DICOM UID (digits and '.', at most 64 characters)")
+    site_id: str = Field(description="the site the volume lands in: one of the caller's")
     dataset: Dataset = "clinical"
     volume_id: str | None = None
+
+
+class DicomwebSourceIn(BaseModel):
+    url: str = Field(description="http(s) base URL of the service, e.g. https://pacs/dicom-web")
+
+
+class DicomwebSourceOut(BaseModel):
+    site_id: str
+    base_url: str = Field(description="in normal form: what pulls are compared with exactly")
+    origin: Literal["settings", "admin"] = Field(
+        description="settings: services.dicomweb_sources (the chart); admin: added by the API"
+    )
+    created_at: datetime | None = None
 
 
 class ErrorOut(BaseModel):
@@ -105,12 +118,54 @@ class UserOut(BaseModel):
 
 class TokenIn(BaseModel):
     label: str = ""
+    expires_in_days: int | None = Field(
+        default=None, ge=1, le=3650, description="default: the settings' auth.token_lifetime_days"
+    )
 
 
 class TokenOut(BaseModel):
     token: str = Field(description="shown once; only its SHA-256 is kept")
     sha256: str
     user_id: str
+    expires_at: datetime | None = None
+
+
+class TokenInfoOut(BaseModel):
+    """A token's record (never the token itself)."""
+
+    sha256: str = Field(description="what DELETE /v1/tokens/{sha256} takes")
+    user_id: str
+    label: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    usable: bool = Field(description="neither revoked nor expired")
+
+
+class UserStateOut(BaseModel):
+    id: str
+    role: str
+    display_name: str
+    disabled_at: datetime | None
+
+
+class AuditProblemOut(BaseModel):
+    id: int
+    kind: str = Field(
+        description="edited | link_broken | unhashed | anchor_missing | anchor_changed"
+    )
+    message: str
+
+
+class AuditChainOut(BaseModel):
+    """The audit log's hash chain, checked from its oldest row."""
+
+    ok: bool
+    rows: int
+    before_chain: int = Field(description="rows written before the chain existed (no hash)")
+    head_id: int | None = Field(description="the newest chained row: keep id:hash as an anchor")
+    head_hash: str | None
+    problem: AuditProblemOut | None = Field(description="the first row found wrong")
 
 
 class AuditOut(BaseModel):

@@ -4,6 +4,7 @@ tests that pull studies over DICOMweb."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ from pathlib import Path
 import httpx
 
 from ctloop.stack.process import ManagedProcess
+
+DICOMWEB_ROOT = "/dicom-web"
 
 
 @contextmanager
@@ -50,3 +53,27 @@ def _wait_ready(base: str, proc: ManagedProcess, timeout_s: float = 60) -> None:
         assert proc.is_running(), proc.log_tail()
         time.sleep(0.3)
     raise AssertionError(f"Orthanc did not start:\n{proc.log_tail()}")
+
+
+def free_port() -> int:
+    """A port nothing listens on now (tests running beside others must not share 18042)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def run_orthanc_anywhere(root: Path) -> Iterator[str]:
+    """:func:`run_orthanc` on free ports; yields its DICOMweb base URL."""
+    with run_orthanc(root, free_port(), free_port()) as base:
+        yield base + DICOMWEB_ROOT
+
+
+def store_instances(dicomweb_url: str, instances: list[bytes]) -> None:
+    """Put DICOM Part 10 instances into the Orthanc whose DICOMweb base URL is given (through
+    its REST API, as a modality's C-STORE would)."""
+    base = dicomweb_url.removesuffix(DICOMWEB_ROOT)
+    for data in instances:
+        r = httpx.post(f"{base}/instances", content=data, timeout=30)
+        assert r.status_code == 200, r.text

@@ -4,19 +4,21 @@ read their latest pre-annotation (NIfTI mask, DICOM SEG)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from starlette.concurrency import run_in_threadpool
 
 from ctloop.contracts.payloads import Dataset
 from ctloop.core import dicom
 from ctloop.core.blobs import nifti_from_gz
 from ctloop.db import Volume, audit, session_scope, volume_status
+from ctloop.paging import Page, one_page
 from ctloop.timing import Laps
 from services.ingest.deps import Anyone, Context, Uploader, read_body, read_upload
 from services.ingest.errors import ApiError
@@ -30,7 +32,7 @@ from services.ingest.records import (
     volumes_out,
 )
 from services.ingest.schemas import DicomWebIn, ErrorOut, PredictionOut, VolumeOut
-from services.ingest.uploads import Existing, Upload, check_source, import_series, ingest_upload
+from services.ingest.uploads import Existing, Upload, import_series, ingest_upload
 from services.ingest.validation import safe_id
 
 router = APIRouter(prefix="/v1/volumes", tags=["volumes"])
@@ -137,11 +139,17 @@ async def put_volume(
     "/dicomweb",
     status_code=201,
     response_model=VolumeOut,
-    responses={200: {"model": VolumeOut}, 403: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    responses={
+        200: {"model": VolumeOut},
+        403: {"model": ErrorOut},
+        404: {"model": ErrorOut},
+        422: {"model": ErrorOut},
+    },
 )
 def import_from_dicomweb(ctx: Context, who: Uploader, body: DicomWebIn) -> Any:
-    """Pull one CT series from a PACS (QIDO-RS, WADO-RS) and ingest it like an upload."""
-    check_source(ctx, body.url)
+    """Pull one CT series from a PACS (QIDO-RS, WADO-RS) and ingest it like an upload, into
+    one of the caller's sites (404 for others, as for a missing one) from one of that site's
+    services (403 otherwise); UIDs that are not DICOM UIDs: 422 ``bad_uid``."""
     if body.dataset != "clinical":
         raise ApiError("label_required", f"{body.dataset} volumes need a label")
     up = Upload(who, _site_of_yours(who, body.site_id), body.dataset, body.volume_id)
@@ -155,12 +163,19 @@ def import_from_dicomweb(ctx: Context, who: Uploader, body: DicomWebIn) -> Any:
 def list_volumes(
     ctx: Context,
     who: Anyone,
+    page: Page,
+    request: Request,
+    response: Response,
     site_id: str | None = None,
     dataset: Dataset | None = None,
     status: str | None = None,
 ) -> list[VolumeOut]:
+    """Your sites' volumes, oldest first, a page at a time (``ctloop.paging``)."""
     with session_scope(ctx.db) as s:
-        q = select(Volume).order_by(Volume.created_at)
+        q = select(Volume).order_by(Volume.created_at, Volume.id).limit(page.fetch)
+        if (after := page.after_key(datetime, str)) is not None:
+            at, vid = after
+            q = q.where(or_(Volume.created_at > at, and_(Volume.created_at == at, Volume.id > vid)))
         if not who.is_admin:
             q = q.where(Volume.site_id.in_(who.sites))
         if site_id:
@@ -169,7 +184,12 @@ def list_volumes(
             q = q.where(Volume.dataset == dataset)
         if status:
             q = q.where(volume_status() == status)
-        return volumes_out(s, q)
+        rows = volumes_out(s, q)
+    return one_page(rows, page, _volume_key, request, response)
+
+
+def _volume_key(v: VolumeOut) -> list[Any]:
+    return [v.created_at.isoformat(), v.volume_id]
 
 
 @router.get("/{volume_id}", response_model=VolumeOut, responses={404: {"model": ErrorOut}})
