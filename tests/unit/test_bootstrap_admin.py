@@ -1,10 +1,13 @@
 """The first admin: made once, with the deployment's token when it provides one (the chart keeps
 it in a Secret), so a rescheduled ingest pod or a second replica never loses or replaces it."""
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
-from ctloop.auth import ensure_admin_token, principal_for
-from ctloop.db import create_schema
+from ctloop.auth import ensure_admin_token, principal_for, token_hash
+from ctloop.db import ApiToken, create_schema, session_scope
+from ctloop.settings import AuthSettings
 
 
 @pytest.fixture
@@ -36,3 +39,17 @@ def test_a_given_token_of_another_form_is_refused(db, tmp_path):
     with pytest.raises(ValueError, match="must start with 'ctl_'"):
         ensure_admin_token(db, tmp_path / "admin-token", "hunter2")
     assert not (tmp_path / "admin-token").exists()
+
+
+def test_the_bootstrap_token_expires_like_any_other(db, tmp_path):
+    """It exists to make the first real admins; a file or Secret holding it must not open the
+    API forever (default: auth.token_lifetime_days)."""
+    token = ensure_admin_token(db, tmp_path / "admin-token")
+    assert token is not None
+    with session_scope(db) as s:
+        row = s.get(ApiToken, token_hash(token))
+        assert row is not None and row.expires_at is not None
+        lifetime = timedelta(days=AuthSettings().token_lifetime_days)
+        assert abs(row.expires_at - (datetime.now(UTC) + lifetime)) < timedelta(minutes=5)
+        row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
+    assert principal_for(db, token) is None

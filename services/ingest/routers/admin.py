@@ -1,24 +1,38 @@
-"""``/v1`` administration: sites, users, API tokens, and the audit log."""
+"""``/v1`` administration: sites, users (disable, enable), API tokens (issue, list, revoke),
+the audit log and the check of its hash chain. Every change is audited."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from ctloop.auth import ROLES, issue_token, revoke_token, token_hash
-from ctloop.db import AuditEntry, Site, SiteMembership, User, audit, session_scope
+from ctloop.audit_chain import parse_anchor, verify_chain
+from ctloop.auth import (
+    ROLES,
+    issue_token,
+    list_tokens,
+    revoke_token,
+    set_user_disabled,
+    token_hash,
+    token_usable,
+)
+from ctloop.db import ApiToken, AuditEntry, Site, SiteMembership, User, audit, session_scope
 from services.ingest.deps import Admin, Context, SignedIn
 from services.ingest.errors import ApiError, conflict, not_found
 from services.ingest.schemas import (
+    AuditChainOut,
     AuditOut,
     SiteIn,
     SiteOut,
     TokenIn,
+    TokenInfoOut,
     TokenOut,
     UserIn,
     UserOut,
+    UserStateOut,
 )
 from services.ingest.validation import safe_id
 
@@ -63,14 +77,64 @@ def create_user(ctx: Context, who: Admin, body: UserIn) -> UserOut:
     return UserOut(id=user, role=body.role, sites=sites)
 
 
+@router.post("/users/{user_id}/disable", response_model=UserStateOut)
+def disable_user(ctx: Context, who: Admin, user_id: str) -> UserStateOut:
+    """Refuse the user's tokens and OIDC tokens from the next request on; nothing is deleted."""
+    if user_id == who.user_id:
+        raise conflict("self", "an admin cannot disable themselves")
+    return _set_disabled(ctx, who.user_id, user_id, True)
+
+
+@router.post("/users/{user_id}/enable", response_model=UserStateOut)
+def enable_user(ctx: Context, who: Admin, user_id: str) -> UserStateOut:
+    return _set_disabled(ctx, who.user_id, user_id, False)
+
+
+def _set_disabled(ctx: Context, actor: str, user_id: str, disabled: bool) -> UserStateOut:
+    user = set_user_disabled(ctx.db, user_id, disabled)
+    if user is None:
+        raise not_found(f"no user {user_id}")
+    with session_scope(ctx.db) as s:
+        audit(s, actor, "user.disable" if disabled else "user.enable", user_id)
+    return UserStateOut(
+        id=user.id, role=user.role, display_name=user.display_name, disabled_at=user.disabled_at
+    )
+
+
 @router.post("/users/{user_id}/tokens", status_code=201, response_model=TokenOut)
 def create_token(ctx: Context, who: Admin, user_id: str, body: TokenIn) -> TokenOut:
+    days = body.expires_in_days or ctx.settings.auth.token_lifetime_days
     with session_scope(ctx.db) as s:
         if s.get(User, user_id) is None:
             raise not_found(f"no user {user_id}")
-        audit(s, who.user_id, "token.create", user_id, label=body.label)
-    token = issue_token(ctx.db, user_id, body.label)
-    return TokenOut(token=token, sha256=token_hash(token), user_id=user_id)
+        audit(s, who.user_id, "token.create", user_id, label=body.label, expires_in_days=days)
+    token = issue_token(ctx.db, user_id, body.label, timedelta(days=days))
+    with session_scope(ctx.db) as s:
+        expires = s.get(ApiToken, token_hash(token))
+    return TokenOut(
+        token=token,
+        sha256=token_hash(token),
+        user_id=user_id,
+        expires_at=expires.expires_at if expires else None,
+    )
+
+
+@router.get("/tokens", response_model=list[TokenInfoOut])
+def tokens(ctx: Context, who: Admin, user: str | None = None) -> list[TokenInfoOut]:
+    """Every token (of ``user``), newest first, revoked and expired ones included."""
+    now = datetime.now(UTC)
+    return [
+        TokenInfoOut(
+            sha256=t.sha256,
+            user_id=t.user_id,
+            label=t.label,
+            created_at=t.created_at,
+            expires_at=t.expires_at,
+            revoked_at=t.revoked_at,
+            usable=token_usable(t, now),
+        )
+        for t in list_tokens(ctx.db, user)
+    ]
 
 
 @router.delete("/tokens/{sha256}", status_code=204)
@@ -79,6 +143,20 @@ def revoke(ctx: Context, who: Admin, sha256: str) -> None:
         raise not_found("no such active token")
     with session_scope(ctx.db) as s:
         audit(s, who.user_id, "token.revoke", sha256[:12])
+
+
+@router.get("/audit/verify", response_model=AuditChainOut)
+def verify_audit(ctx: Context, who: Admin, anchor: str | None = None) -> AuditChainOut:
+    """Check the audit log's hash chain from its oldest row; ``anchor`` (``ID:HASH``, a head an
+    earlier check reported) also catches deleted newest rows and a rewritten chain."""
+    try:
+        pinned = parse_anchor(anchor) if anchor else None
+    except ValueError as exc:
+        raise ApiError("bad_anchor", str(exc)) from exc
+    report = verify_chain(ctx.db, pinned)
+    with session_scope(ctx.db) as s:
+        audit(s, who.user_id, "audit.verify", "audit_log", ok=report.ok, rows=report.rows)
+    return AuditChainOut.model_validate(report.as_dict())
 
 
 @router.get("/audit", response_model=list[AuditOut])
