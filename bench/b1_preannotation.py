@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import nibabel as nib
 import numpy as np
 
@@ -81,7 +80,7 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
     ct = phantom_ct(ctx.preset.volume_size, seed=1)
     segmenter = Segmenter(session.checkpoint)
     direct, stubs = _serve_direct(p, session)
-    channel = grpc.insecure_channel(
+    channel = p.grpc_channel(  # as the operator: the services refuse calls without a token
         p.inference_grpc,
         options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
     )

@@ -14,12 +14,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from ctloop.kafka_security import credentials_path, grant_groups
+from ctloop.rpc_auth import channel, service_channel
 from ctloop.settings import REPO_ROOT, Settings
 from ctloop.stack import LocalStack
 from ctloop.stack.services import SERVICES, service_components
@@ -49,6 +53,10 @@ def instance_env(
     }
     if group_prefix is not None:
         env["CTLOOP_KAFKA__GROUP_PREFIX"] = group_prefix
+    # The stack's Kafka credentials (SASL): this instance's run folder has none of its own.
+    stack_kafka = credentials_path(Settings())
+    if stack_kafka is not None:
+        env["CTLOOP_KAFKA__CREDENTIALS_FILE"] = str(stack_kafka)
     for i, name in enumerate(SERVICES):
         env[f"CTLOOP_SERVICES__{name.upper()}__HTTP_PORT"] = str(port_base + 2 * i)
         env[f"CTLOOP_SERVICES__{name.upper()}__GRPC_PORT"] = str(port_base + 2 * i + 1)
@@ -138,7 +146,9 @@ class PlatformInstance:
         return LocalStack(self.settings, echo=self.echo, components=components)
 
     def up(self) -> None:
-        """Start the services that are not running and wait until each is ready."""
+        """Start the services that are not running and wait until each is ready (on a SASL
+        broker, after letting them use the instance's own consumer groups)."""
+        grant_groups(self.settings)
         self._services().up()
 
     def down(self) -> None:
@@ -151,6 +161,13 @@ class PlatformInstance:
 
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def grpc_channel(
+        self, target: str, options: Sequence[tuple[str, Any]] | None = None
+    ) -> grpc.Channel:
+        """A channel to one of this instance's gRPC APIs, as the operator (its token is in the
+        instance's run folder, written when the services start)."""
+        return service_channel(self.settings, "operator", target, options)
 
     def ctloop(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """``ctloop ARGS`` as this instance (e.g. ``services status``), output captured."""
@@ -187,6 +204,9 @@ class RemotePlatform:
     sustainer: str = "sustainer"
     poll_s: float = 2.0
     token_hint: str = "the release's bootstrap admin token"
+    # The release's operator gRPC token (key operator-token of its <release>-grpc-tokens
+    # Secret); without it the services refuse the run's gRPC calls.
+    grpc_token: str = ""
 
     def up(self) -> None:
         """Nothing to start: the release runs on its own."""
@@ -196,6 +216,12 @@ class RemotePlatform:
 
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def grpc_channel(
+        self, target: str, options: Sequence[tuple[str, Any]] | None = None
+    ) -> grpc.Channel:
+        """A channel to one of the release's gRPC APIs, as the operator."""
+        return channel(target, "operator", self.grpc_token, options)
 
     def until(self, what: str, check: Callable[[], Any], timeout_s: float) -> Any:
         return until(what, check, timeout_s, None, self.poll_s)

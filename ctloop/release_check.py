@@ -2,7 +2,8 @@
 
 The Helm chart's ``helm test`` hook runs this in a pod with the services' own settings (the same
 ``CTLOOP_*`` environment), so it dials exactly the addresses the services dial: each ctloop
-service's HTTP readiness and gRPC health, Triton's readiness, Kafka's topics and the buckets.
+service's HTTP readiness, gRPC health and refusal of calls without a service token, Triton's
+readiness, Kafka's topics and the buckets. It holds no service token.
 One line per check; exit status 1 when any fails (helm test then reports the pod failed).
 """
 
@@ -20,6 +21,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ctloop.contracts.topics import Topic
+from ctloop.rpc_auth import method
 from ctloop.settings import Settings, get_settings
 
 ServiceName = Literal["ingest", "inference", "training", "metrics"]
@@ -37,15 +39,34 @@ def http_ready(settings: Settings, name: ServiceName) -> str:
     return f"GET {url} {r.status_code}"
 
 
+# A read-only method of each service, called without a token: it must be refused.
+ANONYMOUS_PROBE: dict[ServiceName, str] = {
+    "ingest": method("Workflow", "ListTrainingVolumes"),
+    "inference": method("Inference", "GetModelStatus"),
+    "training": method("Training", "ListRounds"),
+    "metrics": method("Metrics", "GetReport"),
+}
+
+
 def grpc_serving(settings: Settings, name: ServiceName) -> str:
+    """The service's gRPC health says SERVING (open to anyone) and its API refuses a caller
+    without a service token (UNAUTHENTICATED)."""
     target = settings.services.grpc_target(name)
     with grpc.insecure_channel(target) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=10
         )
-    if answer.status != health_pb2.HealthCheckResponse.SERVING:
-        raise RuntimeError(f"{target} health is {answer.status}")
-    return f"gRPC health {target} SERVING"
+        if answer.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"{target} health is {answer.status}")
+        probe = ANONYMOUS_PROBE[name]
+        try:
+            channel.unary_unary(probe)(b"", timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+        else:
+            raise RuntimeError(f"{target} answered {probe} without a service token")
+    return f"gRPC health {target} SERVING, anonymous calls refused"
 
 
 def triton_ready(settings: Settings) -> str:

@@ -20,6 +20,7 @@ from ctloop.bus import EventConsumer, EventProducer
 from ctloop.db import create_schema, ping
 from ctloop.log import bind, configure_logging
 from ctloop.outbox import OutboxRelay
+from ctloop.rpc_auth import server_interceptor
 from ctloop.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,13 @@ class ServiceRuntime:
         if producer is not None:
             self._closers.append(producer.close)
 
-    def grpc_server(self) -> grpc.Server:
+    def grpc_server(self, settings: Settings | None = None) -> grpc.Server:
+        """The service's gRPC server: the standard health service (open to probes) and, for
+        every other method, only callers that prove their service token and may call it
+        (ctloop/rpc_auth.py)."""
         if self._grpc is None:
-            self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+            auth = server_interceptor(settings or get_settings())
+            self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[auth])
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         return self._grpc
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import httpx
 
+from ctloop.rpc_auth import ensure_tokens_file
 from ctloop.settings import REPO_ROOT, Endpoint, Settings
 from ctloop.stack.components import Component, Health
 
@@ -38,6 +39,8 @@ class ServiceProcess(Component):
 
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The services' gRPC tokens (kept if the file exists: running services keep theirs).
+        ensure_tokens_file(self.settings.grpc_tokens_file)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", self.module]

@@ -35,7 +35,9 @@ import httpx
 
 from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.db import RoundStatus, VolumeStatus
+from ctloop.paging import MAX_LIMIT
 from ctloop.platform import PlatformInstance, PlatformTimeout, RemotePlatform
+from ctloop.rpc_auth import own_token
 from ctloop.settings import get_settings
 from ctloop.stack import LocalStack
 from ctloop.transfer import RunFailed
@@ -125,10 +127,10 @@ class TransferRun:
         self.api = self.platform.api
         self.metrics = httpx.Client(base_url=self.platform.metrics_url, timeout=120)
         self.training = training_pb2_grpc.TrainingStub(
-            grpc.insecure_channel(self.platform.training_target)
+            self.platform.grpc_channel(self.platform.training_target)
         )
         self.inference = inference_pb2_grpc.InferenceStub(
-            grpc.insecure_channel(self.platform.inference_target)
+            self.platform.grpc_channel(self.platform.inference_target)
         )
         self.admin = httpx.Client(
             base_url=self.api, timeout=120, headers=self.platform.admin_headers()
@@ -229,7 +231,9 @@ class TransferRun:
         """Every volume still waiting and every evaluation volume has ``ref``'s prediction."""
         waiting = [
             v["volume_id"]
-            for v in self.admin.get("/v1/volumes", params={"dataset": "clinical"}).json()
+            for v in self.admin.get(
+                "/v1/volumes", params={"dataset": "clinical", "limit": MAX_LIMIT}
+            ).json()
             if v["status"] != VolumeStatus.ANNOTATED
         ]
         ids = [*waiting, *(self.data.evaluation if self.data else [])]
@@ -409,6 +413,15 @@ class TransferRun:
             self.stop_platform()
         return report
 
+    def operator_headers(self) -> dict[str, str]:
+        """The operator's service token, which the metrics service asks of a report's writer
+        (the local instance's tokens file, or the release's operator token)."""
+        if isinstance(self.platform, RemotePlatform):
+            token = self.platform.grpc_token
+        else:
+            token = own_token(self.platform.settings, "operator")
+        return {"Authorization": f"Bearer {token}"}
+
     def write_report(self) -> dict[str, Any]:
         assert self.data is not None
         info = {
@@ -440,7 +453,9 @@ class TransferRun:
             return rep if done >= self.status.get("annotated", 0) else None
 
         self.wait("the metrics service to catch up", complete, 300)
-        r = self.metrics.post(f"/v1/runs/{self.run_id}/report", json=info)
+        r = self.metrics.post(
+            f"/v1/runs/{self.run_id}/report", json=info, headers=self.operator_headers()
+        )
         if r.status_code != 200:
             raise RunFailed(f"the metrics service could not write the report: {r.text}")
         report: dict[str, Any] = r.json()

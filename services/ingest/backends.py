@@ -7,6 +7,8 @@ from typing import Any
 
 import grpc
 
+from ctloop.rpc_auth import service_channel
+from ctloop.settings import Settings, get_settings
 from ctloop.v1 import (
     common_pb2,
     inference_pb2,
@@ -20,15 +22,20 @@ SEGMENT_TIMEOUT_S = 600.0
 
 
 class Backends:
-    """gRPC clients of the inference and training services, dialled on first use."""
+    """gRPC clients of the inference and training services, dialled on first use; every call
+    carries ingest's service token (from ``settings``, default: the process's)."""
 
-    def __init__(self, inference_target: str, training_target: str) -> None:
+    def __init__(
+        self, inference_target: str, training_target: str, settings: Settings | None = None
+    ) -> None:
         self._targets = {"inference": inference_target, "training": training_target}
+        self._settings = settings
         self._channels: dict[str, grpc.Channel] = {}
 
     def _channel(self, name: str) -> grpc.Channel:
         if name not in self._channels:
-            self._channels[name] = grpc.insecure_channel(self._targets[name])
+            settings = self._settings or get_settings()
+            self._channels[name] = service_channel(settings, "ingest", self._targets[name])
         return self._channels[name]
 
     @property

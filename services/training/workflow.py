@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import grpc
-
 from ctloop.contracts.payloads import BlobRef
+from ctloop.rpc_auth import service_channel
+from ctloop.settings import Settings, get_settings
 from ctloop.v1 import ingest_pb2, ingest_pb2_grpc
 
 
@@ -24,8 +24,13 @@ class TrainingVolume:
 
 
 class WorkflowClient:
-    def __init__(self, target: str, timeout_s: float = 30.0) -> None:
-        self.channel = grpc.insecure_channel(target)
+    """Ingest's ``Workflow`` API, called with the training service's token (from ``settings``,
+    default: the process's)."""
+
+    def __init__(
+        self, target: str, timeout_s: float = 30.0, settings: Settings | None = None
+    ) -> None:
+        self.channel = service_channel(settings or get_settings(), "training", target)
         self.stub = ingest_pb2_grpc.WorkflowStub(self.channel)
         self.timeout_s = timeout_s
 

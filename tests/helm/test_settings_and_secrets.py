@@ -170,8 +170,12 @@ def test_generated_secrets_are_random_not_from_values():
 
 def test_switching_off_kafka_minio_postgresql_uses_the_external_ones_and_their_secrets():
     docs = render(next(f for f in EXAMPLES if f.stem == "external-services"))
-    # Only the first admin's token is the chart's own; every other credential is the hospital's.
-    assert [d["metadata"]["name"] for d in of_kind(docs, "Secret")] == ["ctloop-admin-token"]
+    # Only the first admin's token and the services' gRPC tokens (both inside the release) are
+    # the chart's own; every other credential is the hospital's.
+    assert sorted(d["metadata"]["name"] for d in of_kind(docs, "Secret")) == [
+        "ctloop-admin-token",
+        "ctloop-grpc-tokens",
+    ]
     assert not of_kind(docs, "StatefulSet")
     for svc in SERVICES:
         c = service_container(docs, svc)

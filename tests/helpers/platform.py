@@ -35,7 +35,7 @@ def run_platform(
 ) -> Iterator[dict[str, Any]]:
     """``ports``: INGEST/INFERENCE/TRAINING/METRICS -> HTTP port (gRPC is the next one); the
     instance's ports follow the ingest port. Yields what tests read of it: its environment, tag,
-    ``ctloop`` command, logs folder, API address and admin token."""
+    ``ctloop`` command, logs folder, API address, admin token and gRPC channel maker."""
     instance = PlatformInstance(
         tmp_path / "run",
         ports["INGEST"],
@@ -50,4 +50,5 @@ def run_platform(
             "logs": instance.logs_dir,
             "api": instance.api,
             "admin_token": instance.admin_token,
+            "grpc_channel": instance.grpc_channel,  # the operator's, to any of its gRPC APIs
         }

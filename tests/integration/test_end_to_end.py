@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 
@@ -91,9 +90,10 @@ def _annotators_correct(client: httpx.Client, igniter: str, clinical: dict) -> l
     return corrected
 
 
-def _sustainer_round_published(igniter: str, sustainer: str, corrected: list[str], logs):
+def _sustainer_round_published(platform, igniter: str, sustainer: str, corrected: list[str]):
     """A sustainer round runs under torchrun with two processes and is published."""
-    channel = grpc.insecure_channel(f"127.0.0.1:{PORTS['TRAINING'] + 1}")
+    logs = platform["logs"]
+    channel = platform["grpc_channel"](f"127.0.0.1:{PORTS['TRAINING'] + 1}")  # as the operator
     training = training_pb2_grpc.TrainingStub(channel)
 
     def sustainer_round():
@@ -130,7 +130,7 @@ def _metrics_report_the_round(platform, igniter: str, logs) -> dict:
     assert "ctloop_round_mean_dice" in metrics.get("/metrics").text
     from ctloop.v1 import metrics_pb2, metrics_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{PORTS['METRICS'] + 1}") as ch:
+    with platform["grpc_channel"](f"127.0.0.1:{PORTS['METRICS'] + 1}") as ch:
         grpc_report = metrics_pb2_grpc.MetricsStub(ch).GetReport(metrics_pb2.GetReportRequest())
     (row,) = [r for r in grpc_report.rounds if r.model.model == igniter]
     assert row.volumes_annotated == 3 and row.mean_dice == pytest.approx(report["mean_dice"])
@@ -179,7 +179,7 @@ def test_transfer_loop_end_to_end(platform):
     clinical = _volumes_uploaded(client, tag)
     _igniter_pre_annotates(client, igniter, clinical, tag, logs)
     corrected = _annotators_correct(client, igniter, clinical)
-    _sustainer_round_published(igniter, sustainer, corrected, logs)
+    _sustainer_round_published(platform, igniter, sustainer, corrected)
 
     # Triton serves it and the volume still waiting for annotation is re-predicted with it.
     waiting = [v for v in clinical if v not in corrected]
