@@ -5,20 +5,24 @@ group reads them from the beginning."""
 
 from __future__ import annotations
 
+import hmac
 import os
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import grpc
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import Response
 
 from ctloop.bus import EventConsumer, EventProducer, cluster_id
 from ctloop.contracts import keys
 from ctloop.contracts.topics import Topic
 from ctloop.log import configure_logging
+from ctloop.paging import Page, one_page
 from ctloop.retry import RetryPolicy
+from ctloop.rpc_auth import accepted_digests, digest
 from ctloop.service import ServiceRuntime
 from ctloop.settings import Settings, get_settings
 from ctloop.storage import ObjectStore
@@ -109,6 +113,25 @@ def main() -> None:
     runtime.serve(settings.services.shutdown_grace_s)
 
 
+def operator_only(settings: Settings) -> Callable[[str], None]:
+    """A dependency: the request carries the operator's service token (``ctloop run``, an
+    admin), checked against the digest this service holds for it (ctloop/rpc_auth.py), or
+    is refused 401."""
+    expected = accepted_digests(settings).get("operator", "")
+
+    def check(authorization: Annotated[str, Header()] = "") -> None:
+        scheme, _, token = authorization.partition(" ")
+        valid = scheme.lower() == "bearer" and bool(token) and bool(expected)
+        if not (valid and hmac.compare_digest(digest(token.strip()), expected)):
+            raise HTTPException(
+                401,
+                detail={"code": "unauthenticated", "message": "send the operator's token"},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
 def add_report_routes(app: FastAPI, settings: Settings, state: MetricsState) -> None:
     """``/v1/report`` (the state now) and ``/v1/runs`` (transfer-run reports, kept in S3)."""
 
@@ -121,6 +144,11 @@ def add_report_routes(app: FastAPI, settings: Settings, state: MetricsState) -> 
             "history": state.history(),
         }
 
+    _add_run_routes(app, settings, state)
+
+
+def _add_run_routes(app: FastAPI, settings: Settings, state: MetricsState) -> None:
+    """``/v1/runs``: transfer-run reports, written by the operator, kept in S3."""
     store, bucket = ObjectStore(settings), settings.s3.bucket
 
     def _run_id(run_id: str) -> str:
@@ -134,18 +162,27 @@ def add_report_routes(app: FastAPI, settings: Settings, state: MetricsState) -> 
         except ValueError as exc:
             raise HTTPException(422, detail={"code": "bad_id", "message": str(exc)}) from exc
 
-    @app.post("/v1/runs/{run_id}/report", tags=["runs"])
+    @app.post(
+        "/v1/runs/{run_id}/report",
+        tags=["runs"],
+        dependencies=[Depends(operator_only(settings))],
+    )
     def write_run_report(run_id: str, info: RunInfo) -> dict[str, Any]:
         """Build a transfer run's report from the events seen so far and write it
-        (``runs/<run-id>/`` and the object store); answers the report's JSON."""
+        (``runs/<run-id>/`` and the object store); answers the report's JSON. Only the
+        operator may (its service token, as on the gRPC API); reads are open."""
         rid = _run_id(run_id)
         built = build_report(rid, info, state)
         write_report(render_files(built), rid, settings.runs_dir, store, bucket)
         return built
 
     @app.get("/v1/runs", tags=["runs"])
-    def list_runs() -> list[str]:
-        return keys.report_runs(store.list_keys(bucket, keys.REPORTS_PREFIX))
+    def list_runs(page: Page, request: Request, response: Response) -> list[str]:
+        """Run ids in order (oldest first), a page at a time (``ctloop.paging``)."""
+        runs = keys.report_runs(store.list_keys(bucket, keys.REPORTS_PREFIX))
+        if (after := page.after_key(str)) is not None:
+            runs = [r for r in runs if r > after[0]]
+        return one_page(runs[: page.fetch], page, lambda r: [r], request, response)
 
     @app.get("/v1/runs/{run_id}/{name}", tags=["runs"])
     def get_run_file(run_id: str, name: str) -> Response:

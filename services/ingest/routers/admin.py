@@ -4,9 +4,8 @@ the audit log and the check of its hash chain. Every change is audited."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
 
 from ctloop.audit_chain import parse_anchor, verify_chain
@@ -20,6 +19,7 @@ from ctloop.auth import (
     token_usable,
 )
 from ctloop.db import ApiToken, AuditEntry, Site, SiteMembership, User, audit, session_scope
+from ctloop.paging import Page, one_page
 from services.ingest.deps import Admin, Context, SignedIn
 from services.ingest.errors import ApiError, conflict, not_found
 from services.ingest.schemas import (
@@ -51,10 +51,18 @@ def create_site(ctx: Context, who: Admin, body: SiteIn) -> SiteOut:
 
 
 @router.get("/sites", response_model=list[SiteOut])
-def list_sites(ctx: Context, who: SignedIn) -> list[SiteOut]:
+def list_sites(
+    ctx: Context, who: SignedIn, page: Page, request: Request, response: Response
+) -> list[SiteOut]:
+    """The sites you may see, by id, a page at a time (``ctloop.paging``)."""
     with session_scope(ctx.db) as s:
-        rows = s.scalars(select(Site).order_by(Site.id))
-        return [SiteOut(id=x.id, name=x.name) for x in rows if who.may_see(x.id)]
+        q = select(Site).order_by(Site.id).limit(page.fetch)
+        if not who.is_admin:
+            q = q.where(Site.id.in_(who.sites))
+        if (after := page.after_key(str)) is not None:
+            q = q.where(Site.id > after[0])
+        rows = [SiteOut(id=x.id, name=x.name) for x in s.scalars(q)]
+    return one_page(rows, page, lambda x: [x.id], request, response)
 
 
 @router.post("/users", status_code=201, response_model=UserOut)
@@ -163,13 +171,19 @@ def verify_audit(ctx: Context, who: Admin, anchor: str | None = None) -> AuditCh
 def audit_log(
     ctx: Context,
     who: Admin,
+    page: Page,
+    request: Request,
+    response: Response,
     resource: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
 ) -> list[AuditOut]:
+    """The audit log, newest first, a page at a time (``ctloop.paging``)."""
     with session_scope(ctx.db) as s:
-        q = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+        q = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(page.fetch)
         if resource:
             q = q.where(AuditEntry.resource == resource)
+        if (after := page.after_key(int)) is not None:
+            q = q.where(AuditEntry.id < after[0])
+        entries = one_page(list(s.scalars(q)), page, lambda e: [e.id], request, response)
         return [
             AuditOut(
                 at=e.at,
@@ -179,5 +193,5 @@ def audit_log(
                 site_id=e.site_id,
                 detail=e.detail,
             )
-            for e in s.scalars(q)
+            for e in entries
         ]

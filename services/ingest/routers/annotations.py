@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import ValidationError
 from sqlalchemy import select
 
@@ -15,6 +15,7 @@ from ctloop.contracts.payloads import ModelRef
 from ctloop.core.organs import UnknownLabel
 from ctloop.core.partial import PartialLabel
 from ctloop.db import AnnotationRevision, ReviewStatus, VolumeStatus, audit, session_scope
+from ctloop.paging import Page, one_page
 from services.ingest.deps import Annotator, Anyone, Context, Reviewer, read_upload
 from services.ingest.errors import ApiError, conflict
 from services.ingest.records import (
@@ -52,15 +53,22 @@ def _partial(organs: str, reviewed_slices: str | None) -> PartialLabel:
 
 
 @router.get("/{volume_id}/annotations", response_model=list[AnnotationOut])
-def list_annotations(ctx: Context, who: Anyone, volume_id: str) -> list[AnnotationOut]:
+def list_annotations(
+    ctx: Context, who: Anyone, volume_id: str, page: Page, request: Request, response: Response
+) -> list[AnnotationOut]:
+    """A volume's revisions, first to latest, a page at a time (``ctloop.paging``)."""
     with session_scope(ctx.db) as s:
         visible_volume(s, volume_id, who)
-        rows = s.scalars(
+        q = (
             select(AnnotationRevision)
             .where(AnnotationRevision.volume_id == volume_id)
             .order_by(AnnotationRevision.revision)
+            .limit(page.fetch)
         )
-        return [annotation_out(x) for x in rows]
+        if (after := page.after_key(int)) is not None:
+            q = q.where(AnnotationRevision.revision > after[0])
+        rows = [annotation_out(x) for x in s.scalars(q)]
+    return one_page(rows, page, lambda a: [a.revision], request, response)
 
 
 @router.post(
