@@ -8,14 +8,14 @@ allowed service cannot send ingest to a host nobody allowed).
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import re
 import warnings
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+from ctloop.multipart import MultipartError, MultipartReader, boundary_of
 
 # PS3.5 9.1: components of digits separated by '.', no leading zero in a multi-digit
 # component, at most 64 characters in all.
@@ -143,25 +143,26 @@ def retrieve_series(
     base_url: str, study_uid: str, series_uid: str, max_bytes: int, timeout_s: float = 300.0
 ) -> list[bytes]:
     """Every instance of the series as DICOM Part 10 bytes (WADO-RS), at most ``max_bytes``
-    in all (the caller's DICOM reader bounds what each instance may decode to)."""
+    received in all; each instance is cut from the answer as it arrives (the caller's DICOM
+    reader bounds what each may decode to)."""
     url = _series_url(base_url, study_uid, series_uid)
     accept = 'multipart/related; type="application/dicom"'
-    body = bytearray()
+    instances: list[bytes] = []
+    received = 0
     with httpx.stream(
         "GET", url, headers={"Accept": accept}, timeout=timeout_s, follow_redirects=False
     ) as r:
         _refuse_redirect(r, "WADO-RS")
         if r.status_code != 200:
             raise DicomWebError(f"WADO-RS answered {r.status_code}")
-        content_type = r.headers.get("content-type", "")
-        for chunk in r.iter_bytes():
-            body.extend(chunk)
-            if len(body) > max_bytes:
-                raise DicomWebError(f"the series is larger than {max_bytes} bytes")
-    if "multipart/related" not in content_type:
-        raise DicomWebError(f"WADO-RS answered {content_type!r}, not multipart/related")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + bytes(body)
-    )
-    parts = [p.get_payload(decode=True) for p in message.iter_parts()]
-    return [bytes(p) for p in parts if p]
+        try:
+            reader = MultipartReader(boundary_of(r.headers.get("content-type", "")))
+            for chunk in r.iter_bytes():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise DicomWebError(f"the series is larger than {max_bytes} bytes")
+                instances += [p for p in reader.feed(chunk) if p]
+            reader.close()
+        except MultipartError as exc:
+            raise DicomWebError(f"WADO-RS answer: {exc}") from exc
+    return instances
