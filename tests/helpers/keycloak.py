@@ -3,8 +3,11 @@ the tests that sign in over OIDC, as annotators at a hospital would.
 
 It runs with an in-memory database (plain HTTP on 127.0.0.1) and imports one realm at start:
 ``ctloop`` with the workbench's public client (authorization code + PKCE, or the password grant
-for API tests), realm roles, sites as groups (a ``ctloop_sites`` claim of group names) and one
-user per entry of ``users``. Tokens carry ``aud: ctloop`` like ingest expects.
+for API tests), the ``ctloop`` client whose roles are the users' ctloop roles (tokens carry them
+in ``resource_access.ctloop.roles``), realm roles (which ctloop ignores), sites as groups (a
+``ctloop_sites`` claim of group names) and one user per entry of ``users``. Tokens carry
+``aud: ctloop`` like ingest expects. A master-realm admin (``ADMIN``) lets tests change the
+realm while it runs: rename a user, rotate the signing keys.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from pathlib import Path
 
 import httpx
 
+from ctloop.auth import ROLES
 from ctloop.settings import REPO_ROOT
 
 HOME = REPO_ROOT / ".ctloop" / "tools" / "keycloak"
 REALM = "ctloop"
 CLIENT_ID = "ctloop-workbench"
-START_TIMEOUT_S = 240.0
+API_CLIENT_ID = "ctloop"  # the client whose roles are ctloop roles (auth.oidc_audience)
+ADMIN = ("kc-admin", "kc-admin-pw")  # Keycloak's own bootstrap admin (master realm)
+START_TIMEOUT_S = 600.0  # a loaded test machine has taken over 4 minutes
 # ``make setup`` builds the server once for an in-memory database (``kc.sh build``), so a start
 # skips Quarkus' augmentation; plain HTTP on 127.0.0.1 only, as a test provider.
 START_ARGS = (
@@ -41,8 +47,9 @@ START_ARGS = (
 class User:
     name: str
     password: str
-    role: str
+    role: str  # the user's role of the ctloop client; "" for none
     sites: tuple[str, ...]
+    realm_roles: tuple[str, ...] = ()  # realm-wide roles (ctloop must not read these)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,77 @@ class Keycloak:
         r.raise_for_status()
         return dict(r.json())
 
+    def access_token(self, user: User) -> str:
+        return str(self.password_token(user)["access_token"])
+
+    def admin(self) -> httpx.Client:
+        """A client of the realm's admin REST API, signed in as Keycloak's bootstrap admin."""
+        r = httpx.post(
+            f"{self.url}/realms/master/protocol/openid-connect/token",
+            data={
+                "grant_type": "password",
+                "client_id": "admin-cli",
+                "username": ADMIN[0],
+                "password": ADMIN[1],
+            },
+            timeout=30,
+        )
+        r.raise_for_status()
+        return httpx.Client(
+            base_url=f"{self.url}/admin/realms/{REALM}",
+            headers={"Authorization": f"Bearer {r.json()['access_token']}"},
+            timeout=30,
+        )
+
+    def user_id(self, name: str) -> str:
+        """The user's id in Keycloak: the ``sub`` of their tokens."""
+        with self.admin() as kc:
+            (found,) = kc.get("/users", params={"username": name, "exact": "true"}).json()
+        return str(found["id"])
+
+    def rename(self, name: str, new_name: str) -> None:
+        uid = self.user_id(name)
+        with self.admin() as kc:
+            kc.put(f"/users/{uid}", json={"username": new_name}).raise_for_status()
+
+    def rotate_signing_key(self) -> None:
+        """A new RSA signing key provider (higher priority: new tokens use it), then every
+        older RSA signing provider deleted: the issuer's JWKS no longer has the old key."""
+        with self.admin() as kc:
+            realm_id = kc.get("").json()["id"]
+            providers = kc.get("/components", params={"type": KEY_PROVIDER}).json()
+            old = [p["id"] for p in providers if p["providerId"] == "rsa-generated"]
+            kc.post(
+                "/components",
+                json={
+                    "name": f"rsa-rotated-{len(old)}",
+                    "providerId": "rsa-generated",
+                    "providerType": KEY_PROVIDER,
+                    "parentId": realm_id,
+                    "config": {"priority": ["1000"], "keySize": ["2048"], "algorithm": ["RS256"]},
+                },
+            ).raise_for_status()
+            for ident in old:
+                kc.delete(f"/components/{ident}").raise_for_status()
+
+
+KEY_PROVIDER = "org.keycloak.keys.KeyProvider"
+
+
+def _user(u: User) -> dict:
+    return {
+        "username": u.name,
+        "enabled": True,
+        "email": f"{u.name}@example.org",
+        "emailVerified": True,
+        "firstName": u.name.title(),
+        "lastName": "Annotator",
+        "credentials": [{"type": "password", "value": u.password, "temporary": False}],
+        "realmRoles": list(u.realm_roles),
+        "clientRoles": {API_CLIENT_ID: [u.role]} if u.role else {},
+        "groups": [f"/{s}" for s in u.sites],
+    }
+
 
 def realm(users: list[User], access_token_s: int, app_origin: str) -> dict:
     sites = sorted({s for u in users for s in u.sites})
@@ -75,9 +153,14 @@ def realm(users: list[User], access_token_s: int, app_origin: str) -> dict:
         "enabled": True,
         "sslRequired": "none",
         "accessTokenLifespan": access_token_s,
-        "roles": {"realm": [{"name": r} for r in ("annotator", "reviewer", "integration")]},
+        "editUsernameAllowed": True,  # admins rename users (ctloop keys them by sub)
+        "roles": {
+            "realm": [{"name": r} for r in ROLES],
+            "client": {API_CLIENT_ID: [{"name": r} for r in ROLES]},
+        },
         "groups": [{"name": s, "path": f"/{s}"} for s in sites],
         "clients": [
+            {"clientId": API_CLIENT_ID, "bearerOnly": True, "publicClient": False},
             {
                 "clientId": CLIENT_ID,
                 "publicClient": True,
@@ -109,22 +192,9 @@ def realm(users: list[User], access_token_s: int, app_origin: str) -> dict:
                         },
                     },
                 ],
-            }
+            },
         ],
-        "users": [
-            {
-                "username": u.name,
-                "enabled": True,
-                "email": f"{u.name}@example.org",
-                "emailVerified": True,
-                "firstName": u.name.title(),
-                "lastName": "Annotator",
-                "credentials": [{"type": "password", "value": u.password, "temporary": False}],
-                "realmRoles": [u.role],
-                "groups": [f"/{s}" for s in u.sites],
-            }
-            for u in users
-        ],
+        "users": [_user(u) for u in users],
     }
 
 
@@ -146,6 +216,8 @@ def run_keycloak(
         "KC_DB": "dev-mem",
         "KC_HTTP_HOST": "127.0.0.1",
         "KC_HOSTNAME_STRICT": "false",
+        "KC_BOOTSTRAP_ADMIN_USERNAME": ADMIN[0],
+        "KC_BOOTSTRAP_ADMIN_PASSWORD": ADMIN[1],
     }
     url = f"http://127.0.0.1:{port}"
     issuer = f"{url}/realms/{REALM}"
