@@ -8,6 +8,7 @@ allowed service cannot send ingest to a host nobody allowed).
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from typing import Any
@@ -26,6 +27,8 @@ _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 _PATH = re.compile(r"[A-Za-z0-9._~/@:;=+,!$'()*-]*")
 _HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# The most a QIDO-RS answer (a JSON list of a series' instances) may be.
+QIDO_MAX_BYTES = 16 * 1024 * 1024
 # The key of an allow-list entry that serves every site (what the old, global list meant).
 ALL_SITES = "*"
 
@@ -126,17 +129,28 @@ def _refuse_redirect(r: httpx.Response, what: str) -> None:
 def series_instances(
     base_url: str, study_uid: str, series_uid: str, timeout_s: float = 60.0
 ) -> int:
-    """How many instances the PACS lists for the series (QIDO-RS)."""
+    """How many instances the PACS lists for the series (QIDO-RS); an answer that is not a
+    JSON list, or larger than :data:`QIDO_MAX_BYTES`, is a :class:`DicomWebError`."""
     url = f"{_series_url(base_url, study_uid, series_uid)}/instances"
-    r = httpx.get(
-        url, headers={"Accept": "application/dicom+json"}, timeout=timeout_s, follow_redirects=False
-    )
-    _refuse_redirect(r, "QIDO-RS")
-    if r.status_code == 404 or (r.status_code == 200 and not r.json()):
+    accept = {"Accept": "application/dicom+json"}
+    with httpx.stream("GET", url, headers=accept, timeout=timeout_s, follow_redirects=False) as r:
+        _refuse_redirect(r, "QIDO-RS")
+        if r.status_code not in (200, 204, 404):
+            raise DicomWebError(f"QIDO-RS answered {r.status_code}")
+        body = bytearray()
+        for chunk in r.iter_bytes():
+            body += chunk
+            if len(body) > QIDO_MAX_BYTES:
+                raise DicomWebError(f"QIDO-RS answered more than {QIDO_MAX_BYTES} bytes")
+    try:
+        found = json.loads(body) if r.status_code == 200 and body.strip() else []
+    except ValueError as exc:
+        raise DicomWebError("QIDO-RS answered something that is not JSON") from exc
+    if not isinstance(found, list):
+        raise DicomWebError("QIDO-RS answered JSON that is not a list of instances")
+    if not found:
         raise DicomWebError(f"the PACS has no series {series_uid} in study {study_uid}")
-    if r.status_code != 200:
-        raise DicomWebError(f"QIDO-RS answered {r.status_code}")
-    return len(r.json())
+    return len(found)
 
 
 def retrieve_series(

@@ -131,3 +131,50 @@ def test_the_client_itself_puts_only_uids_into_urls():
             dicomweb.series_instances(f"{pacs}/dw", "1.2/../../x", "1.2")
         assert dicomweb.series_instances(f"{pacs}/dw", "1.2", "1.3") == 1
     assert asked == ["/dw/studies/1.2/series/1.3/instances"]
+
+
+def _answering(status: int, content_type: str, body: bytes) -> type[BaseHTTPRequestHandler]:
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        ((200, "application/dicom+json", b"<html>oops</html>"), "not JSON"),
+        ((200, "application/dicom+json", b'{"a": 1}'), "not a list"),
+        ((200, "application/dicom+json", b"[" + b"{}," * 6_000_000 + b"{}]"), "more than"),
+        ((200, "application/dicom+json", b"[]"), "no series"),
+        ((204, "application/dicom+json", b""), "no series"),
+        ((500, "text/plain", b"boom"), "answered 500"),
+    ],
+)
+def test_a_pacs_answer_that_is_not_a_list_of_instances_is_an_error(answer, problem):
+    with (
+        _http(_answering(*answer)) as (pacs, _),
+        pytest.raises(dicomweb.DicomWebError, match=problem),
+    ):
+        dicomweb.series_instances(f"{pacs}/dw", "1.2", "1.3")
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        ((200, "application/dicom", b"DICM"), "not a multipart"),
+        ((200, "multipart/related; boundary=B", b"--B\r\n\r\nabc\r\n"), "closing boundary"),
+        ((200, "multipart/related; boundary=B", b"--B\r\n\r\n" + b"x" * 5000), "larger than"),
+    ],
+)
+def test_a_wado_answer_that_is_not_well_formed_multipart_is_an_error(answer, problem):
+    with (
+        _http(_answering(*answer)) as (pacs, _),
+        pytest.raises(dicomweb.DicomWebError, match=problem),
+    ):
+        dicomweb.retrieve_series(f"{pacs}/dw", "1.2", "1.3", max_bytes=4096)
