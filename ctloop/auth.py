@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from ctloop.db import ApiToken, SiteMembership, User, session_scope
-from ctloop.settings import AuthSettings
+from ctloop.settings import AuthSettings, get_settings
 
 Role = Literal["admin", "reviewer", "annotator", "integration"]
 ROLES: tuple[str, ...] = ("admin", "reviewer", "annotator", "integration")
@@ -59,7 +59,12 @@ def new_token() -> str:
 
 
 def _lifetime(lifetime: timedelta | None) -> timedelta:
-    return lifetime if lifetime is not None else timedelta(days=AuthSettings().token_lifetime_days)
+    """``lifetime``, else the deployment's default (``CTLOOP_AUTH__TOKEN_LIFETIME_DAYS``)."""
+    return (
+        lifetime
+        if lifetime is not None
+        else timedelta(days=get_settings().auth.token_lifetime_days)
+    )
 
 
 def issue_token(

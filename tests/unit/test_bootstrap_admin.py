@@ -7,7 +7,7 @@ import pytest
 
 from ctloop.auth import ensure_admin_token, principal_for, token_hash
 from ctloop.db import ApiToken, create_schema, session_scope
-from ctloop.settings import AuthSettings
+from ctloop.settings import get_settings
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_the_bootstrap_token_expires_like_any_other(db, tmp_path):
     with session_scope(db) as s:
         row = s.get(ApiToken, token_hash(token))
         assert row is not None and row.expires_at is not None
-        lifetime = timedelta(days=AuthSettings().token_lifetime_days)
+        lifetime = timedelta(days=get_settings().auth.token_lifetime_days)
         assert abs(row.expires_at - (datetime.now(UTC) + lifetime)) < timedelta(minutes=5)
         row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
     assert principal_for(db, token) is None
