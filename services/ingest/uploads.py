@@ -125,16 +125,28 @@ class EarlyPut:
         log.debug("early write removed", extra={"key": self.key, "version": obj.version_id})
 
 
+# Label ids a client's label map may use: label volumes are uint8 or uint16, and the map's
+# lookup table is as long as its greatest id.
+MAX_LABEL_ID = 65535
+
+
 def parse_label_map(raw: str | None) -> LabelMap:
-    """A client's ``{"organ": id}`` JSON; none: the canonical ids."""
+    """A client's ``{"organ": id}`` JSON (ids: integers 0..MAX_LABEL_ID); none: the
+    canonical ids."""
     if not raw:
         return LabelMap.canonical()
+    shape = f'label_map must be a JSON object {{"organ": id}} with integer ids 0..{MAX_LABEL_ID}'
     try:
         spec = json.loads(raw)
-        if not isinstance(spec, dict):
-            raise ValueError("must be a JSON object")
-        return LabelMap({str(k): int(v) for k, v in spec.items()})
-    except (ValueError, TypeError, UnknownLabel) as exc:
+    except (ValueError, RecursionError) as exc:
+        raise ApiError("bad_label_map", shape) from exc
+    if not isinstance(spec, dict) or not all(
+        type(v) is int and 0 <= v <= MAX_LABEL_ID for v in spec.values()
+    ):
+        raise ApiError("bad_label_map", shape)
+    try:
+        return LabelMap({str(k): v for k, v in spec.items()})
+    except UnknownLabel as exc:
         raise ApiError("bad_label_map", f"label_map: {exc}") from exc
 
 

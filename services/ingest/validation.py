@@ -237,12 +237,9 @@ def may_be_stored_as_is(data: bytes, dtypes: tuple[str, ...]) -> bool:
         return False
     try:
         head = GzipReader(data).read(352)
-        if len(head) < 352:
-            return False
-        header = _file_header(head)
+        return len(head) == 352 and _stored_header(_file_header(head), head, dtypes)
     except Exception:  # not gzip, not NIfTI-1, a broken header: the full read says why
         return False
-    return _stored_header(header, head, dtypes)
 
 
 def _check_grid(grid: Grid, what: str) -> None:

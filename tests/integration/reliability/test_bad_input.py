@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import struct
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -28,7 +29,18 @@ from ctloop.outbox import OutboxRelay
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from services.ingest.app import create_app
-from tests.helpers.volumes import dicom_zip, nifti, phantom
+from tests.helpers.dicom import deflated_series_zip
+from tests.helpers.volumes import (
+    dicom_zip,
+    gzip_member,
+    many_member_zip,
+    nifti,
+    nifti_raw,
+    nifti_with_vox_offset,
+    phantom,
+    zip_of,
+    zip_with_lying_size,
+)
 
 SITE, OTHER = "rel-a", "rel-b"
 
@@ -274,6 +286,126 @@ def _access_and_tokens() -> dict[str, Case]:
     }  # fmt: skip
 
 
+def _lazy(build: Callable[[], bytes], **form: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """An upload whose bytes are built when the case runs (bombs are cheap to send, not free
+    to build: no cost at collection)."""
+    return lambda ctx: _upload(build(), **form)(ctx)
+
+
+def _patched_nifti(p: Phantom, at: int, fmt: str, *values: Any) -> bytes:
+    """The phantom as gzipped NIfTI with header bytes at ``at`` overwritten (struct ``fmt``)."""
+    raw = bytearray(nifti_raw(p.image.astype(np.int16), p.affine))
+    struct.pack_into(fmt, raw, at, *values)
+    return gzip.compress(bytes(raw))
+
+
+def _dicom_files(p: Phantom) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(dicom_zip(p))) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def _bombs(p: Phantom) -> dict[str, Case]:
+    """Decompression bombs of every shape (issue 18, finding 2): refused before they inflate."""
+    raw, gz = nifti_raw(p.image, p.affine), nifti(p.image, p.affine)
+    series = _dicom_files(p)
+    bomb = 256 << 20
+    u: Callable[..., Any] = _lazy
+    return {
+        "bomb_trailing_data_in_member": Case(
+            "POST", "/v1/volumes", 422, "trailing_data", u(lambda: gzip_member(raw, bomb))
+        ),
+        "bomb_second_gzip_member": Case(
+            "POST", "/v1/volumes", 422, "trailing_data", u(lambda: gz + gzip_member(b"", bomb))
+        ),
+        "bomb_header_claims_huge_offset": Case(
+            "POST", "/v1/volumes", 413, "too_large",
+            u(lambda: nifti_with_vox_offset(p.image, p.affine, bomb)),
+        ),
+        "bomb_deflated_dicom": Case(
+            "POST", "/v1/volumes", 413, "dicom_too_large",
+            u(lambda: deflated_series_zip(p.image[:, :, :3], p.affine, bomb // 3)),
+        ),
+        "bomb_zip_size_lies": Case(
+            "POST", "/v1/volumes", 422, "corrupt_zip", u(lambda: zip_with_lying_size(series, 100))
+        ),
+        "bomb_nested_zip": Case(
+            "POST", "/v1/volumes", 422, "nested_zip", u(lambda: zip_of({"a.dcm": zip_of(series)}))
+        ),
+        "bomb_nested_zip_by_name": Case(
+            "POST", "/v1/volumes", 422, "nested_zip", u(lambda: zip_of({"in.zip": b"PK" * 9}))
+        ),
+        "bomb_many_member_zip": Case(
+            "POST", "/v1/volumes", 413, "too_many_files", u(lambda: many_member_zip(100_000))
+        ),
+    }  # fmt: skip
+
+
+def _malformed_files(p: Phantom, pub: Phantom) -> dict[str, Case]:
+    """Malformed files and fields that once got a 500 or were taken (issue 18, finding 9)."""
+    raw = nifti_raw(p.image, p.affine)
+    series = _dicom_files(p)
+    twelve_bits = {**series}
+    first = sorted(series)[0]
+    bits = b"\x28\x00\x00\x01US\x02\x00"  # (0028,0100) Bits Allocated, US, 2 bytes
+    twelve_bits[first] = series[first].replace(bits + b"\x10\x00", bits + b"\x0c\x00", 1)
+    rgb = _patched_nifti(p, 70, "<hh", 128, 24)  # datatype RGB24
+    return {
+        "nifti_trailing_raw_bytes": Case(
+            "POST", "/v1/volumes", 422, "trailing_data", _upload(raw + bytes(4096))
+        ),
+        "nifti_rgb_voxels": Case("POST", "/v1/volumes", 422, "bad_dtype", _upload(rgb)),
+        "nifti_nan_data_offset": Case(
+            "POST", "/v1/volumes", 422, "not_nifti",
+            _upload(_patched_nifti(p, 108, "<f", float("nan"))),
+        ),
+        "nifti_pair_header": Case(
+            "POST", "/v1/volumes", 422, "not_nifti", _upload(_patched_nifti(p, 344, "4s", b"ni1"))
+        ),
+        "zip_bzip2_member": Case(
+            "POST", "/v1/volumes", 422, "zip_method", _upload(zip_of(series, zipfile.ZIP_BZIP2))
+        ),
+        "zip_encrypted_member": Case(
+            "POST", "/v1/volumes", 422, "zip_encrypted", _upload(_encrypted(zip_of(series)))
+        ),
+        "dicom_twelve_bits_allocated": Case(
+            "POST", "/v1/volumes", 422, "bad_dicom", _upload(zip_of(twelve_bits))
+        ),
+        "label_trailing_data": Case(
+            "POST", "/v1/volumes", 422, "trailing_data",
+            _labelled(nifti(pub.label, pub.affine) + gzip_member(b"\1" * 64)), as_user="admin",
+        ),
+        "label_rgb_voxels": Case("POST", "/v1/volumes", 422, "bad_dtype", _labelled(rgb), "admin"),
+        "label_map_overflowing_id": Case(
+            "POST", "/v1/volumes", 422, "bad_label_map",
+            _labelled(nifti(pub.label, pub.affine), label_map='{"liver": 1e999}'), as_user="admin",
+        ),
+        "label_map_huge_id": Case(
+            "POST", "/v1/volumes", 422, "bad_label_map",
+            _labelled(nifti(pub.label, pub.affine), label_map='{"liver": 1000000000}'),
+            as_user="admin",
+        ),
+        "mask_trailing_data": Case(
+            "POST", "/v1/volumes/{vid}/annotations", 422, "trailing_data",
+            _annotation(nifti(p.label, p.affine) + gzip_member(b"\1" * 64)),
+        ),
+        "mask_label_map_overflowing_id": Case(
+            "POST", "/v1/volumes/{vid}/annotations", 422, "bad_label_map",
+            _annotation(label_map='{"liver": 1e999}'),
+        ),
+    }  # fmt: skip
+
+
+def _encrypted(data: bytes) -> bytes:
+    """The zip with every member flagged as encrypted (zipfile cannot write one itself)."""
+    out = bytearray(data)
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = out.find(signature)
+        while at >= 0:
+            out[at + flags_at] |= 0x01
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
 def _corpus() -> dict[str, Case]:
     p = phantom(seed=901)
     cases = {
@@ -282,6 +414,8 @@ def _corpus() -> dict[str, Case]:
         **_bad_labels(phantom("public", 902)),
         **_bad_annotations(p),
         **_access_and_tokens(),
+        **_bombs(p),
+        **_malformed_files(p, phantom("public", 902)),
     }
     # Uploads come from machine clients (role integration) unless a case says otherwise.
     return {
@@ -323,7 +457,12 @@ def world(svc_settings: Settings, admin_headers, oidc_issuer) -> Iterator[dict[s
         assert r.status_code == 201, r.text
         pub = phantom("public", 902)
         now = int(time.time())
-        claims = {"sub": "jo", "iss": issuer, "aud": "ctloop", "realm_access": {"roles": ["admin"]}}
+        claims = {
+            "sub": "jo",
+            "iss": issuer,
+            "aud": "ctloop",
+            "resource_access": {"ctloop": {"roles": ["admin"]}},
+        }
 
         def signed(extra: dict[str, Any], signer: Any = key) -> str:
             return jwt.encode({**claims, **extra}, signer, "RS256", headers={"kid": "k1"})
@@ -367,7 +506,7 @@ def _state(settings: Settings) -> tuple[Any, ...]:
 
 
 def test_the_corpus_is_big_enough():
-    assert len(CORPUS) >= 30
+    assert len(CORPUS) >= 50
 
 
 @pytest.mark.parametrize("name", list(CORPUS))
