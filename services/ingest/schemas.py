@@ -247,6 +247,7 @@ class TaskRow(BaseModel):
 
 class TasksOut(BaseModel):
     user: str
+    name: str  # shown to people: an OIDC user's display name (``user`` is their ``sub``)
     role: str
     sites: list[str]
     mine: list[TaskRow]

@@ -314,12 +314,14 @@ def test_annotator_signs_in_at_the_hospitals_keycloak(platform, keycloak, browse
         page.click("#next-task")
         page.wait_for("#workbench:not([hidden])")
         task = page.evaluate("ctloopWorkbench.task.volumeId")
-        assert admin.get(f"/v1/volumes/{task}/viewer").json()["lease_holder"] == ALICE.name
+        # rows keep the user's sub (stable across renames), the page shows the name
+        alice_id = keycloak.user_id(ALICE.name)
+        assert admin.get(f"/v1/volumes/{task}/viewer").json()["lease_holder"] == alice_id
         page.click("#accept-rest")
         page.click("#submit")
         page.wait_for("body[data-submitted]")
         errors = page.errors()
     assert not errors, errors
     (rev,) = admin.get(f"/v1/volumes/{task}/annotations").json()
-    assert rev["author"] == ALICE.name
+    assert rev["author"] == alice_id
     assert set(rev["organs"].values()) == {"accepted"}

@@ -184,7 +184,8 @@ def auth_token(
     ctx: Context, username: Annotated[str, Form()], password: Annotated[str, Form()]
 ) -> dict[str, str]:
     who = ctx.auth.verify(password)
-    if who is None or who.user_id != username:
+    # an OIDC user may give their user name (display name) or their id (``sub``)
+    if who is None or username not in (who.user_id, who.name):
         raise ApiError("unauthorized", "unknown user or token", 401)
     return {"access_token": password, "token_type": "bearer"}
 

@@ -124,7 +124,12 @@ def tasks(ctx: Context, who: Annotator) -> TasksOut:
     hands them out (``POST /v1/tasks/next`` claims the first free one)."""
     mine, waiting = ctx.queue.tasks(who)
     return TasksOut(
-        user=who.user_id, role=who.role, sites=sorted(who.sites), mine=mine, waiting=waiting
+        user=who.user_id,
+        name=who.name or who.user_id,
+        role=who.role,
+        sites=sorted(who.sites),
+        mine=mine,
+        waiting=waiting,
     )
 
 

@@ -100,7 +100,7 @@ class Workbench {
 
   async loadTasks() {
     const t = await api.getJson("/v1/workbench/tasks");
-    $("#who").textContent = `${t.user} (${t.role})`;
+    $("#who").textContent = `${t.name || t.user} (${t.role})`;
     $("#sites").textContent = t.sites.length ? `sites: ${t.sites.join(", ")}` : "all sites";
     const fill = (table, rows, mine) => {
       const body = $(`${table} tbody`);
