@@ -9,6 +9,7 @@ header accounts for is refused, never inflated in full and then dropped. Errors 
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -115,7 +116,7 @@ def open_zip(data: bytes, max_members: int) -> tuple[zipfile.ZipFile, list[zipfi
         # The end record says how large the central directory is; zipfile reads it the same way
         # before parsing (a private helper of the standard library, unchanged since Python 2).
         end = zipfile._EndRecData(io.BytesIO(data))  # type: ignore[attr-defined]
-    except OSError as exc:
+    except (OSError, zipfile.BadZipFile, struct.error) as exc:
         raise InflateRefused("not_zip", "not a readable zip archive") from exc
     if not end:
         raise InflateRefused("not_zip", "not a readable zip archive (no end record)")
@@ -125,7 +126,7 @@ def open_zip(data: bytes, max_members: int) -> tuple[zipfile.ZipFile, list[zipfi
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = [m for m in archive.infolist() if not m.is_dir()]
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
         raise InflateRefused("not_zip", "not a readable zip archive") from exc
     if len(members) > max_members:
         raise InflateRefused("too_many_files", f"the zip holds more than {max_members} files", True)
@@ -143,7 +144,8 @@ def zip_member_reader(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> Call
     """``read(n)`` of one member, inflated incrementally; a corrupt member (bad CRC, broken
     deflate data, a size that lies) raises ``corrupt_zip``. ``zipfile`` stops at the size
     the directory declares; the callers' budgets bound it from the other side."""
-    broken = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError)
+    # zipfile raises NotImplementedError for versions and features it lacks (patched data).
+    broken = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError)
     try:
         src = archive.open(member)
     except broken as exc:

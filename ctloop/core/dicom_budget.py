@@ -97,12 +97,7 @@ def bounded_instance(read: Callable[[int], bytes], budget: SeriesBudget) -> byte
         raise InflateRefused("bad_dicom", "a file is not DICOM (no preamble or file meta)") from exc
     body = head[fp.tell() :]
     if syntax == DeflatedExplicitVRLittleEndian:
-        dataset = _inflated(body, read, budget)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        out = DicomBytesIO()
-        out.write(preamble + b"DICM")
-        write_file_meta_info(out, meta, enforce_standard=False)
-        return out.getvalue() + dataset
+        return _plain_file(preamble, meta, _inflated(body, read, budget))
     pixels = declared_pixels(body, syntax, complete=len(head) <= HEADER_BYTES_PER_INSTANCE)
     limit = budget.admit(pixels) + (len(head) - len(body))  # the file meta on top
     data = head + read_at_most(read, max(0, limit - len(head)))
@@ -110,6 +105,19 @@ def bounded_instance(read: Callable[[int], bytes], budget: SeriesBudget) -> byte
         raise _too_large()
     budget.settle(len(data), pixels)
     return data
+
+
+def _plain_file(preamble: bytes, meta: FileMetaDataset, dataset: bytes) -> bytes:
+    """An inflated dataset as a file in Explicit VR Little Endian (what it was deflated from)."""
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.write(preamble + b"DICM")
+    try:
+        write_file_meta_info(out, meta, enforce_standard=False)
+    except Exception as exc:  # a file meta element pydicom cannot write back (a broken VR)
+        log.info("unwritable DICOM file meta", extra={"error": f"{type(exc).__name__}: {exc}"})
+        raise InflateRefused("bad_dicom", "a DICOM file's meta information is broken") from exc
+    return out.getvalue() + dataset
 
 
 def _inflated(body: bytes, read: Callable[[int], bytes], budget: SeriesBudget) -> bytes:
