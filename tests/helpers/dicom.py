@@ -102,3 +102,25 @@ def deflated_series_zip(image: np.ndarray, affine: np.ndarray, padding: int = 0)
         for k in range(image.shape[2]):
             zf.writestr(f"{k}.dcm", deflated_instance(ct_slice(image, affine, k, uid), padding))
     return buf.getvalue()
+
+
+def with_broken_meta(instance: bytes) -> bytes:
+    """The file with its Implementation Class UID's VR made one that does not exist (pydicom
+    reads it, but cannot write it back)."""
+    broken = bytearray(instance)
+    at = broken.index(b"\x02\x00\x12\x00UI")  # (0002,0012) Implementation Class UID
+    broken[at + 4 : at + 6] = b"U\x9c"
+    return bytes(broken)
+
+
+def deflated_zip_with_broken_meta(image: np.ndarray, affine: np.ndarray) -> bytes:
+    """:func:`deflated_series_zip` whose first file's meta is :func:`with_broken_meta`."""
+    with zipfile.ZipFile(io.BytesIO(deflated_series_zip(image, affine))) as zf:
+        files = {n: zf.read(n) for n in zf.namelist()}
+    first = sorted(files)[0]
+    files[first] = with_broken_meta(files[first])
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()

@@ -29,7 +29,7 @@ from ctloop.outbox import OutboxRelay
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from services.ingest.app import create_app
-from tests.helpers.dicom import deflated_series_zip
+from tests.helpers.dicom import deflated_series_zip, deflated_zip_with_broken_meta
 from tests.helpers.volumes import (
     dicom_zip,
     gzip_member,
@@ -367,6 +367,13 @@ def _malformed_files(p: Phantom, pub: Phantom) -> dict[str, Case]:
         "zip_encrypted_member": Case(
             "POST", "/v1/volumes", 422, "zip_encrypted", _upload(_encrypted(zip_of(series)))
         ),
+        "zip_needs_newer_version": Case(
+            "POST", "/v1/volumes", 422, "not_zip", _upload(_newer_version(zip_of(series)))
+        ),
+        "dicom_deflated_broken_meta": Case(
+            "POST", "/v1/volumes", 422, "bad_dicom",
+            _upload(deflated_zip_with_broken_meta(p.image[:, :, :3], p.affine)),
+        ),
         "dicom_twelve_bits_allocated": Case(
             "POST", "/v1/volumes", 422, "bad_dicom", _upload(zip_of(twelve_bits))
         ),
@@ -393,6 +400,13 @@ def _malformed_files(p: Phantom, pub: Phantom) -> dict[str, Case]:
             _annotation(label_map='{"liver": 1e999}'),
         ),
     }  # fmt: skip
+
+
+def _newer_version(data: bytes) -> bytes:
+    """The zip with its first member needing zip version 25.5 (zipfile: NotImplementedError)."""
+    out = bytearray(data)
+    out[out.index(b"PK\x01\x02") + 6] = 0xFF
+    return bytes(out)
 
 
 def _encrypted(data: bytes) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 from ctloop.core.blobs import bare_gzip, gzip_bytes
 from ctloop.core.bounded import GzipReader, InflateRefused, read_at_most
 from ctloop.core.dicom_budget import SeriesBudget, bounded_instance
-from tests.helpers.dicom import ct_slice, deflated_instance
+from tests.helpers.dicom import ct_slice, deflated_instance, with_broken_meta
 from tests.helpers.volumes import gzip_member, gzip_with_header_text
 
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
@@ -103,4 +103,23 @@ def test_a_deflated_instance_is_inflated_within_its_budget_and_rewritten_plain()
 def test_a_file_that_is_not_dicom_is_refused_as_such():
     with pytest.raises(InflateRefused) as refused:
         bounded_instance(io.BytesIO(b"not dicom" * 100).read, SeriesBudget(max_voxels=100))
+    assert refused.value.code == "bad_dicom"
+
+
+def test_a_zip_needing_a_newer_version_is_not_a_readable_zip():
+    from ctloop.core.bounded import open_zip
+    from tests.helpers.volumes import zip_of
+
+    data = bytearray(zip_of({"0.dcm": b"x" * 100}))
+    directory = data.index(b"PK\x01\x02")
+    data[directory + 6] = 0xFF  # version needed to extract: 25.5 (zipfile raises NotImplemented)
+    with pytest.raises(InflateRefused) as refused:
+        open_zip(bytes(data), 10)
+    assert refused.value.code == "not_zip"
+
+
+def test_a_deflated_file_whose_meta_cannot_be_written_back_is_bad_dicom():
+    data = with_broken_meta(deflated_instance(ct_slice(IMAGE, AFFINE, 0, "1.2.3")))
+    with pytest.raises(InflateRefused) as refused:
+        bounded_instance(io.BytesIO(data).read, SeriesBudget(max_voxels=1 << 20))
     assert refused.value.code == "bad_dicom"
