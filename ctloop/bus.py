@@ -32,7 +32,9 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from ctloop.contracts.events import CloudEvent, InvalidEvent
+from ctloop.contracts.kafka_acls import GRANTS
 from ctloop.contracts.topics import Topic
+from ctloop.kafka_security import client_config, is_restricted, principal
 from ctloop.log import bind
 from ctloop.retry import RetryPolicy
 from ctloop.settings import Settings
@@ -46,9 +48,7 @@ def broker_ready(settings: Settings) -> tuple[bool, str]:
     """Whether the broker answers metadata requests."""
     try:
         admin = KafkaAdminClient(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            client_id="ctloop-health",
-            request_timeout_ms=3000,
+            client_id="ctloop-health", request_timeout_ms=3000, **client_config(settings)
         )
     except KafkaError as exc:
         return False, f"no broker: {type(exc).__name__}"
@@ -70,11 +70,18 @@ def topic_configs(settings: Settings) -> dict[str, str]:
 def ensure_topics(settings: Settings, topics: Iterable[str] = tuple(Topic)) -> None:
     """Create the catalog's topics that do not exist yet, with the configured partitions,
     replication factor and retention; set the retention of those that do (an upgrade from a
-    release that kept events for a week keeps them from then on)."""
+    release that kept events for a week keeps them from then on).
+
+    A service principal on a SASL broker may not create topics: it only checks that those it
+    sees exist (the broker's admin creates them: the local stack at start, the chart's
+    kafka-setup container) and raises until they do."""
     k = settings.kafka
-    admin = KafkaAdminClient(bootstrap_servers=k.bootstrap_servers, client_id="ctloop-admin")
+    admin = KafkaAdminClient(client_id="ctloop-admin", **client_config(settings))
     try:
         existing = set(admin.list_topics())
+        if is_restricted(settings):
+            _require_visible(settings, existing, topics)
+            return
         for name in topics:
             if name in existing:
                 resource = ConfigResource(ConfigResourceType.TOPIC, name, topic_configs(settings))
@@ -93,11 +100,18 @@ def ensure_topics(settings: Settings, topics: Iterable[str] = tuple(Topic)) -> N
         admin.close()
 
 
+def _require_visible(settings: Settings, existing: set[str], topics: Iterable[str]) -> None:
+    """Raise unless every topic of ``topics`` this principal may use is in ``existing``."""
+    grant = GRANTS.get(principal(settings))
+    usable = set() if grant is None else {str(t) for t in grant.produces | grant.consumes}
+    missing = sorted(usable.intersection(topics) - existing)
+    if missing:
+        raise RuntimeError(f"topics not created yet (the Kafka admin creates them): {missing}")
+
+
 def cluster_id(settings: Settings) -> str:
     """The Kafka cluster's id: offsets mean something only on the cluster they came from."""
-    admin = KafkaAdminClient(
-        bootstrap_servers=settings.kafka.bootstrap_servers, client_id="ctloop-cluster-id"
-    )
+    admin = KafkaAdminClient(client_id="ctloop-cluster-id", **client_config(settings))
     try:
         return str(admin.describe_cluster()["cluster_id"])
     finally:
@@ -107,12 +121,12 @@ def cluster_id(settings: Settings) -> str:
 class EventProducer:
     def __init__(self, settings: Settings, client_id: str) -> None:
         self._producer = KafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
             client_id=client_id,
             acks="all",
             enable_idempotence=True,
             retries=5,
             linger_ms=2,
+            **client_config(settings),
         )
 
     def publish(self, event: CloudEvent, timeout_s: float = 30.0) -> None:
@@ -191,12 +205,12 @@ class EventConsumer:
         names = [str(t) for t in topics]
         self._consumer = KafkaConsumer(
             *([] if checkpoint else names),  # with a checkpoint: subscribed below, to seek
-            bootstrap_servers=settings.kafka.bootstrap_servers,
             group_id=group_id,
             client_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=50,
+            **client_config(settings),
         )
         self.group_id = group_id
         self._handler = handler

@@ -84,8 +84,10 @@ def triton_ready(settings: Settings) -> str:
 def kafka_topics(settings: Settings) -> str:
     from kafka import KafkaConsumer
 
+    from ctloop.kafka_security import client_config
+
     bootstrap = settings.kafka.bootstrap_servers
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    consumer = KafkaConsumer(request_timeout_ms=15000, **client_config(settings))
     try:
         present = consumer.topics()
     finally:
