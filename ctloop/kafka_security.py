@@ -249,14 +249,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m ctloop.kafka_security", description=__doc__)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to keep trying")
-    parser.add_argument("--stay", action="store_true", help="keep running after (a sidecar)")
+    parser.add_argument(
+        "--stay", type=Path, metavar="READY_FILE", help="then write READY_FILE and keep running"
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     configure_logging(settings.log_level)
     passwords = _passwords_from_env()
     until_done("kafka topics", ensure_topics, settings, args.timeout)
     until_done("kafka grants", lambda s: apply_grants(s, passwords), settings, args.timeout)
-    if args.stay:
+    if args.stay:  # a container beside the broker: its probes look for the file
+        args.stay.write_text("grants applied\n")
         threading.Event().wait()
     return 0
 

@@ -13,6 +13,7 @@ from unittest import mock
 import pytest
 import yaml
 
+from ctloop.contracts.kafka_acls import PRINCIPALS
 from ctloop.settings import Settings
 from services.training.manifests import build_job
 from tests.helm.conftest import CHART, EXAMPLES, SETUPS, Doc, named, of_kind, render
@@ -161,7 +162,8 @@ def test_generated_secrets_are_random_not_from_values():
         return {d["metadata"]["name"]: d["data"] for d in yaml.safe_load_all(out) if d}
 
     first, second = secrets(), secrets()
-    assert set(first) == {"ctloop-s3", "ctloop-postgresql", "ctloop-admin-token"}
+    kafka = {f"ctloop-kafka-{p}" for p in PRINCIPALS}  # one per Kafka principal
+    assert set(first) == {"ctloop-s3", "ctloop-postgresql", "ctloop-admin-token", *kafka}
     for name, data in first.items():
         for key, value in data.items():
             assert value != second[name][key]  # random per install (kept on upgrade by lookup)

@@ -261,6 +261,7 @@ imagePullSecrets:
     {{- include "ctloop.s3Env" .root | nindent 4 }}
     {{- else }}
     {{- include "ctloop.env" .root | nindent 4 }}
+    {{- include "ctloop.kafkaAuthEnv" . | nindent 4 }}  {{- /* waits for its topics */}}
     {{- end }}
   securityContext:
     {{- toYaml .root.Values.containerSecurityContext | nindent 4 }}

@@ -43,7 +43,7 @@ spec:
         {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
       {{- include "ctloop.imagePullSecrets" $root | nindent 6 }}
       initContainers:
-        {{- include "ctloop.provisionContainer" (dict "root" $root "args" (list "--s3" "--kafka")) | nindent 8 }}
+        {{- include "ctloop.provisionContainer" (dict "root" $root "component" .component "args" (list "--s3" "--kafka")) | nindent 8 }}
       containers:
         - name: {{ .component }}
           image: {{ include "ctloop.image" (dict "root" $root "image" $root.Values.image) }}
@@ -62,6 +62,7 @@ spec:
             {{- . | nindent 12 }}
             {{- end }}
             {{- include "ctloop.grpcAuthEnv" $ctx | nindent 12 }}
+            {{- include "ctloop.kafkaAuthEnv" $ctx | nindent 12 }}
             {{- with $v.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
