@@ -7,7 +7,10 @@ On the code before this, the broker took anything from anyone: these tests fail 
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +28,7 @@ from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.kafka_acls import ADMIN, GRANTS
 from ctloop.contracts.payloads import BlobRef, ModelRef, model_published
 from ctloop.contracts.topics import Topic
-from ctloop.kafka_security import client_config, read_credentials
+from ctloop.kafka_security import apply_grants, client_config, read_credentials
 from ctloop.platform import settings_from
 from ctloop.settings import Settings
 from ctloop.stack import LocalStack
@@ -200,3 +203,33 @@ def test_credentials_stay_with_their_owner(broker):
     assert "security.protocol.map=BROKER:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT" in text
     assert "PLAINTEXT://" not in text.replace("SASL_PLAINTEXT", "")
     assert f"super.users=User:{ADMIN}\n" in text
+
+
+def test_the_charts_setup_command_sets_each_services_password(broker, tmp_path):
+    """``python -m ctloop.kafka_security`` as admin (the chart's kafka-setup container): the
+    password of a service's Secret is the one the broker takes from then on."""
+    settings = settings_from(broker)
+    admin_password = read_credentials(settings.kafka_credentials_file)[ADMIN]
+    env = {
+        **os.environ,
+        **broker,
+        "CTLOOP_RUN_DIR": str(tmp_path),  # no credentials file: only what the chart gives
+        "CTLOOP_KAFKA__PRINCIPAL": ADMIN,
+        "CTLOOP_KAFKA__PASSWORD": admin_password,
+        "CTLOOP_KAFKA_PASSWORD_INGEST": "rotated-by-the-chart",
+    }
+    ready = tmp_path / "ready"
+    setup = subprocess.Popen(
+        [sys.executable, "-m", "ctloop.kafka_security", "--stay", str(ready)], env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and setup.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ready.exists(), "the setup never said it was done"
+        rotated = _as(broker, "ingest", CTLOOP_KAFKA__PASSWORD="rotated-by-the-chart")
+        assert _may_produce(rotated, Topic.VOLUME_INGESTED)
+    finally:
+        setup.terminate()
+        setup.wait(timeout=30)
+        apply_grants(settings, read_credentials(settings.kafka_credentials_file))  # as before
