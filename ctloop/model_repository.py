@@ -7,6 +7,10 @@ Layout (keys from :mod:`ctloop.contracts.keys`)::
 
 Versions are immutable: publishing a version that exists is refused. ``manifest.json`` is
 written last, so a version without one is incomplete (a crash mid-publish) and never served.
+It records the SHA-256 of every file of the version (``files``); before a version is loaded,
+:meth:`ModelRepository.verify_version` checks that the version folder holds exactly those files
+with those digests, so a ``model.py`` or weights changed (or a file added) in the bucket after
+publishing is refused instead of run by Triton (issue 18, finding 4).
 Serving a version means an explicit Triton load whose config pins exactly that version, on
 every Triton replica, so rollback is a load of an older one; a failed load (on any replica)
 leaves the old version serving.
@@ -15,9 +19,12 @@ leaves the old version serving.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
@@ -39,12 +46,19 @@ from ctloop.triton_replicas import Resolver, TritonReplicas, resolve_all
 STATUS_TIMEOUT_S = 10.0
 
 
+log = logging.getLogger("ctloop.model_repository")
+
+
 class VersionExists(RuntimeError):
     pass
 
 
 class ModelLoadFailed(RuntimeError):
     pass
+
+
+class TamperedModel(ModelLoadFailed):
+    """A version whose files are not what its manifest recorded at publish: never loaded."""
 
 
 class ModelRepository:
@@ -72,8 +86,48 @@ class ModelRepository:
             self.store.put_bytes(
                 self.bucket, keys.model_file(self.prefix, spec.name, version, name), data
             )
-        body = json.dumps({"model": spec.name, "version": version, **manifest}, indent=2)
+        digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        document = {"model": spec.name, "version": version, **manifest, "files": digests}
+        body = json.dumps(document, indent=2)
         self.store.put_bytes(self.bucket, manifest_key, body.encode(), "application/json")
+
+    def verify_version(self, model: str, version: int) -> None:
+        """Refuse (:class:`TamperedModel`, logged) a version whose folder is not exactly the
+        files its manifest recorded at publish, with those SHA-256 digests: what Triton would
+        load now (the latest version of each key) is what was published."""
+        recorded = self.manifest(model, version).get("files")
+        where = f"s3://{self.bucket}/{keys.model_version_prefix(self.prefix, model, version)}"
+        if not isinstance(recorded, dict) or not recorded:
+            self._refuse(
+                model,
+                version,
+                f"{where} has no file digests in its manifest "
+                "(published before digests were recorded): publish it again",
+            )
+        folder = keys.model_version_prefix(self.prefix, model, version)
+        present = {k[len(folder) :] for k in self.store.list_keys(self.bucket, folder)}
+        extra = sorted(present - set(recorded) - {keys.MODEL_MANIFEST})
+        missing = sorted(set(recorded) - present)
+        if extra or missing:
+            self._refuse(
+                model, version, f"{where}: files added {extra}, missing {missing} since publish"
+            )
+        for name, digest in sorted(recorded.items()):
+            found = self.store.sha256(self.bucket, folder + name)
+            if found != digest:
+                self._refuse(
+                    model,
+                    version,
+                    f"{where}{name} changed after publish (sha256 "
+                    f"{found}, the manifest recorded {digest})",
+                )
+
+    def _refuse(self, model: str, version: int, why: str) -> NoReturn:
+        log.error(
+            "model version refused: its files are not what was published",
+            extra={"model": model, "model_version": version, "reason": why},
+        )
+        raise TamperedModel(f"{model} v{version} not loaded: {why}")
 
     def published_versions(self, model: str) -> list[int]:
         """Complete (manifest-bearing) versions, ascending."""
@@ -157,14 +211,22 @@ class TritonModels:
                 f"{spec.name} v{version} on Triton {replica}: {exc.message()}"
             ) from exc
 
-    def load_where_missing(self, spec: ModelSpec, version: int) -> list[ReplicaLoad]:
+    def load_where_missing(
+        self, spec: ModelSpec, version: int, verify: Callable[[], None] | None = None
+    ) -> list[ReplicaLoad]:
         """Load ``version`` on each replica that does not serve it READY (one that started
         since, or restarted, has nothing loaded). A replica that is down or refuses does not
-        stop the others; the list says what happened on each replica that lacked it."""
+        stop the others; the list says what happened on each replica that lacked it.
+        ``verify`` (e.g. :meth:`ModelRepository.verify_version`) runs before the first load and
+        may refuse it with :class:`ModelLoadFailed`; nothing calls it when no replica lacks it."""
         done: list[ReplicaLoad] = []
+        verified = verify is None
         for replica in self.replicas.addresses():
             try:
                 if not self.replica_serves(replica, spec.name, version):
+                    if not verified and verify is not None:
+                        verify()
+                        verified = True
                     self.load_on(replica, spec, version)
                     done.append(ReplicaLoad(replica))
             except InferenceServerException as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -39,10 +40,13 @@ class ObjectStore:
                 total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
             ),
         )
+        # This process's own identity (ctloop/s3_grants.py) where it has one, else root.
+        self.identity = settings.s3_identity
+        access_key, secret_key = settings.s3_credential()
         self.client = Minio(
             s.endpoint,
-            access_key=s.access_key,
-            secret_key=s.secret_key.get_secret_value(),
+            access_key=access_key,
+            secret_key=secret_key,
             secure=s.secure,
             region=s.region,
             http_client=http,
@@ -56,7 +60,12 @@ class ObjectStore:
         return [b.name for b in self.client.list_buckets()]
 
     def ensure_buckets(self) -> None:
-        """Create the data and model buckets with versioning on (idempotent)."""
+        """Create the data and model buckets with versioning on (idempotent). A service
+        identity may not: it checks that its buckets are there and its grants work (the
+        provisioning made them), and raises until they do."""
+        if self.identity is not None:
+            self.check_grants()
+            return
         for bucket in self.buckets:
             if not self.client.bucket_exists(bucket):
                 try:
@@ -67,8 +76,25 @@ class ObjectStore:
             if self.client.get_bucket_versioning(bucket).status != ENABLED:
                 self.client.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
 
+    def check_grants(self) -> None:
+        """A read this identity is granted, in each bucket it uses, answers "no such key":
+        the bucket exists and the identity's policy is in place (else S3Error)."""
+        from ctloop.s3_grants import GRANTS, Verb, bucket_name, key_pattern
+
+        assert self.identity is not None
+        probed: set[str] = set()
+        for g in GRANTS[self.identity]:
+            bucket = bucket_name(self.settings, g.bucket)
+            if Verb.READ in g.verbs and bucket not in probed:
+                # a GET (not a HEAD, whose answer has no error code) tells NoSuchBucket apart
+                self.get_optional(bucket, key_pattern(self.settings, g.keys).replace("*", "probe"))
+                probed.add(bucket)
+
     def ensure_model_repository(self) -> None:
-        """Make the Triton repository prefix exist (S3 has no empty folders)."""
+        """Make the Triton repository prefix exist (S3 has no empty folders); a service
+        identity leaves it to the provisioning."""
+        if self.identity is not None:
+            return
         s = self.settings
         key = keys.model_repository_readme(s.triton.model_prefix)
         if not self.exists(s.s3.model_bucket, key):
@@ -98,6 +124,18 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+    def sha256(self, bucket: str, key: str) -> str:
+        """Hex SHA-256 of the latest version of ``key``, streamed (weights can be large)."""
+        digest = hashlib.sha256()
+        response = self.client.get_object(bucket, key)
+        try:
+            for chunk in response.stream(1 << 20):
+                digest.update(chunk)
+        finally:
+            response.close()
+            response.release_conn()
+        return digest.hexdigest()
 
     def get_optional(self, bucket: str, key: str) -> bytes | None:
         """The latest version of ``key``, or None if there is none."""

@@ -14,6 +14,7 @@ The volume's status is not written here: a prediction row makes it read as predi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -154,6 +155,7 @@ class InferenceWorker:
         with bind(model=ref.model, model_version=ref.version):
             try:
                 self.segmenter.preprocessor(ref.model, ref.version)  # its manifest fits
+                self.repository.verify_version(ref.model, ref.version)  # files as published
                 self.triton.serve_version(serving_spec(self.settings, ref.model), ref.version)
             except (ModelLoadFailed, IncompatibleModel):
                 LOAD_FAILURES.inc()
@@ -186,7 +188,9 @@ class InferenceWorker:
         spec = serving_spec(self.settings, ref.model)
         loaded = 0
         with bind(model=ref.model, model_version=ref.version):
-            for done in self.triton.load_where_missing(spec, ref.version):
+            # What a replica loads must still be what was published: checked before a load.
+            verify = functools.partial(self.repository.verify_version, ref.model, ref.version)
+            for done in self.triton.load_where_missing(spec, ref.version, verify):
                 if done.error is None:
                     loaded += 1
                     log.info("serving version loaded on a replica", extra={"replica": done.replica})

@@ -1,4 +1,7 @@
-"""The S3 server of the embedded stack: Versity Gateway over a local directory."""
+"""The S3 server of the embedded stack: Versity Gateway over a local directory, with its internal
+IAM: one account per ctloop service, held to its grants by bucket policies (ctloop/s3_grants.py).
+Each account's keys are written to ``<run_dir>/s3-credentials/<identity>.json`` (0600), where the
+services' settings find them; the root credential stays with the stack and admin tools."""
 
 from __future__ import annotations
 
@@ -22,6 +25,16 @@ class S3Gateway(Component):
             raise StackError(f"{self.binary} missing: run `make setup`")
         (self.data_dir / "objects").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "versions").mkdir(parents=True, exist_ok=True)
+        self.iam_dir.mkdir(mode=0o700, exist_ok=True)
+
+    @property
+    def iam_dir(self) -> Path:
+        """The gateway's accounts (its internal IAM: users.json)."""
+        return self.data_dir / "iam"
+
+    @property
+    def credentials_dir(self) -> Path:
+        return self.settings.s3.credentials_dir or self.settings.run_dir / "s3-credentials"
 
     def command(self) -> list[str]:
         s = self.settings.s3
@@ -32,6 +45,8 @@ class S3Gateway(Component):
             "--region",
             s.region,
             "--quiet",
+            "--iam-dir",
+            str(self.iam_dir),
             "posix",
             "--versioning-dir",
             str(self.data_dir / "versions"),
@@ -62,9 +77,33 @@ class S3Gateway(Component):
         return Health(True, f"{len(buckets)} buckets")
 
     def after_start(self) -> None:
+        """Buckets, then an account and policies per service (kept across restarts: each
+        account keeps the secret in its credentials file). A gateway started without
+        ``--iam-dir`` (by an older ctloop) has no accounts: everyone keeps the root key."""
+        from ctloop.s3_grants import (
+            IDENTITIES,
+            Credential,
+            credential_file,
+            new_credential,
+            read_credential,
+            write_credential,
+        )
+        from ctloop.s3_provision import NoIam, provision
         from ctloop.storage import ObjectStore
 
-        ObjectStore(self.settings).ensure_buckets()
+        s = self.settings.s3
+        root = Credential(s.access_key, s.secret_key.get_secret_value())
+        users = {
+            i: read_credential(credential_file(self.credentials_dir, i)) or new_credential(i)
+            for i in IDENTITIES
+        }
+        try:
+            provision(self.settings, "versitygw", root, users)
+        except NoIam:
+            ObjectStore(self.settings).ensure_buckets()
+            return
+        for identity, credential in users.items():
+            write_credential(credential_file(self.credentials_dir, identity), credential)
 
     def describe(self) -> str:
         s = self.settings.s3

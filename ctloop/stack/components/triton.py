@@ -82,6 +82,8 @@ class TritonServer(Component):
 
     def env(self) -> dict[str, str]:
         s3 = self.settings.s3
+        # Triton runs model.py from the bucket: it gets the identity that only reads models.
+        access_key, secret_key = self.settings.s3_credential("triton")
         venv_bin = str(Path(sys.executable).parent)
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         pytriton_libs = str(self.pytriton_dir.parent.parent / "nvidia_pytriton.libs")
@@ -92,8 +94,8 @@ class TritonServer(Component):
             "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
             # Without the interpreter's own libpython first, the stub loads the system one.
             "LD_LIBRARY_PATH": ":".join(p for p in ld if p),
-            "AWS_ACCESS_KEY_ID": s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": s3.secret_key.get_secret_value(),
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
             "AWS_DEFAULT_REGION": s3.region,
             "CTLOOP_RUN_DIR": str(self.settings.run_dir),
         }
