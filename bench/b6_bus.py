@@ -19,6 +19,7 @@ from ctloop.bus import EventConsumer, EventProducer, ensure_topics
 from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import BlobRef, ModelRef, model_published
 from ctloop.contracts.topics import Topic
+from ctloop.kafka_security import client_config
 from ctloop.settings import Settings
 
 NAME = "6_bus"
@@ -63,10 +64,10 @@ class _Bus:
             self._on_event,
             self.producer,
         )
-        self.raw_producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+        self.raw_producer = KafkaProducer(**client_config(settings))
         self.raw_consumer = KafkaConsumer(
             self.raw_topic,
-            bootstrap_servers=settings.kafka.bootstrap_servers,
+            **client_config(settings),
             group_id=f"bench-bus-raw-{tag}",
             auto_offset_reset="earliest",
         )
@@ -118,7 +119,7 @@ class _Bus:
         self.producer.close()
         self.raw_consumer.close()
         self.raw_producer.close()
-        admin = KafkaAdminClient(bootstrap_servers=self.settings.kafka.bootstrap_servers)
+        admin = KafkaAdminClient(**client_config(self.settings))
         try:
             admin.delete_topics([self.ours_topic, self.raw_topic])
         finally:

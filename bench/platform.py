@@ -22,6 +22,7 @@ from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import ModelRef, model_published, payload_for
 from ctloop.contracts.topics import Topic
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
+from ctloop.kafka_security import client_config
 from ctloop.model_repository import ModelRepository
 from ctloop.platform import PlatformInstance, running
 
@@ -117,10 +118,8 @@ class Platform(PlatformInstance):
     def wait_caught_up(self, group: str, topics: list[Topic], timeout_s: float = 300) -> None:
         """Until consumer group ``group`` (without prefix) has committed every record of
         ``topics``: the backlog a fresh group starts from is behind it."""
-        admin = KafkaAdminClient(
-            bootstrap_servers=self.settings.kafka.bootstrap_servers, client_id="bench-lag"
-        )
-        probe = KafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap_servers)
+        admin = KafkaAdminClient(**client_config(self.settings), client_id="bench-lag")
+        probe = KafkaConsumer(**client_config(self.settings))
         try:
             parts = [
                 TopicPartition(t, p)

@@ -8,6 +8,7 @@ from kafka import KafkaConsumer
 from ctloop.bus import EventConsumer, EventProducer
 from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.topics import VOLUME_INGESTED, Topic
+from ctloop.kafka_security import client_config
 from ctloop.retry import RetryPolicy
 
 
@@ -54,7 +55,7 @@ def test_event_reaches_a_consumer_group_with_headers_intact(settings, unique):
     # The raw record carries the CloudEvents binary-mode headers, keyed by the subject.
     raw = KafkaConsumer(
         str(Topic.VOLUME_INGESTED),
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **client_config(settings),
         group_id=f"test-raw-{unique}",
         auto_offset_reset="earliest",
         consumer_timeout_ms=20000,
@@ -118,7 +119,7 @@ def test_malformed_record_goes_to_dead_letters_and_consumer_carries_on(settings,
 
     dlq = KafkaConsumer(
         str(Topic.DEAD_LETTER),
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **client_config(settings),
         group_id=f"test-dlq-{unique}",
         auto_offset_reset="earliest",
         consumer_timeout_ms=20000,
@@ -170,7 +171,7 @@ def _topic_config(settings, name: str) -> tuple[int, dict[str, str]]:
     """(replication factor, configs) of a topic, as the broker reports them."""
     from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = KafkaAdminClient(**client_config(settings))
     try:
         (meta,) = admin.describe_topics([name])
         replicas = {len(p["replica_nodes"]) for p in meta["partitions"]}
@@ -191,7 +192,7 @@ def test_topics_are_made_with_the_configured_replication_and_keep_events_for_eve
     from ctloop.bus import ensure_topics
 
     fresh, old = f"ctloop.test.fresh-{unique}", f"ctloop.test.old-{unique}"
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = KafkaAdminClient(**client_config(settings))
     week = str(7 * 24 * 3600 * 1000)
     admin.create_topics([NewTopic(old, 1, 1, topic_configs={"retention.ms": week})])
     admin.close()

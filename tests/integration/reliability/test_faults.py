@@ -32,6 +32,7 @@ from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.model import TINY_MODEL
 from ctloop.core.phantom import generate_phantom
 from ctloop.db import AnnotationRevision, Prediction, TrainingRound, Volume, session_scope
+from ctloop.kafka_security import client_config
 from ctloop.platform import PlatformInstance
 from ctloop.settings import Settings
 from ctloop.stack import LocalStack
@@ -137,7 +138,7 @@ def _events(settings: Settings, topic: Topic) -> dict[str, Counter[str]]:
     """Subject -> event id -> how many records carry it on ``topic``. Delivery is at least
     once (a record may be sent again after a broker failure); consumers deduplicate by id."""
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **client_config(settings),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         consumer_timeout_ms=3000,
@@ -155,8 +156,8 @@ def _events(settings: Settings, topic: Topic) -> dict[str, Counter[str]]:
 
 
 def _lag(settings: Settings, group: str, topics: list[Topic]) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = KafkaAdminClient(**client_config(settings))
+    consumer = KafkaConsumer(**client_config(settings))
     try:
         committed = admin.list_group_offsets({group: None}).get(group, {})
         parts = [

@@ -30,6 +30,7 @@ from ctloop.core.model import TINY_MODEL, ModelConfig
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.train import DataSource, TrainConfig, train
 from ctloop.db import OutboxEvent, Prediction, session_scope
+from ctloop.kafka_security import client_config
 from ctloop.model_repository import ModelRepository, TritonModels
 from ctloop.outbox import OutboxRelay
 from ctloop.storage import ObjectStore
@@ -309,7 +310,7 @@ def test_consumer_killed_between_effect_and_commit_reprocesses_without_duplicate
 
     first = KafkaConsumer(
         str(Topic.VOLUME_INGESTED),
-        bootstrap_servers=env["settings"].kafka.bootstrap_servers,
+        **client_config(env["settings"]),
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

@@ -33,6 +33,7 @@ from ctloop.contracts.payloads import (
 )
 from ctloop.contracts.topics import Topic
 from ctloop.core.blobs import nifti_gz_bytes
+from ctloop.kafka_security import client_config
 from ctloop.platform import settings_from, until
 from ctloop.settings import Settings
 from ctloop.stack import LocalStack
@@ -182,7 +183,7 @@ def _publish(settings: Settings, events: list[CloudEvent]) -> None:
 
 
 def _partitions(settings: Settings) -> list[TopicPartition]:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    consumer = KafkaConsumer(**client_config(settings))
     try:
         return [
             TopicPartition(str(t), p)
@@ -195,7 +196,7 @@ def _partitions(settings: Settings) -> list[TopicPartition]:
 
 
 def _offsets(settings: Settings, end: bool) -> dict[TopicPartition, int]:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    consumer = KafkaConsumer(**client_config(settings))
     try:
         tps = _partitions(settings)
         found = consumer.end_offsets(tps) if end else consumer.beginning_offsets(tps)
@@ -206,7 +207,7 @@ def _offsets(settings: Settings, end: bool) -> dict[TopicPartition, int]:
 
 def _delete_records(settings: Settings, upto: dict[TopicPartition, int]) -> None:
     """What retention does to old segments: the records before ``upto`` are gone for good."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = KafkaAdminClient(**client_config(settings))
     try:
         admin.delete_records({tp: o for tp, o in upto.items() if o > 0})
     finally:
