@@ -57,11 +57,16 @@ def canonical_name(name: str) -> str:
     return key
 
 
+MAX_LABEL_ID = 65535  # label volumes are at most uint16; a larger id would size a huge table
+
+
 class LabelMap:
     """A dataset's ``organ -> id`` map and its translation to canonical ids."""
 
     def __init__(self, organ_to_id: Mapping[str, int]) -> None:
         self.organ_to_id = {canonical_name(k): int(v) for k, v in organ_to_id.items()}
+        if any(not 0 <= v <= MAX_LABEL_ID for v in self.organ_to_id.values()):
+            raise UnknownLabel(f"label ids must be integers 0..{MAX_LABEL_ID}")
         ids = list(self.organ_to_id.values())
         if len(set(ids)) != len(ids):
             raise UnknownLabel(f"label map assigns one id to several organs: {organ_to_id}")

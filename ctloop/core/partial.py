@@ -20,6 +20,8 @@ OrganStatus = Literal["accepted", "corrected", "skipped"]
 # How far (voxels) around a skipped organ's pre-annotated region the label is not trusted:
 # the organ's true extent may reach beyond what the model drew.
 SKIP_MARGIN_VOXELS = 2
+# the greatest slice index a review may name (far above any CT; keeps indices in SQL/JSON ints)
+MAX_SLICE = 100_000
 
 
 class PartialLabel(BaseModel):
@@ -43,7 +45,7 @@ class PartialLabel(BaseModel):
     def _ordered(cls, v: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
         if v is not None:
             for lo, hi in v:
-                if lo < 0 or hi < lo:
+                if lo < 0 or hi < lo or hi > MAX_SLICE:
                     raise ValueError(f"bad slice range ({lo}, {hi})")
         return v
 

@@ -36,7 +36,7 @@ from ctloop.core.blobs import (
     encode_ct,
     nifti_gz_bytes,
 )
-from ctloop.core.organs import LabelMap, UnknownLabel
+from ctloop.core.organs import MAX_LABEL_ID, LabelMap, UnknownLabel
 from ctloop.db import Site, Volume, VolumeStatus, audit, session_scope
 from ctloop.log import bind
 from ctloop.outbox import stage_event
@@ -123,11 +123,6 @@ class EarlyPut:
             return
         self.ctx.store.delete_version(self.ctx.bucket, self.key, obj.version_id)
         log.debug("early write removed", extra={"key": self.key, "version": obj.version_id})
-
-
-# Label ids a client's label map may use: label volumes are uint8 or uint16, and the map's
-# lookup table is as long as its greatest id.
-MAX_LABEL_ID = 65535
 
 
 def parse_label_map(raw: str | None) -> LabelMap:

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from ctloop.contracts.payloads import ModelRef
 from ctloop.core.organs import UnknownLabel
-from ctloop.core.partial import PartialLabel
+from ctloop.core.partial import MAX_SLICE, PartialLabel
 from ctloop.db import AnnotationRevision, ReviewStatus, VolumeStatus, audit, session_scope
 from ctloop.paging import Page, one_page
 from services.ingest.deps import Annotator, Anyone, Context, Reviewer, read_upload
@@ -32,24 +32,38 @@ from services.ingest.validation import safe_id
 router = APIRouter(prefix="/v1/volumes", tags=["annotations"])
 
 
+MAX_VERSION = 2**31 - 1  # model versions are SQL integers
+MAX_REVIEW_JSON = 64 * 1024  # organs / reviewed_slices: a few hundred bytes in practice
+
+
 def _model_ref(raw: str | None) -> ModelRef | None:
     if not raw:
         return None
     name, _, version = raw.partition(":")
+    shape = f"from_model must be 'model:version' with a version 1..{MAX_VERSION}"
+    if not version.isascii() or not version.isdigit() or not 1 <= int(version) <= MAX_VERSION:
+        raise ApiError("bad_model_ref", shape)
     try:
         return ModelRef(model=safe_id(name, "model"), version=int(version))
-    except (ValueError, ValidationError) as exc:
-        raise ApiError("bad_model_ref", f"from_model must be 'model:version' ({exc})") from exc
+    except ValidationError as exc:
+        raise ApiError("bad_model_ref", shape) from exc
 
 
 def _partial(organs: str, reviewed_slices: str | None) -> PartialLabel:
+    """The review the client declares; a refusal says what is expected, never parser text."""
+    shape = (
+        "organs must be a JSON object organ -> accepted|corrected|skipped of known organs; "
+        f"reviewed_slices JSON [[first, last], ...] with 0 <= first <= last <= {MAX_SLICE}"
+    )
+    if len(organs) > MAX_REVIEW_JSON or len(reviewed_slices or "") > MAX_REVIEW_JSON:
+        raise ApiError("bad_review", shape)
     try:
         return PartialLabel(
             organs=json.loads(organs),
             reviewed_slices=json.loads(reviewed_slices) if reviewed_slices else None,
         )
-    except (ValueError, ValidationError, UnknownLabel) as exc:
-        raise ApiError("bad_review", f"organs / reviewed_slices: {exc}") from exc
+    except (ValueError, ValidationError, UnknownLabel, RecursionError) as exc:
+        raise ApiError("bad_review", shape) from exc
 
 
 @router.get("/{volume_id}/annotations", response_model=list[AnnotationOut])

@@ -235,6 +235,18 @@ def _bad_annotations(p: Phantom) -> dict[str, Case]:
             "POST", "/v1/volumes/{vid}/annotations", 422, "bad_model_ref",
             _annotation(from_model="igniter:latest"),
         ),
+        "model_version_overflows_sql": Case(
+            "POST", "/v1/volumes/{vid}/annotations", 422, "bad_model_ref",
+            _annotation(from_model="igniter:99999999999999999999"),
+        ),
+        "slices_deeply_nested": Case(
+            "POST", "/v1/volumes/{vid}/annotations", 422, "bad_review",
+            _annotation(reviewed_slices="[" * 5000 + "]" * 5000),
+        ),
+        "slice_index_absurd": Case(
+            "POST", "/v1/volumes/{vid}/annotations", 422, "bad_review",
+            _annotation(reviewed_slices="[[0, 99999999999999999999]]"),
+        ),
         "negative_minutes": Case(
             "POST", "/v1/volumes/{vid}/annotations", 422, "invalid_request",
             _annotation(minutes="-4"),
@@ -537,5 +549,7 @@ def test_bad_input_is_refused_with_a_stable_code_and_changes_nothing(world, name
     body = r.json()
     assert body["code"] == case.code, (name, body)
     assert isinstance(body["message"], str) and body["message"], body
+    leaks = ("Traceback", "validation error for", "[type=", "invalid literal", "Errno")
+    assert not any(x in body["message"] for x in leaks), (name, body)  # no parser internals
     assert _state(world["settings"]) == before, name  # nothing stored, no event staged
     assert world["client"].get("/readyz").status_code == 200

@@ -86,3 +86,11 @@ def test_corrupt_nifti_is_a_clear_error(tmp_path):
     (tmp_path / "d" / "imagesTr" / "v0.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(DatasetError, match="not a readable NIfTI"):
         DecathlonDataset.open(tmp_path / "d").load(0)
+
+
+@pytest.mark.parametrize("bad", [-1, 65536, 10**9])
+def test_a_label_id_outside_uint16_is_refused_before_any_table_is_made(bad):
+    # Slicer's label_info and a client's label_map both end here: an id of 10**9 would have
+    # sized a 2 GB lookup table, a negative one silently named the table's last slot.
+    with pytest.raises(UnknownLabel, match="0..65535"):
+        LabelMap({"liver": bad})
