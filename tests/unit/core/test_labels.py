@@ -92,5 +92,5 @@ def test_corrupt_nifti_is_a_clear_error(tmp_path):
 def test_a_label_id_outside_uint16_is_refused_before_any_table_is_made(bad):
     # Slicer's label_info and a client's label_map both end here: an id of 10**9 would have
     # sized a 2 GB lookup table, a negative one silently named the table's last slot.
-    with pytest.raises(UnknownLabel, match="0..65535"):
+    with pytest.raises(UnknownLabel, match=r"0\.\.65535"):
         LabelMap({"liver": bad})
