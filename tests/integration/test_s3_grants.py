@@ -94,6 +94,16 @@ def test_each_identity_has_its_own_private_credential(private):
     assert len(seen) == len(IDENTITIES)
 
 
+def test_a_second_stack_up_keeps_every_credential_working(private):
+    """``stack up`` on a running gateway provisions again: same keys, still held to grants."""
+    before = {i: as_identity(private, i).s3_credential() for i in IDENTITIES}
+    LocalStack(private, echo=lambda _: None, only={"s3"}).up()
+    assert {i: as_identity(private, i).s3_credential() for i in IDENTITIES} == before
+    annotation = keys.annotation_mask("site-a", "grants-again", 1)
+    version = put(store(private, "ingest"), private.s3.bucket, annotation)
+    refused(lambda: store(private, "ingest").delete_version(private.s3.bucket, annotation, version))
+
+
 def test_triton_reads_models_only(private):
     s = as_identity(private, None)
     model_key = keys.model_file(s.triton.model_prefix, "probe", 1, "model.py")
