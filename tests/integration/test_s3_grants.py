@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from ctloop.contracts import keys
@@ -157,6 +158,10 @@ def test_training_publishes_models_but_not_predictions(private):
     jobs = keys.training_job_prefix(s.training.kubernetes.s3_prefix, "round-1")
     put(training, s.s3.bucket, keys.training_input(jobs, "train.json"))
     assert training.list_keys(s.s3.bucket, jobs + "/") == [keys.training_input(jobs, "train.json")]
+    # a finished round's folder is removed in one batch (services/training/round_files.py)
+    batch = [DeleteObject(keys.training_input(jobs, "train.json"))]
+    assert list(training.client.remove_objects(s.s3.bucket, batch)) == []
+    assert training.list_keys(s.s3.bucket, jobs + "/") == []
 
 
 def test_metrics_keeps_its_snapshot_and_reads_no_ct(private):
