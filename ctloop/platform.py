@@ -54,9 +54,14 @@ def instance_env(
     if group_prefix is not None:
         env["CTLOOP_KAFKA__GROUP_PREFIX"] = group_prefix
     # The stack's Kafka credentials (SASL): this instance's run folder has none of its own.
-    stack_kafka = credentials_path(Settings())
+    stack = Settings()
+    stack_kafka = credentials_path(stack)
     if stack_kafka is not None:
         env["CTLOOP_KAFKA__CREDENTIALS_FILE"] = str(stack_kafka)
+    # ... and its S3 identities' keys (each service then reads only its own grant's key)
+    env["CTLOOP_S3__CREDENTIALS_DIR"] = str(
+        stack.s3.credentials_dir or stack.run_dir / "s3-credentials"
+    )
     for i, name in enumerate(SERVICES):
         env[f"CTLOOP_SERVICES__{name.upper()}__HTTP_PORT"] = str(port_base + 2 * i)
         env[f"CTLOOP_SERVICES__{name.upper()}__GRPC_PORT"] = str(port_base + 2 * i + 1)
