@@ -32,7 +32,7 @@ import uuid
 from importlib import metadata
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -181,11 +181,17 @@ def auth_info() -> dict[str, Any]:
 
 @router.post("/auth/token", summary="Exchange user id + API token for a bearer token")
 def auth_token(
-    ctx: Context, username: Annotated[str, Form()], password: Annotated[str, Form()]
+    ctx: Context,
+    request: Request,
+    username: Annotated[str, Form()],
+    password: Annotated[str, Form()],
 ) -> dict[str, str]:
     who = ctx.auth.verify(password)
     # an OIDC user may give their user name (display name) or their id (``sub``)
     if who is None or username not in (who.user_id, who.name):
+        address = request.client.host if request.client else "unknown"
+        where = f"{request.method} {request.url.path}"
+        ctx.auth_audit.failed(address, where, f"Bearer {password}", "bad_token")
         raise ApiError("unauthorized", "unknown user or token", 401)
     return {"access_token": password, "token_type": "bearer"}
 

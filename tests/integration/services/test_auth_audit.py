@@ -50,12 +50,16 @@ def test_failed_sign_ins_and_denials_are_audited_with_who_why_and_from_where(
         assert revoke_token(svc_settings.database_url, token_hash(token))
         revoked = c.get("/v1/volumes", headers={"Authorization": f"Bearer {token}"})
         assert revoked.status_code == 401
+        # MONAI Label's sign-in (a public route: the token comes in the form) is audited too
+        form = {"username": user, "password": token}
+        assert c.post("/auth/token", data=form).status_code == 401
     found = _refusals(svc_settings, since)
     rows = [(r.actor, r.action, r.resource, r.detail["reason"]) for r in found]
     assert rows == [
         ("anonymous", "auth.failed", "GET /v1/volumes", "no bearer token"),
         (user, "auth.denied", "GET /v1/audit", "role annotator may not do this"),
         (user, "auth.failed", "GET /v1/volumes", "revoked API token"),
+        (user, "auth.failed", "POST /auth/token", "revoked API token"),
     ]
     assert all(r.detail["client"] == "testclient" for r in found)
     # An admin reads them like every other audit entry.
