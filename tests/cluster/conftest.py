@@ -83,6 +83,16 @@ class Release:
         )
         return kube.secret_value(self.namespace, name, "token")
 
+    @property
+    def operator_grpc_token(self) -> str:
+        """The operator's gRPC token (mounted nowhere; admins read it from the release's
+        ``<release>-grpc-tokens`` Secret to drive training and inference and post reports)."""
+        secrets = kube.kubectl_json("get", "secrets", "-n", self.namespace)["items"]
+        name = next(
+            s["metadata"]["name"] for s in secrets if s["metadata"]["name"].endswith("-grpc-tokens")
+        )
+        return kube.secret_value(self.namespace, name, "operator-token")
+
 
 # The policy settings the chart has values for (it sets their variables itself; the same name
 # again in extraEnv is a duplicate env entry, which `helm upgrade` cannot patch).

@@ -53,6 +53,7 @@ def reach(release: Release) -> Iterator[RemotePlatform]:
             training_target=f"127.0.0.1:{ports['training'][0]}",
             inference_target=f"127.0.0.1:{ports['inference'][0]}",
             admin_token=release.admin_token,
+            grpc_token=release.operator_grpc_token,
         )
 
 
