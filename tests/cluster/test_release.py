@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-import grpc
 import httpx
 
 from ctloop.db import RoundStatus, VolumeStatus
@@ -77,7 +76,7 @@ def helm_test(release: Release) -> str:
 
 
 def rounds(p: RemotePlatform) -> list[Any]:
-    with grpc.insecure_channel(p.training_target) as ch:
+    with p.grpc_channel(p.training_target) as ch:
         answer = training_pb2_grpc.TrainingStub(ch).ListRounds(
             training_pb2.ListRoundsRequest(), timeout=30
         )
@@ -100,7 +99,7 @@ def annotated(p: RemotePlatform) -> dict[str, int]:
 def start_a_round(p: RemotePlatform) -> int:
     """Ask for a sustainer round now and wait until its Job runs; its number."""
     before = max((r.round for r in rounds(p)), default=0)
-    with grpc.insecure_channel(p.training_target) as ch:
+    with p.grpc_channel(p.training_target) as ch:
         training_pb2_grpc.TrainingStub(ch).StartRound(
             training_pb2.StartRoundRequest(model=p.sustainer), timeout=60
         )
