@@ -28,6 +28,8 @@ from ctloop.settings import REPO_ROOT, Settings
 from ctloop.storage import ObjectStore
 from ctloop.transfer.presets import PRESETS
 
+# the run below may take its subprocess timeout (1200 s) on a loaded 2-core machine
+pytestmark = pytest.mark.timeout(1500)
 PORT_BASE = 28940
 
 
