@@ -230,6 +230,11 @@ def test_uninstall_leaves_only_what_is_kept(release: Release) -> None:
         "Secret/ctloop-admin-token",
         "Secret/ctloop-s3",
         "Secret/ctloop-postgresql",
+        # each Kafka principal's password: the kept broker volumes hold its SCRAM credential
+        *(
+            f"Secret/ctloop-kafka-{p}"
+            for p in ("admin", "ingest", "inference", "training", "metrics")
+        ),
     }
     data = {n for n in names if n.startswith("PersistentVolumeClaim/data-")}
     assert set(names) - data == kept, names
@@ -247,10 +252,12 @@ def test_three_kafka_brokers_replicate_every_topic(release: Release) -> None:
     with step("helm test (3 brokers)"):
         helm_test(three)
     script = (
+        # as metrics, the one principal that may describe every topic (SASL and ACLs are on)
         "from kafka.admin import KafkaAdminClient\n"
         "from ctloop.settings import get_settings\n"
         "from ctloop.contracts.topics import Topic\n"
-        "a = KafkaAdminClient(bootstrap_servers=get_settings().kafka.bootstrap_servers)\n"
+        "from ctloop.kafka_security import client_config\n"
+        "a = KafkaAdminClient(**client_config(get_settings()))\n"
         "for t in a.describe_topics([x.value for x in Topic]):\n"
         "    for p in t['partitions']:\n"
         "        print(t['name'], p['partition_index'], len(p['replica_nodes']),"
@@ -260,7 +267,7 @@ def test_three_kafka_brokers_replicate_every_topic(release: Release) -> None:
         "exec",
         "-n",
         ns,
-        three.service("ingest").replace("svc/", "deploy/"),
+        three.service("metrics").replace("svc/", "deploy/"),
         "--",
         "python",
         "-c",
