@@ -32,7 +32,7 @@ from ctloop.contracts.kafka_acls import (
     AclRow,
     acl_rows,
 )
-from ctloop.settings import Settings
+from ctloop.settings import Settings, running_service
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,10 @@ def credentials_path(settings: Settings) -> Path | None:
     return None
 
 
-def running_service() -> str | None:
-    """The service this process runs (``python -m services.<name>``), or None."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    parts = (getattr(spec, "name", None) or "").split(".")
-    if len(parts) >= 2 and parts[0] == "services" and parts[1] in GRANTS:
-        return parts[1]
-    return None
-
-
 def principal(settings: Settings) -> str:
     """Who this process is on the bus: ``kafka.principal``, else the service it runs, else
     ``admin`` (the stack, the operator's tools, the tests)."""
-    return settings.kafka.principal or running_service() or ADMIN
+    return settings.kafka.principal or running_service(GRANTS) or ADMIN
 
 
 def client_credential(settings: Settings) -> tuple[str, str, str] | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -186,16 +185,6 @@ def bucket_policy(
 def policy_text(policy: dict[str, Any]) -> str:
     """``policy`` as the compact JSON a server stores."""
     return json.dumps(policy, separators=(",", ":"))
-
-
-def running_service() -> str | None:
-    """The identity of the service this process runs (``python -m services.<name>``, and a
-    training round's ``services.training.job``), or None."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    parts = (getattr(spec, "name", None) or "").split(".")
-    if len(parts) >= 2 and parts[0] == "services" and parts[1] in GRANTS:
-        return parts[1]
-    return None
 
 
 # ------------------------------------------------------------------ credentials

@@ -6,6 +6,8 @@ Values come from the environment (prefix ``CTLOOP_``, nested groups joined by ``
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Collection
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -344,9 +346,9 @@ class Settings(BaseSettings):
         """:attr:`S3Settings.identity`, or the service this process runs, or None (root)."""
         if self.s3.identity:
             return self.s3.identity
-        from ctloop.s3_grants import running_service
+        from ctloop.s3_grants import GRANTS
 
-        return running_service()
+        return running_service(GRANTS)
 
     def s3_credential(self, identity: str | None = None) -> tuple[str, str]:
         """(access key, secret key) of ``identity`` (default: this process's): its credential
@@ -395,6 +397,17 @@ class Settings(BaseSettings):
                 f"{d.pg_database}"
             )
         return f"sqlite:///{self.data_dir / 'sqlite' / 'ctloop.db'}"
+
+
+def running_service(known: Collection[str]) -> str | None:
+    """The service this process runs (``python -m services.<name>``, also a training round's
+    ``services.training.job``) if it is one of ``known``, else None: a service's S3 identity and
+    Kafka principal default to its own name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    parts = (getattr(spec, "name", None) or "").split(".")
+    if len(parts) >= 2 and parts[0] == "services" and parts[1] in known:
+        return parts[1]
+    return None
 
 
 @lru_cache(maxsize=1)
