@@ -81,11 +81,8 @@ class AuthAudit:
 
     def failed(self, address: str, where: str, authorization: str, code: str) -> None:
         """A request without a valid credential (``code``: unauthenticated / bad_token)."""
-        decision, left_out = self.limit.admit(address)
-        if decision == "drop":
-            return
-        if decision == "summary":
-            self._suppressed(address, where)
+        left_out = self._admitted(address, where)
+        if left_out is None:
             return
         actor, reason = self._who_failed(authorization, code)
         detail = {"reason": reason, "code": code, "client": address}
@@ -93,14 +90,19 @@ class AuthAudit:
 
     def denied(self, who: Principal, address: str, where: str, reason: str) -> None:
         """A signed-in caller whose role may not do ``where``."""
-        decision, left_out = self.limit.admit(address)
-        if decision == "drop":
-            return
-        if decision == "summary":
-            self._suppressed(address, where)
+        left_out = self._admitted(address, where)
+        if left_out is None:
             return
         detail = {"reason": reason, "role": who.role, "client": address}
         self._write(who.user_id, "auth.denied", where, left_out, detail)
+
+    def _admitted(self, address: str, where: str) -> int | None:
+        """How many refusals from ``address`` went unwritten before this one, if this one is
+        written; None if it is not (over the limit: the first such writes a summary row)."""
+        decision, left_out = self.limit.admit(address)
+        if decision == "summary":
+            self._suppressed(address, where)
+        return left_out if decision == "write" else None
 
     def _suppressed(self, address: str, where: str) -> None:
         detail = {

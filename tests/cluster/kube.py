@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ctloop.settings import REPO_ROOT
+from tests.helpers.net import free_port
 
 CHART = REPO_ROOT / "helm" / "ctloop"
 EXAMPLES = REPO_ROOT / "k8s" / "examples"
@@ -105,13 +106,6 @@ def not_ready_summary(namespace: str) -> str:
 def secret_value(namespace: str, name: str, key: str) -> str:
     data = kubectl_json("get", "secret", name, "-n", namespace)["data"]
     return base64.b64decode(data[key]).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextmanager

@@ -4,7 +4,6 @@ tests that pull studies over DICOMweb."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from ctloop.stack.process import ManagedProcess
+from tests.helpers.net import free_port
 
 DICOMWEB_ROOT = "/dicom-web"
 
@@ -53,14 +53,6 @@ def _wait_ready(base: str, proc: ManagedProcess, timeout_s: float = 60) -> None:
         assert proc.is_running(), proc.log_tail()
         time.sleep(0.3)
     raise AssertionError(f"Orthanc did not start:\n{proc.log_tail()}")
-
-
-def free_port() -> int:
-    """A port nothing listens on now (tests running beside others must not share 18042)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextmanager

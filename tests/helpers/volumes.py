@@ -122,3 +122,14 @@ def many_member_zip(count: int) -> bytes:
     n = count & 0xFFFF
     end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, n, n, len(directory), offset, 0)
     return b"".join(local) + directory + end
+
+
+def encrypted_zip(data: bytes) -> bytes:
+    """The zip with every member flagged as encrypted (zipfile cannot write one itself)."""
+    out = bytearray(data)
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = out.find(signature)
+        while at >= 0:
+            out[at + flags_at] |= 0x01
+            at = out.find(signature, at + 4)
+    return bytes(out)

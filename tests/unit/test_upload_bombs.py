@@ -19,6 +19,7 @@ from services.ingest.validation import Limits, read_dicom_zip, read_nifti_upload
 from tests.helpers.dicom import deflated_series_zip
 from tests.helpers.volumes import (
     dicom_zip,
+    encrypted_zip,
     gzip_member,
     many_member_zip,
     nifti_raw,
@@ -79,24 +80,13 @@ def _bombs() -> dict[str, tuple[Callable[[bytes], object], Callable[[], bytes], 
         "bzip2_member": (
             dcm, lambda: zip_of(series, zipfile.ZIP_BZIP2), 422, "zip_method"
         ),
-        "encrypted_member": (dcm, lambda: _encrypted(zip_of(series)), 422, "zip_encrypted"),
+        "encrypted_member": (dcm, lambda: encrypted_zip(zip_of(series)), 422, "zip_encrypted"),
     }  # fmt: skip
 
 
 def _series_files(p) -> list[bytes]:
     with zipfile.ZipFile(io.BytesIO(dicom_zip(p))) as zf:
         return [zf.read(n) for n in zf.namelist()]
-
-
-def _encrypted(data: bytes) -> bytes:
-    """The zip with every member flagged as encrypted (what zipfile cannot write itself)."""
-    out = bytearray(data)
-    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        at = out.find(signature)
-        while at >= 0:
-            out[at + flags_at] |= 0x01
-            at = out.find(signature, at + 4)
-    return bytes(out)
 
 
 @pytest.mark.parametrize("name", list(_bombs()))

@@ -32,6 +32,7 @@ from services.ingest.app import create_app
 from tests.helpers.dicom import deflated_series_zip, deflated_zip_with_broken_meta
 from tests.helpers.volumes import (
     dicom_zip,
+    encrypted_zip,
     gzip_member,
     many_member_zip,
     nifti,
@@ -377,7 +378,7 @@ def _malformed_files(p: Phantom, pub: Phantom) -> dict[str, Case]:
             "POST", "/v1/volumes", 422, "zip_method", _upload(zip_of(series, zipfile.ZIP_BZIP2))
         ),
         "zip_encrypted_member": Case(
-            "POST", "/v1/volumes", 422, "zip_encrypted", _upload(_encrypted(zip_of(series)))
+            "POST", "/v1/volumes", 422, "zip_encrypted", _upload(encrypted_zip(zip_of(series)))
         ),
         "zip_needs_newer_version": Case(
             "POST", "/v1/volumes", 422, "not_zip", _upload(_newer_version(zip_of(series)))
@@ -418,17 +419,6 @@ def _newer_version(data: bytes) -> bytes:
     """The zip with its first member needing zip version 25.5 (zipfile: NotImplementedError)."""
     out = bytearray(data)
     out[out.index(b"PK\x01\x02") + 6] = 0xFF
-    return bytes(out)
-
-
-def _encrypted(data: bytes) -> bytes:
-    """The zip with every member flagged as encrypted (zipfile cannot write one itself)."""
-    out = bytearray(data)
-    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        at = out.find(signature)
-        while at >= 0:
-            out[at + flags_at] |= 0x01
-            at = out.find(signature, at + 4)
     return bytes(out)
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from ctloop.auth import ensure_admin_token
 from ctloop.db import create_schema
+from tests.helpers.net import free_port
 
 DECLARED = 500 * 1024 * 1024  # what the request says it will send
 SENT = 1024 * 1024 + 200_000  # what it sends before it stalls (past Starlette's 1 MiB spool)
@@ -36,12 +37,6 @@ uvicorn.run(create_app(Settings()), host="127.0.0.1", port={port}, http="httptoo
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ingest(tmp_path_factory) -> Iterator[dict[str, object]]:
     """The ingest app under uvicorn (httptools, as the service runs it) in its own process,
@@ -52,7 +47,7 @@ def ingest(tmp_path_factory) -> Iterator[dict[str, object]]:
     url = f"sqlite:///{root / 'workflow.db'}"
     create_schema(url)
     token = ensure_admin_token(url, root / "admin-token")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CTLOOP_DB__URL": url, "CTLOOP_RUN_DIR": str(root), "TMPDIR": str(spool)}
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVE.format(port=port)],

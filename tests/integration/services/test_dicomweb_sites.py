@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 
 from ctloop.core.dicom import ct_series, to_bytes
 from services.ingest.app import create_app
-from tests.helpers.orthanc import free_port, run_orthanc_anywhere, store_instances
+from tests.helpers.net import free_port
+from tests.helpers.orthanc import run_orthanc_anywhere, store_instances
 from tests.helpers.volumes import phantom
 
 

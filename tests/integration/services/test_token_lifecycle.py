@@ -6,7 +6,6 @@ each change is audited; ``ctloop admin audit verify`` finds an edited row."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from ctloop.cli import main as ctloop
 from ctloop.db import ApiToken, AuditEntry, session_scope
 from ctloop.settings import Settings
 from services.ingest.app import create_app
+from tests.helpers.net import free_port
 
 SITE = "life-site"
 
@@ -42,9 +42,7 @@ def admin(settings_oidc, admin_headers) -> Iterator[TestClient]:
 @pytest.fixture(scope="module")
 def served(settings_oidc) -> Iterator[str]:
     """The same ingest app over real HTTP (uvicorn in a thread), for the command line."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings_oidc), host="127.0.0.1", port=port, log_level="warning")
     )
