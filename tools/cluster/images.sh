@@ -57,8 +57,24 @@ system() {
   rm -rf "$t"
 }
 
+# The ctloop image's venv is ~5 GB, and podman copies a layer through /var/tmp while it commits
+# it: without that room the build fails late with "no space left on device" (seen here).
+need_space() {  # GiB, paths...
+  local gib=$1 path free; shift
+  for path in "$@"; do
+    while [ ! -e "$path" ]; do path=$(dirname "$path"); done  # podman makes its store later
+    free=$(df --output=avail -BG "$path" | tail -1 | tr -dc 0-9)
+    if [ "$free" -lt "$gib" ]; then
+      echo "[images] $path has ${free} GiB free; building this image needs about ${gib} GiB" \
+           "(remove old images: podman image prune; or give podman's storage more room)" >&2
+      exit 1
+    fi
+  done
+}
+
 build() {
   local name=$1 ctx repo
+  [ "$name" != ctloop ] || need_space 15 /var/lib/containers /var/tmp
   repo=$([ "$name" = ctloop ] && echo ctloop || echo "ctloop-$name")
   local args=(--pull=never --layers --tag "$REGISTRY/$repo:$TAG" --build-arg BASE_IMAGE=$DEB_BASE)
   case $name in
