@@ -87,6 +87,14 @@ def principal(settings: Settings) -> str:
     return settings.kafka.principal or running_service(GRANTS) or ADMIN
 
 
+def produced_topics(settings: Settings) -> frozenset[str] | None:
+    """The topics this process's principal may write (None: admin, every topic). A service's
+    outbox relay sends only these rows: the outbox is one table in the shared database, and a
+    row another service staged is that service's to send (the broker would refuse it)."""
+    grant = GRANTS.get(principal(settings))
+    return None if grant is None else frozenset(str(t) for t in grant.produces)
+
+
 def client_credential(settings: Settings) -> tuple[str, str, str] | None:
     """(principal, password, SASL mechanism) this process authenticates with; None: the broker
     has no SASL."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -31,12 +32,21 @@ def stage_event(session: Session, event: CloudEvent) -> None:
 
 
 class OutboxRelay:
-    """Publishes unsent outbox rows in order; safe to run in several processes (at-least-once)."""
+    """Publishes unsent outbox rows in order; safe to run in several processes (at-least-once).
+    With ``topics``, only rows of those topics: each service relays what it staged, which is
+    all its principal may write to the bus (:func:`ctloop.kafka_security.produced_topics`)."""
 
-    def __init__(self, database_url: str, producer: EventProducer, batch: int = 100) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        producer: EventProducer,
+        batch: int = 100,
+        topics: Collection[str] | None = None,
+    ) -> None:
         self.database_url = database_url
         self.producer = producer
         self.batch = batch
+        self.topics = sorted(topics) if topics is not None else None
         self._wake = threading.Event()
 
     def flush(self) -> int:
@@ -44,12 +54,10 @@ class OutboxRelay:
         sent = 0
         while True:
             with session_scope(self.database_url) as s:
-                rows = s.scalars(
-                    select(OutboxEvent)
-                    .where(OutboxEvent.sent_at.is_(None))
-                    .order_by(OutboxEvent.id)
-                    .limit(self.batch)
-                ).all()
+                pending = select(OutboxEvent).where(OutboxEvent.sent_at.is_(None))
+                if self.topics is not None:
+                    pending = pending.where(OutboxEvent.topic.in_(self.topics))
+                rows = s.scalars(pending.order_by(OutboxEvent.id).limit(self.batch)).all()
                 for row in rows:
                     self.producer.send_raw(
                         row.topic,

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ctloop.bus import EventConsumer, EventProducer
 from ctloop.db import create_schema, ping
+from ctloop.kafka_security import produced_topics
 from ctloop.log import bind, configure_logging
 from ctloop.outbox import OutboxRelay
 from ctloop.rpc_auth import server_interceptor
@@ -36,7 +37,8 @@ def start_service(client_id: str) -> tuple[Settings, EventProducer, OutboxRelay]
     configure_logging(settings.log_level)
     create_schema(settings.database_url)
     producer = EventProducer(settings, client_id=client_id)
-    return settings, producer, OutboxRelay(settings.database_url, producer)
+    relay = OutboxRelay(settings.database_url, producer, topics=produced_topics(settings))
+    return settings, producer, relay
 
 
 def database_check(url: str) -> Check:

@@ -233,3 +233,41 @@ def test_the_charts_setup_command_sets_each_services_password(broker, tmp_path):
         setup.terminate()
         setup.wait(timeout=30)
         apply_grants(settings, read_credentials(settings.kafka_credentials_file))  # as before
+
+
+def test_a_service_relays_only_the_outbox_rows_its_principal_may_send(broker, tmp_path, unique):
+    """The outbox is one table in the shared database. Inference's relay once picked up a
+    ``training.started`` row training had staged, the broker refused it, and the refusal stopped
+    inference's own ``prediction.completed`` events for good (found in the cluster run)."""
+    from ctloop.contracts.payloads import prediction_completed, training_started
+    from ctloop.db import OutboxEvent, create_schema, session_scope
+    from ctloop.kafka_security import produced_topics
+    from ctloop.outbox import OutboxRelay, stage_event
+
+    db = f"sqlite:///{tmp_path / 'outbox.db'}"
+    create_schema(db)
+    theirs = training_started("/training", round=1, model=f"m{unique}", volumes=[])
+    ours = prediction_completed(
+        "/inference",
+        volume_id=f"v{unique}",
+        site_id="s",
+        model=ModelRef(model=f"m{unique}", version=1),
+        mask=BlobRef(bucket="ctloop", key=f"predictions/s/v{unique}/1.nii.gz"),
+        uncertainty=0.1,
+        seconds=1.0,
+    )
+    with session_scope(db) as s:
+        stage_event(s, theirs)
+        stage_event(s, ours)
+    inference = _as(broker, "inference")
+    assert produced_topics(inference) == {str(t) for t in GRANTS["inference"].produces}
+    producer = EventProducer(inference, client_id="test-outbox")
+    try:
+        relay = OutboxRelay(db, producer, topics=produced_topics(inference))
+        assert relay.flush() == 1  # its own row went out; no refusal raised
+    finally:
+        producer.close()
+    with session_scope(db) as s:
+        unsent = {r.event_id for r in s.query(OutboxEvent).filter(OutboxEvent.sent_at.is_(None))}
+    assert unsent == {theirs.id}  # training's row waits for training's relay
+    assert produced_topics(_as(broker, ADMIN)) is None  # the operator's tools send every row
