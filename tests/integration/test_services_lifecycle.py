@@ -78,7 +78,7 @@ def _admin_works_from_the_command_line(unique: str) -> None:
     assert _ctloop(*api, "site", f"site-{unique}").returncode == 0
     made = _ctloop(*api, "user", f"u-{unique}", "--role", "annotator", "--site", f"site-{unique}")
     assert made.returncode == 0, made.stderr
-    issued = _ctloop(*api, "token", f"u-{unique}", "--label", "cli")
+    issued = _ctloop(*api, "token", "issue", f"u-{unique}", "--label", "cli")
     assert issued.returncode == 0, issued.stderr
     user_token = json.loads(issued.stdout)["token"]
     mine = httpx.get(
