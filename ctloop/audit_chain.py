@@ -1,4 +1,4 @@
-"""Checking the audit log's hash chain (written by :func:`ctloop.db.audit`).
+"""The audit log's hash chain: writing an entry (:func:`audit`) and checking the chain.
 
 Each row carries ``prev_hash`` (the previous row's ``entry_hash``) and ``entry_hash`` (SHA-256
 over ``prev_hash`` and the row's own fields). Walking the rows in id order finds the first one
@@ -16,12 +16,78 @@ anchored row must still be there with the same hash.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from ctloop.db import AuditEntry, audit_entry_hash, session_scope
+from ctloop.db import AuditEntry, session_scope
+
+# pg_advisory_xact_lock key that serialises writers of the audit chain (any constant unique to
+# this purpose; "ctloop audit" in ASCII, truncated to 63 bits).
+AUDIT_CHAIN_LOCK = 0x63746C6F6F7061
+
+
+def audit(
+    session: Session,
+    actor: str,
+    action: str,
+    resource: str,
+    site_id: str | None = None,
+    **detail: Any,
+) -> None:
+    """Append an entry to the audit log, chained to the one before it: ``prev_hash`` is the
+    previous row's ``entry_hash`` and ``entry_hash`` = SHA-256 over ``prev_hash`` and this row's
+    fields (:func:`audit_entry_hash`), so an edited, inserted or deleted row breaks the chain
+    (``ctloop admin audit verify``, :mod:`ctloop.audit_chain`).
+
+    Writers never fork the chain: on PostgreSQL the transaction takes an advisory lock held to
+    its commit before it reads the last hash; SQLite has one writer at a time, and the row is
+    inserted (taking the write lock) before the previous one is read.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(AUDIT_CHAIN_LOCK)))
+    entry = AuditEntry(
+        at=datetime.now(UTC),
+        actor=actor,
+        action=action,
+        resource=resource,
+        site_id=site_id,
+        detail=json.loads(_canonical_json(detail)),  # stored as it is hashed
+    )
+    session.add(entry)
+    session.flush()
+    prev = session.scalar(
+        select(AuditEntry.entry_hash)
+        .where(AuditEntry.id < entry.id)
+        .order_by(AuditEntry.id.desc())
+        .limit(1)
+    )
+    entry.prev_hash = prev or ""
+    entry.entry_hash = audit_entry_hash(entry)
+    session.flush()
+
+
+def audit_entry_hash(entry: AuditEntry) -> str:
+    """SHA-256 (hex) of ``entry.prev_hash`` followed by the canonical JSON of its fields."""
+    fields = {
+        "id": entry.id,
+        "at": entry.at.astimezone(UTC).isoformat(),
+        "actor": entry.actor,
+        "action": entry.action,
+        "resource": entry.resource,
+        "site_id": entry.site_id,
+        "detail": entry.detail,
+    }
+    return hashlib.sha256((entry.prev_hash + _canonical_json(fields)).encode()).hexdigest()
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 @dataclass(frozen=True)

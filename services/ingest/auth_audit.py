@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from ctloop.audit_chain import audit
 from ctloop.auth import TOKEN_PREFIX, Principal, token_hash
-from ctloop.db import ApiToken, User, audit, session_scope
+from ctloop.db import ApiToken, User, session_scope
 
 ANONYMOUS = "anonymous"
 OVERFLOW = "*"  # the shared budget of addresses past max_clients

@@ -16,8 +16,9 @@ from typing import Literal
 from sqlalchemy import select
 
 from ctloop import dicomweb
+from ctloop.audit_chain import audit
 from ctloop.auth import Principal
-from ctloop.db import Site, SiteDicomwebSource, audit, session_scope
+from ctloop.db import Site, SiteDicomwebSource, session_scope
 from ctloop.settings import Settings
 from services.ingest.deps import IngestContext
 from services.ingest.errors import ApiError, conflict, not_found

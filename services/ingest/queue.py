@@ -16,16 +16,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ctloop.audit_chain import audit
 from ctloop.auth import Principal
-from ctloop.db import (
-    AuditEntry,
-    Lease,
-    Volume,
-    VolumeStatus,
-    audit,
-    session_scope,
-    waiting_for_annotation,
-)
+from ctloop.db import AuditEntry, Lease, Volume, VolumeStatus, session_scope, waiting_for_annotation
 from services.ingest.errors import ApiError
 from services.ingest.schemas import QueueSize, Strategy, TaskOut, TaskRow
 

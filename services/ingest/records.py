@@ -18,6 +18,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ctloop.audit_chain import audit
 from ctloop.auth import Principal
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import BlobRef, ModelRef, annotation_submitted
@@ -30,7 +31,6 @@ from ctloop.db import (
     Prediction,
     Volume,
     VolumeStatus,
-    audit,
     next_annotation_revision,
     session_scope,
     volume_status,

@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from sqlalchemy.exc import IntegrityError
 
 from ctloop import dicomweb
+from ctloop.audit_chain import audit
 from ctloop.auth import Principal
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import BlobRef, Dataset, volume_ingested
@@ -37,7 +38,7 @@ from ctloop.core.blobs import (
     nifti_gz_bytes,
 )
 from ctloop.core.organs import MAX_LABEL_ID, LabelMap, UnknownLabel
-from ctloop.db import Site, Volume, VolumeStatus, audit, session_scope
+from ctloop.db import Site, Volume, VolumeStatus, session_scope
 from ctloop.log import bind
 from ctloop.outbox import stage_event
 from ctloop.storage import StoredObject

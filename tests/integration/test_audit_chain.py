@@ -9,8 +9,8 @@ import threading
 
 from sqlalchemy import func, select, text
 
-from ctloop.audit_chain import verify_chain
-from ctloop.db import AuditEntry, audit, session_scope
+from ctloop.audit_chain import audit, verify_chain
+from ctloop.db import AuditEntry, session_scope
 from tests.integration.test_database import db_url, postgres_settings  # noqa: F401 (fixtures)
 
 WRITERS = 6

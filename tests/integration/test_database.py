@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ctloop.audit_chain import audit
 from ctloop.db import (
     AnnotationRevision,
     AuditEntry,
@@ -13,7 +14,6 @@ from ctloop.db import (
     Site,
     Volume,
     VolumeStatus,
-    audit,
     claim_event,
     create_schema,
     next_annotation_revision,

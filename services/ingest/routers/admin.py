@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
 
-from ctloop.audit_chain import parse_anchor, verify_chain
+from ctloop.audit_chain import audit, parse_anchor, verify_chain
 from ctloop.auth import (
     ROLES,
     issue_token,
@@ -18,7 +18,7 @@ from ctloop.auth import (
     token_hash,
     token_usable,
 )
-from ctloop.db import ApiToken, AuditEntry, Site, SiteMembership, User, audit, session_scope
+from ctloop.db import ApiToken, AuditEntry, Site, SiteMembership, User, session_scope
 from ctloop.paging import Page, one_page
 from services.ingest.deps import Admin, Context, SignedIn
 from services.ingest.errors import ApiError, conflict, not_found

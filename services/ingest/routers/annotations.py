@@ -11,10 +11,11 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import ValidationError
 from sqlalchemy import select
 
+from ctloop.audit_chain import audit
 from ctloop.contracts.payloads import ModelRef
 from ctloop.core.organs import UnknownLabel
 from ctloop.core.partial import MAX_SLICE, PartialLabel
-from ctloop.db import AnnotationRevision, ReviewStatus, VolumeStatus, audit, session_scope
+from ctloop.db import AnnotationRevision, ReviewStatus, VolumeStatus, session_scope
 from ctloop.paging import Page, one_page
 from services.ingest.deps import Annotator, Anyone, Context, Reviewer, read_upload
 from services.ingest.errors import ApiError, conflict

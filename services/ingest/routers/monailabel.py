@@ -37,11 +37,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from ctloop.audit_chain import audit
 from ctloop.auth import Principal
 from ctloop.contracts.payloads import ModelRef
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS, LabelMap, UnknownLabel
 from ctloop.core.partial import PartialLabel
-from ctloop.db import RoundStatus, Volume, audit, session_scope
+from ctloop.db import RoundStatus, Volume, session_scope
 from ctloop.settings import Settings
 from ctloop.v1 import training_pb2
 from services.ingest.backends import latest_round, segment, start_round

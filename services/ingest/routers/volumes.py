@@ -14,10 +14,11 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import and_, or_, select
 from starlette.concurrency import run_in_threadpool
 
+from ctloop.audit_chain import audit
 from ctloop.contracts.payloads import Dataset
 from ctloop.core import dicom
 from ctloop.core.blobs import nifti_from_gz
-from ctloop.db import Volume, audit, session_scope, volume_status
+from ctloop.db import Volume, session_scope, volume_status
 from ctloop.paging import Page, one_page
 from ctloop.timing import Laps
 from services.ingest.deps import Anyone, Context, Uploader, read_body, read_upload

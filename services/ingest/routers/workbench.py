@@ -37,9 +37,10 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ctloop.audit_chain import audit
 from ctloop.core.blobs import gzip_bytes, nifti_from_gz
 from ctloop.core.organs import ORGANS
-from ctloop.db import AnnotationRevision, ServingModel, Volume, audit, session_scope
+from ctloop.db import AnnotationRevision, ServingModel, Volume, session_scope
 from ctloop.log import bind
 from services.ingest.deps import Annotator, Anyone, Context, IngestContext
 from services.ingest.errors import not_found
