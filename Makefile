@@ -237,7 +237,7 @@ integration: setup
 	$(VENV)/bin/pytest tests/integration
 
 test: setup lint helm-check
-	$(VENV)/bin/pytest tests --ignore=tests/cluster
+	$(VENV)/bin/pytest tests --ignore=tests/cluster --durations=40
 
 # Faults, load, bad input and API fuzzing against the real stack (also part of `make test`);
 # LONG=1 runs the load test for five minutes with more clients.

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from ctloop.settings import REPO_ROOT
+from tests.helpers.proc import run_logged
 
 BENCHMARKS = {
     "1_preannotation",
@@ -27,7 +27,7 @@ BENCHMARKS = {
 @pytest.mark.timeout(900)  # two platforms start on 2 loaded cores: minutes
 def test_every_benchmark_runs_on_the_smoke_preset_and_writes_its_result(tmp_path: Path):
     out = tmp_path / "results"
-    run = subprocess.run(
+    run = run_logged(
         [
             sys.executable,
             "-m",
@@ -41,12 +41,11 @@ def test_every_benchmark_runs_on_the_smoke_preset_and_writes_its_result(tmp_path
             "--port-base",
             "29100",
         ],
+        log_dir=tmp_path / "output",
         cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
         timeout=840,
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert run.returncode == 0, run.tail()
     doc = json.loads((out / "latest.json").read_text())
     assert doc["preset"] == "smoke" and doc["machine"]["cores"]
     assert set(doc["benchmarks"]) == BENCHMARKS

@@ -27,6 +27,7 @@ from ctloop.platform import instance_env
 from ctloop.settings import REPO_ROOT, Settings
 from ctloop.storage import ObjectStore
 from ctloop.transfer.presets import PRESETS
+from tests.helpers.proc import run_logged
 
 # the run below may take its subprocess timeout (1200 s) on a loaded 2-core machine
 pytestmark = pytest.mark.timeout(1500)
@@ -58,7 +59,7 @@ def run_env(tmp_path: Path):
 
 def _run_the_tiny_preset(run_env: dict[str, str]) -> None:
     """`ctloop run --preset tiny` succeeds and prints its progress."""
-    proc = subprocess.run(
+    proc = run_logged(
         [
             sys.executable,
             "-m",
@@ -70,13 +71,12 @@ def _run_the_tiny_preset(run_env: dict[str, str]) -> None:
             str(PORT_BASE),
             "--keep-services",
         ],
+        log_dir=Path(run_env["CTLOOP_RUNS_DIR"]).parent / "run-output",
         cwd=REPO_ROOT,
         env=run_env,
-        capture_output=True,
-        text=True,
         timeout=1200,
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.tail()
     assert "time model calibrated" in proc.stdout and "round 2/2" in proc.stdout  # progress
 
 
