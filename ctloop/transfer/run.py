@@ -311,7 +311,7 @@ class TransferRun:
             work = [w for ws in pool.map(claim_and_plan, team) for w in ws]
         if not work:
             return []
-        if self.time.k is None:
+        if number == 1:  # k is fixed after round 1 (a second calibration raises)
             k = self.time.calibrate([p for _, p in work])
             self.echo(
                 f"  time model calibrated on {len(work)} first-round volumes: k = {k:.4f} min "
