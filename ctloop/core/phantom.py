@@ -16,14 +16,14 @@ NIfTI.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy import ndimage
 
 from ctloop.core.organs import ORGAN_IDS
@@ -53,22 +53,55 @@ FIXED_HU = {"air": -1000.0, "fat": -100.0, "visceral_fat": -90.0, "bone": 450.0,
             "marrow": 220.0, "gastric_air": -850.0, "gastric_fluid": 15.0}  # fmt: skip
 
 
-class SiteProfile(BaseModel):
-    """How one site's scanners and protocol make its CTs look. A user can add one as JSON."""
+TISSUES = frozenset(PHASE_HU["portal"]) | frozenset(FIXED_HU)
 
-    name: str
+# Bounds of a site profile's values: wide enough for any CT protocol a hospital runs, narrow
+# enough that a typo (a noise of 1200 HU, a slice spacing of 0) is refused, not simulated.
+Hu = Annotated[float, Field(ge=-500.0, le=500.0)]
+FovMm = Annotated[float, Field(ge=150.0, le=600.0)]
+ZExtentMm = Annotated[float, Field(ge=80.0, le=600.0)]
+PatientScale = Annotated[float, Field(ge=0.6, le=1.5)]
+
+
+class SiteProfile(BaseModel):
+    """How one site's scanners and protocol make its CTs look. A user can add one as JSON.
+
+    Strict: a profile from a file with an unknown key, a value of the wrong type or one out of
+    range is refused with the field named, never half-used. The name seeds the site's patients
+    (the same name, the same patients), so it is also a file-name-safe identifier.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     description: str = ""
     phase: Phase = "portal"
-    hu_offsets: dict[str, float] = Field(default_factory=dict)  # extra HU per tissue
-    intensity_scale: float = 1.0  # scanner calibration: HU' = scale * HU + offset
-    intensity_offset: float = 0.0
-    noise_hu: float = 12.0  # std of the quantum noise
-    blur_mm: float = 0.8  # in-plane point-spread (Gaussian sigma)
-    slice_spacing_mm: float = 2.5
-    fov_mm: tuple[float, float] = (340.0, 400.0)  # in-plane field of view, sampled per volume
-    z_extent_mm: tuple[float, float] = (240.0, 280.0)  # craniocaudal coverage
-    patient_scale: tuple[float, float] = (0.9, 1.1)  # body size factor
-    texture_hu: float = 6.0  # amplitude of smooth parenchymal texture
+    hu_offsets: dict[str, Hu] = Field(default_factory=dict)  # extra HU per tissue
+    # scanner calibration: HU' = intensity_scale * HU + intensity_offset
+    intensity_scale: float = Field(default=1.0, ge=0.5, le=2.0)
+    intensity_offset: float = Field(default=0.0, ge=-300.0, le=300.0)
+    noise_hu: float = Field(default=12.0, ge=0.0, le=150.0)  # std of the quantum noise
+    blur_mm: float = Field(default=0.8, ge=0.0, le=5.0)  # in-plane point-spread (Gaussian sigma)
+    slice_spacing_mm: float = Field(default=2.5, ge=0.5, le=10.0)
+    fov_mm: tuple[FovMm, FovMm] = (340.0, 400.0)  # in-plane field of view, sampled per volume
+    z_extent_mm: tuple[ZExtentMm, ZExtentMm] = (240.0, 280.0)  # craniocaudal coverage
+    patient_scale: tuple[PatientScale, PatientScale] = (0.9, 1.1)  # body size factor
+    texture_hu: float = Field(default=6.0, ge=0.0, le=60.0)  # parenchymal texture amplitude
+
+    @field_validator("hu_offsets")
+    @classmethod
+    def _known_tissues(cls, offsets: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(offsets) - TISSUES)
+        if unknown:
+            raise ValueError(f"unknown tissue {unknown} (tissues: {', '.join(sorted(TISSUES))})")
+        return offsets
+
+    @field_validator("fov_mm", "z_extent_mm", "patient_scale")
+    @classmethod
+    def _low_then_high(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if bounds[0] > bounds[1]:
+            raise ValueError("needs [low, high] with low <= high")
+        return bounds
 
 
 SITES: dict[str, SiteProfile] = {
@@ -121,18 +154,46 @@ SIZES: dict[str, tuple[int, float]] = {
 }
 
 
-class UnknownSite(ValueError):
+class SiteError(ValueError):
+    """A site argument that names no site or a profile that cannot be used; says which and why."""
+
+
+class UnknownSite(SiteError):
+    pass
+
+
+class InvalidSiteProfile(SiteError):
     pass
 
 
 def load_site(name_or_path: str) -> SiteProfile:
-    """A built-in site by name, or a user's profile from a JSON file."""
+    """A built-in site by name, or a user's profile from a JSON file (validated strictly)."""
     if name_or_path in SITES:
         return SITES[name_or_path]
     path = Path(name_or_path)
-    if path.suffix == ".json" and path.exists():
-        return SiteProfile.model_validate(json.loads(path.read_text()))
-    raise UnknownSite(f"unknown site {name_or_path!r}; built-in: {', '.join(SITES)} (or a .json)")
+    if path.suffix != ".json":
+        raise UnknownSite(
+            f"unknown site {name_or_path!r}; built-in: {', '.join(SITES)} (or a .json profile)"
+        )
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UnknownSite(f"site profile {path}: cannot be read ({exc.strerror})") from None
+    try:
+        return SiteProfile.model_validate_json(text)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {_problem(e)}" for e in exc.errors())
+        raise InvalidSiteProfile(f"site profile {path} is not valid:\n{problems}") from None
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as ``field: what is wrong (got value)``; the file itself is ``-``."""
+    where = ".".join(str(part) for part in error["loc"]) or "-"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown field (fields: {', '.join(SiteProfile.model_fields)})"
+    if error["type"] == "missing" or not error["loc"]:
+        return f"{where}: {error['msg']}"
+    return f"{where}: {error['msg']} (got {error['input']!r})"
 
 
 @dataclass
@@ -275,7 +336,8 @@ def generate_phantom(
 
 
 def _stable_hash(text: str) -> int:
-    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little")
+    """64 bits of the SHA-256 of the whole text: every site name seeds its own patients."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> NDArray:
