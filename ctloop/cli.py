@@ -165,8 +165,17 @@ def _experiment(args: argparse.Namespace) -> int:
     import json
 
     from ctloop.core.experiment import run_transfer
+    from ctloop.core.phantom import load_site
 
-    result = run_transfer(args.preset, args.out, clinical_site=args.clinical_site, seed=args.seed)
+    clinical = [load_site(s) for s in args.clinical_site or ["clinical-a"]]
+    result = run_transfer(
+        args.preset,
+        args.out,
+        public_site=load_site(args.public_site or "public"),
+        clinical_sites=clinical,
+        evaluation_site=load_site(args.evaluation_site) if args.evaluation_site else None,
+        seed=args.seed,
+    )
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {args.out / 'result.json'}")
     return 0
@@ -265,15 +274,31 @@ def _admin(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ctloop.transfer import RunFailed
     from ctloop.transfer.run import TransferRun
+    from ctloop.transfer.sites import RunSites
     from ctloop.transfer.volumes import folder_volumes
 
-    data = None
+    data, sites = None, None
+    site_args = (args.public_site, args.clinical_site, args.evaluation_site)
     if args.public or args.clinical:
         if not (args.public and args.clinical):
             print("error: --public and --clinical go together", file=sys.stderr)
             return 2
-        data = folder_volumes(args.public, args.clinical, args.evaluation)
-        args.annotators = 0  # no truth to simulate with: people annotate
+        if any(site_args):
+            print(
+                "error: the --*-site options choose phantoms, not for --public/--clinical",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            data = folder_volumes(args.public, args.clinical, args.evaluation)
+        except RunFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not data.truth and args.annotators:
+            print("the clinical folder has no labels: people annotate (--annotators 0)")
+            args.annotators = 0
+    else:  # every profile is read and checked before anything starts
+        sites = RunSites.resolve(args.public_site, args.clinical_site or (), args.evaluation_site)
     run = TransferRun(
         args.preset,
         annotators_per_site=args.annotators,
@@ -281,6 +306,7 @@ def _run(args: argparse.Namespace) -> int:
         port_base=args.port_base,
         data=data,
         keep_services=args.keep_services,
+        sites=sites,
     )
     try:
         report = run.run()
@@ -370,6 +396,25 @@ def _add_science_commands(sub: Any) -> None:
     seg.set_defaults(func=_segment)
 
 
+def _add_site_options(parser: argparse.ArgumentParser, clinical_use: str) -> None:
+    """The phantoms' sites: each a built-in name (``ctloop synth --list-sites``) or a JSON
+    profile file (docs/run.md lists its fields)."""
+    parser.add_argument(
+        "--public-site", metavar="NAME|JSON", help="the labelled public set's site (public)"
+    )
+    parser.add_argument(
+        "--clinical-site",
+        action="append",
+        metavar="NAME|JSON",
+        help=f"repeatable: {clinical_use} (clinical-a)",
+    )
+    parser.add_argument(
+        "--evaluation-site",
+        metavar="NAME|JSON",
+        help="the held-out evaluation volumes' site (the first clinical site)",
+    )
+
+
 def _add_run_commands(sub: Any) -> None:
     """experiment and run: the transfer, in-process or on the real services."""
     exp = sub.add_parser("experiment", help="run a documented experiment")
@@ -377,7 +422,7 @@ def _add_run_commands(sub: Any) -> None:
     transfer = exp_sub.add_parser("transfer", help="igniter vs sustainer across a domain shift")
     transfer.add_argument("--preset", default="small", choices=["tiny", "small"])
     transfer.add_argument("--out", type=Path, required=True)
-    transfer.add_argument("--clinical-site", default="clinical-a")
+    _add_site_options(transfer, "the clinical training and test sets")
     transfer.add_argument("--seed", type=int, default=0)
     transfer.set_defaults(func=_experiment)
 
@@ -399,8 +444,13 @@ def _add_run_commands(sub: Any) -> None:
         default=28800,
         help="the run's services listen on PORT_BASE..PORT_BASE+7",
     )
+    _add_site_options(run, "the clinical volumes, one site per hospital site (at most 2)")
     run.add_argument("--public", type=Path, help="your labelled public dataset (Decathlon folder)")
-    run.add_argument("--clinical", type=Path, help="your unlabelled clinical dataset")
+    run.add_argument(
+        "--clinical",
+        type=Path,
+        help="your clinical dataset; its labels, if any, are the simulated annotators' truth",
+    )
     run.add_argument("--evaluation", type=Path, help="reference-labelled clinical volumes")
     run.add_argument(
         "--keep-services", action="store_true", help="leave the run's services up at the end"
@@ -420,11 +470,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ctloop.core.datasets import DatasetError
     from ctloop.core.organs import UnknownLabel
-    from ctloop.core.phantom import UnknownSite
+    from ctloop.core.phantom import SiteError
 
     try:
         return int(args.func(args))
-    except (DatasetError, UnknownLabel, UnknownSite, ValidationError, FileNotFoundError) as exc:
+    except (DatasetError, UnknownLabel, SiteError, ValidationError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,16 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
 
-from ctloop.core.datasets import DecathlonDataset, synthesize_dataset
+from ctloop.core.datasets import (
+    DecathlonDataset,
+    phantom_volume,
+    synthesize_dataset,
+    write_decathlon,
+)
 from ctloop.core.infer import Segmenter
 from ctloop.core.metrics import mean_dice, organ_dice
 from ctloop.core.model import ModelConfig
+from ctloop.core.phantom import SITES, SiteProfile, generate_phantom
 from ctloop.core.train import DataSource, TrainConfig, train
 
 log = logging.getLogger("ctloop.experiment")
@@ -76,18 +83,37 @@ def evaluate(checkpoint: Path, dataset: DecathlonDataset) -> dict[str, Any]:
 
 
 def run_transfer(
-    preset_name: str, out: Path, clinical_site: str = "clinical-a", seed: int = 0
+    preset_name: str,
+    out: Path,
+    public_site: SiteProfile | None = None,
+    clinical_sites: Sequence[SiteProfile] = (),
+    evaluation_site: SiteProfile | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the whole experiment under ``out``; the result is also written to ``out/result.json``."""
+    """Run the whole experiment under ``out``; the result is also written to ``out/result.json``.
+
+    The sites default to ``public`` and ``clinical-a``; the clinical training set cycles
+    through ``clinical_sites``, the clinical test set comes from ``evaluation_site`` (default:
+    the first clinical site).
+    """
     preset = PRESETS[preset_name]
     t0 = time.monotonic()
     data = out / "data"
-    sets = _synthesize(preset, data, clinical_site, seed)
+    public = public_site or SITES["public"]
+    clinical = list(clinical_sites) or [SITES["clinical-a"]]
+    held_out = evaluation_site or clinical[0]
+    sets = _synthesize(preset, data, public, clinical, held_out, seed)
     log.info("datasets ready", extra={k: len(v) for k, v in sets.items()})
-    igniter, sustainer = _train_both(preset, out, data, clinical_site, seed)
+    names = "+".join(p.name for p in clinical)
+    igniter, sustainer = _train_both(preset, out, data, names, seed)
     result: dict[str, Any] = {
         "preset": preset_name,
-        "clinical_site": clinical_site,
+        "clinical_site": names,
+        "sites": {
+            "public": public.model_dump(mode="json"),
+            "clinical": [p.model_dump(mode="json") for p in clinical],
+            "evaluation": held_out.model_dump(mode="json"),
+        },
         "seed": seed,
         "igniter": {
             "public_test": evaluate(igniter, sets["public_test"]),
@@ -106,20 +132,32 @@ def run_transfer(
 
 
 def _synthesize(
-    preset: Preset, data: Path, clinical_site: str, seed: int
+    preset: Preset,
+    data: Path,
+    public: SiteProfile,
+    clinical: list[SiteProfile],
+    held_out: SiteProfile,
+    seed: int,
 ) -> dict[str, DecathlonDataset]:
     """The four labelled splits under ``data``, each from its own seed range."""
+    clinical_train = [
+        phantom_volume(
+            generate_phantom(clinical[i % len(clinical)], seed + 20_000 + i, preset.size),
+            f"{clinical[i % len(clinical)].name}_{seed + 20_000 + i:05d}",
+        )
+        for i in range(preset.n_clinical)
+    ]
     return {
-        "public": synthesize_dataset(data / "public", "public", preset.n_public, seed, preset.size),
+        "public": synthesize_dataset(data / "public", public, preset.n_public, seed, preset.size),
         "public_test": synthesize_dataset(
-            data / "public_test", "public", preset.n_public_test, seed + 10_000, preset.size
+            data / "public_test", public, preset.n_public_test, seed + 10_000, preset.size
         ),
-        "clinical": synthesize_dataset(
-            data / "clinical", clinical_site, preset.n_clinical, seed + 20_000, preset.size
+        "clinical": write_decathlon(
+            data / "clinical", clinical_train, name="ctloop-synth-clinical"
         ),
         "clinical_test": synthesize_dataset(
             data / "clinical_test",
-            clinical_site,
+            held_out,
             preset.n_clinical_test,
             seed + 30_000,
             preset.size,

@@ -43,6 +43,7 @@ from ctloop.stack import LocalStack
 from ctloop.transfer import RunFailed
 from ctloop.transfer.annotator import Plan, SimulatedAnnotator, Strategy, TimeModel
 from ctloop.transfer.presets import PRESETS, PUBLIC_SITE, SITES
+from ctloop.transfer.sites import RunSites
 from ctloop.transfer.volumes import Volumes, synthetic_volumes
 from ctloop.v1 import (
     inference_pb2,
@@ -68,6 +69,7 @@ class TransferRun:
         echo: Callable[[str], None] = print,
         keep_services: bool = False,
         platform: RemotePlatform | None = None,
+        sites: RunSites | None = None,
     ) -> None:
         self.preset_name = preset_name
         self.preset = PRESETS[preset_name]
@@ -81,6 +83,8 @@ class TransferRun:
         self.base = get_settings()
         self.folder = self.base.runs_dir / self.run_id
         self.data = data
+        # The phantoms' site profiles; none when the user's folders are the data.
+        self.sites = (sites or RunSites.resolve()) if data is None else None
         self.strategy = Strategy()
         self.time = TimeModel()
         self.started = time.monotonic()
@@ -365,7 +369,9 @@ class TransferRun:
         if self.data is None:
             # Volume ids carry the run id: S3 keys and the event history are shared with
             # every other run and platform instance on this stack.
-            self.data = synthetic_volumes(self.preset, self.seed, prefix=f"r{self.run_id}-")
+            self.data = synthetic_volumes(
+                self.preset, self.seed, prefix=f"r{self.run_id}-", sites=self.sites
+            )
 
         def stop(signum: int, _: Any) -> None:
             raise SystemExit(128 + signum)  # unwind: the run's services are stopped below
@@ -443,7 +449,8 @@ class TransferRun:
                 for n in range(1, self.annotators_per_site + 1)
             ],
             "time_model": self.time.describe() | {"strategy": asdict(self.strategy)},
-            "settings": asdict(self.preset) | {"seed": self.seed},
+            "settings": asdict(self.preset)
+            | {"seed": self.seed, "sites": self.sites.describe() if self.sites else "folders"},
         }
 
         def complete() -> dict[str, Any] | None:
