@@ -22,6 +22,12 @@ from pydantic import BaseModel, Field
 
 from ctloop.contracts import keys
 from ctloop.storage import ObjectStore
+from services.metrics.fixed_set_section import (
+    fixed_set_headline,
+    fixed_set_headline_rows,
+    fixed_set_markdown,
+    fixed_set_section,
+)
 from services.metrics.state import MetricsState
 
 log = logging.getLogger("ctloop.metrics.report")
@@ -57,12 +63,16 @@ class RunInfo(BaseModel):
 def build_report(run_id: str, info: RunInfo, state: MetricsState) -> dict[str, Any]:
     rounds = _rounds(info, state)
     ours, trends = _headline(rounds)
+    fixed = fixed_set_section(info.time_model, rounds, state)
+    ours |= fixed_set_headline(fixed)
     return {
         "run_id": run_id,
         "generated_at": datetime.now(UTC).isoformat(),
         "run": info.model_dump(mode="json"),
         "rounds": rounds,
         "igniter_vs_final": ours,
+        # Every model costed on the same evaluation volumes: the headline edit-work ratio.
+        "fixed_set": fixed,
         "paper": PAPER,
         "trends": trends,
         "events_seen": state.events_seen,
@@ -175,12 +185,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{_fmt(ours.get('final_sustainer_dice'))} | |",
         f"| Dice gain | {_fmt(ours.get('dice_gain_pct'), '{:+.1f} %')} "
         f"({_fmt(ours.get('dice_gain_points'), '{:+.3f}')} points) | +{paper['dice_gain_pct']} % |",
-        f"| minutes per CT, first round | {_fmt(ours.get('first_round_minutes_per_ct'), '{:.2f}')}"
+        f"| minutes per CT, first round as annotated | "
+        f"{_fmt(ours.get('first_round_minutes_per_ct'), '{:.2f}')}"
         f" | {paper['first_round_minutes_per_ct']} |",
-        f"| minutes per CT, last round | {_fmt(ours.get('last_round_minutes_per_ct'), '{:.2f}')}"
+        f"| minutes per CT, last round as annotated | "
+        f"{_fmt(ours.get('last_round_minutes_per_ct'), '{:.2f}')}"
         f" | {paper['last_round_minutes_per_ct']} |",
-        f"| first / last | {_fmt(ours.get('minutes_ratio'), '{:.2f}x')} | "
+        f"| first / last as annotated | {_fmt(ours.get('minutes_ratio'), '{:.2f}x')} | "
         f"{paper['minutes_ratio']}x |",
+        *fixed_set_headline_rows(ours),
         "",
         "## Rounds",
         "",
@@ -215,6 +228,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     tm = run.get("time_model") or {}
     if tm:
         lines += ["", "## Time model", "", "```json", json.dumps(tm, indent=2), "```"]
+    lines += fixed_set_markdown(report.get("fixed_set"))
     lines += ["", "Plots: `dice_by_round.png`, `minutes_by_round.png`.", ""]
     return "\n".join(lines)
 
