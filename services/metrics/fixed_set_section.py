@@ -221,7 +221,7 @@ def sensitivity_markdown(table: dict[str, Any] | None) -> list[str]:
         "",
         f"Cells: igniter → final minutes ratio, full review (flexible). {table['calibration']}.",
         "",
-        "| slice IoU ok | open min | " + " | ".join(f"look {c} min" for c in fs.CHECK_MIN) + " |",
+        "| slice IoU ok | open min | " + " | ".join(f"look {c:g} min" for c in fs.CHECK_MIN) + " |",
         "|---|---|" + "---|" * len(fs.CHECK_MIN),
     ]
     cells = {(r["slice_ok"], r["open_min"], r["check_min"]): r for r in table["rows"]}
@@ -236,4 +236,14 @@ def sensitivity_markdown(table: dict[str, Any] | None) -> list[str]:
                 for r in row
             ]
             lines.append(f"| {s} | {o:g} | " + " | ".join(text) + " |")
+    units = {r["slice_ok"]: r for r in table["rows"]}  # the same at every open and look minutes
+    lines.append(
+        "\nEdit-work ratio igniter → final by slice threshold, full review (flexible): "
+        + "; ".join(
+            f"{s}: {_f(r['full']['edit_work_ratio'], '{:.2f}x')} "
+            f"({_f(r['flexible']['edit_work_ratio'], '{:.2f}x')})"
+            for s, r in units.items()
+        )
+        + "."
+    )
     return lines
