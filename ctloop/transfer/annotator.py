@@ -109,7 +109,7 @@ class TimeModel:
 
     def k_for_mean(self, looked: Sequence[int], units: Sequence[float], target: float) -> float:
         """The ``k`` that makes these volumes' mean minutes ``target`` (at least 0)."""
-        mean_units = float(np.mean(units))
+        mean_units = float(np.mean(units)) if len(units) else 0.0
         if mean_units <= 0:
             raise ValueError("these volumes need no edits: nothing to calibrate k on")
         fixed = float(np.mean([self.fixed(n) for n in looked]))
