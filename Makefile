@@ -236,8 +236,9 @@ unit: venv dev protos
 integration: setup
 	$(VENV)/bin/pytest tests/integration
 
+# tests/helm run in helm-check (beside the chart's lint and schema checks), not twice.
 test: setup lint helm-check
-	$(VENV)/bin/pytest tests --ignore=tests/cluster --durations=40
+	$(VENV)/bin/pytest tests --ignore=tests/cluster --ignore=tests/helm --durations=40
 
 # Faults, load, bad input and API fuzzing against the real stack (also part of `make test`);
 # LONG=1 runs the load test for five minutes with more clients.

@@ -82,6 +82,7 @@ def ensure_topics(settings: Settings, topics: Iterable[str] = tuple(Topic)) -> N
         if is_restricted(settings):
             _require_visible(settings, existing, topics)
             return
+        created = []
         for name in topics:
             if name in existing:
                 resource = ConfigResource(ConfigResourceType.TOPIC, name, topic_configs(settings))
@@ -96,6 +97,12 @@ def ensure_topics(settings: Settings, topics: Iterable[str] = tuple(Topic)) -> N
             # A concurrent caller may have created it in the meantime.
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics([new])
+            created.append(name)
+        if created:
+            # The broker answers the create before its metadata has the topic's partitions and
+            # leaders; a consumer that joins its group before then is assigned nothing and only
+            # finds the partitions at its next metadata refresh (5 minutes by default).
+            admin.wait_for_topics(created, timeout_ms=30_000)
     finally:
         admin.close()
 

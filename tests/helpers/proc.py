@@ -21,8 +21,8 @@ class Finished:
 
 
 def run_logged(cmd: list[str], *, log_dir: Path, timeout: float, **kwargs: object) -> Finished:
-    """Run ``cmd`` with stdout and stderr written to ``log_dir``; on a timeout the process group
-    is killed and the test fails with both tails."""
+    """Run ``cmd`` with stdout and stderr written to ``log_dir``; on a timeout it is stopped
+    (see :func:`_stop`) and the test fails with both tails."""
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / "stdout.log", log_dir / "stderr.log"
     with out_path.open("w") as out, err_path.open("w") as err:
@@ -32,8 +32,7 @@ def run_logged(cmd: list[str], *, log_dir: Path, timeout: float, **kwargs: objec
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            _stop(proc)
             done = Finished(
                 -9, out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
             )
@@ -45,3 +44,15 @@ def run_logged(cmd: list[str], *, log_dir: Path, timeout: float, **kwargs: objec
         out_path.read_text(errors="replace"),
         err_path.read_text(errors="replace"),
     )
+
+
+def _stop(proc: subprocess.Popen[str], grace_s: float = 90) -> None:
+    """SIGTERM first: ``ctloop run`` and ``bench`` then stop the services they started (those run
+    in their own sessions, out of reach of a signal to this group), which would otherwise keep
+    consuming events and CPU through every later test. SIGKILL only if that takes too long."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
