@@ -174,11 +174,13 @@ $(STAMPS)/browser:
 	fi
 	@touch $@
 
+# An unoptimised build (--debug, no debug info): it only relays a test's WebDriver commands, and
+# the optimised one took 9 of CI's 60 minutes to compile.
 $(TOOLS)/bin/geckodriver:
 	@mkdir -p $(TOOLS)
 	@$(call need,cargo,Rust's cargo (https://rustup.rs or Debian: cargo))
 	@$(STEP) geckodriver "geckodriver $(GECKODRIVER_VERSION) (cargo install, crates.io)" \
-	  'cargo install --locked geckodriver --version $(GECKODRIVER_VERSION) --root $(abspath $(TOOLS))'
+	  'CARGO_PROFILE_DEV_DEBUG=0 cargo install --locked --debug geckodriver --version $(GECKODRIVER_VERSION) --root $(abspath $(TOOLS))'
 
 # ---------------------------------------------------------------- local stack
 # The stack the run needs: Kafka (jars), the S3 gateway, Triton (its wheel) and SQLite.
