@@ -307,6 +307,7 @@ def _run(args: argparse.Namespace) -> int:
         data=data,
         keep_services=args.keep_services,
         sites=sites,
+        flexible_rounds=args.flexible_rounds,
     )
     try:
         report = run.run()
@@ -438,6 +439,13 @@ def _add_run_commands(sub: Any) -> None:
         help="simulated annotators per site (0: people annotate through the API)",
     )
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--flexible-rounds",
+        type=int,
+        metavar="N",
+        help="rounds annotated with the flexible strategy before full review (default: the "
+        "preset's, 1 for small; more than the preset's rounds: every round, the ablation)",
+    )
     run.add_argument(
         "--port-base",
         type=int,

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,9 +70,12 @@ class TransferRun:
         keep_services: bool = False,
         platform: RemotePlatform | None = None,
         sites: RunSites | None = None,
+        flexible_rounds: int | None = None,
     ) -> None:
         self.preset_name = preset_name
         self.preset = PRESETS[preset_name]
+        if flexible_rounds is not None:  # the ablation: flexible labelling in more rounds
+            self.preset = replace(self.preset, flexible_rounds=flexible_rounds)
         self.annotators_per_site = annotators_per_site
         self.seed = seed
         self.port_base = port_base
