@@ -26,7 +26,8 @@ from ctloop.core.phantom import generate_phantom
 from ctloop.platform import instance_env
 from ctloop.settings import REPO_ROOT, Settings
 from ctloop.storage import ObjectStore
-from ctloop.transfer.presets import PRESETS
+from ctloop.transfer.annotator import Strategy, TimeModel, plan_correction
+from ctloop.transfer.presets import PRESETS, SITES
 from tests.helpers.proc import run_logged
 
 # the run below may take its subprocess timeout (1200 s) on a loaded 2-core machine
@@ -146,6 +147,57 @@ def _dice_is_the_stored_predictions_against_truth(report: dict) -> None:
         assert r["dice"]["mean"] == pytest.approx(float(np.mean(per_volume)), abs=1e-6)
 
 
+def _stored(store: ObjectStore, bucket: str, key: str) -> np.ndarray:
+    raw = store.get_bytes(bucket, key)
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(raw)).dataobj, dtype=np.uint8)
+
+
+def _fixed_set_follows_from_the_stored_masks(runs: Path, report: dict) -> None:
+    """The fixed set: every scored model version's stored pre-annotations of the evaluation
+    volumes, against the labels ingest stored, priced as the annotators would (the run's k,
+    both rules), nothing submitted; the floor is open + look x the organs in each label."""
+    preset = PRESETS["tiny"]
+    settings = Settings()
+    store, bucket = ObjectStore(settings), settings.s3.bucket
+    fixed, tm = report["fixed_set"], report["run"]["time_model"]
+    time, strategy = TimeModel.from_description(tm), Strategy(**tm["strategy"])
+    assert fixed["k_minutes_per_unit"] == tm["k_minutes_per_unit"] and time.k and time.k > 0
+    rows = [(r["role"], r["version"]) for r in report["rounds"]]
+    assert [(m["role"], m["version"]) for m in fixed["models"]] == rows
+    vids = [f"r{report['run_id']}-eval-{i:03d}" for i in range(preset.n_evaluation)]
+    labels = {v: _stored(store, bucket, keys.volume_label(SITES[0], v)) for v in vids}
+    for m in fixed["models"]:
+        preds = {
+            v: _stored(store, bucket, keys.prediction_mask(v, m["model"], m["version"]))
+            for v in vids
+        }
+        for rule, flexible in (("flexible", True), ("full", False)):
+            per = m[rule]["volumes"]
+            assert sorted(per) == vids
+            for v in vids:
+                plan = plan_correction(
+                    v, "", preds[v], labels[v], np.eye(4), flexible, strategy, time
+                )
+                assert per[v]["edit_units"] == pytest.approx(plan.edit_units)
+                assert per[v]["minutes"] == pytest.approx(time.minutes(plan))
+            minutes = [per[v]["minutes"] for v in vids]
+            assert m[rule]["minutes_per_ct"] == pytest.approx(float(np.mean(minutes)))
+    organs = [sum(1 for k in ORGAN_IDS.values() if k and np.any(labels[v] == k)) for v in vids]
+    floor = time.open_min + time.check_min * float(np.mean(organs))
+    assert fixed["floor"]["full"]["minutes_per_ct"] == pytest.approx(floor)
+    ours, first, last = report["igniter_vs_final"], fixed["models"][0], fixed["models"][-1]
+    a, b = first["full"]["edit_units_per_ct"], last["full"]["edit_units_per_ct"]
+    assert ours["fixed_set_edit_work_ratio"] == (pytest.approx(a / b) if b > 0 else None)
+    a, b = first["full"]["minutes_per_ct"], last["full"]["minutes_per_ct"]
+    assert ours["fixed_set_minutes_ratio"] == pytest.approx(a / b)
+    assert ours["ceiling_first_round_over_floor"] == pytest.approx(13.87 / floor, abs=0.01)
+    assert len(fixed["sensitivity"]["rows"]) == 27
+    md = (runs / "latest" / "report.md").read_text()
+    assert "## Fixed set: every model on the same evaluation volumes" in md
+    assert "## Sensitivity of the fixed-set minutes ratio" in md
+    assert "first round as annotated" in md and "| floor: a perfect pre-annotation" in md
+
+
 def _trends_and_headline_follow_from_the_rows(report: dict) -> None:
     """The report's trends and its igniter-versus-final headline follow from its rows."""
     rounds = report["rounds"]
@@ -176,5 +228,6 @@ def test_tiny_transfer_run_writes_a_report_from_real_events(run_env, tmp_path: P
     _rounds_follow_the_preset(report)
     _minutes_are_the_submitted_ones(runs, report)
     _dice_is_the_stored_predictions_against_truth(report)
+    _fixed_set_follows_from_the_stored_masks(runs, report)
     _trends_and_headline_follow_from_the_rows(report)
     _metrics_service_serves_the_same_report(report["run_id"])
