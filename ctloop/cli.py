@@ -271,9 +271,24 @@ def _admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transfer_run(args: argparse.Namespace, seed: int, data: Any, sites: Any) -> Any:
+    """The TransferRun that ``ctloop run`` and each seed of ``ctloop study`` start."""
+    from ctloop.transfer.run import TransferRun
+
+    return TransferRun(
+        args.preset,
+        annotators_per_site=args.annotators,
+        seed=seed,
+        port_base=args.port_base,
+        data=data,
+        keep_services=args.keep_services,
+        sites=sites,
+        flexible_rounds=args.flexible_rounds,
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from ctloop.transfer import RunFailed
-    from ctloop.transfer.run import TransferRun
     from ctloop.transfer.sites import RunSites
     from ctloop.transfer.volumes import folder_volumes
 
@@ -299,16 +314,7 @@ def _run(args: argparse.Namespace) -> int:
             args.annotators = 0
     else:  # every profile is read and checked before anything starts
         sites = RunSites.resolve(args.public_site, args.clinical_site or (), args.evaluation_site)
-    run = TransferRun(
-        args.preset,
-        annotators_per_site=args.annotators,
-        seed=args.seed,
-        port_base=args.port_base,
-        data=data,
-        keep_services=args.keep_services,
-        sites=sites,
-        flexible_rounds=args.flexible_rounds,
-    )
+    run = _transfer_run(args, args.seed, data, sites)
     try:
         report = run.run()
     except RunFailed as exc:
@@ -316,6 +322,34 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     ours = report["igniter_vs_final"]
     print(json.dumps({"run_id": report["run_id"], **ours}, indent=2))
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    """The run once per seed, one after another, then the study (ctloop/transfer/study.py)."""
+    from ctloop.transfer.sites import RunSites
+    from ctloop.transfer.study import Study, StudyFailed
+
+    sites = RunSites.resolve(args.public_site, args.clinical_site or (), args.evaluation_site)
+    settings = {
+        "preset": args.preset,
+        "annotators": args.annotators,
+        "flexible_rounds": args.flexible_rounds,
+        "public_site": args.public_site or "(default)",
+        "clinical_site": args.clinical_site or "(default)",
+        "evaluation_site": args.evaluation_site or "(default)",
+    }
+    study = Study(
+        seeds=args.seeds,
+        make_run=lambda seed: _transfer_run(args, seed, None, sites),
+        runs_dir=get_settings().runs_dir,
+        settings=settings,
+    )
+    try:
+        study.run()
+    except StudyFailed as exc:
+        print(f"error: the study stopped: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -416,6 +450,31 @@ def _add_site_options(parser: argparse.ArgumentParser, clinical_use: str) -> Non
     )
 
 
+def _add_transfer_options(parser: argparse.ArgumentParser) -> None:
+    """What ``run`` and ``study`` share: the preset, the annotators, the sites, the ports."""
+    parser.add_argument("--preset", default="small", choices=["tiny", "small", "full"])
+    parser.add_argument(
+        "--annotators",
+        type=int,
+        default=2,
+        help="simulated annotators per site (0: people annotate through the API)",
+    )
+    parser.add_argument(
+        "--flexible-rounds",
+        type=int,
+        metavar="N",
+        help="rounds annotated with the flexible strategy before full review (default: the "
+        "preset's, 1 for small; more than the preset's rounds: every round, the ablation)",
+    )
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        default=28800,
+        help="the run's services listen on PORT_BASE..PORT_BASE+7",
+    )
+    _add_site_options(parser, "the clinical volumes, one site per hospital site (at most 2)")
+
+
 def _add_run_commands(sub: Any) -> None:
     """experiment and run: the transfer, in-process or on the real services."""
     exp = sub.add_parser("experiment", help="run a documented experiment")
@@ -431,28 +490,8 @@ def _add_run_commands(sub: Any) -> None:
         "run",
         help="the main job: a human-in-the-loop transfer run on the real services, with a report",
     )
-    run.add_argument("--preset", default="small", choices=["tiny", "small", "full"])
-    run.add_argument(
-        "--annotators",
-        type=int,
-        default=2,
-        help="simulated annotators per site (0: people annotate through the API)",
-    )
+    _add_transfer_options(run)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument(
-        "--flexible-rounds",
-        type=int,
-        metavar="N",
-        help="rounds annotated with the flexible strategy before full review (default: the "
-        "preset's, 1 for small; more than the preset's rounds: every round, the ablation)",
-    )
-    run.add_argument(
-        "--port-base",
-        type=int,
-        default=28800,
-        help="the run's services listen on PORT_BASE..PORT_BASE+7",
-    )
-    _add_site_options(run, "the clinical volumes, one site per hospital site (at most 2)")
     run.add_argument("--public", type=Path, help="your labelled public dataset (Decathlon folder)")
     run.add_argument(
         "--clinical",
@@ -464,6 +503,21 @@ def _add_run_commands(sub: Any) -> None:
         "--keep-services", action="store_true", help="leave the run's services up at the end"
     )
     run.set_defaults(func=_run)
+
+    study = sub.add_parser(
+        "study",
+        help="the run once per seed, then mean, sd and 95 %% interval of its headline numbers",
+    )
+    _add_transfer_options(study)
+    study.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        metavar="SEED",
+        help="one run per seed, one after another (default: 0 1 2)",
+    )
+    study.set_defaults(func=_study, keep_services=False)
 
 
 def main(argv: list[str] | None = None) -> int:

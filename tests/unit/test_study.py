@@ -1,0 +1,156 @@
+"""``ctloop study``: the aggregation over seeds, study.md, the study folder, the command line.
+
+No real transfer run here: each seed's run is a stand-in that returns a hand-made report."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctloop.transfer import RunFailed
+from ctloop.transfer.study import (
+    Study,
+    StudyFailed,
+    interval,
+    render_markdown,
+    seed_summary,
+    study_record,
+)
+
+T_975_DF2 = 4.302652729696142  # Student t 97.5 % quantile, 2 degrees of freedom (tables: 4.303)
+T_975_DF1 = 12.706204736432095  # ... 1 degree of freedom (tables: 12.706)
+
+
+def _report(run_id: str, gain: float, ratio: float, fixed: float | None, dice: list[float]) -> dict:
+    ours: dict[str, Any] = {
+        "igniter_dice": dice[0],
+        "final_sustainer_dice": dice[-1],
+        "dice_gain_points": gain,
+        "dice_gain_pct": 100 * gain / dice[0],
+        "minutes_ratio": ratio,
+    }
+    if fixed is not None:
+        ours["fixed_set_edit_work_ratio"] = fixed
+    rounds = [{"round": i, "dice": {"mean": d}} for i, d in enumerate(dice, 1)]
+    rounds.append({"round": len(dice) + 1, "dice": None})  # an unscored version is skipped
+    return {"run_id": run_id, "igniter_vs_final": ours, "rounds": rounds}
+
+
+def test_interval_is_mean_sd_and_student_t_around_the_mean():
+    stat = interval([1.0, 2.0, 3.0])
+    assert stat["n"] == 3 and stat["mean"] == pytest.approx(2.0) and stat["sd"] == pytest.approx(1)
+    half = T_975_DF2 * 1.0 / math.sqrt(3)  # 2.4841
+    assert stat["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    two = interval([0.1, 0.3])  # sd = 0.1414, half width = 12.706 * 0.1414 / sqrt(2) = 1.2706
+    assert two["ci95"] == pytest.approx([0.2 - T_975_DF1 / 10, 0.2 + T_975_DF1 / 10])
+
+
+def test_one_seed_has_no_interval_and_no_seed_has_no_mean():
+    assert interval([0.3]) == {"n": 1, "mean": 0.3, "sd": None, "ci95": None}
+    assert interval([]) == {"n": 0, "mean": None, "sd": None, "ci95": None}
+
+
+def test_aggregate_over_seeds_tolerates_a_report_without_the_fixed_set():
+    seeds = [
+        seed_summary(0, _report("r0", 0.30, 2.0, 10.0, [0.4, 0.6, 0.7])),
+        seed_summary(1, _report("r1", 0.20, 3.0, None, [0.5, 0.7])),
+        seed_summary(2, _report("r2", 0.10, 4.0, 14.0, [0.6, 0.65, 0.7])),
+    ]
+    assert seeds[1]["headline"]["fixed_set_edit_work_ratio"] is None
+    assert seeds[0]["dice_by_round"] == [0.4, 0.6, 0.7]
+    agg = study_record(seeds, {"preset": "tiny"})["aggregate"]
+    gain = agg["headline"]["dice_gain_points"]
+    assert gain["mean"] == pytest.approx(0.2) and gain["sd"] == pytest.approx(0.1)
+    assert gain["ci95"][1] - gain["mean"] == pytest.approx(T_975_DF2 * 0.1 / math.sqrt(3))
+    fixed = agg["headline"]["fixed_set_edit_work_ratio"]  # over the two seeds that have it
+    assert fixed["n"] == 2 and fixed["mean"] == pytest.approx(12.0)
+    assert fixed["ci95"] == pytest.approx([12 - T_975_DF1 * 2, 12 + T_975_DF1 * 2])
+    assert agg["headline"]["fixed_set_minutes_ratio"]["n"] == 0
+    by_round = agg["dice_by_round"]  # round 3: only the seeds that reached it
+    assert [r["n"] for r in by_round] == [3, 3, 2]
+    assert by_round[0]["mean"] == pytest.approx(0.5)
+
+
+def test_study_md_lists_each_seed_and_the_intervals():
+    seeds = [
+        seed_summary(0, _report("r0", 0.30, 2.0, 10.0, [0.4, 0.7])),
+        seed_summary(1, _report("r1", 0.10, 4.0, None, [0.6, 0.7])),
+    ]
+    md = render_markdown(study_record(seeds, {"preset": "tiny"}))
+    assert "# ctloop study: 2 seed(s)" in md
+    assert "| 0 | r0 | +0.300 |" in md and "| 1 | r1 | +0.100 |" in md
+    low, high = 0.2 - T_975_DF1 * 0.1, 0.2 + T_975_DF1 * 0.1
+    assert f"| Dice gain (points) | +0.200 | 0.141 | [{low:+.3f}, {high:+.3f}] | 2 |" in md
+    assert "| fixed set: edit-work ratio, full review | 10.00x | - | undefined (n < 2) | 1 |" in md
+    assert "![mean Dice per round](dice_by_round.png)" in md
+
+
+class _FakeRun:
+    """A seed's run: writes its report.json like the metrics service, or fails."""
+
+    def __init__(self, runs_dir: Path, seed: int, fail: bool) -> None:
+        self.run_id, self.fail = f"run-{seed}", fail
+        self.folder = runs_dir / self.run_id
+        self.seed = seed
+
+    def run(self) -> dict[str, Any]:
+        if self.fail:
+            raise RunFailed("training round failed")
+        report = _report(self.run_id, 0.1 * (self.seed + 1), 2.0, 8.0, [0.5, 0.6])
+        self.folder.mkdir(parents=True)
+        (self.folder / "report.json").write_text(json.dumps(report))
+        return {"run_id": "not read: report.json is"}
+
+
+def test_study_writes_its_folder_and_points_latest_study_at_it(tmp_path):
+    echoed: list[str] = []
+    study = Study([0, 1], lambda s: _FakeRun(tmp_path, s, False), tmp_path, {}, echoed.append)
+    folder = study.run()
+    assert (tmp_path / "latest-study").resolve() == folder.resolve()
+    record = json.loads((folder / "study.json").read_text())
+    assert [s["run_id"] for s in record["seeds"]] == ["run-0", "run-1"]
+    assert record["aggregate"]["headline"]["dice_gain_points"]["mean"] == pytest.approx(0.15)
+    assert (folder / "dice_by_round.png").read_bytes()[:4] == b"\x89PNG"
+    assert "# ctloop study" in (folder / "study.md").read_text()
+    assert echoed[0] == "study: seed 0 (1/2): run run-0"
+
+
+def test_a_failed_seed_stops_the_study_and_names_its_run_folder(tmp_path):
+    study = Study([0, 1, 2], lambda s: _FakeRun(tmp_path, s, s == 1), tmp_path, {}, lambda _: None)
+    with pytest.raises(StudyFailed) as failed:
+        study.run()
+    message = str(failed.value)
+    assert "seed 1 failed" in message and str(tmp_path / "run-1") in message
+    assert "seed 0: run-0" in message and "training round failed" in message
+    assert (tmp_path / "run-0" / "report.json").is_file()  # the finished seed's report stays
+    assert not (tmp_path / "latest-study").exists() and not (tmp_path / "run-2").exists()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ctloop.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_study_help_names_the_seeds_and_their_default():
+    result = _cli("study", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--seeds SEED [SEED ...]" in result.stdout and "default: 0 1 2" in result.stdout
+
+
+def test_study_takes_the_run_options_and_defaults_to_three_seeds(monkeypatch):
+    from ctloop import cli
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(cli, "_study", lambda args: seen.setdefault("args", args) and 0)
+    argv = ["study", "--preset", "tiny", "--annotators", "1", "--port-base", "30500"]
+    assert cli.main([*argv, "--clinical-site", "clinical-b", "--flexible-rounds", "9"]) == 0
+    args = seen.pop("args")
+    assert args.seeds == [0, 1, 2] and args.preset == "tiny" and args.annotators == 1
+    assert args.port_base == 30500 and args.clinical_site == ["clinical-b"]
+    assert args.flexible_rounds == 9 and args.keep_services is False
+    assert cli.main([*argv, "--seeds", "4", "7"]) == 0 and seen["args"].seeds == [4, 7]
