@@ -33,7 +33,7 @@ CONFIDENCE = 0.95
 # The headline numbers of a run's report (``igniter_vs_final``; the fixed-set keys are
 # written by services/metrics/fixed_set_section.py and may be absent): key, label, format.
 HEADLINE: tuple[tuple[str, str, str], ...] = (
-    ("dice_gain_points", "Dice gain (points)", "{:+.3f}"),
+    ("dice_gain_points", "Dice gain (points)", "{:+.4f}"),
     ("dice_gain_pct", "Dice gain (%)", "{:+.1f}"),
     ("final_sustainer_dice", "final sustainer Dice", "{:.3f}"),
     ("minutes_ratio", "minutes ratio, first / last round as annotated", "{:.2f}x"),

@@ -82,9 +82,9 @@ def test_study_md_lists_each_seed_and_the_intervals():
     ]
     md = render_markdown(study_record(seeds, {"preset": "tiny"}))
     assert "# ctloop study: 2 seed(s)" in md
-    assert "| 0 | r0 | +0.300 |" in md and "| 1 | r1 | +0.100 |" in md
+    assert "| 0 | r0 | +0.3000 |" in md and "| 1 | r1 | +0.1000 |" in md
     low, high = 0.2 - T_975_DF1 * 0.1, 0.2 + T_975_DF1 * 0.1
-    assert f"| Dice gain (points) | +0.200 | 0.141 | [{low:+.3f}, {high:+.3f}] | 2 |" in md
+    assert f"| Dice gain (points) | +0.2000 | 0.1414 | [{low:+.4f}, {high:+.4f}] | 2 |" in md
     assert "| fixed set: edit-work ratio, full review | 10.00x | - | undefined (n < 2) | 1 |" in md
     assert "![mean Dice per round](dice_by_round.png)" in md
 
