@@ -10,26 +10,16 @@ import numpy as np
 import pytest
 
 from ctloop.core.blobs import nifti_gz_bytes
-from ctloop.core.organs import ORGAN_IDS
 from ctloop.transfer import fixed_set as fs
 from ctloop.transfer.annotator import Strategy, TimeModel, plan_correction, slice_confusion
 from services.metrics.fixed_set_section import fixed_set_section
 from services.metrics.report import RunInfo, build_report, render_markdown
 from services.metrics.snapshot_format import PredictionDoc, ScoreDoc, StateDoc
 from services.metrics.state import MetricsState
+from tests.helpers.masks import LIVER, SPLEEN, three_organ_truth
 
-DEPTH = 16  # flexible review: slices 0-3 and 8-11
-LIVER, SPLEEN, AORTA = ORGAN_IDS["liver"], ORGAN_IDS["spleen"], ORGAN_IDS["aorta"]
 STRATEGY = Strategy()
 SHIFTED = 100 / 150  # changed / union on a slice of a 10x10 square drawn 5 voxels off
-
-
-def _truth() -> np.ndarray:
-    t = np.zeros((40, 40, DEPTH), dtype=np.uint8)
-    t[2:12, 2:12] = LIVER
-    t[2:12, 25:35] = SPLEEN
-    t[25:35, 2:12] = AORTA
-    return t
 
 
 def _shifted_liver(truth: np.ndarray) -> np.ndarray:
@@ -60,7 +50,7 @@ def _nudged_liver(truth: np.ndarray) -> np.ndarray:
 def test_the_fixed_set_cost_is_the_annotators_own_plan(flexible: bool):
     """No copied logic: a fixed-set cost is what the annotator would have charged."""
     time = TimeModel(k=0.42)
-    truth = _truth()
+    truth = three_organ_truth()
     for pred in (truth.copy(), _shifted_liver(truth), _thin_spleen(truth), _nudged_liver(truth)):
         plan = plan_correction("v", "m:1", pred, truth, np.eye(4), flexible, STRATEGY, time)
         cost = fs.cost_volume(slice_confusion(pred, truth), flexible, STRATEGY, time)
@@ -71,7 +61,7 @@ def test_the_fixed_set_cost_is_the_annotators_own_plan(flexible: bool):
 
 def test_edit_units_and_minutes_per_ct_per_rule_counted_by_hand():
     time = TimeModel(k=0.5)
-    truth = _truth()
+    truth = three_organ_truth()
     confs = {
         "a": slice_confusion(_shifted_liver(truth), truth),
         "b": slice_confusion(_thin_spleen(truth), truth),
@@ -94,7 +84,7 @@ def test_edit_units_and_minutes_per_ct_per_rule_counted_by_hand():
 
 
 def test_a_perfect_pre_annotation_is_the_floor():
-    truth = _truth()
+    truth = three_organ_truth()
     conf = slice_confusion(_shifted_liver(truth), truth)
     assert np.array_equal(fs.perfect(conf), slice_confusion(truth, truth))
     floor = fs.floor({"a": conf}, STRATEGY, TimeModel(k=0.5))
@@ -103,7 +93,7 @@ def test_a_perfect_pre_annotation_is_the_floor():
 
 def test_igniter_against_final_on_the_volumes_both_pre_annotated():
     time = TimeModel(k=0.5)
-    truth = _truth()
+    truth = three_organ_truth()
     bad, good, perfect = _shifted_liver(truth), _thin_spleen(truth), truth.copy()
     igniter = {"a": slice_confusion(bad, truth), "b": slice_confusion(bad, truth)}
     final = {"a": slice_confusion(good, truth), "c": slice_confusion(perfect, truth)}
@@ -120,7 +110,7 @@ def test_igniter_against_final_on_the_volumes_both_pre_annotated():
 
 def test_the_sensitivity_table_is_recomputed_with_k_anchored_on_the_igniter():
     time = TimeModel(k=0.5)
-    truth = _truth()
+    truth = three_organ_truth()
     igniter = {"a": slice_confusion(_shifted_liver(truth), truth)}
     final = {"a": slice_confusion(_nudged_liver(truth), truth)}
     table = fs.sensitivity(igniter, final, STRATEGY, time)
@@ -162,7 +152,7 @@ class _Store:
 def _state_with_stored_masks() -> tuple[MetricsState, dict[tuple[str, int], dict[str, np.ndarray]]]:
     """Two evaluation volumes, the igniter and two sustainer versions' masks of each, as the
     metrics service knows them from the events (and one other run's model it must ignore)."""
-    store, truth = _Store(), _truth()
+    store, truth = _Store(), three_organ_truth()
     preds = {
         ("ign", 1): {"e0": _shifted_liver(truth), "e1": _shifted_liver(truth)},
         ("sus", 1): {"e0": _thin_spleen(truth), "e1": _shifted_liver(truth)},
@@ -197,7 +187,7 @@ def test_the_report_section_costs_the_stored_masks_of_every_scored_model():
     info = RunInfo(igniter="ign", sustainer="sus", time_model=time.describe())
     report = build_report("r1", info, state)
     section = report["fixed_set"]
-    truth = _truth()
+    truth = three_organ_truth()
     assert section["volumes"] == 2 and section["k_minutes_per_unit"] == 0.5
     assert [(m["role"], m["version"]) for m in section["models"]] == [
         ("igniter", 1),

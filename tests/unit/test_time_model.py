@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from ctloop.core.blobs import nifti_gz_bytes
-from ctloop.core.organs import ORGAN_IDS
 from ctloop.transfer.annotator import (
     SimulatedAnnotator,
     Strategy,
@@ -24,20 +23,10 @@ from ctloop.transfer.annotator import (
 )
 from ctloop.transfer.presets import SITES
 from ctloop.transfer.run import TransferRun
+from tests.helpers.masks import DEPTH, LIVER, SPLEEN, three_organ_truth
 
-DEPTH = 16  # with 4-slice blocks, flexible review covers slices 0-3 and 8-11
-LIVER, SPLEEN, AORTA = ORGAN_IDS["liver"], ORGAN_IDS["spleen"], ORGAN_IDS["aorta"]
 REVIEWED = np.zeros(DEPTH, dtype=bool)
 REVIEWED[0:4] = REVIEWED[8:12] = True
-
-
-def _truth() -> np.ndarray:
-    """Three organs apart from each other, each a 10x10 square on every slice."""
-    t = np.zeros((40, 40, DEPTH), dtype=np.uint8)
-    t[2:12, 2:12] = LIVER
-    t[2:12, 25:35] = SPLEEN
-    t[25:35, 2:12] = AORTA
-    return t
 
 
 def _plan(pred: np.ndarray, truth: np.ndarray, flexible: bool, time: TimeModel):
@@ -47,7 +36,7 @@ def _plan(pred: np.ndarray, truth: np.ndarray, flexible: bool, time: TimeModel):
 @pytest.mark.parametrize("flexible", [True, False])
 def test_a_perfect_prediction_costs_exactly_the_floor(flexible: bool):
     time = TimeModel(k=0.37)
-    truth = _truth()
+    truth = three_organ_truth()
     plan = _plan(truth.copy(), truth, flexible, time)
     assert set(plan.organs.values()) == {"accepted"} and len(plan.organs) == 3
     assert plan.edit_units == 0.0
@@ -65,7 +54,7 @@ def test_the_floor_and_ceiling_are_stated():
 
 def test_a_skipped_organ_costs_its_look_and_no_edits():
     time = TimeModel(k=0.5)
-    truth = _truth()
+    truth = three_organ_truth()
     pred = truth.copy()
     pred[2:12, 10:12][pred[2:12, 10:12] == LIVER] = 0  # liver drawn 10x8: Dice 0.889
     plan = _plan(pred, truth, True, time)
@@ -81,7 +70,7 @@ def test_a_skipped_organ_costs_its_look_and_no_edits():
 
 def test_only_reviewed_slices_of_corrected_organs_are_charged_and_changed():
     time = TimeModel(k=0.5)
-    truth = _truth()
+    truth = three_organ_truth()
     pred = truth.copy()
     pred[pred == LIVER] = 0
     pred[7:17, 2:12] = LIVER  # shifted by 5: per slice 50 right, 150 in the union, Dice 0.5
@@ -110,7 +99,7 @@ def _fix_liver(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def test_k_is_calibrated_once_and_never_again():
     time = TimeModel()
-    truth = _truth()
+    truth = three_organ_truth()
     bad = truth.copy()
     bad[bad == LIVER] = 0
     plans = [_plan(bad, truth, True, time), _plan(truth.copy(), truth, True, time)]
@@ -153,7 +142,7 @@ class _FakeApi:
 def test_the_run_calibrates_on_round_1_and_later_minutes_follow_from_the_masks():
     """The run's own round code: round 1's mean is the paper's 13.87 minutes; round 2 (a
     better model) is priced with round 1's k, from its stored masks, not refitted."""
-    truth = _truth()
+    truth = three_organ_truth()
     worse, better = truth.copy(), truth.copy()
     worse[worse == LIVER] = 0
     worse[worse == SPLEEN] = 0
