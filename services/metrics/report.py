@@ -166,6 +166,20 @@ def _incomplete_warning(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _sites_line(settings: dict[str, Any]) -> list[str]:
+    """Which site profiles the run drew its phantoms from, and its seed (nothing for a run on
+    the user's own folders); the profiles themselves are in report.json."""
+    sites = settings.get("sites")
+    if not isinstance(sites, dict):
+        return []
+    hospitals = ", ".join(f"{h} `{p['name']}`" for h, p in sites["hospitals"].items())
+    return [
+        "",
+        f"Sites: public `{sites['public']['name']}`; {hospitals}; evaluation "
+        f"`{sites['evaluation']['name']}`; seed {settings.get('seed', '-')}.",
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     run, ours, paper = report["run"], report["igniter_vs_final"], report["paper"]
     organs = sorted({o for r in report["rounds"] if r["dice"] for o in r["dice"]["organs"]})
@@ -175,6 +189,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Preset `{run['preset']}`; volumes {run['volumes']}; annotators "
         f"{', '.join(run['annotators']) or '-'}. Generated {report['generated_at']} from "
         f"{report['events_seen']} events.",
+        *_sites_line(run.get("settings") or {}),
         "",
         *_incomplete_warning(report),
         "## Headline: ours beside the paper (Ma et al. 2022)",
