@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from scipy.stats import t as student_t
 
+from ctloop.files import repoint_link
 from ctloop.transfer import RunFailed
 
 CONFIDENCE = 0.95
@@ -185,10 +185,7 @@ def write_study(study: dict[str, Any], runs_dir: Path) -> Path:
     (folder / "study.json").write_text(json.dumps(study, indent=2))
     (folder / "study.md").write_text(render_markdown(study))
     (folder / "dice_by_round.png").write_bytes(plot_dice(study))
-    tmp = runs_dir / ".latest-study.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(name)
-    os.replace(tmp, runs_dir / "latest-study")
+    repoint_link(runs_dir / "latest-study", name)
     return folder
 
 

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 from pydantic import BaseModel, Field
 
 from ctloop.contracts import keys
+from ctloop.files import repoint_link
 from ctloop.storage import ObjectStore
 from services.metrics.fixed_set_section import (
     fixed_set_headline,
@@ -307,11 +308,7 @@ def write_report(
         tmp = folder / f".{name}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, folder / name)
-    latest = runs_dir / "latest"
-    tmp_link = runs_dir / ".latest.tmp"
-    tmp_link.unlink(missing_ok=True)
-    tmp_link.symlink_to(run_id)
-    os.replace(tmp_link, latest)
+    repoint_link(runs_dir / "latest", run_id)
     store.put_bytes(bucket, keys.report_latest(), run_id.encode())
     log.info("report written", extra={"run_id": run_id, "folder": str(folder)})
     return folder
