@@ -143,10 +143,10 @@ def test_study_help_names_the_seeds_and_their_default():
 
 
 def test_study_takes_the_run_options_and_defaults_to_three_seeds(monkeypatch):
-    from ctloop import cli
+    from ctloop import cli, cli_run
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(cli, "_study", lambda args: seen.setdefault("args", args) and 0)
+    monkeypatch.setattr(cli_run, "_study", lambda args: seen.setdefault("args", args) and 0)
     argv = ["study", "--preset", "tiny", "--annotators", "1", "--port-base", "30500"]
     assert cli.main([*argv, "--clinical-site", "clinical-b", "--flexible-rounds", "9"]) == 0
     args = seen.pop("args")
