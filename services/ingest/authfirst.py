@@ -15,7 +15,9 @@ An explicit list, denying by default: a new public route must be added here, and
 route serves needs a token too (no route map for strangers). The routes keep their own check
 (:func:`services.ingest.deps.signed_in`) as a second line. Public routes take bodies of at most
 ``PUBLIC_BODY_BYTES``, with a declared length; any body declared over the upload limit is
-refused (413) before it is read.
+refused (413) before it is read, and one that arrives without a length (chunked) is counted as
+it comes in and refused (413, connection closed) the moment it passes the limit, before
+Starlette's multipart parser spools any more of it.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import json
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctloop.auth import Principal
 from services.ingest.deps import PRINCIPAL_KEY, IngestContext
-from services.ingest.errors import DEPENDENCY_DOWN, ApiError, unavailable
+from services.ingest.errors import DEPENDENCY_DOWN, ApiError, BodyTooLarge, unavailable
 
 # What anyone may call without a token (GET, except MONAI Label's sign-in form).
 PUBLIC_PATHS = frozenset(
@@ -73,11 +75,25 @@ class AuthenticateFirst:
                 self._check_public_body(scope)
             else:
                 scope[PRINCIPAL_KEY] = await self._authenticate(scope)
-                self._check_length(scope, self.ctx.limits.max_bytes + FORM_SLACK_BYTES)
+                limit = self.ctx.limits.max_bytes + FORM_SLACK_BYTES
+                self._check_length(scope, limit)
+                receive = BodyBudget(receive, limit)
         except ApiError as refused:
             await _refuse(refused, send)
             return
-        await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except BodyTooLarge as refused:  # raised where the app's error handlers do not reach
+            if started:
+                raise
+            await _refuse(refused.refusal, send)
 
     async def _authenticate(self, scope: Scope) -> Principal:
         authorization = _header(scope, b"authorization")
@@ -104,6 +120,25 @@ class AuthenticateFirst:
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > limit:
             raise ApiError("too_large", f"the request body exceeds {limit} bytes", 413)
+
+
+class BodyBudget:
+    """An ASGI ``receive`` that counts the body's bytes and raises :class:`BodyTooLarge` the
+    moment they pass ``limit``, whatever the request declared (chunked bodies declare
+    nothing)."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.seen = 0
+
+    async def __call__(self) -> Message:
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                raise BodyTooLarge(self.limit)
+        return message
 
 
 def _header(scope: Scope, name: bytes) -> str:

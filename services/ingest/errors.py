@@ -37,6 +37,18 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """A body that passed the limit while it was being read: 413 and the connection closed, so
+    the rest is never read. An HTTPException because FastAPI turns any other exception raised
+    while it parses a form into a 400; answered as :attr:`refusal`."""
+
+    def __init__(self, limit: int) -> None:
+        message = f"the request body exceeds {limit} bytes"
+        headers = {"Connection": "close"}
+        self.refusal = ApiError("too_large", message, 413, headers)
+        super().__init__(413, message, headers)
+
+
 def not_found(message: str, code: str = "not_found") -> ApiError:
     return ApiError(code, message, 404)
 
@@ -50,6 +62,11 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"code": exc.code, "message": exc.message}, status_code=exc.status, headers=exc.headers
     )
+
+
+async def _body_too_large(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BodyTooLarge)
+    return await _api_error(request, exc.refusal)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -98,6 +115,7 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(BodyTooLarge, _body_too_large)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # routing's 404/405 too
     app.add_exception_handler(RequestValidationError, _invalid)
     for kind in DEPENDENCY_DOWN:

@@ -27,6 +27,7 @@ SENT = 1024 * 1024 + 200_000  # what it sends before it stalls (past Starlette's
 ANSWER_WITHIN_S = 3.0  # "at once", with room for a loaded machine
 RSS_GROWTH_LIMIT = 50 * 1024 * 1024
 BOUNDARY = "ctloopboundary"
+LIMIT_MB = 4  # this ingest's upload limit (the default, 1 GiB, is too much to send in a test)
 
 SERVE = """
 import uvicorn
@@ -49,6 +50,7 @@ def ingest(tmp_path_factory) -> Iterator[dict[str, object]]:
     token = ensure_admin_token(url, root / "admin-token")
     port = free_port()
     env = {**os.environ, "CTLOOP_DB__URL": url, "CTLOOP_RUN_DIR": str(root), "TMPDIR": str(spool)}
+    env["CTLOOP_SERVICES__MAX_UPLOAD_MB"] = str(LIMIT_MB)
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVE.format(port=port)],
         env=env,
@@ -157,7 +159,7 @@ def test_a_huge_upload_without_valid_credentials_is_refused_from_its_headers(
 
 
 def test_a_signed_in_upload_declared_over_the_limit_is_refused_before_it_is_read(ingest):
-    """1 GiB is the default upload limit; 2 GiB declared is refused without reading any."""
+    """2 GiB declared, over the limit: refused without reading any."""
     headers = {"Authorization": f"Bearer {ingest['token']}"}
     got = _stalled_upload(ingest["port"], "/v1/volumes", headers, 2 * 1024**3)
     assert got["status"] == 413 and got["json"]["code"] == "too_large", got
@@ -183,3 +185,50 @@ def test_public_routes_stay_open_and_take_only_small_bodies(ingest):
     admin = {"Authorization": f"Bearer {ingest['token']}"}
     assert httpx.get(f"{base}/v1/nothing-here", headers=admin).json()["code"] == "not_found"
     assert httpx.get(f"{base}/v1/volumes", headers=admin).status_code == 200
+
+
+def test_a_signed_in_chunked_upload_is_cut_off_when_it_passes_the_limit(ingest):
+    """A chunked body declares no length: it is counted as it arrives and refused (413, the
+    connection closed) once past the limit (+ the form's slack), not spooled to its end."""
+    sock = socket.create_connection(("127.0.0.1", ingest["port"]))
+    sock.settimeout(20)
+    head = [
+        "POST /v1/volumes HTTP/1.1",
+        f"Host: 127.0.0.1:{ingest['port']}",
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}",
+        "Transfer-Encoding: chunked",
+        f"Authorization: Bearer {ingest['token']}",
+    ]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    part = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="ct.nii.gz"'
+        "\r\nContent-Type: application/gzip\r\n\r\n"
+    ).encode()
+    limit = (LIMIT_MB + 1) * 1024 * 1024  # the upload limit and the form's slack
+    sent, stopped = 0, False
+
+    def send_chunk(data: bytes) -> None:
+        sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+    try:
+        send_chunk(part)
+        while sent < 8 * limit:  # far more than the limit, 256 KiB at a time
+            send_chunk(os.urandom(256 * 1024))
+            sent += 256 * 1024
+    except OSError:  # the server answered and closed: it stopped reading
+        stopped = True
+    received = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    sock.close()
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line.split()[1] == b"413", received[:300]
+    head_raw, _, body = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in head_raw.lower()
+    assert json.loads(body)["code"] == "too_large"
+    assert stopped and sent < 8 * limit, sent  # the server closed: it did not read it all
+    deadline = time.monotonic() + 10  # what the parser had spooled is removed with the request
+    while list(ingest["spool"].iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(ingest["spool"].iterdir()) == []
