@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from ctloop.grpc_tls import TlsPair
 from ctloop.kafka_security import credentials_path, grant_groups
 from ctloop.rpc_auth import channel, service_channel
 from ctloop.settings import REPO_ROOT, Settings
@@ -212,6 +213,8 @@ class RemotePlatform:
     # The release's operator gRPC token (key operator-token of its <release>-grpc-tokens
     # Secret); without it the services refuse the run's gRPC calls.
     grpc_token: str = ""
+    # the operator's TLS pair (the release's grpc-tls-operator Secret) when gRPC TLS is on
+    grpc_tls: TlsPair | None = None
 
     def up(self) -> None:
         """Nothing to start: the release runs on its own."""
@@ -225,8 +228,9 @@ class RemotePlatform:
     def grpc_channel(
         self, target: str, options: Sequence[tuple[str, Any]] | None = None
     ) -> grpc.Channel:
-        """A channel to one of the release's gRPC APIs, as the operator."""
-        return channel(target, "operator", self.grpc_token, options)
+        """A channel to one of the release's gRPC APIs, as the operator (over mutual TLS with
+        the operator's pair when the release has gRPC TLS on)."""
+        return channel(target, "operator", self.grpc_token, options, self.grpc_tls)
 
     def until(self, what: str, check: Callable[[], Any], timeout_s: float) -> Any:
         return until(what, check, timeout_s, None, self.poll_s)

@@ -3,7 +3,8 @@
 The Helm chart's ``helm test`` hook runs this in a pod with the services' own settings (the same
 ``CTLOOP_*`` environment), so it dials exactly the addresses the services dial: each ctloop
 service's HTTP readiness, gRPC health and refusal of calls without a service token, Triton's
-readiness, Kafka's topics and the buckets. It holds no service token.
+readiness, Kafka's topics and the buckets (as a service's S3 identity: its grants, and a
+refusal outside them). It holds no service token.
 One line per check; exit status 1 when any fails (helm test then reports the pod failed).
 """
 
@@ -20,6 +21,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ctloop import grpc_tls
 from ctloop.contracts.topics import Topic
 from ctloop.rpc_auth import method
 from ctloop.settings import Settings, get_settings
@@ -50,9 +52,15 @@ ANONYMOUS_PROBE: dict[ServiceName, str] = {
 
 def grpc_serving(settings: Settings, name: ServiceName) -> str:
     """The service's gRPC health says SERVING (open to anyone) and its API refuses a caller
-    without a service token (UNAUTHENTICATED)."""
+    without a service token (UNAUTHENTICATED). With gRPC TLS on (``grpc.tls_dir``) this check
+    dials with its own pair (``release-check``) and a plain-text dial must get nothing."""
     target = settings.services.grpc_target(name)
-    with grpc.insecure_channel(target) as channel:
+    pair = grpc_tls.load(settings, "release-check")
+    if pair is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, grpc_tls.channel_credentials(pair))
+    with channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=10
         )
@@ -66,7 +74,16 @@ def grpc_serving(settings: Settings, name: ServiceName) -> str:
                 raise
         else:
             raise RuntimeError(f"{target} answered {probe} without a service token")
-    return f"gRPC health {target} SERVING, anonymous calls refused"
+    if pair is None:
+        return f"gRPC health {target} SERVING, anonymous calls refused"
+    with grpc.insecure_channel(target) as plain:
+        try:
+            health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError:
+            pass
+        else:
+            raise RuntimeError(f"{target} answers plain text although gRPC TLS is on")
+    return f"gRPC health {target} SERVING over mutual TLS, plain text and anonymous calls refused"
 
 
 def triton_ready(settings: Settings) -> str:
@@ -99,14 +116,35 @@ def kafka_topics(settings: Settings) -> str:
 
 
 def buckets(settings: Settings) -> str:
+    """Root (the local stack): both buckets are listed. A service identity (the chart's pods;
+    ``helm test`` runs as metrics): its grants work (its buckets exist, its policy is in place)
+    and a read outside them is refused, which shows the store holds it to its grants."""
+    from minio.error import S3Error
+
+    from ctloop.s3_grants import outside_read
     from ctloop.storage import ObjectStore
 
-    present = ObjectStore(settings).list_buckets()
+    store = ObjectStore(settings)
     wanted = [settings.s3.bucket, settings.s3.model_bucket]
-    missing = [b for b in wanted if b not in present]
-    if missing:
-        raise RuntimeError(f"buckets missing at {settings.s3.endpoint}: {missing}")
-    return f"S3 {settings.s3.endpoint}: buckets {', '.join(wanted)}"
+    where = f"S3 {settings.s3.endpoint}"
+    if store.identity is None:
+        present = store.list_buckets()
+        missing = [b for b in wanted if b not in present]
+        if missing:
+            raise RuntimeError(f"buckets missing at {settings.s3.endpoint}: {missing}")
+        return f"{where}: buckets {', '.join(wanted)}"
+    store.check_grants()
+    bucket, key = outside_read(settings, store.identity)
+    try:
+        store.get_optional(bucket, key)
+    except S3Error as exc:
+        if exc.code == "AccessDenied":
+            return f"{where} as {store.identity}: its grants work, {bucket}/{key} is refused"
+        raise
+    raise RuntimeError(
+        f"{where}: identity {store.identity} may read {bucket}/{key}, outside its grants: "
+        "the object store does not hold it to them (were its policies provisioned?)"
+    )
 
 
 def reason(exc: Exception) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Literal, NamedTuple
 
 import grpc
 
+from ctloop.grpc_tls import TlsPair, channel_credentials, load, peer_name
 from ctloop.settings import Settings
 from ctloop.v1 import inference_pb2, ingest_pb2, metrics_pb2, training_pb2
 
@@ -204,10 +205,15 @@ def channel(
     caller: str,
     token: str,
     options: Sequence[tuple[str, Any]] | None = None,
+    tls: TlsPair | None = None,
 ) -> grpc.Channel:
-    """A channel to ``target`` whose every call says it comes from ``caller`` with ``token``."""
-    plain = grpc.insecure_channel(target, options=options)
-    return grpc.intercept_channel(plain, _CallerInterceptor(caller, token))
+    """A channel to ``target`` whose every call says it comes from ``caller`` with ``token``;
+    with ``tls`` (``caller``'s pair, :mod:`ctloop.grpc_tls`) over mutual TLS."""
+    if tls is None:
+        base = grpc.insecure_channel(target, options=options)
+    else:
+        base = grpc.secure_channel(target, channel_credentials(tls), options=options)
+    return grpc.intercept_channel(base, _CallerInterceptor(caller, token))
 
 
 def service_channel(
@@ -216,8 +222,9 @@ def service_channel(
     target: str,
     options: Sequence[tuple[str, Any]] | None = None,
 ) -> grpc.Channel:
-    """:func:`channel` with ``caller``'s own token from ``settings``."""
-    return channel(target, caller, own_token(settings, caller), options)
+    """:func:`channel` with ``caller``'s own token and, when ``grpc.tls_dir`` is set, its own
+    TLS pair from ``settings``."""
+    return channel(target, caller, own_token(settings, caller), options, load(settings, caller))
 
 
 # ----------------------------------------------------------------------------- server side
@@ -228,12 +235,39 @@ def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+def _bound_to_peer(handler: grpc.RpcMethodHandler, caller: str) -> grpc.RpcMethodHandler:
+    """``handler``, refusing (UNAUTHENTICATED) a call whose client certificate is not
+    ``caller``'s: over mutual TLS the token and the certificate must name the same party."""
+
+    def guard(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            peer = peer_name(context)
+            if peer != caller:
+                log.warning(
+                    "gRPC call refused",
+                    extra={"caller": caller, "certificate": peer, "code": "UNAUTHENTICATED"},
+                )
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "the client certificate is not the calling service's",
+                )
+            return behaviour(request, context)
+
+        return checked
+
+    kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+    wrapped = {k: guard(getattr(handler, k)) for k in kinds if getattr(handler, k) is not None}
+    return handler._replace(**wrapped)
+
+
 class CallerAuthInterceptor(grpc.ServerInterceptor):
     """Lets a call through only when its caller proves its token and :data:`CALLS` allows it
-    the method; the health service is open."""
+    the method; the health service is open. With ``mutual_tls`` (the server requires client
+    certificates) the caller must also be the name in the call's client certificate."""
 
-    def __init__(self, accepted: Mapping[str, str]) -> None:
+    def __init__(self, accepted: Mapping[str, str], mutual_tls: bool = False) -> None:
         self.accepted = dict(accepted)
+        self.mutual_tls = mutual_tls
 
     def check(self, full_method: str, metadata: Mapping[str, str]) -> tuple[grpc.StatusCode, str]:
         """``(OK, caller)`` or the refusal's code and message (which names no secret)."""
@@ -262,7 +296,10 @@ class CallerAuthInterceptor(grpc.ServerInterceptor):
         }
         code, detail = self.check(full_method, metadata)
         if code == grpc.StatusCode.OK:
-            return continuation(handler_call_details)
+            handler = continuation(handler_call_details)
+            if self.mutual_tls and handler is not None:
+                return _bound_to_peer(handler, detail)  # detail: the caller
+            return handler
         log.warning(
             "gRPC call refused",
             extra={
@@ -276,4 +313,6 @@ class CallerAuthInterceptor(grpc.ServerInterceptor):
 
 def server_interceptor(settings: Settings) -> CallerAuthInterceptor:
     """The interceptor a ctloop service's gRPC server runs every call through."""
-    return CallerAuthInterceptor(accepted_digests(settings))
+    return CallerAuthInterceptor(
+        accepted_digests(settings), mutual_tls=settings.grpc.tls_dir is not None
+    )

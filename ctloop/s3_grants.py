@@ -115,6 +115,31 @@ def key_pattern(settings: Settings, keys: str) -> str:
     return keys.replace("{models}", models).replace("{jobs}", jobs)
 
 
+# Keys no grant of some identity covers: what a check reads to see a refusal.
+_PROBES: tuple[tuple[Bucket, str], ...] = (
+    ("models", "{models}/ctloop-probe"),
+    ("data", "volumes/ctloop-probe"),
+    ("data", "annotations/ctloop-probe"),
+    ("data", "ctloop-probe"),
+)
+
+
+def outside_read(settings: Settings, identity: str) -> tuple[str, str]:
+    """(bucket, key) that ``identity`` may not read: no READ grant's pattern matches it."""
+    from fnmatch import fnmatchcase
+
+    for kind, keys in _PROBES:
+        key = key_pattern(settings, keys)
+        if not any(
+            Verb.READ in g.verbs
+            and g.bucket == kind
+            and fnmatchcase(key, key_pattern(settings, g.keys))
+            for g in GRANTS[identity]
+        ):
+            return bucket_name(settings, kind), key
+    raise ValueError(f"identity {identity} may read every probe key")
+
+
 def _arn(bucket: str, keys: str = "") -> str:
     return f"arn:aws:s3:::{bucket}/{keys}" if keys else f"arn:aws:s3:::{bucket}"
 
@@ -230,3 +255,27 @@ def write_credential(path: Path, credential: Credential) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump({"access_key": credential.access_key, "secret_key": credential.secret_key}, f)
     tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ctloop.s3_grants [IDENTITY]``: the IAM identity policy of each identity (or
+    one), as JSON, for a storage team that creates the users itself (the chart's
+    ``objectStore.identities.provision: false``)."""
+    import argparse
+
+    from ctloop.settings import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m ctloop.s3_grants", description=main.__doc__)
+    parser.add_argument("identity", nargs="?", choices=IDENTITIES, help="default: every one")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    wanted = [args.identity] if args.identity else list(IDENTITIES)
+    out = {
+        i: {"access_key": access_key_of(i), "policy": identity_policy(settings, i)} for i in wanted
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

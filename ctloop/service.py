@@ -16,6 +16,7 @@ from fastapi import APIRouter, FastAPI, Response
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ctloop import grpc_tls
 from ctloop.bus import EventConsumer, EventProducer
 from ctloop.db import create_schema, ping
 from ctloop.kafka_security import produced_topics
@@ -94,6 +95,7 @@ class ServiceRuntime:
         self.stop = threading.Event()
         self.app: FastAPI | None = None
         self._grpc: grpc.Server | None = None
+        self._grpc_tls: grpc_tls.TlsPair | None = None
         self._health = health.HealthServicer()
         self._workers: list[tuple[str, Callable[[threading.Event], None]]] = []
         self._closers: list[Callable[[], None]] = []
@@ -116,9 +118,12 @@ class ServiceRuntime:
         every other method, only callers that prove their service token and may call it
         (ctloop/rpc_auth.py)."""
         if self._grpc is None:
-            auth = server_interceptor(settings or get_settings())
+            settings = settings or get_settings()
+            auth = server_interceptor(settings)
             self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[auth])
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+            # mutual TLS when grpc.tls_dir is set (ctloop/grpc_tls.py): this service's own pair
+            self._grpc_tls = grpc_tls.load(settings, self.name)
         return self._grpc
 
     def add_worker(self, name: str, target: Callable[[threading.Event], None]) -> None:
@@ -155,7 +160,11 @@ class ServiceRuntime:
             )
             threads.append(threading.Thread(target=server.run, name="http", daemon=True))
         if self._grpc is not None and self.grpc_port is not None:
-            self._grpc.add_insecure_port(f"{self.host}:{self.grpc_port}")
+            address = f"{self.host}:{self.grpc_port}"
+            if self._grpc_tls is not None:
+                self._grpc.add_secure_port(address, grpc_tls.server_credentials(self._grpc_tls))
+            else:
+                self._grpc.add_insecure_port(address)
             self._grpc.start()
             self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         for t in threads:

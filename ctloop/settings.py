@@ -228,6 +228,10 @@ class GrpcAuthSettings(BaseModel):
     # Caller name -> hex SHA-256 of that caller's token: whom this service's gRPC server
     # accepts. Empty: every caller in <run_dir>/grpc-tokens.json (made if it is missing).
     callers: dict[str, str] = Field(default_factory=dict)
+    # Mutual TLS on every gRPC port and call (ctloop/grpc_tls.py): a folder with ca.crt and
+    # this party's <name>.crt/<name>.key (the chart mounts each pod's own; `python -m
+    # ctloop.grpc_tls DIR` makes one locally). Unset: plain text (tokens are checked either way).
+    tls_dir: Path | None = None
 
 
 class SecretEnv(BaseModel):

@@ -9,6 +9,7 @@ ends with the table of all of them.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from ctloop.grpc_tls import TlsPair
 from ctloop.transfer.presets import PRESETS
 from ctloop.transfer.run import TransferRun
 from ctloop.transfer.volumes import Volumes, synthetic_volumes
@@ -92,6 +94,17 @@ class Release:
             s["metadata"]["name"] for s in secrets if s["metadata"]["name"].endswith("-grpc-tokens")
         )
         return kube.secret_value(self.namespace, name, "operator-token")
+
+    @property
+    def operator_grpc_tls(self) -> TlsPair | None:
+        """The operator's gRPC TLS pair (the ``<release>-grpc-tls-operator`` Secret, mounted
+        nowhere), or None when the release has gRPC TLS off."""
+        secrets = kube.kubectl_json("get", "secrets", "-n", self.namespace)["items"]
+        found = [s for s in secrets if s["metadata"]["name"].endswith("-grpc-tls-operator")]
+        if not found:
+            return None
+        data = {k: base64.b64decode(v) for k, v in found[0]["data"].items()}
+        return TlsPair("operator", data["tls.crt"], data["tls.key"], data["ca.crt"])
 
 
 # The policy settings the chart has values for (it sets their variables itself; the same name

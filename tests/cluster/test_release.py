@@ -53,6 +53,7 @@ def reach(release: Release) -> Iterator[RemotePlatform]:
             inference_target=f"127.0.0.1:{ports['inference'][0]}",
             admin_token=release.admin_token,
             grpc_token=release.operator_grpc_token,
+            grpc_tls=release.operator_grpc_tls,
         )
 
 
@@ -229,6 +230,11 @@ def test_uninstall_leaves_only_what_is_kept(release: Release) -> None:
         # helm.sh/resource-policy: keep, so that the kept volumes open again on a reinstall
         "Secret/ctloop-admin-token",
         "Secret/ctloop-s3",
+        # each service's S3 identity: the kept object store still knows the user
+        *(
+            f"Secret/ctloop-s3-{i}"
+            for i in ("ingest", "inference", "training", "metrics", "triton")
+        ),
         "Secret/ctloop-postgresql",
         # each Kafka principal's password: the kept broker volumes hold its SCRAM credential
         *(

@@ -94,7 +94,7 @@ def test_every_component_is_default_deny_and_only_dns_is_open_to_all():
     workloads = {
         d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
         for d in docs
-        if d["kind"] in ("Deployment", "StatefulSet")
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
     }
     test_pods = {  # `helm test` hooks
         d["metadata"]["labels"]["app.kubernetes.io/component"] for d in of_kind(docs, "Pod")

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from ctloop.contracts.kafka_acls import PRINCIPALS
+from ctloop.s3_grants import IDENTITIES
 from ctloop.settings import Settings
 from services.training.manifests import build_job
 from tests.helm.conftest import CHART, EXAMPLES, SETUPS, Doc, named, of_kind, render
@@ -128,9 +129,9 @@ def test_the_training_service_launches_gpu_jobs_that_validate_strictly():
 
 def test_no_secret_is_ever_a_literal_in_a_pod(rendered):
     for d in rendered:
-        if d["kind"] not in ("Deployment", "StatefulSet"):
+        if d["kind"] not in ("Deployment", "StatefulSet", "Job", "Pod"):
             continue
-        spec = d["spec"]["template"]["spec"]
+        spec = d["spec"]["template"]["spec"] if "template" in d["spec"] else d["spec"]
         for c in [*spec.get("initContainers", []), *spec["containers"]]:
             for e in c.get("env", []):
                 if SECRET_VARS.search(e["name"]):
@@ -163,21 +164,27 @@ def test_generated_secrets_are_random_not_from_values():
 
     first, second = secrets(), secrets()
     kafka = {f"ctloop-kafka-{p}" for p in PRINCIPALS}  # one per Kafka principal
-    assert set(first) == {"ctloop-s3", "ctloop-postgresql", "ctloop-admin-token", *kafka}
+    s3 = {f"ctloop-s3-{i}" for i in IDENTITIES}  # one per S3 identity
+    assert set(first) == {"ctloop-s3", "ctloop-postgresql", "ctloop-admin-token", *kafka, *s3}
     for name, data in first.items():
         for key, value in data.items():
+            if name in s3 and key == "accessKey":  # the user's name, ctloop-<identity>
+                continue
             assert value != second[name][key]  # random per install (kept on upgrade by lookup)
             assert len(base64.b64decode(value)) >= 20
 
 
 def test_switching_off_kafka_minio_postgresql_uses_the_external_ones_and_their_secrets():
     docs = render(next(f for f in EXAMPLES if f.stem == "external-services"))
-    # Only the first admin's token and the services' gRPC tokens (both inside the release) are
-    # the chart's own; every other credential is the hospital's.
-    assert sorted(d["metadata"]["name"] for d in of_kind(docs, "Secret")) == [
-        "ctloop-admin-token",
-        "ctloop-grpc-tokens",
-    ]
+    # Only the first admin's token and the services' gRPC tokens and TLS pairs (all inside the
+    # release) are the chart's own; every other credential is the hospital's.
+    assert sorted(d["metadata"]["name"] for d in of_kind(docs, "Secret")) == sorted(
+        [
+            "ctloop-admin-token",
+            "ctloop-grpc-tokens",
+            *(f"ctloop-grpc-tls-{p}" for p in (*SERVICES, "operator", "release-check")),
+        ]
+    )
     assert not of_kind(docs, "StatefulSet")
     for svc in SERVICES:
         c = service_container(docs, svc)
@@ -188,7 +195,7 @@ def test_switching_off_kafka_minio_postgresql_uses_the_external_ones_and_their_s
         assert s.database_url.endswith("@pg.db.example-hospital.org:5432/ctloop")
         env = {e["name"]: e for e in c["env"]}
         assert env["CTLOOP_S3__SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {
-            "name": "ctloop-s3",
+            "name": f"hospital-s3-{svc}",  # its own identity (tests/helm/test_s3_grants.py)
             "key": "secretKey",
         }
         assert env["CTLOOP_DB__PG_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "ctloop-db"

@@ -52,6 +52,14 @@ def test_release_check_passes_on_a_running_platform_and_names_what_does_not_answ
             )
         assert lines[-1] == "all checks passed"
 
+        # as the chart's helm test runs it: S3 as the metrics identity (the stack's gateway holds
+        # each identity to its grants): its grants work and a read outside them is refused
+        as_metrics = _check({**platform["env"], "CTLOOP_S3__IDENTITY": "metrics"})
+        assert as_metrics.returncode == 0, as_metrics.stdout + as_metrics.stderr
+        (s3,) = [line for line in as_metrics.stdout.splitlines() if " s3 " in f"{line} "]
+        assert s3.startswith("ok") and "as metrics" in s3, s3
+        assert "ctloop-models/models/ctloop-probe is refused" in s3, s3
+
         nobody = {**platform["env"], "CTLOOP_SERVICES__METRICS__HTTP_PORT": "28799"}
         failed = _check(nobody)
         assert failed.returncode == 1, failed.stdout

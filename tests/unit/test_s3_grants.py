@@ -4,6 +4,7 @@ delete an annotation revision or a model file. The servers' enforcement is teste
 tests/integration/test_s3_grants.py."""
 
 import fnmatch
+import json
 import stat
 
 from ctloop.contracts import keys
@@ -12,6 +13,7 @@ from ctloop.s3_grants import (
     IDENTITIES,
     Credential,
     Verb,
+    bucket_name,
     bucket_policy,
     credential_file,
     identity_policy,
@@ -142,3 +144,23 @@ def test_bucket_policies_fit_the_gateways_extended_attribute():
     access = {i: access_key_of(i) for i in IDENTITIES}
     for bucket in ("data", "models"):
         assert len(policy_text(bucket_policy(S, bucket, access))) < 3200
+
+
+def test_each_identity_has_a_key_outside_its_reads_for_the_release_check():
+    from ctloop.s3_grants import outside_read
+
+    settings = Settings()
+    for identity in IDENTITIES:
+        bucket, key = outside_read(settings, identity)
+        for g in GRANTS[identity]:
+            if Verb.READ in g.verbs and bucket_name(settings, g.bucket) == bucket:
+                assert not fnmatch.fnmatchcase(key, key_pattern(settings, g.keys)), (identity, key)
+
+
+def test_the_policies_print_for_a_storage_team(capsys):
+    from ctloop.s3_grants import main
+
+    assert main(["triton"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["triton"]["access_key"] == "ctloop-triton"
+    assert out["triton"]["policy"] == identity_policy(Settings(), "triton")

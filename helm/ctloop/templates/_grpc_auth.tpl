@@ -37,3 +37,39 @@ callers:
       key: {{ $caller }}-sha256
 {{- end }}
 {{- end -}}
+
+{{/* ------------------------------------------------------------------ gRPC mutual TLS */}}
+{{/* The Secret with a party's TLS pair: (dict "root" $ "party" "ingest"). */}}
+{{- define "ctloop.grpcTls.secretName" -}}
+{{- index .root.Values.grpcTls.existingSecrets .party | default (include "ctloop.componentName" (dict "root" .root "component" (printf "grpc-tls-%s" .party))) -}}
+{{- end -}}
+
+{{/* Where a pod finds its pair: env, volume mount and volume for (dict "root" $ "party" X);
+     nothing when grpcTls is off. */}}
+{{- define "ctloop.grpcTlsEnv" -}}
+{{- if .root.Values.grpcTls.enabled -}}
+- name: CTLOOP_GRPC__TLS_DIR
+  value: /etc/ctloop/grpc-tls
+{{- end }}
+{{- end -}}
+
+{{- define "ctloop.grpcTlsMount" -}}
+{{- if .root.Values.grpcTls.enabled -}}
+- name: grpc-tls
+  mountPath: /etc/ctloop/grpc-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "ctloop.grpcTlsVolume" -}}
+{{- if .root.Values.grpcTls.enabled -}}
+- name: grpc-tls
+  secret:
+    secretName: {{ include "ctloop.grpcTls.secretName" . }}
+    defaultMode: 0440  # group: the pod's fsGroup
+    items:
+      - {key: ca.crt, path: ca.crt}
+      - {key: tls.crt, path: {{ .party }}.crt}
+      - {key: tls.key, path: {{ .party }}.key}
+{{- end }}
+{{- end -}}

@@ -105,6 +105,23 @@ imagePullSecrets:
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding an S3 identity's keys: (dict "root" $ "identity" "triton"). */}}
+{{- define "ctloop.s3.identitySecretName" -}}
+{{- $os := .root.Values.objectStore -}}
+{{- if or (eq .identity "root") (not $os.leastPrivilege) -}}
+{{- include "ctloop.s3.secretName" .root -}}
+{{- else if index $os.identities.existingSecrets .identity -}}
+{{- index $os.identities.existingSecrets .identity -}}
+{{- else -}}
+{{- include "ctloop.componentName" (dict "root" .root "component" (printf "s3-%s" .identity)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Does the release run the Job that creates the S3 identities? */}}
+{{- define "ctloop.s3.provisions" -}}
+{{- if and .Values.objectStore.leastPrivilege .Values.objectStore.identities.provision }}true{{ end -}}
+{{- end -}}
+
 {{- define "ctloop.db.host" -}}
 {{- if .Values.postgresql.enabled -}}
 {{- include "ctloop.componentName" (dict "root" . "component" "postgresql") -}}
@@ -162,16 +179,28 @@ imagePullSecrets:
   value: {{ .Values.objectStore.modelBucket | quote }}
 - name: CTLOOP_TRITON__MODEL_PREFIX
   value: {{ .Values.objectStore.modelPrefix | quote }}
+{{- end -}}
+
+{{/* The S3 identity of a pod (ctloop/s3_grants.py) and its keys, from that identity's Secret
+     alone: (dict "root" $ "identity" "ingest"); identity "root" (the provisioning Job) or
+     objectStore.leastPrivilege false: the root keys. */}}
+{{- define "ctloop.s3CredentialEnv" -}}
+{{- $os := .root.Values.objectStore -}}
+{{- $own := and $os.leastPrivilege (ne .identity "root") -}}
+{{- if $own }}
+- name: CTLOOP_S3__IDENTITY
+  value: {{ .identity | quote }}
+{{- end }}
 - name: CTLOOP_S3__ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "ctloop.s3.secretName" . }}
-      key: {{ .Values.objectStore.accessKeyKey }}
+      name: {{ include "ctloop.s3.identitySecretName" . }}
+      key: {{ $os.accessKeyKey }}
 - name: CTLOOP_S3__SECRET_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "ctloop.s3.secretName" . }}
-      key: {{ .Values.objectStore.secretKeyKey }}
+      name: {{ include "ctloop.s3.identitySecretName" . }}
+      key: {{ $os.secretKeyKey }}
 {{- end -}}
 
 {{- define "ctloop.env" -}}
@@ -263,6 +292,8 @@ imagePullSecrets:
     {{- include "ctloop.env" .root | nindent 4 }}
     {{- include "ctloop.kafkaAuthEnv" . | nindent 4 }}  {{- /* waits for its topics */}}
     {{- end }}
+    {{- /* with its own S3 identity it waits until its grants work (the provisioning Job ran) */}}
+    {{- include "ctloop.s3CredentialEnv" (dict "root" .root "identity" .component) | nindent 4 }}
   securityContext:
     {{- toYaml .root.Values.containerSecurityContext | nindent 4 }}
   resources:

@@ -58,10 +58,12 @@ spec:
               protocol: TCP
           env:
             {{- include "ctloop.env" $root | nindent 12 }}
+            {{- include "ctloop.s3CredentialEnv" (dict "root" $root "identity" .component) | nindent 12 }}
             {{- with .env }}
             {{- . | nindent 12 }}
             {{- end }}
             {{- include "ctloop.grpcAuthEnv" $ctx | nindent 12 }}
+            {{- include "ctloop.grpcTlsEnv" (dict "root" $root "party" .component) | nindent 12 }}
             {{- include "ctloop.kafkaAuthEnv" $ctx | nindent 12 }}
             {{- with $v.extraEnv }}
             {{- toYaml . | nindent 12 }}
@@ -89,6 +91,7 @@ spec:
               mountPath: /var/lib/ctloop
             - name: tmp
               mountPath: /tmp
+            {{- include "ctloop.grpcTlsMount" (dict "root" $root) | nindent 12 }}
       volumes:
         - name: run
           emptyDir:
@@ -96,6 +99,7 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 2Gi
+        {{- include "ctloop.grpcTlsVolume" (dict "root" $root "party" .component) | nindent 8 }}
       {{- with $v.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
