@@ -24,8 +24,12 @@ from ctloop.contracts.topics import (
 )
 
 # public: labelled, trains the igniter; clinical: unlabelled, to annotate; evaluation: clinical
-# volumes with reference labels, never trained on, scored against every model that serves.
-Dataset = Literal["public", "clinical", "evaluation"]
+# volumes with reference labels, never trained on, scored against every model that serves;
+# public-test: labelled public-site volumes, never trained on, scored the same way (how much a
+# sustainer forgets of the public site). A value added in issue 19: a consumer older than it
+# refuses such an event (dead-letter topic) during a rolling upgrade; only transfer runs send it.
+Dataset = Literal["public", "clinical", "evaluation", "public-test"]
+SCORED_DATASETS: tuple[str, ...] = ("evaluation", "public-test")
 OrganReview = Literal["accepted", "corrected", "skipped"]
 RoundOutcome = Literal["published", "rejected", "failed"]
 

@@ -27,6 +27,10 @@ class RunPreset:
     nproc_per_node: int
     model: dict[str, Any] = field(default_factory=dict)
     expected: str = ""
+    # Labelled public-site volumes held out from training, scored with every model version like
+    # the evaluation volumes: what fine-tuning on the clinical site costs on the public one
+    # (forgetting; issue 19). They change no training.
+    n_public_test: int = 0
 
 
 PRESETS: dict[str, RunPreset] = {
@@ -35,6 +39,7 @@ PRESETS: dict[str, RunPreset] = {
         size="tiny", n_public=3, clinical_per_site=2, n_evaluation=2, rounds=2, batch=2,
         flexible_rounds=1, igniter_steps=24, sustainer_steps=12, public_replay=1,
         holdout_every=1000, nproc_per_node=1, model=TINY_MODEL, expected="~2-3 min on 2 cores",
+        n_public_test=1,
     ),
     # `make run`: the README's numbers come from this preset. The paper's protocol (issue 19,
     # chosen before any run with it): the flexible strategy cuts the first round's work, every
@@ -44,6 +49,7 @@ PRESETS: dict[str, RunPreset] = {
         size="small", n_public=10, clinical_per_site=9, n_evaluation=8, rounds=3, batch=6,
         flexible_rounds=1, igniter_steps=400, sustainer_steps=150, public_replay=4,
         holdout_every=1000, nproc_per_node=1, expected="~13 min on 2 cores",
+        n_public_test=4,
     ),
     # Realistic sizes (512x512x~260); for a GPU machine.
     "full": RunPreset(
@@ -52,6 +58,6 @@ PRESETS: dict[str, RunPreset] = {
         holdout_every=10, nproc_per_node=1,
         model={"spacing": [1.5, 1.5, 2.0], "patch": [128, 128, 96],
                "channels": [32, 64, 128, 256], "strides": [2, 2, 2]},
-        expected="several hours on one GPU; days on 2 CPU cores",
+        expected="several hours on one GPU; days on 2 CPU cores", n_public_test=8,
     ),
 }  # fmt: skip

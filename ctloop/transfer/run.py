@@ -42,6 +42,7 @@ from ctloop.settings import get_settings
 from ctloop.stack import LocalStack
 from ctloop.transfer import RunFailed
 from ctloop.transfer.annotator import Plan, SimulatedAnnotator, Strategy, TimeModel
+from ctloop.transfer.delivered import Delivered
 from ctloop.transfer.presets import PRESETS, PUBLIC_SITE, SITES
 from ctloop.transfer.sites import RunSites
 from ctloop.transfer.volumes import Volumes, synthetic_volumes
@@ -90,6 +91,7 @@ class TransferRun:
         self.sites = (sites or RunSites.resolve()) if data is None else None
         self.strategy = Strategy()
         self.time = TimeModel()
+        self.delivered = Delivered()  # what the annotators submitted, per round
         self.started = time.monotonic()
         self.status: dict[str, Any] = {"phase": "starting"}
         self._stop = threading.Event()
@@ -168,19 +170,23 @@ class TransferRun:
             if r.status_code not in (200, 201):
                 raise RunFailed(f"uploading {vid}: {r.status_code} {r.text}")
 
-        total = len(self.data.public) + len(self.data.clinical) + len(self.data.evaluation)
+        d = self.data
+        total = len(d.public) + len(d.clinical) + len(d.evaluation) + len(d.public_test)
         done = 0
-        for vid, (image, affine, label) in self.data.public.items():
+        for vid, (image, affine, label) in d.public.items():
             upload(vid, PUBLIC_SITE, "public", image, affine, label)
             done += 1
         self.echo(f"  ingest {done}/{total} volumes (public, labelled)")
-        for vid, (image, affine, label) in self.data.evaluation.items():
+        for vid, (image, affine, label) in d.evaluation.items():
             upload(vid, SITES[0], "evaluation", image, affine, label)
             done += 1
-        for vid, (site, image, affine) in self.data.clinical.items():
+        for vid, (image, affine, label) in d.public_test.items():  # held out: forgetting
+            upload(vid, PUBLIC_SITE, "public-test", image, affine, label)
+            done += 1
+        for vid, (site, image, affine) in d.clinical.items():
             upload(vid, site, "clinical", image, affine, None)
             done += 1
-        self.echo(f"  ingest {done}/{total} volumes (+ clinical and evaluation)")
+        self.echo(f"  ingest {done}/{total} volumes (+ clinical, evaluation and public test)")
 
     def people(self) -> list[SimulatedAnnotator]:
         assert self.data is not None
@@ -243,7 +249,8 @@ class TransferRun:
             ).json()
             if v["status"] != VolumeStatus.ANNOTATED
         ]
-        ids = [*waiting, *(self.data.evaluation if self.data else [])]
+        scored = [*self.data.evaluation, *self.data.public_test] if self.data else []
+        ids = [*waiting, *scored]
         for vid in ids:
             r = self.admin.get(f"/v1/volumes/{vid}/prediction")
             if r.status_code != 200 or (r.json()["model"], r.json()["version"]) != ref:
@@ -251,11 +258,18 @@ class TransferRun:
         return True
 
     def scored(self, ref: tuple[str, int]) -> bool:
-        n = len(self.data.evaluation) if self.data else 0
-        if n == 0:
+        """The metrics service scored ``ref`` on every evaluation and public test volume."""
+        if self.data is None:
             return True
-        rows = self.metrics.get("/v1/report").json()["evaluation"]
-        return any((e["model"], e["version"]) == ref and e["volumes"] == n for e in rows)
+        report = self.metrics.get("/v1/report").json()
+        for part, n in (
+            ("evaluation", len(self.data.evaluation)),
+            ("public_test", len(self.data.public_test)),
+        ):
+            rows = report.get(part, [])
+            if n and not any((e["model"], e["version"]) == ref and e["volumes"] == n for e in rows):
+                return False
+        return True
 
     def progress(self) -> None:
         """One line whenever something changes: round, annotations, training, latest Dice."""
@@ -329,6 +343,7 @@ class TransferRun:
         def submit(item: tuple[SimulatedAnnotator, Plan]) -> Plan:
             person, plan = item
             person.submit(plan)
+            self.delivered.add(plan, person.truth[plan.volume_id], self.time.minutes(plan))
             with lock:
                 self.status["annotated"] = self.status.get("annotated", 0) + 1
             return plan
@@ -441,6 +456,7 @@ class TransferRun:
                 "public": len(self.data.public),
                 "clinical": len(self.data.clinical),
                 "evaluation": len(self.data.evaluation),
+                "public_test": len(self.data.public_test),
                 **{
                     site: sum(1 for s, *_ in self.data.clinical.values() if s == site)
                     for site in SITES
@@ -452,6 +468,7 @@ class TransferRun:
                 for n in range(1, self.annotators_per_site + 1)
             ],
             "time_model": self.time.describe() | {"strategy": asdict(self.strategy)},
+            "delivered": self.delivered.describe(),
             "settings": asdict(self.preset)
             | {"seed": self.seed, "sites": self.sites.describe() if self.sites else "folders"},
         }

@@ -39,6 +39,7 @@ HEADLINE: tuple[tuple[str, str, str], ...] = (
     ("minutes_ratio", "minutes ratio, first / last round as annotated", "{:.2f}x"),
     ("fixed_set_edit_work_ratio", "fixed set: edit-work ratio, full review", "{:.2f}x"),
     ("fixed_set_minutes_ratio", "fixed set: minutes ratio, full review", "{:.2f}x"),
+    ("public_test_change_points", "public site test Dice change (forgetting)", "{:+.4f}"),
 )
 
 

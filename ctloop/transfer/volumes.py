@@ -29,6 +29,10 @@ class Volumes:
     clinical: dict[str, tuple[str, NDArray[Any], NDArray[np.float64]]]
     evaluation: dict[str, tuple[NDArray[Any], NDArray[np.float64], NDArray[np.uint8]]]
     truth: dict[str, NDArray[np.uint8]] = field(default_factory=dict)  # clinical, if known
+    # labelled public-site volumes never trained on: Dice on the public site (forgetting)
+    public_test: dict[str, tuple[NDArray[Any], NDArray[np.float64], NDArray[np.uint8]]] = field(
+        default_factory=dict
+    )
 
 
 def synthetic_volumes(
@@ -51,7 +55,11 @@ def synthetic_volumes(
     for i in range(preset.n_evaluation):
         p = generate_phantom(sites.evaluation, seed + 20_000 + i, preset.size)
         evaluation[f"{prefix}eval-{i:03d}"] = (p.image, p.affine, p.label)
-    return Volumes(public, clinical, evaluation, truth)
+    public_test = {}
+    for i in range(preset.n_public_test):
+        p = generate_phantom(sites.public, seed + 30_000 + i, preset.size)
+        public_test[f"{prefix}ptest-{i:03d}"] = (p.image, p.affine, p.label)
+    return Volumes(public, clinical, evaluation, truth, public_test)
 
 
 def folder_volumes(public: Path, clinical: Path, evaluation: Path | None) -> Volumes:

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from ctloop.contracts import keys
 from ctloop.contracts.events import CloudEvent, UnknownSubject
 from ctloop.contracts.payloads import (
+    SCORED_DATASETS,
     BlobRef,
     ModelPublished,
     ModelRef,
@@ -210,9 +211,12 @@ class InferenceWorker:
             rows = list(s.execute(waiting_for_annotation()).all())
         rows.sort(key=lambda r: (r.uncertainty is not None, -(r.uncertainty or 0.0), r.created_at))
         with session_scope(self.db) as s:
-            # Evaluation volumes are scored against every model that serves: after the waiting.
+            # Evaluation (and public test) volumes are scored against every model that serves:
+            # after the waiting.
             scored = s.scalars(
-                select(Volume.id).where(Volume.dataset == "evaluation").order_by(Volume.created_at)
+                select(Volume.id)
+                .where(Volume.dataset.in_(SCORED_DATASETS))
+                .order_by(Volume.created_at)
             )
             return [r.id for r in rows] + list(scored)
 

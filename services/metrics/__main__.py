@@ -140,6 +140,7 @@ def add_report_routes(app: FastAPI, settings: Settings, state: MetricsState) -> 
         return {
             "rounds": state.report(),
             "evaluation": state.evaluation(),
+            "public_test": state.evaluation("public-test"),
             "events_seen": state.events_seen,
             "history": state.history(),
         }

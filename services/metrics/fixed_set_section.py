@@ -115,7 +115,8 @@ def _confusions(state: MetricsState, refs: list[Ref]) -> dict[Ref, dict[str, NDA
     wanted = set(refs)
     masks: dict[str, dict[Ref, Blob]] = defaultdict(dict)
     for p in doc.predictions:
-        if (p.model, p.version) in wanted and p.volume_id in doc.evaluation:
+        evaluation = p.volume_id in doc.evaluation and p.volume_id not in doc.scored_datasets
+        if (p.model, p.version) in wanted and evaluation:  # public-test volumes are not costed
             masks[p.volume_id][(p.model, p.version)] = p.mask
     out: dict[Ref, dict[str, NDArray[np.int64]]] = defaultdict(dict)
     for vid, preds in sorted(masks.items()):

@@ -59,6 +59,11 @@ class RunInfo(BaseModel):
     annotators: list[str] = Field(default_factory=list)
     time_model: dict[str, Any] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
+    delivered: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="model:version -> what the annotators submitted on its pre-annotations "
+        "(ctloop/transfer/delivered.py): trusted organ-slices, minutes, submitted Dice",
+    )
 
 
 def build_report(run_id: str, info: RunInfo, state: MetricsState) -> dict[str, Any]:
@@ -86,6 +91,7 @@ def _rounds(info: RunInfo, state: MetricsState) -> list[dict[str, Any]]:
     """One entry per model version of this run, igniter first: its evaluation Dice and the
     annotation minutes of the volumes it pre-annotated."""
     scored = {(e["model"], e["version"]): e for e in state.evaluation()}
+    public = {(e["model"], e["version"]): e for e in state.evaluation("public-test")}
     annotated = {(r["model"], r["version"]): r for r in state.report()}
     names = {info.igniter: "igniter", info.sustainer: "sustainer"}
     refs = sorted(
@@ -94,7 +100,7 @@ def _rounds(info: RunInfo, state: MetricsState) -> list[dict[str, Any]]:
     )
     rounds = []
     for n, ref in enumerate(refs, start=1):
-        e, a = scored.get(ref), annotated.get(ref)
+        e, a, pt = scored.get(ref), annotated.get(ref), public.get(ref)
         rounds.append(
             {
                 "round": n,
@@ -106,9 +112,16 @@ def _rounds(info: RunInfo, state: MetricsState) -> list[dict[str, Any]]:
                     if e
                     else None
                 ),
+                # the public site's held-out volumes: what fine-tuning forgot of it
+                "public_test_dice": (
+                    {"mean": pt["mean_dice"], "organs": pt["organ_dice"], "volumes": pt["volumes"]}
+                    if pt
+                    else None
+                ),
                 "volumes_annotated": a["volumes_annotated"] if a else 0,
                 "minutes_per_ct": a["minutes_per_ct"] if a and a["volumes_annotated"] else None,
                 "agreement_dice": a["mean_dice"] if a else None,
+                "delivered": info.delivered.get(f"{ref[0]}:{ref[1]}"),
             }
         )
     return rounds
@@ -129,6 +142,11 @@ def _headline(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, A
             "dice_gain_points": b - a,
             "dice_gain_pct": 100.0 * (b - a) / a if a > 0 else None,
         }
+    if igniter and final and igniter["public_test_dice"] and final["public_test_dice"]:
+        a, b = igniter["public_test_dice"]["mean"], final["public_test_dice"]["mean"]
+        # forgetting: what the final sustainer lost (negative: gained) on the public site
+        ours |= {"public_test_igniter_dice": a, "public_test_final_dice": b}
+        ours |= {"public_test_change_points": b - a}
     if with_minutes:
         first, last = with_minutes[0]["minutes_per_ct"], with_minutes[-1]["minutes_per_ct"]
         ours |= {
@@ -210,21 +228,26 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| first / last as annotated | {_fmt(ours.get('minutes_ratio'), '{:.2f}x')} | "
         f"{paper['minutes_ratio']}x |",
         *fixed_set_headline_rows(ours),
+        *_public_test_row(ours),
         "",
         "## Rounds",
         "",
         "Dice: the model's pre-annotations of the evaluation volumes (clinical, "
-        "reference-labelled, never trained on) against their labels. Minutes: what the "
-        "annotators spent on the volumes this model pre-annotated. Agreement: pre-annotation "
-        "vs correction on what was reviewed.",
+        "reference-labelled, never trained on) against their labels. Public test: the same on "
+        "held-out volumes of the public site (forgetting). Minutes: what the annotators spent "
+        "on the volumes this model pre-annotated. Agreement: pre-annotation vs correction on "
+        "what was reviewed.",
         "",
-        "| round | model | version | mean Dice | volumes annotated | minutes per CT | agreement |",
-        "|---|---|---|---|---|---|---|",
+        "| round | model | version | mean Dice | public test Dice | volumes annotated "
+        "| minutes per CT | agreement |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rounds"]:
+        public = r.get("public_test_dice")
         lines.append(
             f"| {r['round']} | {r['role']} | {r['version']} | "
-            f"{_fmt(r['dice']['mean'] if r['dice'] else None)} | {r['volumes_annotated']} | "
+            f"{_fmt(r['dice']['mean'] if r['dice'] else None)} | "
+            f"{_fmt(public['mean'] if public else None)} | {r['volumes_annotated']} | "
             f"{_fmt(r['minutes_per_ct'], '{:.2f}')} | {_fmt(r['agreement_dice'])} |"
         )
     lines += [
@@ -241,12 +264,54 @@ def render_markdown(report: dict[str, Any]) -> str:
     for organ in organs:
         cells = [_fmt(r["dice"]["organs"].get(organ)) for r in report["rounds"] if r["dice"]]
         lines.append(f"| {organ} | " + " | ".join(cells) + " |")
+    lines += _delivered_markdown(report["rounds"])
     tm = run.get("time_model") or {}
     if tm:
         lines += ["", "## Time model", "", "```json", json.dumps(tm, indent=2), "```"]
     lines += fixed_set_markdown(report.get("fixed_set"))
     lines += ["", "Plots: `dice_by_round.png`, `minutes_by_round.png`.", ""]
     return "\n".join(lines)
+
+
+def _public_test_row(ours: dict[str, Any]) -> list[str]:
+    if ours.get("public_test_igniter_dice") is None:
+        return []
+    return [
+        f"| public site test Dice, igniter → final sustainer (forgetting) | "
+        f"{_fmt(ours['public_test_igniter_dice'])} → {_fmt(ours['public_test_final_dice'])} "
+        f"({_fmt(ours['public_test_change_points'], '{:+.3f}')} points) | |"
+    ]
+
+
+def _delivered_markdown(rounds: list[dict[str, Any]]) -> list[str]:
+    """What the annotators submitted per round (ctloop/transfer/delivered.py); none when no
+    simulated annotator worked (people annotate, the run does not see the truth)."""
+    done = [r for r in rounds if r.get("delivered")]
+    if not done:
+        return []
+    lines = [
+        "",
+        "## What the annotators delivered",
+        "",
+        "Trusted organ-slices: the reviewed slices of organs accepted or corrected (not "
+        "skipped) where the submitted mask has the organ, what the loss trusts. Submitted "
+        "Dice: the submitted masks against the truth over the whole volume (unreviewed "
+        "slices and skipped organs included).",
+        "",
+        "| round | model | version | volumes | minutes per CT | trusted organ-slices per CT "
+        "| minutes per trusted organ-slice | submitted Dice |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in done:
+        d = r["delivered"]
+        lines.append(
+            f"| {r['round']} | {r['role']} | {r['version']} | {d['volumes']} | "
+            f"{_fmt(d['minutes_per_ct'], '{:.2f}')} | "
+            f"{_fmt(d['trusted_organ_slices_per_ct'], '{:.1f}')} | "
+            f"{_fmt(d['minutes_per_trusted_organ_slice'], '{:.4f}')} | "
+            f"{_fmt(d['submitted_dice'])} |"
+        )
+    return lines
 
 
 def _plot(rounds: list[dict[str, Any]], key: str, ylabel: str, paper: list[float] | None) -> bytes:

@@ -71,6 +71,9 @@ class StateDoc(_Doc):
     rounds: list[RoundDoc]
     round_of: list[RoundOfDoc]
     evaluation: dict[str, Blob]  # evaluation volume -> its label
+    # scored volumes of a dataset other than "evaluation" (public-test); absent in snapshots
+    # written before issue 19: every scored volume was then an evaluation one
+    scored_datasets: dict[str, str] = Field(default_factory=dict)
     scores: list[ScoreDoc]
     gaps: list[HistoryGap] = Field(default_factory=list)
 

@@ -7,7 +7,9 @@ minutes it took. Replayed events are counted once.
 
 Independently of the annotators, every model version that pre-annotates an *evaluation* volume
 (clinical volumes uploaded with reference labels, never trained on) is scored against that label:
-the Dice per organ and mean on the clinical data that the report compares across rounds.
+the Dice per organ and mean on the clinical data that the report compares across rounds. A
+*public-test* volume (labelled, of the public site, never trained on) is scored the same way
+and reported apart: how much a sustainer forgets of the public site.
 
 The state is kept through restarts as a :class:`StateDoc` (services/metrics/snapshot.py writes
 it to S3 with the offsets it covers). Events that Kafka deleted before a snapshot covered them
@@ -28,6 +30,7 @@ from prometheus_client import Counter, Gauge
 from ctloop.contracts import keys
 from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import (
+    SCORED_DATASETS,
     AnnotationSubmitted,
     ModelPublished,
     PredictionCompleted,
@@ -103,6 +106,7 @@ class MetricsState:
         self._rounds: dict[tuple[str, int], RoundStats] = {}
         self._round_of: dict[tuple[str, int], int] = {}
         self._evaluation: dict[str, tuple[str, str, str | None]] = {}  # volume -> its label
+        self._dataset: dict[str, str] = {}  # scored volume -> its dataset, when not "evaluation"
         # (model, version) -> volume -> (mean Dice, Dice per organ)
         self._scores: dict[tuple[str, int], dict[str, tuple[float, dict[str, float]]]] = {}
         self._gaps: list[HistoryGap] = []
@@ -138,12 +142,14 @@ class MetricsState:
                 label = self._evaluation.get(payload.volume_id)
             if label is not None:
                 self._score(payload.volume_id, key[1:], key_of(payload.mask), label)
-        elif isinstance(payload, VolumeIngested) and payload.dataset == "evaluation":
+        elif isinstance(payload, VolumeIngested) and payload.dataset in SCORED_DATASETS:
             if payload.label is None:
                 return
             label = key_of(payload.label)
             with self._lock:
                 self._evaluation[payload.volume_id] = label
+                if payload.dataset != "evaluation":
+                    self._dataset[payload.volume_id] = payload.dataset
                 # The volume's predictions may have been seen first (topics are not ordered).
                 seen = [
                     (k[1:], m) for k, m in self._predictions.items() if k[0] == payload.volume_id
@@ -202,18 +208,29 @@ class MetricsState:
         with self._lock:
             self._scores.setdefault(ref, {})[volume_id] = score
 
-    def evaluation(self) -> list[dict[str, Any]]:
-        """Per model version: Dice on the evaluation volumes (mean over volumes and organs)."""
+    def evaluation(self, dataset: str = "evaluation") -> list[dict[str, Any]]:
+        """Per model version: Dice on the scored volumes of ``dataset`` (evaluation, or
+        public-test), mean over volumes and organs."""
         with self._lock:
-            scores = {ref: dict(v) for ref, v in self._scores.items()}
+            scores = {
+                ref: {
+                    vid: score
+                    for vid, score in per.items()
+                    if self._dataset.get(vid, "evaluation") == dataset
+                }
+                for ref, per in self._scores.items()
+            }
         out = []
         for (model, version), per_volume in sorted(scores.items()):
+            if not per_volume:
+                continue
             organs: dict[str, list[float]] = defaultdict(list)
             for _, per_organ in per_volume.values():
                 for organ, d in per_organ.items():
                     organs[organ].append(d)
             mean = float(np.mean([m for m, _ in per_volume.values()]))
-            EVAL_DICE.labels(model, str(version)).set(mean)
+            if dataset == "evaluation":
+                EVAL_DICE.labels(model, str(version)).set(mean)
             out.append(
                 {
                     "model": model,
@@ -275,6 +292,7 @@ class MetricsState:
                     RoundOfDoc(model=m, version=v, round=r) for (m, v), r in self._round_of.items()
                 ],
                 evaluation=dict(self._evaluation),
+                scored_datasets=dict(self._dataset),
                 scores=[
                     ScoreDoc(model=m, version=n, volume_id=v, mean_dice=mean, organ_dice=organs)
                     for (m, n), per in self._scores.items()
@@ -292,6 +310,7 @@ class MetricsState:
             self._rounds = {(r.model, r.version): _round_stats(r) for r in doc.rounds}
             self._round_of = {(r.model, r.version): r.round for r in doc.round_of}
             self._evaluation = dict(doc.evaluation)
+            self._dataset = dict(doc.scored_datasets)
             self._scores = {}
             for s in doc.scores:
                 per = self._scores.setdefault((s.model, s.version), {})

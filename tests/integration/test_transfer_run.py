@@ -90,6 +90,7 @@ def _latest_report_is_written(runs: Path) -> dict:
         assert (latest / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (latest / "report.md").read_text()
     assert "+19.7 %" in md and "13.87" in md and "| round | model |" in md
+    assert "## What the annotators delivered" in md
     return report
 
 
@@ -103,6 +104,12 @@ def _rounds_follow_the_preset(report: dict) -> None:
     assert sum(r["volumes_annotated"] for r in rounds) == preset.rounds * preset.batch
     for r in rounds:
         assert 0.0 <= r["dice"]["mean"] <= 1.0 and r["dice"]["volumes"] == preset.n_evaluation
+        # the public site's held-out volumes, scored apart (forgetting)
+        assert r["public_test_dice"]["volumes"] == preset.n_public_test
+    ours = report["igniter_vs_final"]
+    assert ours["public_test_change_points"] == pytest.approx(
+        rounds[-1]["public_test_dice"]["mean"] - rounds[0]["public_test_dice"]["mean"]
+    )
     # The time model is calibrated on the first round: its mean is the paper's.
     assert rounds[0]["minutes_per_ct"] == pytest.approx(13.87, abs=0.01)
 
@@ -121,6 +128,13 @@ def _minutes_are_the_submitted_ones(runs: Path, report: dict) -> None:
         if minutes:
             assert r["minutes_per_ct"] == pytest.approx(float(np.mean(minutes)), abs=1e-6)
             assert r["volumes_annotated"] == len(minutes)
+            # what the annotators delivered: the same submissions, as the run measured them
+            d = r["delivered"]
+            assert d["volumes"] == len(minutes)
+            assert d["minutes_per_ct"] == pytest.approx(float(np.mean(minutes)), abs=1e-3)
+            assert d["trusted_organ_slices_per_ct"] > 0 and 0.0 < d["submitted_dice"] <= 1.0
+        else:
+            assert r["delivered"] is None
     # Annotators from both sites took part.
     authors = {a for (a,) in db.execute("SELECT author FROM annotation_revisions")}
     assert any(a.startswith("a-") for a in authors) and any(a.startswith("b-") for a in authors)

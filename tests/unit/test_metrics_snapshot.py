@@ -254,3 +254,26 @@ def test_an_event_whose_blob_read_fails_is_applied_whole_when_it_comes_again():
         state.handle(event)
     assert state.events_seen == 0
     assert state.report() == []
+
+
+def test_public_test_scores_are_kept_apart_and_survive_the_snapshot():
+    """Forgetting (issue 19): a public-test volume's scores are not evaluation scores, and an
+    older snapshot (no scored_datasets) reads every scored volume as evaluation."""
+    doc = _doc()
+    doc.evaluation["p1"] = ("ctloop", "volumes/public/p1/label.nii.gz", None)
+    doc.scored_datasets = {"p1": "public-test"}
+    doc.scores.append(
+        ScoreDoc(model="igniter", version=1, volume_id="p1", mean_dice=0.5, organ_dice={})
+    )
+    state = _state()
+    state.restore(doc)
+    (evaluation,) = state.evaluation()
+    (public,) = state.evaluation("public-test")
+    assert evaluation["volumes"] == 2 and public["volumes"] == 1 and public["mean_dice"] == 0.5
+    after = _state()
+    after.restore(parse_snapshot(_snapshot(state)).state)
+    assert after.evaluation("public-test") == [public]
+    older = doc.model_dump()
+    del older["scored_datasets"]
+    state.restore(StateDoc.model_validate(older))
+    assert state.evaluation("public-test") == [] and state.evaluation()[0]["volumes"] == 3

@@ -55,3 +55,9 @@ def test_synthetic_volumes_draw_each_set_from_its_site():
     assert np.array_equal(image, want.image) and np.array_equal(label, want.label)
     _, _, label = data.public["t-pub-001"]
     assert np.array_equal(label, generate_phantom("public", 5, preset.size).label)
+    # the public test set (forgetting): the public site, its own seeds, no training patient
+    assert list(data.public_test) == [f"t-ptest-{i:03d}" for i in range(preset.n_public_test)]
+    image, _, label = data.public_test["t-ptest-000"]
+    want = generate_phantom("public", 4 + 30_000, preset.size)
+    assert np.array_equal(image, want.image) and np.array_equal(label, want.label)
+    assert not any(np.array_equal(image, img) for img, _, _ in data.public.values())
