@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jwt
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from ctloop.db import ApiToken, SiteMembership, User, session_scope
@@ -206,13 +206,28 @@ def revoke_token(database_url: str, token_sha256: str) -> bool:
         return True
 
 
-def list_tokens(database_url: str, user_id: str | None = None) -> list[ApiToken]:
-    """Every token (of ``user_id``), newest first: revoked and expired ones too, for the
-    record. Rows only, never a token: those are shown once, at issue."""
+def list_tokens(
+    database_url: str,
+    user_id: str | None = None,
+    limit: int | None = None,
+    after: tuple[datetime, str] | None = None,
+) -> list[ApiToken]:
+    """The tokens (of ``user_id``), newest first: revoked and expired ones too, for the
+    record; at most ``limit``, those after the (created_at, sha256) key ``after``. Rows only,
+    never a token: those are shown once, at issue."""
     with session_scope(database_url) as s:
         q = select(ApiToken).order_by(ApiToken.created_at.desc(), ApiToken.sha256)
         if user_id is not None:
             q = q.where(ApiToken.user_id == user_id)
+        if after is not None:
+            at, sha = after
+            q = q.where(
+                or_(
+                    ApiToken.created_at < at, and_(ApiToken.created_at == at, ApiToken.sha256 > sha)
+                )
+            )
+        if limit is not None:
+            q = q.limit(limit)
         return list(s.scalars(q))
 
 

@@ -184,11 +184,31 @@ def _admin_user(client: Any, args: argparse.Namespace) -> Any:
     return client.post("/v1/users", json={"id": args.id, "role": args.role, "sites": args.site})
 
 
+def _every_page(client: Any, path: str, params: dict[str, Any]) -> Any:
+    """Every item of a paged list (``X-Next-Cursor``), as one answer (the first error as is)."""
+    import httpx
+
+    from ctloop.paging import MAX_LIMIT
+
+    items: list[Any] = []
+    cursor = None
+    while True:
+        r = client.get(
+            path, params={**params, "limit": MAX_LIMIT, **({"cursor": cursor} if cursor else {})}
+        )
+        if r.status_code >= 400:
+            return r
+        items += r.json()
+        cursor = r.headers.get("X-Next-Cursor")
+        if not cursor:
+            return httpx.Response(200, json=items)
+
+
 def _admin_token(client: Any, args: argparse.Namespace) -> Any:
     """``ctloop admin token issue USER [--label L] [--expires-in DAYS]`` (printed once),
     ``token list [--user USER]``, ``token revoke SHA256``."""
     if args.action == "list":
-        return client.get("/v1/tokens", params={"user": args.user} if args.user else {})
+        return _every_page(client, "/v1/tokens", {"user": args.user} if args.user else {})
     if not args.target:
         raise SystemExit(f"error: ctloop admin token {args.action} needs a user id or sha256")
     if args.action == "revoke":

@@ -128,10 +128,19 @@ def create_token(ctx: Context, who: Admin, user_id: str, body: TokenIn) -> Token
 
 
 @router.get("/tokens", response_model=list[TokenInfoOut])
-def tokens(ctx: Context, who: Admin, user: str | None = None) -> list[TokenInfoOut]:
-    """Every token (of ``user``), newest first, revoked and expired ones included."""
+def tokens(
+    ctx: Context,
+    who: Admin,
+    page: Page,
+    request: Request,
+    response: Response,
+    user: str | None = None,
+) -> list[TokenInfoOut]:
+    """The tokens (of ``user``), newest first, revoked and expired ones included, a page at a
+    time (``ctloop.paging``)."""
     now = datetime.now(UTC)
-    return [
+    after = page.after_key(datetime, str)
+    rows = [
         TokenInfoOut(
             sha256=t.sha256,
             user_id=t.user_id,
@@ -141,8 +150,9 @@ def tokens(ctx: Context, who: Admin, user: str | None = None) -> list[TokenInfoO
             revoked_at=t.revoked_at,
             usable=token_usable(t, now),
         )
-        for t in list_tokens(ctx.db, user)
+        for t in list_tokens(ctx.db, user, page.fetch, after)  # type: ignore[arg-type]
     ]
+    return one_page(rows, page, lambda t: [t.created_at.isoformat(), t.sha256], request, response)
 
 
 @router.delete("/tokens/{sha256}", status_code=204)

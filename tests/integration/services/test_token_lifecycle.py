@@ -190,3 +190,32 @@ def test_audit_verify_through_the_api_and_the_command_line(
     annotator = _token(admin, "audit-user")["token"]
     r = admin.get("/v1/audit/verify", headers={"Authorization": f"Bearer {annotator}"})
     assert r.status_code == 403
+
+
+def test_the_token_list_is_paged_and_the_command_line_reads_every_page(
+    admin, served, admin_headers, capsys
+):
+    """Lists paginate with limits (finding 9): /v1/tokens too, newest first, page by page with
+    no token twice or left out; ``ctloop admin token list`` follows the pages."""
+    _user(admin, "page-user")
+    issued = [_token(admin, "page-user", label=f"t{i}")["sha256"] for i in range(5)]
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"user": "page-user", "limit": 2, **({"cursor": cursor} if cursor else {})}
+        r = admin.get("/v1/tokens", params=params)
+        assert r.status_code == 200 and len(r.json()) <= 2
+        seen += [t["sha256"] for t in r.json()]
+        pages += 1
+        cursor = r.headers.get("X-Next-Cursor")
+        if not cursor:
+            break
+    assert pages == 3 and sorted(seen) == sorted(issued) and len(set(seen)) == 5
+    created = [
+        t["created_at"] for t in admin.get("/v1/tokens", params={"user": "page-user"}).json()
+    ]
+    assert created == sorted(created, reverse=True)
+    bad = admin.get("/v1/tokens", params={"cursor": "bm90LWEtY3Vyc29y"})
+    assert bad.status_code == 422 and bad.json()["code"] == "invalid_request"
+    api = ["admin", "--api", served, "--token", admin_headers["Authorization"].split()[1]]
+    assert ctloop([*api, "token", "list", "--user", "page-user"]) == 0
+    assert sorted(t["sha256"] for t in json.loads(capsys.readouterr().out)) == sorted(issued)
