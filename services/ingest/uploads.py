@@ -251,7 +251,7 @@ def import_series(
         blobs = dicomweb.retrieve_series(url, study_uid, series_uid, ctx.limits.max_bytes)
     except (dicomweb.DicomWebError, httpx.HTTPError) as exc:
         raise ApiError("dicomweb", f"could not retrieve the series: {exc}", 422) from exc
-    vol = read_dicom_instances(blobs, ctx.limits)
+    vol = read_dicom_instances(blobs, ctx.limits, series_uid)
     grid = Grid((vol.image.shape[0], vol.image.shape[1], vol.image.shape[2]), vol.affine)
     provenance = {
         "source": "dicomweb",

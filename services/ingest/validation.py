@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import nibabel as nib
 import numpy as np
+import pydicom
 from numpy.typing import NDArray
 
 from ctloop.contracts import keys
@@ -349,13 +350,33 @@ def _member_instance(
     return bounded_instance(again, budget)
 
 
-def read_dicom_instances(blobs: list[bytes], limits: Limits) -> Volume:
+def read_dicom_instances(blobs: list[bytes], limits: Limits, series_uid: str) -> Volume:
     """One CT series from its instances' bytes (a PACS's WADO-RS answer), each checked against
-    the series' budget first (deflated datasets inflated within it)."""
+    the series' budget first (deflated datasets inflated within it), and each of the series
+    asked for: a PACS that answers with another series' instances (another patient's, or a
+    mix) is refused (422 ``series_mismatch``) before anything is decoded or stored."""
     budget = SeriesBudget(limits.max_voxels)
     with _refusals():
         bounded = [bounded_instance(io.BytesIO(blob).read, budget) for blob in blobs]
+    for blob in bounded:
+        if _series_of(blob) != series_uid:
+            raise ApiError(
+                "series_mismatch",
+                f"the PACS answered instances that are not of series {series_uid}",
+            )
     return _series_volume(bounded)
+
+
+def _series_of(blob: bytes) -> str | None:
+    """An instance's SeriesInstanceUID (its header only; the blob is already within budget)."""
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(blob), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+        )
+    except Exception:  # not DICOM at all: no series
+        return None
+    value = ds.get("SeriesInstanceUID")
+    return str(value) if value is not None else None
 
 
 def _series_volume(blobs: list[bytes]) -> Volume:

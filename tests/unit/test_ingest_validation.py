@@ -50,3 +50,35 @@ def test_an_unscaled_upload_is_read_in_place():
     upload = read_nifti_upload(nifti_gz_bytes(CT, AFFINE), LIMITS, dtypes=STORED_CT_DTYPES)
     assert not upload.array.flags.writeable  # a view of the decompressed bytes, not a copy
     assert upload.array.flags.f_contiguous and upload.array.dtype == np.int16
+
+
+def test_a_pacs_answer_with_another_series_is_refused():
+    """A DICOMweb pull gets only the series asked for: instances of another series (another
+    patient's, or a mix of two) are refused with series_mismatch before any decoding."""
+    import io
+
+    from pydicom.uid import generate_uid
+
+    from services.ingest.errors import ApiError
+    from services.ingest.validation import read_dicom_instances
+    from tests.helpers.dicom import ct_slice
+
+    image = np.zeros((8, 8, 3), dtype=np.int16)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    asked, other = generate_uid(), generate_uid()
+
+    def instances(uids: list[str]) -> list[bytes]:
+        out = []
+        for k, uid in enumerate(uids):
+            buf = io.BytesIO()
+            ct_slice(image, affine, k, uid).save_as(buf, enforce_file_format=True)
+            out.append(buf.getvalue())
+        return out
+
+    limits = Limits(max_bytes=1 << 20, max_voxels=1 << 20)
+    vol = read_dicom_instances(instances([asked] * 3), limits, asked)
+    assert vol.image.shape == (8, 8, 3)
+    for uids in ([other] * 3, [asked, other, asked]):
+        with pytest.raises(ApiError) as err:
+            read_dicom_instances(instances(uids), limits, asked)
+        assert err.value.code == "series_mismatch" and err.value.status == 422
