@@ -228,43 +228,69 @@ def synthesize_dataset(
 
 # ---------------------------------------------------------------- DICOM
 def load_dicom_series(files: Sequence[Path]) -> Volume:
-    """A CT series (one file per slice) as a volume in HU with a RAS affine."""
+    """A CT series as a volume in HU with a RAS affine: one file per slice, or one enhanced
+    multi-frame CT. Read through highdicom's volume API, which refuses what is not one regular
+    volume (a missing or duplicated slice, uneven spacing, mixed orientation or pixel spacing,
+    slices off the stack's normal) and applies each slice's own rescale. Also refused: files of
+    several series, a modality other than CT, burned-in annotation (text in the pixels: PHI that
+    no header rule removes). Every refusal is a :class:`DatasetError` saying why."""
     import pydicom
 
     if not files:
         raise DatasetError("empty DICOM series")
     try:
-        slices = [pydicom.dcmread(str(f)) for f in files]
+        datasets = [pydicom.dcmread(str(f)) for f in files]
     except Exception as exc:
         raise DatasetError(f"not a readable DICOM file ({exc})") from exc
-    series = {str(getattr(s, "SeriesInstanceUID", "")) for s in slices}
+    uid = _one_ct_series(datasets)
+    hd = _highdicom_volume(datasets)
+    nifti = hd.to_nibabel()
+    return Volume(
+        id=uid,
+        image=np.asarray(nifti.dataobj, dtype=np.float32),
+        affine=np.asarray(nifti.affine, dtype=np.float64),
+        meta={"modality": "CT"},
+    )
+
+
+def _one_ct_series(datasets: Sequence[Any]) -> str:
+    """The series' UID, after the checks that are not geometry (see load_dicom_series)."""
+    series = {str(getattr(d, "SeriesInstanceUID", "")) for d in datasets}
     if len(series) != 1:
         raise DatasetError(f"files belong to {len(series)} series; send one series")
+    modalities = {str(getattr(d, "Modality", "")) for d in datasets}
+    if modalities != {"CT"}:
+        raise DatasetError(f"the series' modality is {sorted(modalities)}, not CT")
+    if any(str(getattr(d, "BurnedInAnnotation", "NO")).upper() == "YES" for d in datasets):
+        raise DatasetError(
+            "the images have burned-in annotation (text in the pixels, which may identify the "
+            "patient); send a series without it"
+        )
+    return series.pop()
+
+
+def _highdicom_volume(datasets: Sequence[Any]) -> Any:
+    import highdicom
+
+    options: dict[str, Any] = {
+        "dtype": np.float32,
+        "apply_modality_transform": True,  # each slice's own RescaleSlope/Intercept: HU
+        "apply_real_world_transform": False,
+        "apply_voi_transform": False,
+        "apply_presentation_lut": False,
+    }
     try:
-        orient = np.array(slices[0].ImageOrientationPatient, dtype=np.float64)
-        row, col = orient[:3], orient[3:]
-        normal = np.cross(row, col)
-        slices.sort(key=lambda s: float(np.dot(normal, np.array(s.ImagePositionPatient, float))))
-        pixel = np.stack([s.pixel_array.astype(np.float32) for s in slices], axis=-1)
-        slope = float(getattr(slices[0], "RescaleSlope", 1.0))
-        intercept = float(getattr(slices[0], "RescaleIntercept", 0.0))
-        dy, dx = (float(v) for v in slices[0].PixelSpacing)
-        first = np.array(slices[0].ImagePositionPatient, dtype=np.float64)
-        if len(slices) > 1:
-            last = np.array(slices[-1].ImagePositionPatient, dtype=np.float64)
-            step = (last - first) / (len(slices) - 1)
-        else:
-            step = np.asarray(normal * float(getattr(slices[0], "SliceThickness", 1.0)))
-    except (AttributeError, ValueError, TypeError) as exc:
-        raise DatasetError(f"DICOM series lacks geometry or pixel data ({exc})") from exc
-    # pixel_array is (rows, cols) = (y, x); NIfTI order is (x, y, z).
-    image = np.transpose(pixel, (1, 0, 2)) * slope + intercept
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * dx, col * dy, step, first
-    to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return Volume(
-        id=str(getattr(slices[0], "SeriesInstanceUID", "dicom")),
-        image=image.astype(np.float32),
-        affine=to_ras @ lps,
-        meta={"modality": str(getattr(slices[0], "Modality", ""))},
-    )
+        if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
+            return highdicom.Image.from_dataset(datasets[0], copy=False).get_volume(**options)
+        return highdicom.get_volume_from_series(datasets, **options)
+    except DatasetError:
+        raise
+    except (ValueError, AttributeError, TypeError, KeyError, RuntimeError) as exc:
+        raise DatasetError(f"the series is not one regular CT volume: {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().rstrip(".") or type(exc).__name__
+    if "regularly-spaced" in text or "spacing" in text.lower():
+        return f"{text} (a missing, duplicated or unevenly spaced slice?)"
+    return text

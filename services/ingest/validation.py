@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from ctloop.contracts import keys
 from ctloop.core.blobs import nifti_voxels
 from ctloop.core.bounded import GzipReader, InflateRefused, open_zip, zip_member_reader
-from ctloop.core.datasets import Volume, load_dicom_series
+from ctloop.core.datasets import DatasetError, Volume, load_dicom_series
 from ctloop.core.dicom_budget import HEADER_BYTES_PER_SERIES, SeriesBudget, bounded_instance
 from ctloop.core.organs import LabelMap, UnknownLabel
 from services.ingest.errors import ApiError
@@ -389,6 +389,8 @@ def _series_volume(blobs: list[bytes]) -> Volume:
             files.append(target)
         try:
             volume = load_dicom_series(files).as_ras()
+        except DatasetError as exc:  # the reader says what is wrong with the series
+            raise ApiError("bad_dicom", str(exc)) from exc
         except Exception as exc:  # pydicom's and its decoders' errors are many; none is ours
             log.info("unreadable DICOM series", extra={"error": f"{type(exc).__name__}: {exc}"})
             raise ApiError(

@@ -27,8 +27,12 @@ def ct_slice(
     k: int,
     series_uid: str,
     syntax: UID = ExplicitVRLittleEndian,
+    study_uid: str | None = None,
+    frame_uid: str | None = None,
 ) -> FileDataset:
-    """Axial slice ``k`` of a RAS-ordered array as a CT image, in DICOM's LPS coordinates."""
+    """Axial slice ``k`` of a RAS-ordered array as a CT image, in DICOM's LPS coordinates.
+    ``study_uid`` / ``frame_uid``: the series' study and frame of reference (derived from the
+    series UID when not given, so every slice of a series shares them)."""
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     nx, ny, _ = image.shape
     meta = FileMetaDataset()
@@ -39,7 +43,8 @@ def ct_slice(
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.SeriesInstanceUID = series_uid
-    ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid(entropy_srcs=["study", series_uid])
+    ds.FrameOfReferenceUID = frame_uid or generate_uid(entropy_srcs=["frame", series_uid])
     ds.Modality = "CT"
     ds.Rows, ds.Columns = ny, nx
     ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
