@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -15,6 +16,10 @@ from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
     generate_uid,
 )
 
@@ -129,3 +134,41 @@ def deflated_zip_with_broken_meta(image: np.ndarray, affine: np.ndarray) -> byte
         for name, data in files.items():
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+# The compressed transfer syntaxes PACS exports use, each as a test can write it: pydicom's own
+# encoders (RLE; JPEG-LS through pyjpegls; JPEG 2000 through pylibjpeg-openjpeg) and GDCM for
+# JPEG Lossless (pydicom has no encoder for it; python-gdcm is a test dependency only, so the
+# services decode with the pylibjpeg plugins alone).
+COMPRESSED = {
+    "rle": RLELossless,
+    "jpeg-ls": JPEGLSLossless,
+    "jpeg-2000": JPEG2000Lossless,
+    "jpeg-lossless": JPEGLosslessSV1,
+}
+
+
+def compress_files(paths: list[Path], syntax: UID) -> None:
+    """Re-encode each DICOM file in ``paths`` to ``syntax`` (losslessly), in place."""
+    for path in paths:
+        if syntax == JPEGLosslessSV1:
+            import gdcm
+
+            reader = gdcm.ImageReader()
+            reader.SetFileName(str(path))
+            assert reader.Read(), path
+            change = gdcm.ImageChangeTransferSyntax()
+            change.SetTransferSyntax(
+                gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1)
+            )
+            change.SetInput(reader.GetImage())
+            assert change.Change(), path
+            writer = gdcm.ImageWriter()
+            writer.SetFileName(str(path))
+            writer.SetFile(reader.GetFile())
+            writer.SetImage(change.GetOutput())
+            assert writer.Write(), path
+        else:
+            ds = pydicom.dcmread(path)
+            ds.compress(syntax)
+            ds.save_as(path, enforce_file_format=True)

@@ -25,13 +25,16 @@ def phantom(site: str = "clinical-a", seed: int = 0) -> Phantom:
     return generate_phantom(site, seed, "tiny")
 
 
-def dicom_zip(p: Phantom, series_uids: tuple[str, ...] = ()) -> bytes:
-    """The phantom as a zip of one (or, with several uids, a mix of) CT series."""
+def dicom_zip(p: Phantom, series_uids: tuple[str, ...] = (), syntax: str | None = None) -> bytes:
+    """The phantom as a zip of one (or, with several uids, a mix of) CT series; ``syntax``: a
+    key of :data:`tests.helpers.dicom.COMPRESSED` to compress every slice with."""
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(buf, "w") as zf:
         uids = series_uids or (None,)
         for n, uid in enumerate(uids):
             files = dicom.write_series(Path(tmp) / str(n), p.image, p.affine, series_uid=uid)
+            if syntax is not None:
+                dicom.compress_files(files, dicom.COMPRESSED[syntax])
             for f in files:
                 zf.write(f, f"series{n}/{f.name}")
     return buf.getvalue()

@@ -150,7 +150,7 @@ def tokens(
             revoked_at=t.revoked_at,
             usable=token_usable(t, now),
         )
-        for t in list_tokens(ctx.db, user, page.fetch, after)  # type: ignore[arg-type]
+        for t in list_tokens(ctx.db, user, page.fetch, after)
     ]
     return one_page(rows, page, lambda t: [t.created_at.isoformat(), t.sha256], request, response)
 

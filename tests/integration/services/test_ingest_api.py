@@ -410,6 +410,25 @@ def test_dicom_series_zip_becomes_a_volume(api, unique):
     assert mixed.status_code == 422 and mixed.json()["code"] == "bad_dicom"
 
 
+@pytest.mark.parametrize("syntax", ["rle", "jpeg-ls", "jpeg-2000", "jpeg-lossless"])
+def test_a_compressed_dicom_series_becomes_the_same_volume(api, unique, syntax):
+    """The lossless syntaxes PACS exports use go in through the upload's DICOM budget and
+    decode to the very HU of the uncompressed series (issue 20)."""
+    p = phantom(seed=8)
+    vid = f"dcm-{syntax}-{unique}"
+    r = api.post(
+        "/v1/volumes",
+        data={"site_id": "site-b", "dataset": "clinical", "volume_id": vid},
+        files={"file": ("series.zip", dicom_zip(p, syntax=syntax), "application/zip")},
+    )
+    assert r.status_code == 201, r.text
+    stored = nib.Nifti1Image.from_bytes(
+        gzip.decompress(api.get(f"/v1/volumes/{vid}/image").content)
+    )
+    assert np.array_equal(np.asarray(stored.dataobj), p.image)
+    assert np.allclose(stored.affine, p.affine, atol=1e-4)
+
+
 def _annotators(api, unique: str, names: tuple[str, ...]) -> dict[str, dict[str, str]]:
     """Annotators of site-a, each with a token; returns their request headers by name."""
     headers = {}

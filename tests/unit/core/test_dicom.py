@@ -5,7 +5,7 @@ import pytest
 
 from ctloop.core.datasets import DatasetError, load_dicom_series
 from ctloop.core.phantom import generate_phantom
-from tests.helpers.dicom import write_series
+from tests.helpers.dicom import COMPRESSED, compress_files, write_series
 
 
 def test_series_loads_in_slice_order_with_hu_and_spacing(tmp_path):
@@ -122,3 +122,31 @@ def test_an_enhanced_multiframe_ct_loads_like_its_slices(tmp_path):
     vol = load_dicom_series([path]).as_ras()
     assert np.array_equal(vol.image, p.image[:, :, :5].astype(np.float32))
     assert np.allclose(vol.affine, p.affine, atol=1e-4)
+
+
+@pytest.mark.parametrize("syntax", sorted(COMPRESSED))
+def test_compressed_series_decode_to_the_same_hu(tmp_path, syntax):
+    """What PACS exports use (RLE, JPEG-LS, JPEG 2000 and JPEG Lossless, all lossless), decoded
+    by the pinned pylibjpeg plugins: the services' decoders, not the test's GDCM encoder."""
+    from pydicom.pixels import get_decoder
+
+    uid = COMPRESSED[syntax]
+    assert {"pylibjpeg", "pydicom"} & set(get_decoder(uid).available_plugins), uid.name
+    p = generate_phantom("public", 0, "tiny")
+    files = write_series(tmp_path / "s", p.image, p.affine)
+    compress_files(files, uid)
+    assert pydicom_syntax(files[0]) == uid
+    import pydicom
+
+    ds = pydicom.dcmread(files[0])  # the pinned plugin alone decodes it (no GDCM in the image)
+    ds.pixel_array_options(decoding_plugin="pydicom" if syntax == "rle" else "pylibjpeg")
+    assert ds.pixel_array.shape == (p.image.shape[1], p.image.shape[0])
+    vol = load_dicom_series(files).as_ras()
+    assert np.array_equal(vol.image, p.image.astype(np.float32))
+    assert np.allclose(vol.affine, p.affine, atol=1e-4)
+
+
+def pydicom_syntax(path):  # type: ignore[no-untyped-def]
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
