@@ -33,7 +33,6 @@ from typing import Any
 import grpc
 import httpx
 
-from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.db import RoundStatus, VolumeStatus
 from ctloop.paging import MAX_LIMIT
 from ctloop.platform import PlatformInstance, PlatformTimeout, RemotePlatform
@@ -43,8 +42,9 @@ from ctloop.stack import LocalStack
 from ctloop.transfer import RunFailed
 from ctloop.transfer.annotator import Plan, SimulatedAnnotator, Strategy, TimeModel
 from ctloop.transfer.delivered import Delivered
-from ctloop.transfer.presets import PRESETS, PUBLIC_SITE, SITES
+from ctloop.transfer.presets import PRESETS, SITES
 from ctloop.transfer.sites import RunSites
+from ctloop.transfer.upload import upload_volumes
 from ctloop.transfer.volumes import Volumes, synthetic_volumes
 from ctloop.v1 import (
     inference_pb2,
@@ -153,40 +153,7 @@ class TransferRun:
     # ------------------------------------------------------------ data and people
     def ingest(self) -> None:
         assert self.data is not None
-        for site in (PUBLIC_SITE, *SITES):
-            r = self.admin.post("/v1/sites", json={"id": site})
-            if r.status_code not in (201, 409):
-                raise RunFailed(f"creating site {site}: {r.text}")
-
-        def upload(vid: str, site: str, dataset: str, image: Any, affine: Any, label: Any) -> None:
-            files = {"file": ("ct.nii.gz", nifti_gz_bytes(image, affine), "application/gzip")}
-            if label is not None:
-                files["label"] = ("label.nii.gz", nifti_gz_bytes(label, affine), "application/gzip")
-            r = self.admin.post(
-                "/v1/volumes",
-                files=files,
-                data={"site_id": site, "dataset": dataset, "volume_id": vid},
-            )
-            if r.status_code not in (200, 201):
-                raise RunFailed(f"uploading {vid}: {r.status_code} {r.text}")
-
-        d = self.data
-        total = len(d.public) + len(d.clinical) + len(d.evaluation) + len(d.public_test)
-        done = 0
-        for vid, (image, affine, label) in d.public.items():
-            upload(vid, PUBLIC_SITE, "public", image, affine, label)
-            done += 1
-        self.echo(f"  ingest {done}/{total} volumes (public, labelled)")
-        for vid, (image, affine, label) in d.evaluation.items():
-            upload(vid, SITES[0], "evaluation", image, affine, label)
-            done += 1
-        for vid, (image, affine, label) in d.public_test.items():  # held out: forgetting
-            upload(vid, PUBLIC_SITE, "public-test", image, affine, label)
-            done += 1
-        for vid, (site, image, affine) in d.clinical.items():
-            upload(vid, site, "clinical", image, affine, None)
-            done += 1
-        self.echo(f"  ingest {done}/{total} volumes (+ clinical, evaluation and public test)")
+        upload_volumes(self.admin, self.data, self.echo)
 
     def people(self) -> list[SimulatedAnnotator]:
         assert self.data is not None
