@@ -155,7 +155,10 @@ def _label_read_back(client, rita: httpx.Client, mine, vid: str, n: int) -> None
 def _nothing_left(client: MONAILabelClient, saved: list[str]) -> None:
     with pytest.raises(MONAILabelClientException):
         client.next_sample("uncertainty", {})  # nothing of hers is left
-    assert client.datastore()["objects"][saved[0]]["labels"]["final"]["ext"] == ".nii.gz"
+    labels = client.datastore()["objects"][saved[0]]["labels"]
+    assert labels["final"]["ext"] == ".nii.gz"
+    # the stored pre-annotation is listed too: Slicer loads it instead of inferring again
+    assert labels["original"]["ext"] == ".nii.gz"
     assert client.info()["datastore"]["completed"] == 2
 
 

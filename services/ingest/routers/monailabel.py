@@ -212,12 +212,19 @@ def datastore(
         return _stats(ctx, who)
     with session_scope(ctx.db) as s:
         vols = [(v.id, v.site_id, status, v.geometry) for v, status in clinical_volumes(s, who)]
-        done = annotated_ids(s, [v[0] for v in vols])
+        ids = [v[0] for v in vols]
+        done, predicted = annotated_ids(s, ids), predicted_ids(s, ids)
     if output == "ids":
         return [v[0] for v in vols]
     objects = {}
     for vid, site, status, geometry in vols:
-        labels = {"final": {"ext": ".nii.gz", "info": {}}} if vid in done else {}
+        # "original": the stored pre-annotation (Slicer loads it instead of running inference
+        # again); "final": the latest annotation revision
+        labels = {
+            tag: {"ext": ".nii.gz", "info": {}}
+            for tag, present in (("original", vid in predicted), ("final", vid in done))
+            if present
+        }
         objects[vid] = {
             "image": {"ext": ".nii.gz", "info": {"site_id": site, "status": status, **geometry}},
             "labels": labels,
