@@ -48,7 +48,7 @@ PRESETS: dict[str, RunPreset] = {
     "small": RunPreset(
         size="small", n_public=10, clinical_per_site=9, n_evaluation=8, rounds=3, batch=6,
         flexible_rounds=1, igniter_steps=400, sustainer_steps=150, public_replay=4,
-        holdout_every=1000, nproc_per_node=1, expected="~13 min on 2 cores",
+        holdout_every=1000, nproc_per_node=1, expected="~17 min on 2 cores",
         n_public_test=4,
     ),
     # Realistic sizes (512x512x~260); for a GPU machine.
