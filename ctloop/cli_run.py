@@ -44,6 +44,7 @@ def _transfer_run(args: argparse.Namespace, seed: int, data: Any, sites: Any) ->
         keep_services=args.keep_services,
         sites=sites,
         flexible_rounds=args.flexible_rounds,
+        sustainer_steps=args.sustainer_steps,
     )
 
 
@@ -95,6 +96,7 @@ def _study(args: argparse.Namespace) -> int:
         "preset": args.preset,
         "annotators": args.annotators,
         "flexible_rounds": args.flexible_rounds,
+        "sustainer_steps": args.sustainer_steps,
         "public_site": args.public_site or "(default)",
         "clinical_site": args.clinical_site or "(default)",
         "evaluation_site": args.evaluation_site or "(default)",
@@ -111,6 +113,13 @@ def _study(args: argparse.Namespace) -> int:
         print(f"error: the study stopped: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def add_site_options(parser: argparse.ArgumentParser, clinical_use: str) -> None:
@@ -147,6 +156,12 @@ def _add_transfer_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="rounds annotated with the flexible strategy before full review (default: the "
         "preset's, 1 for small; more than the preset's rounds: every round, the ablation)",
+    )
+    parser.add_argument(
+        "--sustainer-steps",
+        type=_positive,
+        metavar="N",
+        help="training steps of every sustainer (default: the preset's, 150 for small)",
     )
     parser.add_argument(
         "--port-base",

@@ -72,11 +72,16 @@ class TransferRun:
         platform: RemotePlatform | None = None,
         sites: RunSites | None = None,
         flexible_rounds: int | None = None,
+        sustainer_steps: int | None = None,
     ) -> None:
         self.preset_name = preset_name
         self.preset = PRESETS[preset_name]
         if flexible_rounds is not None:  # the ablation: flexible labelling in more rounds
             self.preset = replace(self.preset, flexible_rounds=flexible_rounds)
+        if sustainer_steps is not None:  # another training schedule for every sustainer
+            if sustainer_steps < 1:
+                raise ValueError("sustainer_steps must be at least 1")
+            self.preset = replace(self.preset, sustainer_steps=sustainer_steps)
         self.annotators_per_site = annotators_per_site
         self.seed = seed
         self.port_base = port_base

@@ -154,3 +154,20 @@ def test_study_takes_the_run_options_and_defaults_to_three_seeds(monkeypatch):
     assert args.port_base == 30500 and args.clinical_site == ["clinical-b"]
     assert args.flexible_rounds == 9 and args.keep_services is False
     assert cli.main([*argv, "--seeds", "4", "7"]) == 0 and seen["args"].seeds == [4, 7]
+
+
+def test_sustainer_steps_change_only_the_sustainers_schedule(monkeypatch, tmp_path):
+    from ctloop import cli
+    from ctloop.transfer.presets import PRESETS
+    from ctloop.transfer.run import TransferRun
+
+    monkeypatch.setenv("CTLOOP_RUNS_DIR", str(tmp_path))
+    run = TransferRun("small", sustainer_steps=300)
+    env = run.policy_env()
+    assert env["CTLOOP_TRAINING__SUSTAINER_STEPS"] == "300"
+    assert env["CTLOOP_TRAINING__IGNITER_STEPS"] == str(PRESETS["small"].igniter_steps)
+    assert run.preset.flexible_rounds == PRESETS["small"].flexible_rounds
+    assert TransferRun("small").preset.sustainer_steps == PRESETS["small"].sustainer_steps
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["study", "--sustainer-steps", "0"])
+    assert refused.value.code == 2
