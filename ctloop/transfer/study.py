@@ -98,7 +98,7 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def study_record(seeds: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-    """``study.json``: the settings every seed shared, each seed, and the aggregate."""
+    """``report.json``: the settings every seed shared, each seed, and the aggregate."""
     return {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "confidence": CONFIDENCE,
@@ -121,7 +121,7 @@ def _cell(stat: dict[str, Any], pattern: str) -> str:
 
 
 def render_markdown(study: dict[str, Any]) -> str:
-    """``study.md``: the per-seed table and the mean, sd and 95 % interval of each number."""
+    """``report.md``: the per-seed table and the mean, sd and 95 % interval of each number."""
     seeds, agg = study["seeds"], study["aggregate"]
     lines = [
         f"# ctloop study: {len(seeds)} seed(s)",
@@ -178,13 +178,13 @@ def plot_dice(study: dict[str, Any]) -> bytes:
 
 
 def write_study(study: dict[str, Any], runs_dir: Path) -> Path:
-    """``runs_dir/study-<timestamp>/`` with study.json, study.md and the plot; ``latest-study``
+    """``runs_dir/study-<timestamp>/`` with report.json, report.md and the plot; ``latest-study``
     re-pointed to it."""
     name = "study-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     folder = runs_dir / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "study.json").write_text(json.dumps(study, indent=2))
-    (folder / "study.md").write_text(render_markdown(study))
+    (folder / "report.json").write_text(json.dumps(study, indent=2))
+    (folder / "report.md").write_text(render_markdown(study))
     (folder / "dice_by_round.png").write_bytes(plot_dice(study))
     repoint_link(runs_dir / "latest-study", name)
     return folder
@@ -217,5 +217,5 @@ class Study:
             report = json.loads(path.read_text()) if path.is_file() else returned
             done.append(seed_summary(seed, report))
         folder = write_study(study_record(done, self.settings), self.runs_dir)
-        self.echo(f"study: {folder}/study.md (runs/latest-study -> {folder.name})")
+        self.echo(f"study: {folder}/report.md (runs/latest-study -> {folder.name})")
         return folder

@@ -1,4 +1,4 @@
-"""``ctloop study``: the aggregation over seeds, study.md, the study folder, the command line.
+"""``ctloop study``: the aggregation over seeds, report.md, the study folder, the command line.
 
 No real transfer run here: each seed's run is a stand-in that returns a hand-made report."""
 
@@ -111,11 +111,11 @@ def test_study_writes_its_folder_and_points_latest_study_at_it(tmp_path):
     study = Study([0, 1], lambda s: _FakeRun(tmp_path, s, False), tmp_path, {}, echoed.append)
     folder = study.run()
     assert (tmp_path / "latest-study").resolve() == folder.resolve()
-    record = json.loads((folder / "study.json").read_text())
+    record = json.loads((folder / "report.json").read_text())
     assert [s["run_id"] for s in record["seeds"]] == ["run-0", "run-1"]
     assert record["aggregate"]["headline"]["dice_gain_points"]["mean"] == pytest.approx(0.15)
     assert (folder / "dice_by_round.png").read_bytes()[:4] == b"\x89PNG"
-    assert "# ctloop study" in (folder / "study.md").read_text()
+    assert "# ctloop study" in (folder / "report.md").read_text()
     assert echoed[0] == "study: seed 0 (1/2): run run-0"
 
 
