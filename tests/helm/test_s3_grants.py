@@ -152,3 +152,15 @@ def test_least_privilege_off_gives_every_pod_the_root_key_as_before():
         for c in _containers(spec):
             assert _s3_secrets(c) == {"ctloop-s3"}
             assert "CTLOOP_S3__IDENTITY" not in _env(c)
+
+
+def test_the_default_object_store_is_the_gateway_every_test_runs():
+    """The default release runs the S3 server this project builds and tests (Versity Gateway,
+    ctloop-s3 at the chart's appVersion); MinIO is an opt-in whose admin path is untested here."""
+    container = _s3_container(render())
+    assert container["image"] == "ghcr.io/ctloop/ctloop-s3:0.1.0"
+    assert "--iam-dir /data/iam" in container["args"][0]
+    (job,) = of_kind(render(), "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-1] == "versitygw"
+    minio = _s3_container(render(set_values=("minio.server=minio",)))
+    assert minio["command"][:2] == ["minio", "server"]
