@@ -24,7 +24,7 @@ KEYCLOAK_VERSION    := 26.7.3
 
 PROTOS      := $(wildcard proto/ctloop/v1/*.proto)
 
-.PHONY: help setup venv dev protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak \
+.PHONY: help setup venv dev protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak real-ct \
         stack-up stack-down stack-status services-up services-down status \
         run test test-reliability lint format unit integration helm-check bench clean \
         cluster-tools wheelhouse images cluster-up cluster-down cluster-status test-cluster
@@ -52,7 +52,7 @@ help:
 #   run, stack-up, bench   venv protos kafka-jars s3-gateway
 #   helm-check             dev helm
 #   test, integration      setup (everything below)
-setup: venv dev protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak
+setup: venv dev protos kafka-jars s3-gateway helm postgres dicom-server browser keycloak real-ct
 
 STEP := tools/setup-step.sh
 PIP_INSTALL := $(PY) -m pip install --progress-bar off
@@ -146,17 +146,44 @@ $(STAMPS)/postgres:
 	fi
 	@touch $@
 
-# Orthanc with its DICOMweb plugin (Debian): the PACS the DICOMweb-ingest tests pull from.
+# Orthanc with its DICOMweb plugin (Debian): the PACS the DICOMweb-ingest tests pull from and
+# store SEGs back to; dicom3tools (Debian): David Clunie's dciodvfy, which the tests run on every
+# DICOM object ctloop writes.
 dicom-server: $(STAMPS)/dicom-server
 $(STAMPS)/dicom-server:
 	@mkdir -p $(STAMPS)
-	@if [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
-	  echo "[setup] Orthanc + DICOMweb plugin ... already installed"; \
+	@if [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+	    && [ -x /usr/bin/dciodvfy ]; then \
+	  echo "[setup] Orthanc + DICOMweb plugin + dicom3tools ... already installed"; \
 	else \
 	  $(SUDO) true; \
-	  $(STEP) dicom-server "Orthanc + DICOMweb plugin (apt-get: orthanc orthanc-dicomweb)" \
-	    '$(APT_INSTALL) orthanc orthanc-dicomweb'; \
+	  $(STEP) dicom-server "Orthanc + DICOMweb plugin + dicom3tools (apt-get: orthanc orthanc-dicomweb dicom3tools)" \
+	    '$(APT_INSTALL) orthanc orthanc-dicomweb dicom3tools'; \
 	fi
+	@touch $@
+
+# A real CT for the tests (issue 20): TotalSegmentator's source distribution on PyPI carries a
+# 20-slice contrast-enhanced upper-abdomen DICOM series (JPEG 2000 lossless) and its label map,
+# plus a 3 mm abdomen NIfTI and its labels. pip downloads the sdist (never installs it), the
+# digest is checked, and only tests/reference_files/ is unpacked under .ctloop/real-ct/; nothing
+# is committed. Its labels are TotalSegmentator's output: a reference, not expert truth.
+REAL_CT_VERSION := 2.18.0
+REAL_CT_SHA256  := 5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03
+REAL_CT_DIR     := $(RUN_DIR)/real-ct
+real-ct: $(STAMPS)/real-ct-$(REAL_CT_VERSION)
+$(STAMPS)/real-ct-$(REAL_CT_VERSION): | venv
+	@mkdir -p $(STAMPS)
+	@$(STEP) real-ct "real CT: totalsegmentator $(REAL_CT_VERSION) sdist's tests/reference_files (pip download)" \
+	  'rm -rf $(REAL_CT_DIR) && mkdir -p $(REAL_CT_DIR)/dl \
+	   && $(PY) -m pip download --no-deps --no-binary :all: --no-build-isolation \
+	        totalsegmentator==$(REAL_CT_VERSION) -d $(REAL_CT_DIR)/dl \
+	   && echo "$(REAL_CT_SHA256)  $(REAL_CT_DIR)/dl/totalsegmentator-$(REAL_CT_VERSION).tar.gz" | sha256sum -c - \
+	   && tar -xzf $(REAL_CT_DIR)/dl/totalsegmentator-$(REAL_CT_VERSION).tar.gz -C $(REAL_CT_DIR) \
+	        --strip-components=3 totalsegmentator-$(REAL_CT_VERSION)/tests/reference_files/example_ct_dicom \
+	        totalsegmentator-$(REAL_CT_VERSION)/tests/reference_files/example_seg_dicom.nii.gz \
+	        totalsegmentator-$(REAL_CT_VERSION)/tests/reference_files/example_ct_sm.nii.gz \
+	        totalsegmentator-$(REAL_CT_VERSION)/tests/reference_files/example_seg.nii.gz \
+	   && rm -rf $(REAL_CT_DIR)/dl'
 	@touch $@
 
 # Browsers from Debian for the web workbench's browser test: Chromium (driven by Playwright; no

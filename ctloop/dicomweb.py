@@ -1,4 +1,5 @@
-"""A DICOMweb client (QIDO-RS / WADO-RS) for ingesting a series from a PACS such as Orthanc.
+"""DICOMweb (QIDO-RS, WADO-RS, STOW-RS) with a PACS such as Orthanc: a series pulled in, a SEG
+stored back (:func:`store_instance`, through dicomweb-client).
 
 Nothing a caller sends reaches a URL unchecked: study and series UIDs must match the DICOM UID
 grammar (:func:`check_uid`), base URLs are compared in one normal form (:func:`normal_base_url`),
@@ -15,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import requests
 
 from ctloop.multipart import MultipartError, MultipartReader, boundary_of
 
@@ -160,7 +162,11 @@ def retrieve_series(
     received in all; each instance is cut from the answer as it arrives (the caller's DICOM
     reader bounds what each may decode to)."""
     url = _series_url(base_url, study_uid, series_uid)
-    accept = 'multipart/related; type="application/dicom"'
+    # transfer-syntax=*: the instances as the PACS stores them (ctloop decodes JPEG 2000,
+    # JPEG-LS, JPEG Lossless and RLE itself); without it a PACS must transcode to Explicit VR
+    # Little Endian, and one without a decoder for the stored syntax (Orthanc on JPEG 2000)
+    # answers 500.
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
     instances: list[bytes] = []
     received = 0
     with httpx.stream(
@@ -180,3 +186,65 @@ def retrieve_series(
         except MultipartError as exc:
             raise DicomWebError(f"WADO-RS answer: {exc}") from exc
     return instances
+
+
+# ---------------------------------------------------------------- through dicomweb-client
+class _Session(requests.Session):
+    """What dicomweb-client gets as its requests session: a default timeout on every call and
+    no redirect followed (an allowed PACS cannot send ctloop's request, or a SEG, elsewhere)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self.timeout_s)
+        kwargs["allow_redirects"] = False
+        response = super().request(*args, **kwargs)
+        if response.is_redirect:
+            raise DicomWebError(
+                f"the PACS answered a redirect ({response.status_code}); redirects are not followed"
+            )
+        return response
+
+
+def client(base_url: str, timeout_s: float = 60.0) -> Any:
+    """A :class:`dicomweb_client.DICOMwebClient` for one allowed service (normal form)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(url=normal_base_url(base_url), session=_Session(timeout_s))
+
+
+def instance_metadata(
+    base_url: str, study_uid: str, series_uid: str, sop_instance_uid: str
+) -> dict[str, Any]:
+    """One instance's DICOM JSON metadata (WADO-RS); a PACS that does not hold it, or answers
+    anything but one object, is a :class:`DicomWebError`."""
+    study, series = check_uid(study_uid, "study_uid"), check_uid(series_uid, "series_uid")
+    sop = check_uid(sop_instance_uid, "sop_instance_uid")
+    try:
+        found = client(base_url).retrieve_instance_metadata(study, series, sop)
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "no answer"
+        raise DicomWebError(f"the PACS does not hold instance {sop} (WADO-RS {status})") from exc
+    except requests.RequestException as exc:
+        raise DicomWebError(f"the PACS could not be reached: {exc}") from exc
+    if not isinstance(found, dict):
+        raise DicomWebError("WADO-RS metadata answered something that is not one instance")
+    return found
+
+
+def store_instance(base_url: str, dataset: Any) -> None:
+    """One DICOM object stored in the PACS (STOW-RS); any failure the PACS reports, or an
+    answer that is not a success, is a :class:`DicomWebError`."""
+    try:
+        answer = client(base_url, timeout_s=300.0).store_instances([dataset])
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "no answer"
+        raise DicomWebError(f"the PACS refused the object (STOW-RS {status})") from exc
+    except requests.RequestException as exc:
+        raise DicomWebError(f"the PACS could not be reached: {exc}") from exc
+    failed = getattr(answer, "FailedSOPSequence", None) if answer is not None else None
+    if failed:
+        reasons = [str(getattr(item, "FailureReason", "?")) for item in failed]
+        raise DicomWebError(f"the PACS did not store the object (failure reasons {reasons})")

@@ -242,15 +242,35 @@ def load_dicom_series(files: Sequence[Path]) -> Volume:
         datasets = [pydicom.dcmread(str(f)) for f in files]
     except Exception as exc:
         raise DatasetError(f"not a readable DICOM file ({exc})") from exc
+    from ctloop.core.dicom_source import source_of
+
+    for ds in datasets:  # some exports blank these in the dataset and keep them in the meta
+        _from_file_meta(ds, "SOPClassUID", "MediaStorageSOPClassUID")
+        _from_file_meta(ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
     uid = _one_ct_series(datasets)
     hd = _highdicom_volume(datasets)
     nifti = hd.to_nibabel()
+    source = source_of(datasets)  # the original series' UIDs and geometry (for its SEGs)
     return Volume(
         id=uid,
         image=np.asarray(nifti.dataobj, dtype=np.float32),
         affine=np.asarray(nifti.affine, dtype=np.float64),
-        meta={"modality": "CT"},
+        meta={
+            "modality": "CT",
+            "source_series": source.model_dump(mode="json") if source is not None else None,
+        },
     )
+
+
+def _from_file_meta(ds: Any, keyword: str, meta_keyword: str) -> None:
+    """An empty or missing SOP class or instance UID taken from the file's own meta header
+    (the same value by the standard; anonymisers that blank one often keep the other)."""
+    if str(ds.get(keyword, "") or ""):
+        return
+    meta = getattr(ds, "file_meta", None)
+    value = str(meta.get(meta_keyword, "") or "") if meta is not None else ""
+    if value:
+        setattr(ds, keyword, value)
 
 
 def _one_ct_series(datasets: Sequence[Any]) -> str:

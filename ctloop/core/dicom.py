@@ -76,6 +76,10 @@ def ct_series(
         origin = affine @ np.array([0.0, 0.0, k, 1.0])
         ds.ImagePositionPatient = [float(v) for v in ras_to_lps * origin[:3]]
         ds.PositionReferenceIndicator = ""
+        # Type 2 attributes a derived series does not know: present and empty (dciodvfy checks)
+        ds.BodyPartExamined = "ABDOMEN"  # what ctloop segments; an unpaired part: no Laterality
+        ds.PatientPosition = ""
+        ds.KVP = ds.AcquisitionNumber = None
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
         ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
@@ -88,9 +92,18 @@ def ct_series(
 def segmentation(
     mask: NDArray, source: Sequence[Dataset], volume_id: str, what: str, algorithm: str = ""
 ) -> Dataset:
-    """A BINARY DICOM SEG of a canonical label mask, one segment per organ present."""
-    present = [o for o in FOREGROUND if np.any(mask == ORGAN_IDS[o])]
+    """A BINARY DICOM SEG of a canonical ``(x, y, z)`` label mask on ctloop's own series
+    (:func:`ct_series`), one segment per organ present."""
     frames = np.stack([mask[:, :, k].T for k in range(mask.shape[2])])  # (slices, rows, cols)
+    return segmentation_of_frames(frames, source, volume_id, what, algorithm)
+
+
+def segmentation_of_frames(
+    frames: NDArray, source: Sequence[Dataset], volume_id: str, what: str, algorithm: str = ""
+) -> Dataset:
+    """A BINARY DICOM SEG of canonical label ``frames`` (one per source image, on its pixel
+    grid: ``(images, rows, columns)``), one segment per organ present."""
+    present = [o for o in FOREGROUND if np.any(frames == ORGAN_IDS[o])]
     labels = np.zeros(frames.shape, dtype=np.uint8)
     descriptions = []
     for number, organ in enumerate(present, start=1):

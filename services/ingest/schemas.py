@@ -62,6 +62,20 @@ class DicomWebIn(BaseModel):
     volume_id: str | None = None
 
 
+class PacsTargetIn(BaseModel):
+    url: str = Field(description="base URL of a DICOMweb service allowed for the volume's site")
+
+
+class SegStoredOut(BaseModel):
+    volume_id: str
+    pacs: str = Field(description="the service, in normal form")
+    study_uid: str = Field(description="the original study's UID: the SEG joins it")
+    series_uid: str = Field(description="the SEG's own series")
+    sop_instance_uid: str
+    referenced_series_uid: str = Field(description="the original CT series the SEG is on")
+    segments: list[str] = Field(description="the organs it holds")
+
+
 class DicomwebSourceIn(BaseModel):
     url: str = Field(description="http(s) base URL of the service, e.g. https://pacs/dicom-web")
 

@@ -19,6 +19,7 @@ import json
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -63,10 +64,11 @@ from services.ingest.validation import (
 
 log = logging.getLogger("ctloop.ingest")
 
-# What the audit log says of a volume whose DICOM attributes were all dropped: only pixel
-# data and geometry are kept (patient, study, institution, dates, UIDs are not), which covers
-# the PS3.15 Basic Profile.
-DEIDENTIFIED = "all DICOM attributes dropped"
+# What the audit log says of a volume read from DICOM: only pixel data, geometry and the
+# original series' UIDs are kept (patient, study description, institution, dates and every
+# other attribute are not), so a SEG can reference the images the PACS holds
+# (ctloop/core/dicom_source.py; docs/design.md).
+DEIDENTIFIED = "DICOM attributes dropped but pixel data, geometry and the series' UIDs"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Checked:
     mask_blob: bytes | None
     sha: str
     provenance: dict[str, str]
+    # the original DICOM series' UIDs and geometry (ctloop/core/dicom_source.py), if any
+    source_series: dict[str, Any] | None = None
 
 
 class Existing(Exception):
@@ -211,11 +215,12 @@ def _check(ctx: IngestContext, data: bytes, sha: str, timings: Laps, bare: bytes
         vol = read_dicom_zip(data, ctx.limits)
         provenance = {"source": "dicom", "deidentified": DEIDENTIFIED}
         array, grid = vol.image, Grid(vol.image.shape, vol.affine)  # type: ignore[arg-type]
-        storable = False
+        storable, source = False, vol.meta.get("source_series")
     else:
         upload = read_nifti_upload(data, ctx.limits, dtypes=STORED_CT_DTYPES)
         provenance = {"source": "nifti"}
         array, grid, storable = upload.array, upload.grid, upload.storable
+        source = None
     image = validate_ct(array, grid)
     timings.lap("decode")
     if storable:
@@ -224,7 +229,7 @@ def _check(ctx: IngestContext, data: bytes, sha: str, timings: Laps, bare: bytes
         image_blob = encode_ct(image, grid.affine)
     provenance["stored"] = "as uploaded" if storable else "re-encoded"
     timings.lap("encode")
-    return Checked(image_blob, grid, None, sha, provenance)
+    return Checked(image_blob, grid, None, sha, provenance, source)
 
 
 def _with_label(checked: Checked, raw: bytes, read: LabelRead) -> Checked:
@@ -235,7 +240,9 @@ def _with_label(checked: Checked, raw: bytes, read: LabelRead) -> Checked:
     check_mask_grid(lab.grid, grid)
     keep = canonical and np.array_equal(lab.grid.affine, grid.affine)
     mask_blob = bare_gzip(raw) if keep else nifti_gz_bytes(mask, grid.affine)
-    return Checked(checked.image_blob, grid, mask_blob, checked.sha, checked.provenance)
+    return Checked(
+        checked.image_blob, grid, mask_blob, checked.sha, checked.provenance, checked.source_series
+    )
 
 
 def import_series(
@@ -265,6 +272,7 @@ def import_series(
         None,
         hashlib.sha256(b"".join(sorted(blobs))).hexdigest(),
         provenance,
+        vol.meta.get("source_series"),
     )
     return accept_volume(ctx, up, checked, Laps())
 
@@ -353,6 +361,8 @@ def _commit_volume(
         "spacing": list(grid.spacing),
         "affine": grid.affine.tolist(),
     }
+    if checked.source_series is not None:  # UIDs and geometry only: docs/design.md
+        geometry["source_series"] = checked.source_series
     try:
         with session_scope(ctx.db) as s:
             if s.get(Site, site) is None:  # an admin, or a site named in an OIDC claim

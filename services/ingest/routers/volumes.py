@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import and_, or_, select
 from starlette.concurrency import run_in_threadpool
 
-from ctloop.audit_chain import audit
 from ctloop.contracts.payloads import Dataset
 from ctloop.core import dicom
 from ctloop.core.blobs import nifti_from_gz
@@ -29,10 +28,17 @@ from services.ingest.records import (
     prediction_blob,
     required_prediction,
     shown_volume,
-    visible_volume,
     volumes_out,
 )
-from services.ingest.schemas import DicomWebIn, ErrorOut, PredictionOut, VolumeOut
+from services.ingest.schemas import (
+    DicomWebIn,
+    ErrorOut,
+    PacsTargetIn,
+    PredictionOut,
+    SegStoredOut,
+    VolumeOut,
+)
+from services.ingest.seg_export import Reference, prediction_seg, store_seg_in_pacs
 from services.ingest.uploads import Existing, Upload, import_series, ingest_upload
 from services.ingest.validation import safe_id
 
@@ -248,18 +254,40 @@ def get_series(ctx: Context, who: Anyone, volume_id: str) -> Response:
 @router.get(
     "/{volume_id}/prediction/seg",
     response_class=Response,
-    responses={200: {"content": {"application/dicom": {}}}, 404: {"model": ErrorOut}},
+    responses={
+        200: {"content": {"application/dicom": {}}},
+        404: {"model": ErrorOut},
+        409: {"model": ErrorOut},
+    },
 )
-def get_prediction_seg(ctx: Context, who: Anyone, volume_id: str) -> Response:
-    """The latest pre-annotation as a DICOM SEG referencing ``series.zip``."""
-    with session_scope(ctx.db) as s:
-        p = required_prediction(s, volume_id, who)
-        v = visible_volume(s, volume_id, who)
-        image, mask_key = image_blob(v), p.s3_key
-        algorithm = f"{p.model} v{p.version}"
-        audit(s, who.user_id, "prediction.read", volume_id, site_id=v.site_id, form="seg")
-    img = nifti_from_gz(ctx.store.get_bytes(ctx.bucket, image.key, image.version))
-    mask = np.asarray(nifti_from_gz(ctx.store.get_bytes(ctx.bucket, mask_key)).dataobj, np.uint8)
-    series = dicom.ct_series(np.asarray(img.dataobj), np.asarray(img.affine), volume_id)
-    seg = dicom.segmentation(mask, series, volume_id, f"prediction {algorithm}", algorithm)
+def get_prediction_seg(
+    ctx: Context,
+    who: Anyone,
+    volume_id: str,
+    reference: Annotated[
+        Reference,
+        Query(
+            description="auto: the original DICOM series the volume came from when there is "
+            "one, else series.zip; original: only the original (409 without one); ctloop: "
+            "series.zip"
+        ),
+    ] = "auto",
+) -> Response:
+    """The latest pre-annotation as a DICOM SEG (patient and study attributes empty)."""
+    seg = prediction_seg(ctx, who, volume_id, reference)
     return Response(dicom.to_bytes(seg), media_type="application/dicom")
+
+
+@router.post(
+    "/{volume_id}/prediction/seg/pacs",
+    response_model=SegStoredOut,
+    status_code=201,
+    responses={403: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+)
+def store_prediction_seg(
+    ctx: Context, who: Uploader, volume_id: str, body: PacsTargetIn
+) -> SegStoredOut:
+    """The latest pre-annotation as a SEG on the original series, stored back with STOW-RS in
+    one of the volume's site's PACS, with the patient and study attributes that PACS holds
+    for the original images (read as it is sent, never stored)."""
+    return SegStoredOut(**store_seg_in_pacs(ctx, who, volume_id, body.url))

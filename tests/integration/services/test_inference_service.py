@@ -402,3 +402,123 @@ def test_pre_annotation_as_dicom_seg_referencing_the_series(env, unique, tmp_pat
         )
         got = np.transpose(frames[..., 0], (2, 1, 0)).astype(bool)
         assert np.array_equal(got, stored == ORGAN_IDS[description.SegmentLabel])
+
+
+def _real_ct_ingested(env, volume_id: str, response) -> None:
+    """An ingest answer, its event, and the worker's pre-annotation of it."""
+    assert response.status_code == 201, response.text
+    env["relay"].flush()
+    (event,) = wait_for_events(
+        env["settings"], Topic.VOLUME_INGESTED, lambda e: e.subject == volume_id
+    )
+    env["worker"].handle(event)
+
+
+def _real_ct_in_pacs(api, orthanc: str, site: str) -> tuple[str, str, str]:
+    """The real series, as a PACS holds it, in Orthanc, allowed for ``site``: (its DICOMweb
+    URL, study UID, series UID)."""
+    from ctloop.core.dicom import to_bytes
+    from tests.helpers import real_ct
+    from tests.helpers.orthanc import store_instances
+
+    held = real_ct.as_a_pacs_holds_it(real_ct.series_files())
+    pacs = f"{orthanc}/dicom-web"
+    store_instances(pacs, [to_bytes(ds) for ds in held])
+    assert api.post("/v1/sites", json={"id": site}).status_code == 201
+    assert api.post(f"/v1/sites/{site}/dicomweb-sources", json={"url": pacs}).status_code == 201
+    return pacs, str(held[0].StudyInstanceUID), str(held[0].SeriesInstanceUID)
+
+
+def _zipped(files: list) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i, f in enumerate(files):
+            zf.writestr(f"ct/{i:03d}.dcm", f.read_bytes())
+    return buf.getvalue()
+
+
+def _assert_placed(seg_path, segments: list[str], stored) -> None:
+    """highdicom (a second reader) puts each segment where the stored mask has the organ."""
+    import highdicom as hd
+
+    from ctloop.core.organs import ORGAN_IDS
+
+    seg = hd.seg.segread(seg_path)
+    for number, organ in enumerate(segments, start=1):
+        placed = nib.as_closest_canonical(
+            seg.get_volume(segment_numbers=[number], combine_segments=True).to_nibabel()
+        )
+        np.testing.assert_allclose(placed.affine, stored.affine, atol=1e-3)
+        expected = np.asarray(stored.dataobj) == ORGAN_IDS[organ]
+        assert np.array_equal(np.asarray(placed.dataobj) > 0, expected), organ
+
+
+def test_the_real_ct_in_by_upload_and_dicomweb_and_its_seg_back_into_the_pacs(
+    env, unique, orthanc, tmp_path
+):
+    """Issue 20: a real CT (TotalSegmentator's test series, a model's labels: not truth) held
+    by the real Orthanc comes in over DICOMweb and as a zip upload, is pre-annotated through
+    Triton, and its SEG, on the original series and with the patient as the PACS holds it, is
+    stored back with STOW-RS; dciodvfy accepts what Orthanc then serves and highdicom places
+    it where the stored pre-annotation is. The same series as published (its UIDs blanked) has
+    no original to reference: its SEG is on ctloop's series.zip."""
+    import io
+
+    import pydicom
+
+    from ctloop import dicomweb
+    from ctloop.core.organs import ORGAN_IDS
+    from tests.helpers import real_ct
+
+    api, worker = env["api"], env["worker"]
+    if worker.serving() is None:
+        worker.handle(_publish(env, env["settings"].services.igniter_model, 1))
+    site = f"real-{unique}"
+    pacs, study, series = _real_ct_in_pacs(api, orthanc, site)
+    pulled, published = f"real-dw-{unique}", f"real-up-{unique}"
+    pull = {"url": pacs, "study_uid": study, "series_uid": series, "site_id": site}
+    _real_ct_ingested(
+        env, pulled, api.post("/v1/volumes/dicomweb", json={**pull, "volume_id": pulled})
+    )
+    form = {"site_id": site, "dataset": "clinical", "volume_id": published}
+    upload = ("ct.zip", _zipped(real_ct.series_files()), "application/zip")
+    _real_ct_ingested(env, published, api.post("/v1/volumes", data=form, files={"file": upload}))
+    vol = api.get(f"/v1/volumes/{pulled}").json()
+    assert vol["shape"] == [512, 512, 20]
+    assert vol["spacing"] == pytest.approx([0.9766, 0.9766, 2.0], abs=1e-3)
+
+    # The pre-annotation exists; the published series (UIDs blanked) has no original
+    mask = api.get(f"/v1/volumes/{pulled}/prediction/mask")
+    stored = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(gzip.decompress(mask.content)))
+    organs = [o for o, i in ORGAN_IDS.items() if i and (np.asarray(stored.dataobj) == i).any()]
+    assert organs, "the tiny model found no organ on the real CT"
+    seg_url = f"/v1/volumes/{published}/prediction/seg"
+    refused = api.get(seg_url, params={"reference": "original"})
+    assert refused.status_code == 409 and refused.json()["code"] == "no_original_series"
+    fallback = pydicom.dcmread(io.BytesIO(api.get(seg_url).content))
+    assert fallback.ReferencedSeriesSequence[0].SeriesInstanceUID != series
+
+    # Stored back: the SEG joins the original study in the PACS, with the patient it holds
+    to_pacs = f"/v1/volumes/{pulled}/prediction/seg/pacs"
+    assert api.post(to_pacs, json={"url": "http://127.0.0.1:9/dicom-web"}).status_code == 403
+    sent = api.post(to_pacs, json={"url": pacs})
+    assert sent.status_code == 201, sent.text
+    out = sent.json()
+    assert out["study_uid"] == study and out["referenced_series_uid"] == series
+    assert sorted(out["segments"]) == sorted(organs)
+    client = dicomweb.client(pacs)
+    in_pacs = {
+        s["0020000E"]["Value"][0]: s["00080060"]["Value"][0]
+        for s in client.search_for_series(study_instance_uid=study)
+    }
+    assert in_pacs == {series: "CT", out["series_uid"]: "SEG"}
+    (back,) = client.retrieve_series(study, out["series_uid"])
+    path = tmp_path / "seg.dcm"
+    back.save_as(path, enforce_file_format=True)
+    assert real_ct.dciodvfy(path) == []
+    assert back.PatientID == "TS-EXAMPLE-1" and str(back.PatientName) == "Example^Totalsegmentator"
+    assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    _assert_placed(path, out["segments"], stored)
