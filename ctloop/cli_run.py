@@ -215,3 +215,42 @@ def add_run_commands(sub: Any) -> None:
         help="one run per seed, one after another (default: 0 1 2)",
     )
     study.set_defaults(func=_study, keep_services=False)
+
+    from ctloop.transfer.real_ct import DEFAULT_CT
+
+    real = sub.add_parser(
+        "real-ct",
+        help="score a finished run's models on a real labelled CT (how far phantoms carry)",
+    )
+    real.add_argument("--run", default="latest", help="the run's id under runs/ (latest)")
+    real.add_argument(
+        "--series",
+        type=Path,
+        default=DEFAULT_CT / "example_ct_dicom",
+        help="a folder with one DICOM CT series (default: TotalSegmentator's test series)",
+    )
+    real.add_argument(
+        "--labels",
+        type=Path,
+        default=DEFAULT_CT / "example_seg_dicom.nii.gz",
+        help="its label map, NIfTI on the series' grid",
+    )
+    real.add_argument(
+        "--label-ids",
+        choices=["totalsegmentator", "canonical"],
+        default="totalsegmentator",
+        help="the label map's ids: TotalSegmentator v2's (other structures: background) "
+        "or ctloop's",
+    )
+    real.set_defaults(func=_real_ct)
+
+
+def _real_ct(args: argparse.Namespace) -> int:
+    from ctloop.transfer.real_ct import RealCtError, main
+
+    try:
+        main(get_settings(), args.run, args.series, args.labels, args.label_ids)
+    except RealCtError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

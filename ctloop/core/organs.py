@@ -45,6 +45,27 @@ ALIASES: dict[str, str] = {
 }
 
 
+# TotalSegmentator v2's ids ("total" task) of ctloop's organs: its label maps (117 structures)
+# read with every other structure as background (:func:`from_totalsegmentator`).
+TOTALSEGMENTATOR_IDS: dict[str, int] = {
+    "spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5,
+    "stomach": 6, "pancreas": 7, "aorta": 52, "ivc": 63,
+}  # fmt: skip
+
+
+def from_totalsegmentator(label: NDArray[np.integer]) -> NDArray[np.uint8]:
+    """A TotalSegmentator label map in canonical ids; its other structures are background."""
+    values = np.asarray(label).astype(np.int64)
+    if values.size and values.min() < 0:
+        raise ValueError("a TotalSegmentator label map has no negative ids")
+    lut = np.zeros(
+        max(int(values.max(initial=0)), max(TOTALSEGMENTATOR_IDS.values())) + 1, np.uint8
+    )
+    for organ, value in TOTALSEGMENTATOR_IDS.items():
+        lut[value] = ORGAN_IDS[organ]
+    return lut[values]
+
+
 class UnknownLabel(ValueError):
     """A label name or value that the dataset or the canonical list does not know."""
 

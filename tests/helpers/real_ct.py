@@ -22,17 +22,11 @@ import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from ctloop.core.organs import ORGAN_IDS
+from ctloop.core.organs import from_totalsegmentator
 
 ROOT = Path(__file__).resolve().parents[2] / ".ctloop" / "real-ct"
 SERIES = ROOT / "example_ct_dicom"
 LABELS = ROOT / "example_seg_dicom.nii.gz"
-
-# TotalSegmentator v2 ("total" task) ids of ctloop's organs; every other structure is background.
-TOTALSEGMENTATOR_IDS = {
-    "spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5,
-    "stomach": 6, "pancreas": 7, "aorta": 52, "ivc": 63,
-}  # fmt: skip
 
 _NAMESPACE = uuid.UUID("0b5d9a8e-3f0c-4c1e-9a51-6c2f1f4f7d11")
 
@@ -79,12 +73,7 @@ def write(datasets: list[Dataset], folder: Path) -> list[Path]:
 def reference_labels() -> tuple[NDArray[np.uint8], NDArray[np.float64]]:
     """The label map in ctloop's canonical ids, RAS-canonical, and its affine."""
     img = nib.as_closest_canonical(nib.load(LABELS))
-    ts = np.asarray(img.dataobj).astype(np.int64)
-    lut = np.zeros(int(ts.max()) + 1, dtype=np.uint8)
-    for organ, value in TOTALSEGMENTATOR_IDS.items():
-        if value < len(lut):
-            lut[value] = ORGAN_IDS[organ]
-    return lut[ts], np.asarray(img.affine)
+    return from_totalsegmentator(np.asarray(img.dataobj)), np.asarray(img.affine)
 
 
 def dciodvfy(path: Path) -> list[str]:

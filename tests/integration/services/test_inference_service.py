@@ -522,3 +522,39 @@ def test_the_real_ct_in_by_upload_and_dicomweb_and_its_seg_back_into_the_pacs(
     assert back.PatientID == "TS-EXAMPLE-1" and str(back.PatientName) == "Example^Totalsegmentator"
     assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == series
     _assert_placed(path, out["segments"], stored)
+
+
+def test_a_runs_models_are_scored_on_the_real_ct(env, unique, tmp_path):
+    """``ctloop real-ct``: each model version a run's report names, fetched from the real
+    model repository, segments the real CT; Dice per organ of its reference labels."""
+    from ctloop.transfer import real_ct as scoring
+    from tests.helpers import real_ct
+
+    settings = env["settings"].model_copy(update={"runs_dir": tmp_path})
+    igniter, sustainer = f"igniter-score-{unique}", f"sustainer-score-{unique}"
+    for model in (igniter, sustainer):
+        _publish(env, model, 1)
+    report = {
+        "run_id": "r1",
+        "rounds": [
+            {"round": 1, "role": "igniter", "model": igniter, "version": 1},
+            {"round": 2, "role": "sustainer", "model": sustainer, "version": 1},
+        ],
+    }
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "report.json").write_text(json.dumps(report))
+    lines: list[str] = []
+    out = scoring.main(
+        settings, "r1", real_ct.SERIES, real_ct.LABELS, "totalsegmentator", lines.append
+    )
+    result = json.loads((tmp_path / "r1" / "real-ct.json").read_text())
+    assert [m["model"] for m in result["models"]] == [igniter, sustainer]
+    assert result["organs"] == ["liver", "spleen", "stomach", "pancreas", "aorta", "ivc"]
+    for m in result["models"]:
+        assert set(m["dice"]) == set(result["organs"])
+        assert all(0.0 <= d <= 1.0 for d in m["dice"].values())
+    assert "not an expert's" in out.read_text() and len(lines) == 4
+    report["rounds"][1]["version"] = 99
+    (tmp_path / "r1" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(scoring.RealCtError, match="not in the model repository"):
+        scoring.main(settings, "r1", real_ct.SERIES, real_ct.LABELS, "totalsegmentator", print)

@@ -114,3 +114,25 @@ def test_ctloops_own_series_and_seg_of_the_real_ct_are_valid(tmp_path):
     assert real_ct.dciodvfy(path) == []
     back = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(path.read_bytes())))
     assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == series[0].SeriesInstanceUID
+
+
+def test_the_real_ct_case_is_checked_before_any_model_runs(tmp_path):
+    from ctloop.transfer.real_ct import RealCtError, load_case
+
+    case = load_case(real_ct.SERIES, real_ct.LABELS, "totalsegmentator")
+    assert case["truth"].shape == case["image"].shape == (512, 512, 20)
+    assert (case["truth"] == ORGAN_IDS["liver"]).sum() > 100_000
+    small = nib.load(real_ct.ROOT / "example_seg.nii.gz")  # the 3 mm case: another grid
+    with pytest.raises(RealCtError, match="grid"):
+        load_case(real_ct.SERIES, real_ct.ROOT / "example_seg.nii.gz", "totalsegmentator")
+    assert small.shape != case["truth"].shape
+    with pytest.raises(RealCtError, match="no DICOM series"):
+        load_case(tmp_path / "none", real_ct.LABELS, "totalsegmentator")
+
+
+def test_real_ct_command_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    from ctloop import cli
+
+    monkeypatch.setenv("CTLOOP_RUNS_DIR", str(tmp_path))
+    assert cli.main(["real-ct", "--run", "nope"]) == 2
+    assert "no finished run" in capsys.readouterr().err
