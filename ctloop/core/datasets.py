@@ -6,6 +6,7 @@ Every dataset carries its own label map; loading maps labels to canonical organ 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,9 +240,15 @@ def load_dicom_series(files: Sequence[Path]) -> Volume:
     if not files:
         raise DatasetError("empty DICOM series")
     try:
-        datasets = [pydicom.dcmread(str(f)) for f in files]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            datasets = [pydicom.dcmread(str(f)) for f in files]
     except Exception as exc:
         raise DatasetError(f"not a readable DICOM file ({exc})") from exc
+    if any("End of file reached" in str(w.message) for w in seen):
+        raise DatasetError("a DICOM file is truncated (it ends inside its data)")
+    if any("PixelData" not in ds for ds in datasets):
+        raise DatasetError("a DICOM file has no pixel data (truncated, or not an image)")
     from ctloop.core.dicom_source import source_of
 
     for ds in datasets:  # some exports blank these in the dataset and keep them in the meta

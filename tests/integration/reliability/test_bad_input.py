@@ -422,6 +422,64 @@ def _newer_version(data: bytes) -> bytes:
     return bytes(out)
 
 
+# Malformed and foreign files the DICOM libraries test themselves with (pydicom's and
+# pynetdicom's packages ship them): truncated pixel data, a missing preamble and meta, a bad
+# VR, broken sequences, a bad meta header, big endian, deflated, another modality. Each goes
+# in as one more member of a valid CT series.
+LIBRARY_FILES = {
+    "pydicom": (
+        "MR_truncated.dcm", "rtplan_truncated.dcm", "no_meta.dcm", "badVR.dcm",
+        "meta_missing_tsyntax.dcm", "JPEG2000-embedded-sequence-delimiter.dcm",
+        "J2K_pixelrep_mismatch.dcm", "UN_sequence.dcm", "nested_priv_SQ.dcm",
+        "ExplVR_BigEndNoMeta.dcm", "image_dfl.dcm", "CT_small.dcm", "rtstruct.dcm",
+    ),
+    "pynetdicom": (
+        "CTImageStorage_bad_meta.dcm", "SCImageStorage_Deflated.dcm",
+        "MRImageStorage_ExplicitVRBigEndian.dcm",
+    ),
+}  # fmt: skip
+
+
+def _library_file(package: str, name: str) -> bytes:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(package)
+    assert spec is not None and spec.origin, f"{package} is not installed (make dev)"
+    root = Path(spec.origin).parent
+    folder = (
+        root / "data" / "test_files" if package == "pydicom" else root / "tests" / "dicom_files"
+    )
+    return (folder / name).read_bytes()
+
+
+def _library_files(p: Phantom) -> dict[str, Case]:
+    series = _dicom_files(p)
+    return {
+        f"dicom_{package}_{name.removesuffix('.dcm')}": Case(
+            "POST", "/v1/volumes", 422, "bad_dicom",
+            _lazy(lambda package=package, name=name: zip_of(
+                {**series, "extra.dcm": _library_file(package, name)}
+            )),
+        )
+        for package, names in LIBRARY_FILES.items()
+        for name in names
+    } | {
+        "dicom_real_ct_truncated_pixel_data": Case(
+            "POST", "/v1/volumes", 422, "bad_dicom", _lazy(_real_ct_with_a_truncated_slice)
+        ),
+    }  # fmt: skip
+
+
+def _real_ct_with_a_truncated_slice() -> bytes:
+    """The real CT (tests/helpers/real_ct.py) with one slice's JPEG 2000 data cut short."""
+    from tests.helpers import real_ct
+
+    members = {f"{i:02d}.dcm": f.read_bytes() for i, f in enumerate(real_ct.series_files())}
+    members["07.dcm"] = members["07.dcm"][:-2000]
+    return zip_of(members)
+
+
 def _corpus() -> dict[str, Case]:
     p = phantom(seed=901)
     cases = {
@@ -432,6 +490,7 @@ def _corpus() -> dict[str, Case]:
         **_access_and_tokens(),
         **_bombs(p),
         **_malformed_files(p, phantom("public", 902)),
+        **_library_files(p),
     }
     # Uploads come from machine clients (role integration) unless a case says otherwise.
     return {

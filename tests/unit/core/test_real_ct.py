@@ -48,6 +48,13 @@ def test_a_missing_slice_of_the_real_series_is_refused(pacs_series):
         load_dicom_series(pacs_series[:9] + pacs_series[10:])
 
 
+def test_a_truncated_slice_of_the_real_series_is_refused(pacs_series, tmp_path):
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(pacs_series[7].read_bytes()[:-2000])
+    with pytest.raises(DatasetError, match="truncated"):
+        load_dicom_series([*pacs_series[:7], cut, *pacs_series[8:]])
+
+
 def test_each_slice_keeps_its_own_rescale(pacs_series, tmp_path):
     """One slice stored with another slope and intercept (its pixel values rewritten to
     match) reads as the same HU: each slice's own rescale is applied."""
