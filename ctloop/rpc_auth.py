@@ -66,13 +66,14 @@ def _all_methods(service: str) -> set[str]:
 # Which caller may use which method: the one table the servers enforce and the chart's token
 # mounts and flows (helm/ctloop/files/flows.yaml, tests/helm/test_grpc_auth.py) agree with.
 CALLS: dict[Caller, frozenset[str]] = {
-    # MONAI Label's infer and train endpoints, the workbench's round status.
+    # MONAI Label's infer, train and model-info endpoints, the workbench's round status.
     "ingest": frozenset(
         {
             method("Inference", "Segment"),
             method("Inference", "GetModelStatus"),
             method("Training", "StartRound"),
             method("Training", "ListRounds"),
+            method("Training", "ListModelVersions"),
         }
     ),
     # The corrected volumes of a round.

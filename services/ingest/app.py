@@ -15,7 +15,15 @@ from ctloop.settings import Settings
 from services.ingest.authfirst import AuthenticateFirst
 from services.ingest.deps import IngestContext
 from services.ingest.errors import install_error_handlers
-from services.ingest.routers import admin, monailabel, pacs, tasks, volumes, workbench
+from services.ingest.routers import (
+    admin,
+    monailabel,
+    monailabel_datastore,
+    pacs,
+    tasks,
+    volumes,
+    workbench,
+)
 from services.ingest.routers import annotations as annotation_routes
 
 
@@ -36,6 +44,7 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
 
     checks = {"database": database_check(settings.database_url), "s3": s3_ready}
     app.include_router(health_router("ingest", checks))
-    for module in (volumes, annotation_routes, admin, pacs, tasks, monailabel, workbench):
+    routers = (volumes, annotation_routes, admin, pacs, tasks, monailabel, monailabel_datastore)
+    for module in (*routers, workbench):
         app.include_router(module.router)
     return app

@@ -3,6 +3,7 @@ and how their failures read as API errors."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -102,3 +103,27 @@ def latest_round(backends: Backends) -> training_pb2.Round | None:
     except grpc.RpcError as exc:
         raise rpc_error("training", exc) from exc
     return max(rounds.rounds, key=lambda x: x.round, default=None)
+
+
+def model_versions(backends: Backends, model: str) -> list[tuple[int, dict[str, Any]]]:
+    """The training service's ``ListModelVersions``: (version, manifest) of ``model``'s
+    published versions (ingest has no grant on the model repository itself)."""
+    try:
+        listed = backends.training.ListModelVersions(
+            training_pb2.ListModelVersionsRequest(model=model), timeout=30
+        )
+    except grpc.RpcError as exc:
+        raise rpc_error("training", exc) from exc
+    return [(int(v.ref.version), json.loads(v.manifest_json or "{}")) for v in listed.versions]
+
+
+def serving_model(backends: Backends, model: str) -> common_pb2.ModelVersionRef:
+    """What the inference service serves (``model``: the one asked about, "" any)."""
+    try:
+        status = backends.inference.GetModelStatus(
+            inference_pb2.GetModelStatusRequest(model=model), timeout=30
+        )
+    except grpc.RpcError as exc:
+        raise rpc_error("inference", exc) from exc
+    serving: common_pb2.ModelVersionRef = status.serving
+    return serving

@@ -1,6 +1,7 @@
 """3D Slicer's MONAILabel flow against ctloop, driven by MONAI Label's own Python client
 (``monailabel.client.MONAILabelClient``, the code the Slicer extension's calls mirror):
-auth -> info -> datastore -> next sample -> infer -> save label -> train -> train status,
+auth -> upload a local volume -> its pre-annotation -> info -> datastore -> model digest ->
+next sample -> infer -> save label -> train -> train status,
 all four services real processes on the real stack."""
 
 from __future__ import annotations
@@ -51,15 +52,23 @@ def _sites_and_reviewer(admin: httpx.Client) -> str:
     return admin.post("/v1/users/rita/tokens", json={"label": "slicer"}).json()["token"]
 
 
-def _volumes_pre_annotated(admin: httpx.Client, tag: str, igniter: str, logs):
-    """Public volumes, two of hers and one of another site's, all pre-annotated by the
-    igniter; (her volumes' phantoms by id, the other site's volume id)."""
+def _volumes_pre_annotated(
+    admin: httpx.Client, client: MONAILabelClient, tag: str, igniter: str, logs, tmp_path: Path
+):
+    """Public volumes, two of hers (one uploaded from her disk through MONAI Label's client)
+    and one of another site's, all pre-annotated by the igniter; (her volumes' phantoms by id,
+    the other site's volume id)."""
     for i in range(3):
         _upload(admin, f"pub{i}-{tag}", "public-site", "public", 100 + i)
-    mine = {
-        f"a{i}-{tag}": _upload(admin, f"a{i}-{tag}", "hospital-a", "clinical", 200 + i)
-        for i in (0, 1)
-    }
+    mine = {f"a0-{tag}": _upload(admin, f"a0-{tag}", "hospital-a", "clinical", 200)}
+    local = generate_phantom("clinical-a", 201, "tiny")
+    path = tmp_path / "local-ct.nii.gz"
+    path.write_bytes(nifti_gz_bytes(local.image, local.affine))
+    up = client.upload_image(str(path), image_id=f"a1-{tag}")  # her only site: hospital-a
+    assert up == {"image": f"a1-{tag}", "site_id": "hospital-a", "status": "ingested"}
+    again = client.upload_image(str(path), image_id=f"a1-{tag}")  # the same bytes: the same
+    assert again["image"] == f"a1-{tag}"
+    mine[f"a1-{tag}"] = local
     theirs = f"b0-{tag}"
     _upload(admin, theirs, "hospital-b", "clinical", 300)
 
@@ -85,6 +94,29 @@ def _slicer_signs_in(api: str, tmp_path: Path, rita_token: str) -> MONAILabelCli
     client.update_auth(client.auth_token("rita", rita_token))
     assert client.auth_valid_token()
     return client
+
+
+def _uploaded_and_pre_annotated(client: MONAILabelClient, admin: httpx.Client, vid: str):
+    """Her upload's pre-annotation comes back as its original label, as /v1 stores it."""
+    original = nib.load(client.download_label(vid, "original"))
+    stored = admin.get(f"/v1/volumes/{vid}/prediction/mask")
+    assert stored.status_code == 200
+    expected = nib.Nifti1Image.from_bytes(gzip.decompress(stored.content))
+    assert np.array_equal(np.asarray(original.dataobj), np.asarray(expected.dataobj))
+
+
+def _model_info(rita: httpx.Client, admin: httpx.Client, igniter: str) -> None:
+    """The serving model's latest version and the digest recorded at publish, for anyone; its
+    weights are not served by the API (ingest has no grant on the model repository)."""
+    answer = rita.get("/model/info/segmentation")
+    assert answer.status_code == 200, answer.text
+    info = answer.json()
+    assert info["model"] == igniter and info["version"] == 1 and info["modified_time"] > 0
+    assert len(info["checksum"]) == 64
+    assert rita.get(f"/model/info/{igniter}").json() == info
+    assert rita.get("/model/segmentation").status_code == 403
+    refused = admin.get("/model/segmentation")
+    assert refused.status_code == 409 and refused.json()["code"] == "not_served_here"
 
 
 def _info_lists_models_and_datastore(client: MONAILabelClient, igniter: str, sustainer: str):
@@ -209,10 +241,12 @@ def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
         base_url=api, timeout=60, headers={"Authorization": f"Bearer {platform['admin_token']}"}
     )
     rita_token = _sites_and_reviewer(admin)
-    mine, theirs = _volumes_pre_annotated(admin, tag, igniter, logs)
     client = _slicer_signs_in(api, tmp_path, rita_token)
+    mine, theirs = _volumes_pre_annotated(admin, client, tag, igniter, logs, tmp_path)
+    _uploaded_and_pre_annotated(client, admin, f"a1-{tag}")
     _info_lists_models_and_datastore(client, igniter, sustainer)
     rita = _only_her_site(client, api, rita_token, mine, theirs)
+    _model_info(rita, admin, igniter)
     saved: list[str] = []
     for n in range(2):
         vid = _next_sample_inferred(client, rita, mine, saved, igniter)
