@@ -54,6 +54,10 @@ class VolumeStatus(StrEnum):
     PREDICTED = "predicted"
     ANNOTATED = "annotated"
     SENT_BACK = "sent_back"
+    # An admin took it out of the loop (MONAI Label's datastore delete, DELETE /v1/volumes/{id}):
+    # never queued, pre-annotated, trained on or scored again; its row, blobs and revisions are
+    # kept (nothing accepted is lost) and its id stays taken.
+    WITHDRAWN = "withdrawn"
 
 
 class ReviewStatus(StrEnum):
@@ -368,6 +372,11 @@ def volume_status() -> ColumnElement[str]:
     ).label("status")
 
 
+def in_the_loop() -> ColumnElement[bool]:
+    """Volumes not withdrawn: what queues, inference, training and scoring may use."""
+    return Volume.status != VolumeStatus.WITHDRAWN
+
+
 def waiting_for_annotation() -> Select[str, str, str, int, float, datetime]:
     """Clinical volumes still to annotate (none, or only sent-back, revisions), with their
     latest pre-annotation if any: (id, site, model, version, uncertainty, created_at)."""
@@ -392,7 +401,7 @@ def waiting_for_annotation() -> Select[str, str, str, int, float, datetime]:
         )
         .outerjoin(latest, latest.c.volume_id == Volume.id)
         .outerjoin(Prediction, Prediction.id == latest.c.pid)
-        .where(Volume.dataset == "clinical", Volume.id.not_in(done))
+        .where(Volume.dataset == "clinical", Volume.id.not_in(done), in_the_loop())
     )
 
 

@@ -43,6 +43,7 @@ from ctloop.db import (
     Volume,
     claim_event,
     event_claimed,
+    in_the_loop,
     session_scope,
     waiting_for_annotation,
 )
@@ -215,7 +216,7 @@ class InferenceWorker:
             # after the waiting.
             scored = s.scalars(
                 select(Volume.id)
-                .where(Volume.dataset.in_(SCORED_DATASETS))
+                .where(Volume.dataset.in_(SCORED_DATASETS), in_the_loop())
                 .order_by(Volume.created_at)
             )
             return [r.id for r in rows] + list(scored)

@@ -7,7 +7,14 @@ import json
 import grpc
 from sqlalchemy import func, select
 
-from ctloop.db import AnnotationRevision, ReviewStatus, Volume, session_scope
+from ctloop.db import (
+    AnnotationRevision,
+    ReviewStatus,
+    Volume,
+    VolumeStatus,
+    in_the_loop,
+    session_scope,
+)
 from ctloop.service import abort
 from ctloop.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
@@ -39,7 +46,7 @@ class WorkflowService(ingest_pb2_grpc.WorkflowServicer):
         with session_scope(self.db) as s:
             rows = s.scalars(
                 select(Volume)
-                .where(Volume.dataset == "public", Volume.label_s3_key.is_not(None))
+                .where(Volume.dataset == "public", Volume.label_s3_key.is_not(None), in_the_loop())
                 .order_by(Volume.created_at, Volume.id)
             )
             return [
@@ -74,7 +81,7 @@ class WorkflowService(ingest_pb2_grpc.WorkflowServicer):
                         AnnotationRevision.revision == latest_rev,
                     )
                 ).one()
-                if v is None or v.dataset != "clinical":
+                if v is None or v.dataset != "clinical" or v.status == VolumeStatus.WITHDRAWN:
                     continue
                 review = {k: latest.detail.get(k) for k in ("organs", "reviewed_slices")}
                 out.append(

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import Select, select
+from sqlalchemy import Select, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,7 @@ from ctloop.db import (
     Prediction,
     Volume,
     VolumeStatus,
+    in_the_loop,
     next_annotation_revision,
     session_scope,
     volume_status,
@@ -210,9 +211,11 @@ def _annotatable(ctx: IngestContext, who: Principal, volume_id: str) -> tuple[st
     """(site, grid) of a clinical volume the caller may annotate now (not leased to another)."""
     with session_scope(ctx.db) as s:
         v = visible_volume(s, volume_id, who)
-        site, g, dataset = v.site_id, v.geometry, v.dataset
+        site, g, dataset, status = v.site_id, v.geometry, v.dataset, v.status
     if dataset != "clinical":
         raise conflict("not_annotatable", f"{volume_id} is a {dataset} volume")
+    if status == VolumeStatus.WITHDRAWN:
+        raise conflict("withdrawn", f"{volume_id} was withdrawn from the loop by an admin")
     holder = lease_holder(ctx.db, volume_id)
     if holder is not None and holder != who.user_id:
         raise conflict("leased", f"{volume_id} is leased to {holder}")
@@ -277,9 +280,27 @@ def _commit_revision(
         ) from exc
 
 
+def withdraw_volume(ctx: IngestContext, who: Principal, volume_id: str, **detail: str) -> VolumeOut:
+    """Take a volume out of the loop (admins): never queued, pre-annotated, trained on or
+    scored again. Its row, blobs and revisions stay (nothing accepted is lost), its lease
+    ends, the id stays taken; withdrawing it again changes nothing."""
+    with session_scope(ctx.db) as s:
+        v = visible_volume(s, volume_id, who)
+        if v.status != VolumeStatus.WITHDRAWN:
+            was = v.status
+            v.status = VolumeStatus.WITHDRAWN
+            s.execute(delete(Lease).where(Lease.volume_id == volume_id))
+            audit(
+                s, who.user_id, "volume.withdraw", volume_id, site_id=v.site_id, was=was, **detail
+            )
+        s.flush()
+        return volume_out(v, VolumeStatus.WITHDRAWN)
+
+
 def clinical_volumes(s: Session, who: Principal) -> list[tuple[Volume, str]]:
     """The clinical volumes of the caller's sites, oldest first, each with its shown status."""
-    q = select(Volume).where(Volume.dataset == "clinical").order_by(Volume.created_at)
+    q = select(Volume).where(Volume.dataset == "clinical", in_the_loop())
+    q = q.order_by(Volume.created_at)
     q = q if who.is_admin else q.where(Volume.site_id.in_(who.sites))
     return [(v, status) for v, status in s.execute(q.add_columns(volume_status()))]
 

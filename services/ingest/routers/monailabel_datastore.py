@@ -8,6 +8,8 @@ MONAI Label                   ctloop
 ``PUT /datastore/image``      one DICOM series, every check of the upload path; ``image``
                               names the volume, ``params`` may name ``site_id`` (default:
                               your only site); admins, reviewers, integrations
+``DELETE /datastore/``,       the volume withdrawn from the loop (never queued, predicted,
+``DELETE /datastore/image``   trained on or scored again); its data is kept (admins)
 ``GET /model/info/{model}``   the serving (or named) model's latest version: its weights'
                               sha256 (the digest recorded at publish) and publish time, from
                               the training service (ingest has no model-repository grant)
@@ -32,6 +34,7 @@ from ctloop.timing import Laps
 from services.ingest.backends import model_versions, serving_model
 from services.ingest.deps import Admin, Anyone, Context, IngestContext, Uploader, read_upload
 from services.ingest.errors import ApiError, not_found
+from services.ingest.records import withdraw_volume
 from services.ingest.routers.monailabel import _known_model, _params
 from services.ingest.uploads import Existing, Upload, ingest_upload
 from services.ingest.validation import safe_id
@@ -72,6 +75,15 @@ async def datastore_upload(
     except Existing as same:  # the same bytes again: the stored volume
         out = same.volume
     return {"image": out.volume_id, "site_id": out.site_id, "status": str(out.status)}
+
+
+@router.delete("/datastore/", summary="Withdraw a volume from the loop (MONAI Label; admins)")
+@router.delete("/datastore/image", summary="Withdraw a volume from the loop (MONAI Label; admins)")
+def datastore_remove(ctx: Context, who: Admin, id: str) -> dict[str, Any]:
+    """MONAI Label deletes the image and its labels; ctloop keeps what it accepted and takes
+    the volume out of the loop instead (:func:`services.ingest.records.withdraw_volume`)."""
+    withdraw_volume(ctx, who, id, via="monailabel")
+    return {}
 
 
 def _latest(ctx: IngestContext, model: str) -> tuple[str, int, dict[str, Any]]:

@@ -20,7 +20,7 @@ from ctloop.core.blobs import nifti_from_gz
 from ctloop.db import Volume, session_scope, volume_status
 from ctloop.paging import Page, one_page
 from ctloop.timing import Laps
-from services.ingest.deps import Anyone, Context, Uploader, read_body, read_upload
+from services.ingest.deps import Admin, Anyone, Context, Uploader, read_body, read_upload
 from services.ingest.errors import ApiError
 from services.ingest.records import (
     audited_read,
@@ -29,6 +29,7 @@ from services.ingest.records import (
     required_prediction,
     shown_volume,
     volumes_out,
+    withdraw_volume,
 )
 from services.ingest.schemas import (
     DicomWebIn,
@@ -203,6 +204,17 @@ def _volume_key(v: VolumeOut) -> list[Any]:
 def get_volume(ctx: Context, who: Anyone, volume_id: str) -> VolumeOut:
     with session_scope(ctx.db) as s:
         return shown_volume(s, volume_id, who)
+
+
+@router.delete(
+    "/{volume_id}",
+    response_model=VolumeOut,
+    responses={403: {"model": ErrorOut}, 404: {"model": ErrorOut}},
+)
+def withdraw(ctx: Context, who: Admin, volume_id: str) -> VolumeOut:
+    """Withdraw the volume from the loop (admins): it is never queued, pre-annotated, trained
+    on or scored again; its data and revisions are kept and its id stays taken."""
+    return withdraw_volume(ctx, who, volume_id)
 
 
 @router.get("/{volume_id}/image", response_class=Response, responses=GZIP)
