@@ -6,6 +6,7 @@ block, so a line can always be traced back to the event, volume or model version
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import json
@@ -49,6 +50,30 @@ def configure_logging(level: str = "INFO") -> None:
     # its dialect and each migration at every service start; keep their warnings.
     for chatty in ("kafka", "httpx", "httpcore", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+class RecentLines(logging.Handler):
+    """The process's last log lines, formatted as it writes them (MONAI Label's ``/logs``)."""
+
+    def __init__(self, keep: int = 5000) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # logging never breaks the caller
+            self.lines.append(self.format(record))
+
+
+def keep_recent_lines(keep: int = 5000) -> RecentLines:
+    """The root logger's :class:`RecentLines` (added once); what it holds from now on."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, RecentLines):
+            return handler
+    handler = RecentLines(keep)
+    root.addHandler(handler)
+    return handler
 
 
 @contextlib.contextmanager

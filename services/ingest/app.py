@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from ctloop.log import keep_recent_lines
 from ctloop.outbox import OutboxRelay
 from ctloop.service import database_check, health_router
 from ctloop.settings import Settings
@@ -19,6 +20,7 @@ from services.ingest.routers import (
     admin,
     monailabel,
     monailabel_datastore,
+    monailabel_tasks,
     pacs,
     tasks,
     volumes,
@@ -29,6 +31,7 @@ from services.ingest.routers import annotations as annotation_routes
 
 def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     ctx = IngestContext(settings, relay)
+    keep_recent_lines()  # MONAI Label's /logs/ answers from them
     app = FastAPI(
         title="ctloop ingest",
         version="1",
@@ -45,6 +48,6 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     checks = {"database": database_check(settings.database_url), "s3": s3_ready}
     app.include_router(health_router("ingest", checks))
     routers = (volumes, annotation_routes, admin, pacs, tasks, monailabel, monailabel_datastore)
-    for module in (*routers, workbench):
+    for module in (*routers, monailabel_tasks, workbench):
         app.include_router(module.router)
     return app

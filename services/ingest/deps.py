@@ -18,6 +18,7 @@ from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from services.ingest.auth_audit import AuthAudit
 from services.ingest.backends import Backends
+from services.ingest.background import Tasks
 from services.ingest.errors import ApiError
 from services.ingest.queue import WorkQueue
 from services.ingest.validation import Limits
@@ -91,6 +92,7 @@ class IngestContext:
         self.auth_audit = AuthAudit(self.db, settings.auth.refusals_audited_per_minute)
         self.queue = WorkQueue(self.db, svc.queue_strategy, svc.lease_s)
         self.backends = Backends(svc.grpc_target("inference"), svc.grpc_target("training"))
+        self.background = Tasks()  # MONAI Label's batch inference and scoring tasks
         self.volumes = VolumeCache()
         self.slice_reads = SliceReads()
 

@@ -1,7 +1,7 @@
 """3D Slicer's MONAILabel flow against ctloop, driven by MONAI Label's own Python client
 (``monailabel.client.MONAILabelClient``, the code the Slicer extension's calls mirror):
 auth -> upload a local volume -> its pre-annotation -> info -> datastore -> model digest ->
-next sample -> infer -> save label -> train -> train status,
+next sample -> infer -> save label -> train -> train status -> batch infer -> scoring -> logs,
 all four services real processes on the real stack."""
 
 from __future__ import annotations
@@ -221,6 +221,31 @@ def _sustainer_serves(client, rita: httpx.Client, sustainer: str, saved: list[st
     assert params["model"] == sustainer and params["version"] == 1
 
 
+def _batch_scoring_and_logs(admin: httpx.Client, rita: httpx.Client, sustainer: str, mine, logs):
+    """Batch inference (admins) pre-annotates every clinical volume with the serving model in
+    the background; scoring returns her volumes' uncertainties; logs are the admin's."""
+    assert rita.post("/batch/infer/segmentation").status_code == 403
+    started = admin.post("/batch/infer/segmentation", params={"images": "all"})
+    assert started.status_code == 200, started.text
+    assert started.json()["total"] == 3  # a0, a1 and the other site's b0: the admin's view
+
+    def finished():
+        task = admin.get("/batch/infer").json()
+        return task if task["status"] != "RUNNING" else None
+
+    task = until("the batch inference", finished, 300, logs)
+    assert task["status"] == "DONE" and task["done"] == 3 and task["failed"] == {}, task
+    for vid in mine:
+        assert admin.get(f"/v1/volumes/{vid}/prediction").json()["model"] == sustainer
+    scored = rita.post("/scoring/uncertainty").json()
+    assert set(scored["result"]) == set(mine)
+    assert all(0.0 <= r["uncertainty"] <= 1.0 for r in scored["result"].values())
+    assert rita.get("/scoring/").json()["id"] == scored["id"]
+    assert rita.get("/logs/").status_code == 403
+    lines = admin.get("/logs/", params={"lines": 20}).text.splitlines()
+    assert 0 < len(lines) <= 20 and all(line.startswith("{") for line in lines)
+
+
 def _all_audited(admin: httpx.Client, saved: list[str]) -> None:
     """Every read and write went into the audit log, with who did it."""
     entries = admin.get("/v1/audit", params={"limit": 1000}).json()
@@ -256,4 +281,5 @@ def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
     _nothing_left(client, saved)
     _sustainer_round_from_client(client, sustainer, logs)
     _sustainer_serves(client, rita, sustainer, saved, logs)
+    _batch_scoring_and_logs(admin, rita, sustainer, mine, logs)
     _all_audited(admin, saved)
