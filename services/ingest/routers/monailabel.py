@@ -225,8 +225,9 @@ def datastore(
             for tag, present in (("original", vid in predicted), ("final", vid in done))
             if present
         }
+        shown = {k: geometry[k] for k in ("shape", "spacing", "affine") if k in geometry}
         objects[vid] = {
-            "image": {"ext": ".nii.gz", "info": {"site_id": site, "status": status, **geometry}},
+            "image": {"ext": ".nii.gz", "info": {"site_id": site, "status": status, **shown}},
             "labels": labels,
         }
     return {"name": "ctloop", "description": "clinical volumes", "objects": objects}
