@@ -225,7 +225,9 @@ def datastore(
             for tag, present in (("original", vid in predicted), ("final", vid in done))
             if present
         }
-        shown = {k: geometry[k] for k in ("shape", "spacing", "affine") if k in geometry}
+        shown: dict[str, Any] = {
+            k: geometry[k] for k in ("shape", "spacing", "affine") if k in geometry
+        }
         objects[vid] = {
             "image": {"ext": ".nii.gz", "info": {"site_id": site, "status": status, **shown}},
             "labels": labels,

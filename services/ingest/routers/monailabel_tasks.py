@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 
 from ctloop.audit_chain import audit
@@ -93,10 +93,12 @@ def batch_infer(
 
 
 @router.get("/batch/infer", summary="The latest batch inference task (MONAI Label)")
-def batch_infer_status(
-    ctx: Context, who: Anyone, all: bool = False, check_if_running: bool = False
+@router.get("/scoring/", summary="The latest scoring task (MONAI Label)")
+def task_status(
+    request: Request, ctx: Context, who: Anyone, all: bool = False, check_if_running: bool = False
 ) -> Any:
-    return ctx.background.answer("batch_infer", all, check_if_running)
+    kind = "scoring" if request.url.path.startswith("/scoring") else "batch_infer"
+    return ctx.background.answer(kind, all, check_if_running)
 
 
 @router.delete("/batch/infer", summary="Stop the running batch inference (MONAI Label)")
@@ -126,13 +128,6 @@ def scoring(ctx: Context, who: Annotator, method: str) -> dict[str, Any]:
     task.total, task.done = len(ids), len(task.result)
     task.status, task.end_ts = "DONE", time.time()
     return task.view()
-
-
-@router.get("/scoring/", summary="The latest scoring task (MONAI Label)")
-def scoring_status(
-    ctx: Context, who: Anyone, all: bool = False, check_if_running: bool = False
-) -> Any:
-    return ctx.background.answer("scoring", all, check_if_running)
 
 
 @router.get("/logs/", summary="The ingest process's last log lines (MONAI Label; admins)")
