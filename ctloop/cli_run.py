@@ -161,7 +161,7 @@ def _add_transfer_options(parser: argparse.ArgumentParser) -> None:
         "--sustainer-steps",
         type=_positive,
         metavar="N",
-        help="training steps of every sustainer (default: the preset's, 150 for small)",
+        help="training steps of every sustainer (default: the preset's, 300 for small)",
     )
     parser.add_argument(
         "--port-base",
