@@ -88,8 +88,12 @@ class TritonServer(Component):
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         pytriton_libs = str(self.pytriton_dir.parent.parent / "nvidia_pytriton.libs")
         ld = [libdir, pytriton_libs, os.environ.get("LD_LIBRARY_PATH", "")]
+        # None of the caller's own AWS settings (a CA bundle, a profile, a session token, another
+        # endpoint): with AWS_CA_BUNDLE set, Triton's S3 client could not be created once the
+        # gateway had restarted ("Unable to create S3 filesystem client"), and test_faults failed.
+        ambient = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         return {
-            **os.environ,
+            **ambient,
             # The stub then runs as this virtualenv's python: model.py can import torch, monai.
             "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
             # Without the interpreter's own libpython first, the stub loads the system one.
