@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ctloop.core.model import TINY_MODEL
@@ -63,3 +63,18 @@ PRESETS: dict[str, RunPreset] = {
         expected="several hours on one GPU; days on 2 CPU cores", n_public_test=8,
     ),
 }  # fmt: skip
+
+
+def preset_with(
+    name: str, flexible_rounds: int | None = None, sustainer_steps: int | None = None
+) -> RunPreset:
+    """A preset with a run's overrides: flexible labelling in more rounds (the ablation),
+    another schedule for every sustainer."""
+    preset = PRESETS[name]
+    if flexible_rounds is not None:
+        preset = replace(preset, flexible_rounds=flexible_rounds)
+    if sustainer_steps is not None:
+        if sustainer_steps < 1:
+            raise ValueError("sustainer_steps must be at least 1")
+        preset = replace(preset, sustainer_steps=sustainer_steps)
+    return preset

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,7 +42,7 @@ from ctloop.stack import LocalStack
 from ctloop.transfer import RunFailed
 from ctloop.transfer.annotator import Plan, SimulatedAnnotator, Strategy, TimeModel
 from ctloop.transfer.delivered import Delivered
-from ctloop.transfer.presets import PRESETS, SITES
+from ctloop.transfer.presets import SITES, preset_with
 from ctloop.transfer.sites import RunSites
 from ctloop.transfer.upload import upload_volumes
 from ctloop.transfer.volumes import Volumes, synthetic_volumes
@@ -75,13 +75,7 @@ class TransferRun:
         sustainer_steps: int | None = None,
     ) -> None:
         self.preset_name = preset_name
-        self.preset = PRESETS[preset_name]
-        if flexible_rounds is not None:  # the ablation: flexible labelling in more rounds
-            self.preset = replace(self.preset, flexible_rounds=flexible_rounds)
-        if sustainer_steps is not None:  # another training schedule for every sustainer
-            if sustainer_steps < 1:
-                raise ValueError("sustainer_steps must be at least 1")
-            self.preset = replace(self.preset, sustainer_steps=sustainer_steps)
+        self.preset = preset_with(preset_name, flexible_rounds, sustainer_steps)
         self.annotators_per_site = annotators_per_site
         self.seed = seed
         self.port_base = port_base
