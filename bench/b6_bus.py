@@ -15,7 +15,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from bench.common import Context, median, percentile, result
 from bench.session import Session
-from ctloop.bus import EventConsumer, EventProducer, ensure_topics
+from ctloop.bus import EventConsumer, EventProducer, ensure_topics, subscribe_when_known
 from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import BlobRef, ModelRef, model_published
 from ctloop.contracts.topics import Topic
@@ -66,11 +66,13 @@ class _Bus:
         )
         self.raw_producer = KafkaProducer(**client_config(settings))
         self.raw_consumer = KafkaConsumer(
-            self.raw_topic,
             **client_config(settings),
             group_id=f"bench-bus-raw-{tag}",
             auto_offset_reset="earliest",
         )
+        # As the services' consumer does: joining before the new topic's metadata is known
+        # left this side without partitions for five minutes (CI, stop 26).
+        subscribe_when_known(self.raw_consumer, [self.raw_topic])
         self.threads = [
             threading.Thread(target=self.consumer.run, args=(self.stop,), daemon=True),
             threading.Thread(target=self._raw_loop, daemon=True),
@@ -128,8 +130,10 @@ class _Bus:
 
 def _measure(bus: _Bus, n: int) -> tuple[list[float], list[float]]:
     """``n`` events per side in 4 chunks, ABAB, after a warm-up of each side."""
-    for send in (bus.send_ours, bus.send_raw):  # warm-up: group joins, metadata, connections
-        bus.batch(send, 5)
+    for side, send in (("ctloop", bus.send_ours), ("baseline", bus.send_raw)):
+        # warm-up: group joins, metadata, connections
+        if not bus.batch(send, 5):
+            raise RuntimeError(f"event bus: no {side} event came back within two minutes")
     chunks = 4
     ours: list[float] = []
     theirs: list[float] = []

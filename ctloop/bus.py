@@ -195,6 +195,35 @@ class _StartAtCheckpoint(ConsumerRebalanceListener):
         self.assigned |= set(assigned)
 
 
+def subscribe_when_known(
+    consumer: KafkaConsumer,
+    topics: list[str],
+    listener: ConsumerRebalanceListener | None = None,
+    timeout_s: float = 15.0,
+) -> None:
+    """Subscribe ``consumer`` to ``topics`` once its own metadata has their partitions.
+
+    A consumer that joins its group before its metadata has a topic (one created a moment ago:
+    the broker answers the create before every client sees it) is assigned none of its
+    partitions ("No partition metadata for topic"), and only finds them at its next metadata
+    refresh, five minutes later. Waits at most ``timeout_s``, then subscribes anyway (a topic
+    that does not exist yet is found at a refresh, as before)."""
+    deadline = time.monotonic() + timeout_s
+    missing = list(topics)
+    while missing and time.monotonic() < deadline:
+        missing = [t for t in missing if not consumer.partitions_for_topic(t)]
+        if missing:
+            time.sleep(0.2)
+    if missing:
+        log.warning(
+            "subscribing before the topics' partitions are known", extra={"topics": missing}
+        )
+    if listener is None:
+        consumer.subscribe(topics)
+    else:
+        consumer.subscribe(topics, listener=listener)
+
+
 class EventConsumer:
     """Feeds the events of ``topics`` to ``handler`` as member of consumer group ``group_id``."""
 
@@ -211,7 +240,6 @@ class EventConsumer:
         group_id = settings.kafka.group_prefix + group_id
         names = [str(t) for t in topics]
         self._consumer = KafkaConsumer(
-            *([] if checkpoint else names),  # with a checkpoint: subscribed below, to seek
             group_id=group_id,
             client_id=group_id,
             enable_auto_commit=False,
@@ -225,9 +253,9 @@ class EventConsumer:
         self._retry = retry or RetryPolicy(give_up_on=(InvalidEvent,))
         self._checkpoint = checkpoint
         self._listener: _StartAtCheckpoint | None = None
-        if checkpoint is not None:
+        if checkpoint is not None:  # to seek to the checkpoint as partitions are assigned
             self._listener = _StartAtCheckpoint(self._consumer, checkpoint)
-            self._consumer.subscribe(names, listener=self._listener)
+        subscribe_when_known(self._consumer, names, self._listener)
 
     def poll_once(self, timeout_ms: int = 1000, stop: threading.Event | None = None) -> int:
         """Handle what one poll returns; the number of records it took.

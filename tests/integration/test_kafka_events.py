@@ -210,3 +210,43 @@ def test_topics_are_made_with_the_configured_replication_and_keep_events_for_eve
     )
     ensure_topics(day, [old])
     assert _topic_config(settings, old)[1]["retention.ms"] == "86400000"
+
+
+def test_a_consumer_made_before_its_topic_exists_gets_its_partitions(settings, unique):
+    """A consumer that joins its group before its metadata has a topic (one created a moment
+    ago: the broker answers the create before every client sees it; or the admin's a moment
+    late) is assigned none of its partitions and only finds them at its next metadata refresh,
+    five minutes later: the event-bus benchmark waited out its deadlines in CI. The services'
+    consumer waits for its topics' partitions before it joins."""
+    from typing import cast
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    topic = f"ctloop.test.new-{unique}"
+
+    def create_it_a_moment_later() -> None:
+        time.sleep(3)
+        admin = KafkaAdminClient(**client_config(settings))
+        admin.create_topics([NewTopic(topic, 3, 1)])
+        admin.close()
+
+    creator = threading.Thread(target=create_it_a_moment_later)
+    creator.start()
+    producer = EventProducer(settings, client_id=f"test-{unique}")
+    seen: list[CloudEvent] = []
+    consumer = EventConsumer(
+        settings, f"test-new-{unique}", cast(list[Topic], [topic]), seen.append, producer
+    )
+    creator.join()
+    try:
+        deadline = time.monotonic() + 30  # well inside the five-minute refresh
+        while time.monotonic() < deadline and len(consumer._consumer.assignment()) < 3:
+            consumer.poll_once(timeout_ms=200)
+        assert {tp.partition for tp in consumer._consumer.assignment()} == {0, 1, 2}
+        sent = _event(unique)
+        key, value, headers = sent.to_kafka()
+        producer.send_raw(topic, key, value, headers)
+        _consume_until(consumer, lambda: any(e.id == sent.id for e in seen), 30)
+    finally:
+        consumer.close()
+        producer.close()
