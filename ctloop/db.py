@@ -287,6 +287,28 @@ class SiteDicomwebSource(Base):
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
+class LabelSession(Base):
+    """A MONAI Label session: an image a client segments without adding it to the loop (no
+    volume, no event, never queued, trained on or scored). Its blobs live under
+    ``sessions/<site>/<id>/``; the row and every version of them go when it expires or is
+    deleted."""
+
+    # written by: ingest / read by: ingest
+    __tablename__ = "label_sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), index=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(256))  # the uploaded file's name
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    last_access_at: Mapped[datetime] = mapped_column(default=_now, index=True)
+    expiry_s: Mapped[int] = mapped_column(Integer)  # after the last access
+    image_key: Mapped[str] = mapped_column(String(512))
+    image_version: Mapped[str | None] = mapped_column(String(256))
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)  # shape, spacing, sha256, source
+    # "<model>:<version>" -> {key, version_id, uncertainty, seconds}: the masks made so far
+    masks: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
 @cache
 def engine_for(url: str) -> Engine:
     if url.startswith("sqlite"):

@@ -70,6 +70,7 @@ CALLS: dict[Caller, frozenset[str]] = {
     "ingest": frozenset(
         {
             method("Inference", "Segment"),
+            method("Inference", "SegmentSession"),
             method("Inference", "GetModelStatus"),
             method("Training", "StartRound"),
             method("Training", "ListRounds"),

@@ -69,10 +69,17 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
             "data",
             "volumes/*/image.nii.gz",
             {DV},
-            "an upload refused after its early write removes that version (uploads.EarlyPut)",
+            "an upload refused after its early write removes that version (uploads.EarlyPut); "
+            "a MONAI Label session's image (volumes/_sessions/...) goes when it ends",
         ),
         _g("data", "annotations/*", {R, W}, "annotation revisions: new keys, never deleted"),
         _g("data", "predictions/*", {R}, "pre-annotations served to annotators"),
+        _g(
+            "data",
+            "predictions/_sessions/*",
+            {DV},
+            "a MONAI Label session's masks: removed, every version, when it ends",
+        ),
         _g("data", "*", {L}, "readiness (HeadBucket); its database holds every key anyway"),
     ),
     "inference": (

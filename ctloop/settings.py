@@ -155,6 +155,13 @@ class ServicesSettings(BaseModel):
 
         return sources_by_site(value)
 
+    # MONAI Label sessions (an image a Slicer user segments without adding it to the loop):
+    # removed, image and masks, this long after their last use unless the client asks for
+    # less; at most this many live per user.
+    session_expiry_s: int = 3600
+    session_max_expiry_s: int = 24 * 3600
+    sessions_per_user: int = 10
+    session_sweep_s: float = 30.0  # how often expired sessions are looked for
     # With review on, only revisions a reviewer approved are used for training.
     review_required: bool = False
     # Model names the inference service serves; the sustainer wins once it exists.

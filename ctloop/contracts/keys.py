@@ -7,6 +7,8 @@ Data bucket::
     volumes/<site>/<volume>/image.nii.gz, label.nii.gz, model-input/<preprocessing>.npz
     annotations/<site>/<volume>/rev-<revision>/mask.nii.gz
     predictions/<volume>/<model>/v<version>/mask.nii.gz, prediction.json
+    volumes/_sessions/<site>/<session>/image.nii.gz    (a MONAI Label session, temporary:
+    predictions/_sessions/<site>/<session>/<model>/v<version>/mask.nii.gz  gone with it)
     <training s3_prefix>/<job>/input/..., output/...   (a round run as a Kubernetes Job)
     reports/<run>/<file>, reports/latest                (transfer-run reports)
     metrics/<name>/snapshot.json                        (the metrics service's state)
@@ -74,6 +76,33 @@ def prediction_info(volume_id: str, model: str, version: int) -> str:
     """JSON beside a pre-annotation: its uncertainty, timing and model version."""
     return (
         prediction_mask(volume_id, model, version).removesuffix("mask.nii.gz") + "prediction.json"
+    )
+
+
+# A MONAI Label session's blobs sit beside volumes and predictions under ``_sessions``, a
+# segment no site or volume id can be (ids start with a letter or digit): the grants that let
+# ingest and inference handle volumes and masks cover them, and the gateway's bucket policy
+# (about 4 KB at most) barely grows.
+SESSIONS = "_sessions"
+
+
+def session_image(site: str, session_id: str) -> str:
+    """A MONAI Label session's CT (an image segmented outside the loop; deleted, every
+    version, when the session ends)."""
+    return (
+        f"volumes/{SESSIONS}/{safe_id(site, 'site')}/{safe_id(session_id, 'session id')}/"
+        "image.nii.gz"
+    )
+
+
+def session_masks(site: str, session_id: str) -> str:
+    """The prefix of a session's masks."""
+    return f"predictions/{SESSIONS}/{safe_id(site, 'site')}/{safe_id(session_id, 'session id')}/"
+
+
+def session_mask(site: str, session_id: str, model: str, version: int) -> str:
+    return (
+        session_masks(site, session_id) + f"{safe_id(model, 'model')}/v{int(version)}/mask.nii.gz"
     )
 
 

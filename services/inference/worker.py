@@ -314,6 +314,28 @@ class InferenceWorker:
         )
         return result
 
+    def segment_session(
+        self, site: str, session_id: str, image: BlobRef, model: ModelRef
+    ) -> PredictionResult:
+        """A MONAI Label session's image segmented by ``model``: the mask is written under
+        the session's prefix; nothing is recorded or announced, nothing is kept beside it
+        (the session is temporary). The result's volume id is the session's."""
+        t0 = time.monotonic()
+        with bind(session_id=session_id, model=model.model, model_version=model.version):
+            raw = self.store.get_bytes(self.bucket, image.key, image.version_id)
+            array, affine = nifti_array_from_gz(raw)
+            del raw
+            prepared = self.segmenter.prepare(model.model, model.version, array, affine)
+            seg = self.segmenter.segment(model.model, model.version, prepared)
+            key = keys.session_mask(site, session_id, model.model, model.version)
+            obj = self.store.put_bytes(self.bucket, key, nifti_gz_bytes(seg.label, prepared.affine))
+            mask = BlobRef(bucket=self.bucket, key=key, version_id=obj.version_id)
+            result = PredictionResult(
+                session_id, model, mask, seg.uncertainty, time.monotonic() - t0
+            )
+            log.info("session image segmented", extra={"seconds": result.seconds})
+            return result
+
     def _record(self, result: PredictionResult, site: str, event_id: str | None) -> bool:
         """The prediction row and ``prediction.completed`` in one transaction (the volume's
         status is ingest's: it reads as predicted from this row); False if the event was

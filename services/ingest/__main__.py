@@ -5,6 +5,7 @@ from __future__ import annotations
 from ctloop.auth import ensure_admin_token
 from ctloop.service import ServiceRuntime, start_service
 from ctloop.v1 import ingest_pb2_grpc
+from services.ingest import label_sessions
 from services.ingest.app import create_app
 from services.ingest.grpc_api import WorkflowService
 
@@ -30,6 +31,7 @@ def main() -> None:
         runtime.grpc_server(),
     )
     runtime.add_worker("outbox", relay.run)
+    runtime.add_worker("label-sessions", label_sessions.sweeper(settings))
     runtime.serve(settings.services.shutdown_grace_s)
 
 

@@ -20,6 +20,7 @@ from services.ingest.routers import (
     admin,
     monailabel,
     monailabel_datastore,
+    monailabel_sessions,
     monailabel_tasks,
     pacs,
     tasks,
@@ -48,6 +49,6 @@ def create_app(settings: Settings, relay: OutboxRelay | None = None) -> FastAPI:
     checks = {"database": database_check(settings.database_url), "s3": s3_ready}
     app.include_router(health_router("ingest", checks))
     routers = (volumes, annotation_routes, admin, pacs, tasks, monailabel, monailabel_datastore)
-    for module in (*routers, monailabel_tasks, workbench):
+    for module in (*routers, monailabel_sessions, monailabel_tasks, workbench):
         app.include_router(module.router)
     return app

@@ -62,22 +62,44 @@ def rpc_error(service: str, exc: grpc.RpcError) -> ApiError:
     return ApiError("backend_error", f"{service}: {code.name} {detail}", 502)
 
 
+def serving_ref(backends: Backends, model: str) -> common_pb2.ModelVersionRef:
+    """The version serving now: of ``model`` (409 ``not_serving`` when another model serves),
+    or of whichever serves ("": 409 ``no_model`` when none does yet)."""
+    serving = serving_model(backends, model)
+    if not serving.model:
+        raise ApiError("no_model", "no model is serving yet", 409)
+    if model and serving.model != model:
+        raise ApiError("not_serving", f"{model} is not serving (serving: {serving.model})", 409)
+    return serving
+
+
 def segment(backends: Backends, volume_id: str, site_id: str, model: str) -> Any:
     """The inference service's ``Segment`` of a stored volume by ``model`` ("": whichever
     serves now; a named model must be the one serving, else 409 ``not_serving``)."""
-    ref = common_pb2.ModelVersionRef()
+    ref = serving_ref(backends, model) if model else common_pb2.ModelVersionRef()
     try:
-        if model:
-            status = backends.inference.GetModelStatus(
-                inference_pb2.GetModelStatusRequest(model=model), timeout=30
-            )
-            if status.serving.model != model:
-                serving = status.serving.model or "none yet"
-                raise ApiError("not_serving", f"{model} is not serving (serving: {serving})", 409)
-            ref = status.serving
         return backends.inference.Segment(
             inference_pb2.SegmentRequest(
                 volume=common_pb2.VolumeRef(volume_id=volume_id, site_id=site_id), model=ref
+            ),
+            timeout=SEGMENT_TIMEOUT_S,
+        )
+    except grpc.RpcError as exc:
+        raise rpc_error("inference", exc) from exc
+
+
+def segment_session(
+    backends: Backends,
+    session_id: str,
+    site_id: str,
+    image: common_pb2.ObjectRef,
+    ref: common_pb2.ModelVersionRef,
+) -> Any:
+    """The inference service's ``SegmentSession``: a MONAI Label session's image by ``ref``."""
+    try:
+        return backends.inference.SegmentSession(
+            inference_pb2.SegmentSessionRequest(
+                session_id=session_id, site_id=site_id, image=image, model=ref
             ),
             timeout=SEGMENT_TIMEOUT_S,
         )

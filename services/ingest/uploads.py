@@ -170,7 +170,7 @@ def ingest_upload(
     sha = hashlib.sha256(data).hexdigest()
     early = _early_put(ctx, up, data, sha)
     try:
-        checked = _check(ctx, data, sha, timings, early.data if early else None)
+        checked = check_image(ctx, data, sha, timings, early.data if early else None)
         if label is not None and label_job is not None:
             checked = _with_label(checked, label[0], label_job.result())
         timings.lap("label")  # what the label's check took beyond the image's
@@ -207,7 +207,9 @@ def _early_put(ctx: IngestContext, up: Upload, data: bytes, sha: str) -> EarlyPu
     return EarlyPut(ctx, keys.volume_image(up.site, vid), bare_gzip(data))
 
 
-def _check(ctx: IngestContext, data: bytes, sha: str, timings: Laps, bare: bytes | None) -> Checked:
+def check_image(
+    ctx: IngestContext, data: bytes, sha: str, timings: Laps, bare: bytes | None = None
+) -> Checked:
     """Decode and check every voxel; the blob to store is the upload's own bytes when they
     already are a stored blob (most NIfTI CTs: int16 or float32, gzipped, no extensions),
     with a bare gzip header (``bare``: that form, when the early write made it already)."""

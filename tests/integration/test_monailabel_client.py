@@ -1,8 +1,9 @@
 """3D Slicer's MONAILabel flow against ctloop, driven by MONAI Label's own Python client
 (``monailabel.client.MONAILabelClient``, the code the Slicer extension's calls mirror):
 auth -> upload a local volume -> its pre-annotation -> info -> datastore -> model digest ->
-next sample -> infer -> save label -> train -> train status -> batch infer -> scoring -> logs,
-all four services real processes on the real stack."""
+a session (a CT segmented outside the loop) -> next sample -> infer -> save label -> train ->
+train status -> batch infer -> scoring -> logs, all four services real processes on the real
+stack."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import numpy as np
 import pytest
 from monailabel.client.client import MONAILabelClient, MONAILabelClientException
 
+from ctloop.contracts import keys
 from ctloop.core.blobs import nifti_gz_bytes
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS
 from ctloop.core.phantom import generate_phantom
 from ctloop.platform import until
+from ctloop.storage import ObjectStore
 from tests.helpers.platform import run_platform
 
 PORTS = {"INGEST": 28720, "INFERENCE": 28722, "TRAINING": 28724, "METRICS": 28726}
@@ -27,7 +30,7 @@ PORTS = {"INGEST": 28720, "INFERENCE": 28722, "TRAINING": 28724, "METRICS": 2872
 @pytest.fixture
 def platform(tmp_path: Path):
     # Rounds start only when asked for (through MONAI Label's /train), not by the policy.
-    extra = {"CTLOOP_TRAINING__ROUND_MIN_NEW": "1000"}
+    extra = {"CTLOOP_TRAINING__ROUND_MIN_NEW": "1000", "CTLOOP_SERVICES__SESSION_SWEEP_S": "1"}
     with run_platform(tmp_path, PORTS, extra) as running:
         yield running
 
@@ -246,6 +249,98 @@ def _batch_scoring_and_logs(admin: httpx.Client, rita: httpx.Client, sustainer: 
     assert 0 < len(lines) <= 20 and all(line.startswith("{") for line in lines)
 
 
+def _session_objects(settings, site: str, sid: str) -> list[str]:
+    """Every version and delete marker of the session's image and masks."""
+    store = ObjectStore(settings)
+    found = []
+    for key in (keys.session_image(site, sid), keys.session_masks(site, sid)):
+        listed = store.client.list_objects(
+            settings.s3.bucket, prefix=key, recursive=True, include_version=True
+        )
+        found += [f"{o.object_name}@{o.version_id}" for o in listed]
+    return found
+
+
+def _fresh(client: MONAILabelClient, tmp_path: Path) -> MONAILabelClient:
+    fresh = MONAILabelClient(client._server_url, tmpdir=str(tmp_path))
+    fresh._headers = {"Authorization": client._headers["Authorization"]}
+    return fresh
+
+
+def _sessions(
+    client: MONAILabelClient, admin: httpx.Client, api: str, settings, igniter: str, tmp_path: Path
+) -> None:
+    """Slicer segments a CT from her disk in a session: checked like an upload, segmented by
+    the serving model, never a volume of the loop, hers alone, and gone (every version) when
+    she ends it or it expires."""
+    p = generate_phantom("clinical-a", 77, "tiny")
+    path = tmp_path / "local-ct.nii.gz"
+    path.write_bytes(nifti_gz_bytes(p.image, p.affine))
+    # MONAI Label's client keeps the Content-Type and -Length of its last multipart request
+    # in its headers (http_multipart updates the dict it was given: the client's own), which
+    # breaks its next plain upload; a client as Slicer starts it has only its token.
+    client = _fresh(client, tmp_path)
+    opened = client.create_session(str(path))
+    sid = opened["session_id"]
+    assert opened["session_info"]["image"] == "local-ct.nii.gz"
+    assert opened["session_info"]["expiry"] == 3600
+    assert opened["session_info"]["meta"]["site_id"] == "hospital-a"
+    mask_file, params = client.infer("segmentation", "", {}, session_id=sid)
+    assert params["model"] == igniter and params["version"] == 1
+    mask = nib.load(mask_file)
+    assert mask.shape == p.image.shape and np.allclose(mask.affine, p.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= set(ORGAN_IDS.values())
+    again, _ = client.infer("segmentation", "", {}, session_id=sid)  # kept: not segmented twice
+    assert np.array_equal(np.asarray(nib.load(again).dataobj), np.asarray(mask.dataobj))
+    assert client.get_session(sid)["meta"]["masks"] == [f"{igniter}:1"]
+    objects = _session_objects(settings, "hospital-a", sid)
+    assert len(objects) == 2, objects  # the image and one mask
+
+    # Never a volume: not in the datastore, the API, the queue or a round.
+    assert sid not in client.datastore()["objects"]
+    assert admin.get(f"/v1/volumes/{sid}").status_code == 404
+    # Hers alone: a colleague at her site gets 404; bad input changes nothing.
+    r = admin.post("/v1/users", json={"id": "bo", "role": "annotator", "sites": ["hospital-a"]})
+    assert r.status_code == 201, r.text
+    bo_token = admin.post("/v1/users/bo/tokens", json={"label": "t"}).json()["token"]
+    bo = httpx.Client(base_url=api, timeout=60, headers={"Authorization": f"Bearer {bo_token}"})
+    assert bo.get(f"/session/{sid}").status_code == 404
+    assert bo.delete(f"/session/{sid}").status_code == 404
+    assert bo.post("/infer/segmentation", params={"session_id": sid}).status_code == 404
+    assert admin.get(f"/session/{sid}").status_code == 200  # an admin sees it
+    broken = bo.put("/session/", files={"files": ("x.nii.gz", b"not a CT", "application/gzip")})
+    assert broken.status_code == 422, broken.text
+    two = bo.put("/session/", files=[("files", ("a.nii.gz", b"a")), ("files", ("b.nii.gz", b"b"))])
+    assert two.status_code == 422 and two.json()["code"] == "one_file", two.text
+
+    # Ended by her: image and mask removed, every version; then 404.
+    client.remove_session(sid)
+    assert _session_objects(settings, "hospital-a", sid) == []
+    with pytest.raises(MONAILabelClientException):
+        client.get_session(sid)
+
+    # Expired: removed by the sweeper without anyone asking.
+    short = bo.put(
+        "/session/",
+        params={"expiry": 1},
+        files={"files": ("ct.nii.gz", path.read_bytes(), "application/gzip")},
+    )
+    assert short.status_code == 200, short.text
+    gone = short.json()["session_id"]
+    assert _session_objects(settings, "hospital-a", gone)
+    until(
+        "the expired session removed",
+        lambda: not _session_objects(settings, "hospital-a", gone),
+        60,
+        None,
+    )
+    assert bo.get(f"/session/{gone}").status_code == 404
+    actions = {
+        (e["action"], e["resource"]) for e in admin.get("/v1/audit", params={"limit": 1000}).json()
+    }
+    assert {("session.create", sid), ("session.delete", sid), ("session.expired", gone)} <= actions
+
+
 def _all_audited(admin: httpx.Client, saved: list[str]) -> None:
     """Every read and write went into the audit log, with who did it."""
     entries = admin.get("/v1/audit", params={"limit": 1000}).json()
@@ -259,7 +354,7 @@ def _all_audited(admin: httpx.Client, saved: list[str]) -> None:
     assert all(e["detail"].get("via") == "monailabel" for e in via)
 
 
-def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
+def test_slicer_flow_with_monailabel_client(platform, settings, tmp_path: Path):
     tag, logs, api = platform["tag"], platform["logs"], platform["api"]
     igniter, sustainer = f"igniter{tag}", f"sustainer{tag}"
     admin = httpx.Client(
@@ -272,6 +367,7 @@ def test_slicer_flow_with_monailabel_client(platform, tmp_path: Path):
     _info_lists_models_and_datastore(client, igniter, sustainer)
     rita = _only_her_site(client, api, rita_token, mine, theirs)
     _model_info(rita, admin, igniter)
+    _sessions(client, admin, api, settings, igniter, tmp_path)
     saved: list[str] = []
     for n in range(2):
         vid = _next_sample_inferred(client, rita, mine, saved, igniter)

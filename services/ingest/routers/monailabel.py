@@ -17,7 +17,9 @@ MONAI Label                   ctloop
                               minutes since you claimed the task)
 ``POST /activelearning/{s}``  claims the next task under a lease (``uncertainty``, ``random``,
                               ``sequential``; MONAI Label's ``first`` = sequential)
-``POST /infer/{model}``       the inference service's ``Segment`` (gRPC) for a stored volume
+``POST /infer/{model}``       the inference service's ``Segment`` (gRPC) for a stored volume;
+                              with ``session_id``: a session's image (``SegmentSession``,
+                              :mod:`services.ingest.routers.monailabel_sessions`)
 ``POST /train/{model}``       the training service's ``StartRound`` (gRPC); reviewers, admins
 ``GET /train/``               the latest training round as a MONAI Label task
 ============================  ===========================================================
@@ -45,6 +47,7 @@ from ctloop.core.partial import PartialLabel
 from ctloop.db import RoundStatus, Volume, session_scope
 from ctloop.settings import Settings
 from ctloop.v1 import training_pb2
+from services.ingest import label_sessions
 from services.ingest.backends import latest_round, segment, start_round
 from services.ingest.deps import Annotator, Anyone, Context, IngestContext, Reviewer, read_upload
 from services.ingest.errors import ApiError, not_found
@@ -332,23 +335,33 @@ def infer(
     ctx: Context,
     who: Anyone,
     model: str,
-    image: str,
+    image: str = "",
+    session_id: str = "",
     output: Annotated[str, Query(pattern="^(all|image|json)$")] = "all",
     params: Annotated[str | None, Form()] = None,
 ) -> Response:
     name = _known_model(ctx.settings, model)
     _params(params)
-    with session_scope(ctx.db) as s:
-        site = visible_volume(s, image, who).site_id
-    reply = segment(ctx.backends, image, site, name)
-    data = ctx.store.get_bytes(reply.mask.bucket, reply.mask.key)
-    with session_scope(ctx.db) as s:
-        audit(s, who.user_id, "prediction.read", image, site_id=site, via="monailabel")
+    if session_id:  # an image of a session (outside the loop): services.ingest.label_sessions
+        row = label_sessions.owned(ctx, who, session_id, touch=True)
+        data, made = label_sessions.segmented(ctx, row, name)
+        image = session_id
+        model_ref = (made["model"], made["version"], made["uncertainty"], made["seconds"])
+    elif not image:
+        raise ApiError("image_required", "name a stored volume (image) or a session (session_id)")
+    else:
+        with session_scope(ctx.db) as s:
+            site = visible_volume(s, image, who).site_id
+        reply = segment(ctx.backends, image, site, name)
+        data = ctx.store.get_bytes(reply.mask.bucket, reply.mask.key)
+        with session_scope(ctx.db) as s:
+            audit(s, who.user_id, "prediction.read", image, site_id=site, via="monailabel")
+        model_ref = (reply.model.model, reply.model.version, reply.uncertainty, reply.seconds)
     result = {
-        "model": reply.model.model,
-        "version": reply.model.version,
-        "uncertainty": reply.uncertainty,
-        "seconds": reply.seconds,
+        "model": model_ref[0],
+        "version": model_ref[1],
+        "uncertainty": model_ref[2],
+        "seconds": model_ref[3],
         "label_names": {organ: ORGAN_IDS[organ] for organ in FOREGROUND},
     }
     if output == "json":
