@@ -91,6 +91,18 @@ def _study(args: argparse.Namespace) -> int:
     from ctloop.transfer.sites import RunSites
     from ctloop.transfer.study import Study, StudyFailed
 
+    if args.runs:  # seeds that ran side by side, put together
+        from ctloop.transfer.study import from_runs, study_record, write_study
+
+        runs_dir = get_settings().runs_dir
+        try:
+            seeds, shared = from_runs(args.runs, runs_dir)
+        except StudyFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        folder = write_study(study_record(seeds, shared), runs_dir)
+        print(f"study: {folder}/report.md (runs/latest-study -> {folder.name})")
+        return 0
     sites = RunSites.resolve(args.public_site, args.clinical_site or (), args.evaluation_site)
     settings = {
         "preset": args.preset,
@@ -213,6 +225,13 @@ def add_run_commands(sub: Any) -> None:
         default=[0, 1, 2],
         metavar="SEED",
         help="one run per seed, one after another (default: 0 1 2)",
+    )
+    study.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="RUN_ID",
+        help="instead of running: put finished runs (under runs/) together as the seeds of a "
+        "study; they must differ only in their seed (seeds run side by side)",
     )
     study.set_defaults(func=_study, keep_services=False)
 

@@ -109,6 +109,44 @@ def study_record(seeds: list[dict[str, Any]], settings: dict[str, Any]) -> dict[
     }
 
 
+def from_runs(run_ids: list[str], runs_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Finished runs as the seeds of one study (``ctloop study --runs``, for seeds run side by
+    side): their summaries, and the settings they share. They must differ in their seed and in
+    nothing else their reports record (StudyFailed otherwise)."""
+    seeds: list[dict[str, Any]] = []
+    shared: dict[str, Any] | None = None
+    for run_id in run_ids:
+        path = runs_dir / run_id / "report.json"
+        if not path.is_file():
+            raise StudyFailed(f"no finished run {run_id} (no {path})")
+        report = json.loads(path.read_text())
+        settings = dict(report.get("run", {}).get("settings", {}))
+        seed = settings.pop("seed", None)
+        if seed is None:
+            raise StudyFailed(f"run {run_id}'s report names no seed")
+        if shared is None:
+            shared = settings
+        elif settings != shared:
+            keys = sorted(
+                k for k in settings.keys() | shared.keys() if settings.get(k) != shared.get(k)
+            )
+            raise StudyFailed(f"run {run_id} differs from run {run_ids[0]} in {', '.join(keys)}")
+        seeds.append(seed_summary(int(seed), report))
+    if len({s["seed"] for s in seeds}) != len(seeds):
+        raise StudyFailed("two of the runs have the same seed")
+    if shared is None:
+        raise StudyFailed("no runs named")
+    sites = shared.get("sites", {})
+    summary = {k: v for k, v in shared.items() if k not in ("sites", "model")}
+    summary["sites"] = {
+        "public": sites.get("public", {}).get("name"),
+        "hospitals": {h: p.get("name") for h, p in sites.get("hospitals", {}).items()},
+        "evaluation": sites.get("evaluation", {}).get("name"),
+    }
+    summary["from_runs"] = list(run_ids)
+    return seeds, summary
+
+
 def _f(x: float | None, pattern: str) -> str:
     return "-" if x is None else pattern.format(x)
 

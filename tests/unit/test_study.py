@@ -171,3 +171,62 @@ def test_sustainer_steps_change_only_the_sustainers_schedule(monkeypatch, tmp_pa
     with pytest.raises(SystemExit) as refused:
         cli.main(["study", "--sustainer-steps", "0"])
     assert refused.value.code == 2
+
+
+@pytest.fixture
+def runs_dir(monkeypatch, tmp_path):
+    """``tmp_path`` as the runs folder of the settings the command line reads (cached)."""
+    from ctloop.settings import get_settings
+
+    monkeypatch.setenv("CTLOOP_RUNS_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def _finished_run(runs_dir: Path, run_id: str, seed: int, gain: float, steps: int = 300) -> None:
+    report = _report(run_id, gain, 2.0, 3.0, [0.5, 0.5 + gain])
+    sites = {
+        "public": {"name": "public"},
+        "hospitals": {"hospital-a": {"name": "clinical-e"}},
+        "evaluation": {"name": "clinical-e"},
+    }
+    settings = {"size": "small", "sustainer_steps": steps, "seed": seed, "sites": sites}
+    report["run"] = {"settings": settings}
+    (runs_dir / run_id).mkdir(parents=True)
+    (runs_dir / run_id / "report.json").write_text(json.dumps(report))
+
+
+def test_study_puts_finished_runs_together_as_its_seeds(runs_dir, capsys):
+    """Seeds run side by side (``ctloop run --seed K`` each) make the same study as
+    ``--seeds``: each run a seed, the settings they share, their intervals."""
+    from ctloop import cli
+
+    tmp_path = runs_dir
+    for seed, gain in ((0, 0.30), (1, 0.20), (2, 0.25)):
+        _finished_run(tmp_path, f"r{seed}", seed, gain)
+    assert cli.main(["study", "--runs", "r0", "r1", "r2"]) == 0
+    study = json.loads((tmp_path / "latest-study" / "report.json").read_text())
+    assert [s["seed"] for s in study["seeds"]] == [0, 1, 2]
+    assert [s["run_id"] for s in study["seeds"]] == ["r0", "r1", "r2"]
+    assert study["aggregate"]["headline"]["dice_gain_points"]["mean"] == pytest.approx(0.25)
+    assert study["settings"]["from_runs"] == ["r0", "r1", "r2"]
+    assert study["settings"]["sustainer_steps"] == 300 and "seed" not in study["settings"]
+    assert study["settings"]["sites"]["hospitals"] == {"hospital-a": "clinical-e"}
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_runs_that_differ_in_more_than_their_seed_make_no_study(runs_dir, capsys):
+    from ctloop import cli
+
+    tmp_path = runs_dir
+    _finished_run(tmp_path, "r0", 0, 0.3)
+    _finished_run(tmp_path, "r1", 1, 0.2, steps=150)
+    _finished_run(tmp_path, "r2", 0, 0.2)
+    assert cli.main(["study", "--runs", "r0", "r1"]) == 2
+    assert "differs from run r0 in sustainer_steps" in capsys.readouterr().err
+    assert cli.main(["study", "--runs", "r0", "r2"]) == 2
+    assert "same seed" in capsys.readouterr().err
+    assert cli.main(["study", "--runs", "r0", "nope"]) == 2
+    assert "no finished run nope" in capsys.readouterr().err
+    assert not (tmp_path / "latest-study").exists()
