@@ -24,6 +24,7 @@ BENCHMARKS = {
 }
 
 
+@pytest.mark.long  # ~5 min alone, up to 13 in CI: make test-long, outside CI's 60 minutes
 @pytest.mark.timeout(900)  # two platforms start on 2 loaded cores: minutes
 def test_every_benchmark_runs_on_the_smoke_preset_and_writes_its_result(tmp_path: Path):
     out = tmp_path / "results"
