@@ -9,7 +9,6 @@ allowed service cannot send ingest to a host nobody allowed).
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from typing import Any
@@ -128,27 +127,34 @@ def _refuse_redirect(r: httpx.Response, what: str) -> None:
         )
 
 
+_TAG = re.compile(r"[0-9A-Fa-f]{8}")
+
+
 def series_instances(
     base_url: str, study_uid: str, series_uid: str, timeout_s: float = 60.0
 ) -> int:
-    """How many instances the PACS lists for the series (QIDO-RS); an answer that is not a
-    JSON list, or larger than :data:`QIDO_MAX_BYTES`, is a :class:`DicomWebError`."""
-    url = f"{_series_url(base_url, study_uid, series_uid)}/instances"
-    accept = {"Accept": "application/dicom+json"}
-    with httpx.stream("GET", url, headers=accept, timeout=timeout_s, follow_redirects=False) as r:
-        _refuse_redirect(r, "QIDO-RS")
-        if r.status_code not in (200, 204, 404):
-            raise DicomWebError(f"QIDO-RS answered {r.status_code}")
-        body = bytearray()
-        for chunk in r.iter_bytes():
-            body += chunk
-            if len(body) > QIDO_MAX_BYTES:
-                raise DicomWebError(f"QIDO-RS answered more than {QIDO_MAX_BYTES} bytes")
+    """How many instances the PACS lists for the series (QIDO-RS, through dicomweb-client); an
+    answer that is not a JSON list, or larger than :data:`QIDO_MAX_BYTES`, is a
+    :class:`DicomWebError`."""
+    study = check_uid(study_uid, "study_uid")
+    series = check_uid(series_uid, "series_uid")
+    pacs = client(base_url, timeout_s, max_bytes=QIDO_MAX_BYTES)
     try:
-        found = json.loads(body) if r.status_code == 200 and body.strip() else []
-    except ValueError as exc:
+        found = pacs.search_for_instances(study_instance_uid=study, series_instance_uid=series)
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "no answer"
+        if status != 404:
+            raise DicomWebError(f"QIDO-RS answered {status}") from exc
+        found = []
+    except ValueError as exc:  # requests' JSONDecodeError is one
         raise DicomWebError("QIDO-RS answered something that is not JSON") from exc
-    if not isinstance(found, list):
+    except requests.RequestException as exc:
+        raise DicomWebError(f"the PACS could not be reached: {exc}") from exc
+    # dicomweb-client takes a lone object for a list of one: each item must be a DICOM JSON
+    # data set (tags as keys).
+    if not isinstance(found, list) or not all(
+        isinstance(item, dict) and all(_TAG.fullmatch(str(k)) for k in item) for item in found
+    ):
         raise DicomWebError("QIDO-RS answered JSON that is not a list of instances")
     if not found:
         raise DicomWebError(f"the PACS has no series {series_uid} in study {study_uid}")
@@ -190,29 +196,49 @@ def retrieve_series(
 
 # ---------------------------------------------------------------- through dicomweb-client
 class _Session(requests.Session):
-    """What dicomweb-client gets as its requests session: a default timeout on every call and
-    no redirect followed (an allowed PACS cannot send ctloop's request, or a SEG, elsewhere)."""
+    """What dicomweb-client gets as its requests session: a default timeout on every call, no
+    redirect followed (an allowed PACS cannot send ctloop's request, or a SEG, elsewhere) and,
+    with ``max_bytes``, answers read as they arrive and refused past that size (a PACS cannot
+    make ingest hold more)."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, max_bytes: int | None = None) -> None:
         super().__init__()
         self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.timeout_s)
         kwargs["allow_redirects"] = False
+        if self.max_bytes is not None:
+            kwargs["stream"] = True
         response = super().request(*args, **kwargs)
         if response.is_redirect:
+            response.close()
             raise DicomWebError(
                 f"the PACS answered a redirect ({response.status_code}); redirects are not followed"
             )
+        if self.max_bytes is not None:
+            body = bytearray()
+            for chunk in response.iter_content(1 << 16):
+                body += chunk
+                if len(body) > self.max_bytes:
+                    response.close()
+                    raise DicomWebError(f"the PACS answered more than {self.max_bytes} bytes")
+            # What response.content and .json() read from now on (requests keeps it there).
+            response._content = bytes(body)
         return response
 
 
-def client(base_url: str, timeout_s: float = 60.0) -> Any:
-    """A :class:`dicomweb_client.DICOMwebClient` for one allowed service (normal form)."""
+def client(base_url: str, timeout_s: float = 60.0, max_bytes: int | None = None) -> Any:
+    """A :class:`dicomweb_client.DICOMwebClient` for one allowed service (normal form); with
+    ``max_bytes``, no answer larger than that is read."""
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=normal_base_url(base_url), session=_Session(timeout_s))
+    pacs = DICOMwebClient(url=normal_base_url(base_url), session=_Session(timeout_s, max_bytes))
+    # One attempt: its retries would repeat what the session refused (a redirect, an answer
+    # too large) up to five times with growing waits; the API's caller sees the error at once.
+    pacs.set_http_retry_params(retry=False)
+    return pacs
 
 
 def instance_metadata(
