@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ctloop.core.model import TINY_MODEL, ModelConfig
+from ctloop.transfer.presets import PRESETS as RUN_PRESETS
 
 log = logging.getLogger("ctloop.bench")
 
@@ -57,6 +58,25 @@ PRESETS: dict[str, Preset] = {
         "quick", "medium", SMALL_MODEL, 12, 3, 4, "small", 20, "small", 2, "small", 10, 5, 300
     ),
     "full": Preset("full", "full", {}, 60, 5, 8, "full", 80, "small", 3, "small", 60, 5, 2000),
+    # The network a clinic would run (the `full` run preset's: 1.5 x 1.5 x 2 mm, channels
+    # 32-256, patch 128 x 128 x 96), trained briefly (speed, not accuracy), on 512 x 512 CTs;
+    # meant for `--only preannotation` (issue 21).
+    "realistic": Preset(
+        "realistic",
+        "full",
+        RUN_PRESETS["full"].model,
+        12,
+        3,
+        2,
+        "full",
+        20,
+        "small",
+        2,
+        "small",
+        20,
+        5,
+        300,
+    ),
 }
 
 
