@@ -338,7 +338,12 @@ def _sessions(
     actions = {
         (e["action"], e["resource"]) for e in admin.get("/v1/audit", params={"limit": 1000}).json()
     }
-    assert {("session.create", sid), ("session.delete", sid), ("session.expired", gone)} <= actions
+    assert {
+        ("session.create", sid),
+        ("session.segment", sid),
+        ("session.delete", sid),
+        ("session.expired", gone),
+    } <= actions
 
 
 def _all_audited(admin: httpx.Client, saved: list[str]) -> None:

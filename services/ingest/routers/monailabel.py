@@ -345,6 +345,10 @@ def infer(
     if session_id:  # an image of a session (outside the loop): services.ingest.label_sessions
         row = label_sessions.owned(ctx, who, session_id, touch=True)
         data, made = label_sessions.segmented(ctx, row, name)
+        with session_scope(ctx.db) as s:
+            audit(
+                s, who.user_id, "session.segment", session_id, site_id=row.site_id, via="monailabel"
+            )
         image = session_id
         model_ref = (made["model"], made["version"], made["uncertainty"], made["seconds"])
     elif not image:
