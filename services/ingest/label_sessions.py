@@ -109,7 +109,7 @@ def create(
             s.add(row)
             audit(s, who.user_id, "session.create", sid, site_id=site, via="monailabel")
     except Exception:
-        ctx.store.delete_version(ctx.bucket, key, obj.version_id)
+        _delete(ctx.store, ctx.bucket, key, obj.version_id)
         raise
     with bind(session_id=sid, site_id=site):
         log.info("session opened", extra={"shape": list(checked.grid.shape), "expiry_s": expiry_s})
