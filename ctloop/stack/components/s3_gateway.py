@@ -47,6 +47,12 @@ class S3Gateway(Component):
             "--quiet",
             "--iam-dir",
             str(self.iam_dir),
+            # Versity Gateway v1.8.0's IAM cache keeps an updated account's secret as a view
+            # of the admin request's buffer, which the HTTP server reuses: after a second
+            # provisioning (update-user), requests of that account fail SignatureDoesNotMatch
+            # until the entry expires (120 s). Without the cache each request reads the small
+            # users.json instead.
+            "--iam-cache-disable",
             "posix",
             "--versioning-dir",
             str(self.data_dir / "versions"),
