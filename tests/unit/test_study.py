@@ -230,3 +230,33 @@ def test_runs_that_differ_in_more_than_their_seed_make_no_study(runs_dir, capsys
     assert cli.main(["study", "--runs", "r0", "nope"]) == 2
     assert "no finished run nope" in capsys.readouterr().err
     assert not (tmp_path / "latest-study").exists()
+
+
+def test_each_organs_final_dice_is_aggregated_and_held_to_its_inter_observer_level():
+    def with_organs(run_id: str, igniter: dict[str, float], final: dict[str, float]) -> dict:
+        report = _report(run_id, 0.2, 1.0, None, [0.5, 0.7])
+        report["rounds"][0]["dice"]["organs"] = igniter
+        report["rounds"][1]["dice"]["organs"] = final
+        return report
+
+    seeds = [
+        seed_summary(
+            0, with_organs("r0", {"pancreas": 0.2, "liver": 0.8}, {"pancreas": 0.80, "liver": 0.93})
+        ),
+        seed_summary(
+            1, with_organs("r1", {"pancreas": 0.4, "liver": 0.9}, {"pancreas": 0.84, "liver": 0.94})
+        ),
+    ]
+    assert seeds[0]["organs"]["final"] == {"pancreas": 0.80, "liver": 0.93}
+    organs = study_record(seeds, {})["aggregate"]["organs"]
+    assert organs["final"]["pancreas"]["mean"] == pytest.approx(0.82)
+    assert organs["igniter"]["liver"]["mean"] == pytest.approx(0.85)
+    assert organs["inter_observer"] == {"liver": 0.95, "pancreas": 0.81}
+    md = render_markdown(study_record(seeds, {}))
+    row = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    assert row["| pancreas"].endswith("| 0.81 | yes |")  # 0.82 >= 0.81
+    assert row["| liver"].endswith("| 0.95 | no |")  # 0.94 < 0.95
+    # a report from before per-organ output: no organ table, nothing made up
+    old = seed_summary(0, _report("r", 0.1, 1.0, None, [0.5, 0.6]))
+    assert old["organs"] == {"igniter": {}, "final": {}}
+    assert "per organ" not in render_markdown(study_record([old], {}))
