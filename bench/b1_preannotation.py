@@ -7,11 +7,12 @@ The platform time is broken down from what the services record: the upload (clie
 validated and stored), queueing (outbox → Kafka → the inference consumer), the worker's stages
 (S3 fetch, NIfTI decode, Triton, mask encode, S3 write; ``stage_seconds`` in the prediction's
 info JSON) and the tail (prediction info write, DB commit, outbox → Kafka → the watcher).
-The inference service resamples to the model grid and back itself (``preprocess`` and
-``resample``, the same code as in-process; ``keep``: writing the model-grid input beside the
-volume for later re-predictions) and Triton runs the network; the Triton stage is
-split into the in-process network time on the same volume and what remains (tensor transfer,
-python-backend overhead).
+The inference service resamples to the model grid itself (``preprocess``, the same code as
+in-process; ``keep``: writing the model-grid input beside the volume for later re-predictions);
+Triton runs the network and the resampling back (``network``, ``resample``: model interface 3,
+the same code again, on the GPU in a GPU deployment) and ``transfer`` is the rest of the call
+(the model-grid input there, the labels back, python-backend overhead). ``triton_overhead``:
+Triton's network and transfer against the in-process network on the same volume.
 """
 
 from __future__ import annotations
@@ -216,7 +217,10 @@ def _stages(sides: _Sides) -> tuple[dict[str, float], dict[str, float]]:
     breakdown = medians(sides.breakdowns)
     local = medians(sides.local_stages)
     breakdown["triton_network_in_process_equivalent"] = local["network"]
-    breakdown["triton_overhead"] = breakdown.get("triton", 0.0) - local["network"]
+    # What serving adds to the in-process network: interface 3 reports Triton's network and
+    # the transfer apart; an interface-2 model's "triton" stage is both together.
+    served = breakdown.get("triton", 0.0) + breakdown.get("network", 0.0)
+    breakdown["triton_overhead"] = served + breakdown.get("transfer", 0.0) - local["network"]
     return breakdown, local
 
 

@@ -14,7 +14,14 @@ the fp32 baseline (the same input, the same weights), and is compared with it:
   18 s for fp32, so the recorded run leaves it out);
 - ``compile``: ``torch.compile`` (its compile time is reported apart);
 - ``batch1`` / ``batch4``: the sliding window's batch of windows (the platform's is 2);
-- ``overlap0.1``: less window overlap (0.25 today): fewer windows, other masks.
+- ``overlap0.1``: less window overlap (0.25 today): fewer windows, other masks;
+- ``onnxruntime``: the network exported to ONNX (torch's dynamo exporter, the window batch
+  dynamic), run by ONNX Runtime's CPU provider with as many threads as torch;
+- ``openvino`` / ``openvino_f32``: the same ONNX file compiled by OpenVINO for the CPU, with its
+  own precision choice / held to f32 (``INFERENCE_PRECISION_HINT``).
+
+The export and compile times are reported apart (``compile s``): a model version pays them once,
+when it is published or loaded.
 
 Per candidate: the median seconds of the network stage, the ratio to fp32 in the same run, and
 the per-organ Dice of its mask against fp32's (organs fp32 finds; the issue's bar is 0.999).
@@ -47,7 +54,19 @@ from ctloop.core.train import DataSource, TrainConfig, train
 from ctloop.transfer.presets import PRESETS as RUN_PRESETS
 
 log = logging.getLogger("ctloop.bench")
-CANDIDATES = ("fp32", "channels_last", "bf16", "compile", "batch1", "batch4", "overlap0.1")
+CANDIDATES = (
+    "fp32",
+    "channels_last",
+    "bf16",
+    "compile",
+    "batch1",
+    "batch4",
+    "overlap0.1",
+    "onnxruntime",
+    "openvino",
+    "openvino_f32",
+)
+RUNTIMES = ("onnxruntime", "openvino", "openvino_f32")
 
 
 def realistic_checkpoint(work: Path, steps: int) -> Path:
@@ -86,8 +105,49 @@ def _predictor(net: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tens
     return net
 
 
+def export_onnx(net: nn.Module, cfg: ModelConfig, path: Path) -> Path:
+    """``net`` as ONNX (dynamo exporter), the batch of windows dynamic."""
+    x = torch.zeros(cfg.sw_batch_size, 1, *cfg.patch)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(
+        net,
+        (x,),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: batch}},
+        dynamo=True,
+    )
+    return path
+
+
+def _runtime_predictor(kind: str, onnx: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ONNX Runtime's or OpenVINO's session over ``onnx``, as a sliding-window predictor."""
+    if kind == "onnxruntime":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    import openvino as ov
+
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if kind == "openvino_f32":
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = ov.Core().compile_model(str(onnx), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        out = request.infer({0: x.numpy()})
+        return torch.from_numpy(np.array(next(iter(out.values()))))
+
+    return predict
+
+
 class Candidate:
-    def __init__(self, kind: str, cfg: ModelConfig, checkpoint: Path) -> None:
+    def __init__(self, kind: str, cfg: ModelConfig, checkpoint: Path, work: Path) -> None:
         _, net, _ = load_checkpoint(checkpoint)
         self.kind, self.cfg = kind, cfg
         self.batch = {"batch1": 1, "batch4": 4}.get(kind, cfg.sw_batch_size)
@@ -99,7 +159,17 @@ class Candidate:
             with torch.inference_mode():
                 net(torch.zeros(self.batch, 1, *cfg.patch))
             self.compile_s = time.perf_counter() - t0
-        self.predict = _predictor(net, kind)
+        if kind in RUNTIMES:
+            t0 = time.perf_counter()
+            onnx = work / f"{checkpoint.parent.name}.onnx"
+            if not onnx.exists():
+                raise FileNotFoundError(f"{onnx}: export the network first (export_onnx)")
+            self.predict = _runtime_predictor(kind, onnx)
+            with torch.inference_mode():
+                self.predict(torch.zeros(self.batch, 1, *cfg.patch))
+            self.compile_s = time.perf_counter() - t0
+        else:
+            self.predict = _predictor(net, kind)
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -148,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     ct = phantom_ct(args.size, 0)
     x = Preprocessor(cfg)(ct.image, ct.affine).image
     print(f"[cpu-paths] CT {ct.image.shape} -> model grid {x.shape}", flush=True)
-    fp32 = Candidate("fp32", cfg, ckpt)
+    export_s = None
+    if set(args.candidates) & set(RUNTIMES):
+        t0 = time.perf_counter()
+        export_onnx(load_checkpoint(ckpt)[1], cfg, args.work / f"{ckpt.parent.name}.onnx")
+        export_s = time.perf_counter() - t0
+        print(f"[cpu-paths] exported to ONNX in {export_s:.0f} s", flush=True)
+    fp32 = Candidate("fp32", cfg, ckpt, args.work)
     _, ref = fp32(x)  # warm-up, and the reference mask
     results: dict[str, Any] = {}
     for kind in args.candidates:
-        cand = Candidate(kind, cfg, ckpt)
+        cand = Candidate(kind, cfg, ckpt, args.work)
         ours_s: list[float] = []
         base_s: list[float] = []
         labels = ref
@@ -188,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "avx512": "avx512" in Path("/proc/cpuinfo").read_text(),
         "torch": torch.__version__,
+        "runtimes": _runtime_versions(),
+        "onnx_export_s": export_s,
         "threads": torch.get_num_threads(),
         "network": RUN_PRESETS["full"].model,
         "train_steps": args.steps,
@@ -204,6 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _runtime_versions() -> dict[str, str]:
+    out = {}
+    for module in ("onnxruntime", "openvino"):
+        try:
+            out[module] = __import__(module).__version__
+        except ImportError:
+            continue
+    return out
+
+
 def render(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [
@@ -211,7 +299,13 @@ def render(doc: dict[str, Any]) -> str:
         f"cores, AVX-512: {'yes' if doc['avx512'] else 'no'}, torch "
         f"{doc['torch']}, {doc['threads']} threads): CT {doc['ct_shape']} on the model grid "
         f"{doc['model_grid_shape']}, network trained {doc['train_steps']} steps; "
-        f"{doc['repeats']} runs per side, ABAB with fp32.",
+        f"{doc['repeats']} runs per side, ABAB with fp32."
+        + (
+            f" ONNX export (once per model version): {doc['onnx_export_s']:.0f} s; "
+            f"runtimes {doc['runtimes']}."
+            if doc.get("onnx_export_s") is not None
+            else ""
+        ),
         "",
         "| candidate | network s (median) | fp32 s, same run | ratio | min organ Dice vs fp32 "
         "| compile s |",

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -35,7 +36,7 @@ from ctloop.contracts.payloads import BlobRef
 from ctloop.contracts.triton import ModelSpec
 from ctloop.core.infer import PreparedVolume, Preprocessor, Segmentation, finish
 from ctloop.core.model import ModelConfig
-from ctloop.core.packaging import INTERFACE, segmentation_spec
+from ctloop.core.packaging import SUPPORTED_INTERFACES, segmentation_spec
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from ctloop.timing import Laps
@@ -284,6 +285,43 @@ class TritonModels:
             raise RuntimeError(f"{model} v{version} answered without PROBABILITIES")
         return probs  # a read-only view of the response: nothing writes to it
 
+    def labels(
+        self,
+        model: str,
+        version: int,
+        x: np.ndarray,
+        model_affine: np.ndarray,
+        affine: np.ndarray,
+        shape: tuple[int, ...],
+    ) -> tuple[np.ndarray, float, dict[str, float]]:
+        """Labels on the scanner grid (``affine``, ``shape``) of a model-grid volume (grid
+        ``model_affine``), the uncertainty, and the served model's seconds of network and
+        resample (interface 3: the probabilities stay where the network ran)."""
+        tensors = []
+        for name, array, dtype in (
+            ("INPUT", np.ascontiguousarray(x, dtype=np.float32), "FP32"),
+            ("MODEL_AFFINE", np.asarray(model_affine, dtype=np.float64), "FP64"),
+            ("AFFINE", np.asarray(affine, dtype=np.float64), "FP64"),
+            ("SHAPE", np.asarray(shape, dtype=np.int64), "INT64"),
+        ):
+            tensor = triton_grpc.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        wanted = [triton_grpc.InferRequestedOutput(n) for n in ("LABELS", "UNCERTAINTY", "STAGES")]
+        result = self.client.infer(model, tensors, model_version=str(version), outputs=wanted)
+        label, uncertainty, stages = (
+            result.as_numpy(n) for n in ("LABELS", "UNCERTAINTY", "STAGES")
+        )
+        if label is None or uncertainty is None or stages is None:
+            raise RuntimeError(f"{model} v{version} answered without LABELS/UNCERTAINTY/STAGES")
+        if tuple(label.shape) != tuple(shape):
+            raise RuntimeError(f"{model} v{version} answered labels {label.shape}, not {shape}")
+        return (
+            label,
+            float(uncertainty[0]),
+            {"network": float(stages[0]), "resample": float(stages[1])},
+        )
+
     def close(self) -> None:
         self.client.close()
         self.replicas.close()
@@ -303,20 +341,26 @@ class TritonSegmenter:
     def __init__(self, triton: TritonModels, repository: ModelRepository) -> None:
         self.triton = triton
         self.repository = repository
-        self._preprocessors: dict[tuple[str, int], Preprocessor] = {}
+        self._preprocessors: dict[tuple[str, int], tuple[Preprocessor, int]] = {}
 
     def preprocessor(self, model: str, version: int) -> Preprocessor:
+        return self._version(model, version)[0]
+
+    def _version(self, model: str, version: int) -> tuple[Preprocessor, int]:
+        """A version's preprocessing and the interface its model.py speaks."""
         found = self._preprocessors.get((model, version))
         if found is None:
             manifest = self.repository.manifest(model, version)
-            if manifest.get("interface") != INTERFACE:
+            interface = manifest.get("interface", 1)
+            if interface not in SUPPORTED_INTERFACES:
+                speaks = " and ".join(str(i) for i in SUPPORTED_INTERFACES)
                 raise IncompatibleModel(
                     f"{model} v{version} was packaged for model interface "
-                    f"{manifest.get('interface', 1)}, this platform speaks {INTERFACE}: "
+                    f"{interface}, this platform speaks {speaks}: "
                     "publish the checkpoint again as a new version"
                 )
             cfg = ModelConfig.model_validate(manifest["model_config"])
-            found = self._preprocessors[(model, version)] = Preprocessor(cfg)
+            found = self._preprocessors[(model, version)] = (Preprocessor(cfg), interface)
         return found
 
     def __call__(
@@ -339,11 +383,20 @@ class TritonSegmenter:
         return PreparedVolume(x, np.asarray(affine, dtype=np.float64), image.shape)
 
     def segment(self, model: str, version: int, volume: PreparedVolume) -> Segmentation:
-        """A volume already on this version's model grid (:meth:`preprocessor`); timings:
-        triton, resample."""
-        laps = Laps()
-        probs = self.triton.probabilities(model, version, volume.input.image)
-        laps.lap("triton")
-        label, uncertainty = finish(probs, volume.input.affine, volume.affine, volume.shape)
-        laps.lap("resample")
-        return Segmentation(label=label, uncertainty=uncertainty, timings=laps.seconds)
+        """A volume already on this version's model grid (:meth:`preprocessor`). Timings:
+        network, resample (in Triton) and transfer (the rest of the call: the tensors to and
+        from Triton); a version of interface 2 answers probabilities, resampled here: triton
+        (network and transfer) and resample."""
+        if self._version(model, version)[1] == 2:
+            laps = Laps()
+            probs = self.triton.probabilities(model, version, volume.input.image)
+            laps.lap("triton")
+            label, uncertainty = finish(probs, volume.input.affine, volume.affine, volume.shape)
+            laps.lap("resample")
+            return Segmentation(label=label, uncertainty=uncertainty, timings=laps.seconds)
+        t0 = time.perf_counter()
+        label, uncertainty, stages = self.triton.labels(
+            model, version, volume.input.image, volume.input.affine, volume.affine, volume.shape
+        )
+        stages["transfer"] = max(0.0, time.perf_counter() - t0 - sum(stages.values()))
+        return Segmentation(label=label, uncertainty=uncertainty, timings=stages)

@@ -11,6 +11,7 @@ class TensorSpec:
     name: str
     data_type: str  # Triton type, e.g. "TYPE_FP32"
     dims: tuple[int, ...]
+    optional: bool = False  # an input a request may leave out (Triton's ``optional: true``)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class ModelSpec:
     def config_pbtxt(self) -> str:
         def tensor(t: TensorSpec) -> str:
             dims = ", ".join(str(d) for d in t.dims)
-            return f'  {{ name: "{t.name}", data_type: {t.data_type}, dims: [ {dims} ] }}'
+            optional = ", optional: true" if t.optional else ""
+            return f'  {{ name: "{t.name}", data_type: {t.data_type}, dims: [ {dims} ]{optional} }}'
 
         return "\n".join(
             [
@@ -69,4 +71,7 @@ class ModelSpec:
 
 
 def _tensor(t: TensorSpec) -> dict[str, Any]:
-    return {"name": t.name, "data_type": t.data_type, "dims": list(t.dims)}
+    out: dict[str, Any] = {"name": t.name, "data_type": t.data_type, "dims": list(t.dims)}
+    if t.optional:
+        out["optional"] = True
+    return out

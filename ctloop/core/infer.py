@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,7 @@ def finish(
     """Labels on the input grid (``affine``, ``shape``) and the uncertainty score, from class
     probabilities (C, x, y, z) on the model grid."""
     p = _read_only_tensor(probs).float()
-    uncertainty = _mean_entropy(p.cpu().numpy())
+    uncertainty = _mean_entropy(p)
     label = resample_argmax(p, np.asarray(model_affine), np.asarray(affine), tuple(shape))
     return label, uncertainty
 
@@ -232,11 +233,12 @@ class Segmenter:
         return Segmentation(label=label, uncertainty=uncertainty, timings=laps.seconds)
 
 
-def _mean_entropy(probs: NDArray) -> float:
-    """Mean entropy / log(C) over voxels that may be foreground; 1.0 if the model sees none."""
+def _mean_entropy(probs: torch.Tensor) -> float:
+    """Mean entropy / log(C) over voxels that may be foreground; 1.0 if the model sees none.
+    On the probabilities' device (a GPU's, inside Triton)."""
     region = (1.0 - probs[0]) > UNCERTAINTY_REGION_P
-    if not region.any():
+    if not bool(region.any()):
         return 1.0
-    p = np.clip(probs[:, region], 1e-8, 1.0)
-    entropy = -(p * np.log(p)).sum(axis=0) / np.log(probs.shape[0])
-    return float(entropy.mean())
+    p = probs[:, region].clamp(1e-8, 1.0)
+    entropy = -(p * p.log()).sum(dim=0) / math.log(probs.shape[0])
+    return float(entropy.double().mean())

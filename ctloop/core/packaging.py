@@ -1,8 +1,10 @@
 """A trained checkpoint as a Triton model-repository version (pure: files, config, manifest).
 
 The python-backend ``model.py`` (:mod:`ctloop.core.triton_model`) loads ``weights.pt`` and runs
-the same sliding-window network as in-process code, on CPU or GPU: model-grid volume in, class
-probabilities out (the caller resamples, see :class:`ctloop.model_repository.TritonSegmenter`).
+the same sliding-window network as in-process code, on CPU or GPU: model-grid volume in; given
+the scanner grid too, the labels on that grid and the uncertainty out (resampled back where the
+network ran, on the GPU in a GPU deployment), else class probabilities on the model grid (see
+:class:`ctloop.model_repository.TritonSegmenter`).
 Publishing the package into S3 is :meth:`ctloop.model_repository.ModelRepository.publish_version`.
 """
 
@@ -21,11 +23,27 @@ from ctloop.core.model import load_checkpoint
 # Read, never imported here: it imports triton_python_backend_utils, which only Triton has.
 TRITON_MODEL_PY = Path(__file__).with_name("triton_model.py")
 
-INPUTS = (TensorSpec("INPUT", "TYPE_FP32", (-1, -1, -1)),)
-OUTPUTS = (TensorSpec("PROBABILITIES", "TYPE_FP32", (-1, -1, -1, -1)),)
+INPUTS = (
+    TensorSpec("INPUT", "TYPE_FP32", (-1, -1, -1)),
+    # the scanner grid, to answer labels on it (interface 3; a request without them gets
+    # probabilities, and an interface-2 model.py never reads them)
+    TensorSpec("MODEL_AFFINE", "TYPE_FP64", (4, 4), optional=True),
+    TensorSpec("AFFINE", "TYPE_FP64", (4, 4), optional=True),
+    TensorSpec("SHAPE", "TYPE_INT64", (3,), optional=True),
+)
+OUTPUTS = (
+    TensorSpec("PROBABILITIES", "TYPE_FP32", (-1, -1, -1, -1)),
+    TensorSpec("LABELS", "TYPE_UINT8", (-1, -1, -1)),
+    TensorSpec("UNCERTAINTY", "TYPE_FP32", (1,)),
+    TensorSpec("STAGES", "TYPE_FP64", (2,)),  # seconds: network, resample
+)
 # What a version's model.py takes and gives; in its manifest, checked before it is used.
-# 2: model-grid input, probabilities out (1, the first, took the scanner-grid CT and gave labels).
-INTERFACE = 2
+# 3: model-grid input and the scanner grid; labels on that grid, uncertainty and stage seconds
+#    out (probabilities when the grid is left out). 2: model-grid input, probabilities out (the
+#    caller resampled 300 MB of them for a 512 x 512 CT). 1, the first, took the scanner-grid CT.
+# One model config (the union above) serves 2 and 3: the client asks each for its own outputs.
+INTERFACE = 3
+SUPPORTED_INTERFACES = (2, 3)
 
 
 @dataclass(frozen=True)

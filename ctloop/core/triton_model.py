@@ -2,16 +2,23 @@
 
 It loads ``weights.pt`` from its version folder and runs :class:`ctloop.core.infer.Network`, the
 same sliding-window code as in-process inference, on CPU or on the GPU Triton assigns to the
-instance. Resampling to and from the model grid happens in the caller (the inference service,
-:class:`ctloop.model_repository.TritonSegmenter`), so only model-grid tensors cross to Triton.
-Tensors cross the backend boundary as DLPack (torch), never through the stub's numpy path.
+instance, and then :func:`ctloop.core.infer.finish` (the uncertainty and the resampling back to
+the scanner grid) on the same device. Resampling *to* the model grid happens in the caller (the
+inference service keeps that input for re-predictions, :class:`ctloop.model_repository.
+TritonSegmenter`). Tensors cross the backend boundary as DLPack (torch), never through the
+stub's numpy path. Interface 3 (:mod:`ctloop.core.packaging`).
 
 Inputs:  INPUT FP32 (x, y, z): the volume on the model grid, windowed to [0, 1]
-Outputs: PROBABILITIES FP32 (C, x, y, z): class probabilities on the same grid
+         MODEL_AFFINE, AFFINE FP64 (4, 4), SHAPE INT64 (3): the model grid's and the scanner
+         grid's voxel -> mm affines and the scanner grid's shape (optional, all three or none)
+Outputs: with the scanner grid: LABELS UINT8 (x, y, z) on it, UNCERTAINTY FP32 (1),
+         STAGES FP64 (2): seconds of the network and of the finish;
+         without: PROBABILITIES FP32 (C, x, y, z), class probabilities on the model grid
 """
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +26,10 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from ctloop.contracts import keys
-from ctloop.core.infer import Network
+from ctloop.core.infer import Network, finish
 from ctloop.core.model import load_checkpoint
+
+GRID = ("MODEL_AFFINE", "AFFINE", "SHAPE")
 
 
 class TritonPythonModel:
@@ -46,16 +55,43 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                x = from_dlpack(pb_utils.get_input_tensor_by_name(request, "INPUT").to_dlpack())
-                probs = self.network(x).cpu().contiguous()
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        [pb_utils.Tensor.from_dlpack("PROBABILITIES", to_dlpack(probs))]
-                    )
-                )
+                responses.append(pb_utils.InferenceResponse(self._answer(request)))
             except Exception as exc:  # one bad request must not fail the others
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
         return responses
 
+    def _answer(self, request: Any) -> list[Any]:
+        import numpy as np
+        import torch
+
+        x = from_dlpack(pb_utils.get_input_tensor_by_name(request, "INPUT").to_dlpack())
+        grid = [pb_utils.get_input_tensor_by_name(request, n) for n in GRID]
+        if any(g is None for g in grid) and not all(g is None for g in grid):
+            raise ValueError(f"give all of {', '.join(GRID)} or none of them")
+        t0 = time.perf_counter()
+        probs = self.network(x)
+        if grid[0] is None:
+            return [_out("PROBABILITIES", probs.cpu())]
+        if probs.is_cuda:  # the network's seconds, not those of its launch
+            torch.cuda.synchronize(probs.device)
+        # DLPack here too: this stub's numpy path (as_numpy, Tensor(numpy)) was built against
+        # numpy 1 and hands numpy 2 garbage (every element the first one).
+        model_affine, affine, shape = (from_dlpack(g.to_dlpack()).numpy() for g in grid)
+        if model_affine.shape != (4, 4) or affine.shape != (4, 4) or shape.shape != (3,):
+            raise ValueError("MODEL_AFFINE and AFFINE must be 4 x 4, SHAPE 3 integers")
+        network_s = time.perf_counter() - t0
+        label, uncertainty = finish(probs, model_affine, affine, tuple(int(s) for s in shape))
+        del probs
+        stages = [network_s, time.perf_counter() - t0 - network_s]
+        return [
+            _out("LABELS", torch.from_numpy(np.ascontiguousarray(label))),
+            _out("UNCERTAINTY", torch.tensor([uncertainty], dtype=torch.float32)),
+            _out("STAGES", torch.tensor(stages, dtype=torch.float64)),
+        ]
+
     def finalize(self) -> None:
         del self.network
+
+
+def _out(name: str, tensor: Any) -> Any:
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))

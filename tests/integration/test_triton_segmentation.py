@@ -38,7 +38,8 @@ def test_exported_package_answers_through_triton_with_the_in_process_mask(
     manifest = repo.manifest(spec.name, 1)
     assert manifest["training"]["training_volumes"] == ["public_00000", "public_00001"]
     assert manifest["parent_version"] is None and manifest["metrics"] == {"public_dice": 0.5}
-    assert manifest["interface"] == 2 and manifest["inputs"] == ["INPUT"]
+    assert manifest["interface"] == 3
+    assert manifest["inputs"] == ["INPUT", "MODEL_AFFINE", "AFFINE", "SHAPE"]
 
     triton = TritonModels(settings)
     triton.serve_version(spec, 1)
@@ -51,16 +52,64 @@ def test_exported_package_answers_through_triton_with_the_in_process_mask(
         # Same code, same weights: the same mask (bar a rare float tie under other threading).
         assert np.mean(served.label != local.label) < 1e-4
         assert abs(served.uncertainty - local.uncertainty) < 1e-4
-        assert set(served.timings) == {"preprocess", "triton", "resample"}
+        # network and resample in Triton, the tensors' way there and back apart
+        assert set(served.timings) == {"preprocess", "network", "resample", "transfer"}
 
-        # What crosses to Triton is the model-grid volume, and probabilities come back.
+        # What crosses to Triton is the model-grid volume and the scanner grid; labels on that
+        # grid come back. Without the grid, probabilities on the model grid.
         x = TritonSegmenter(triton, repo).preprocessor(spec.name, 1)(image, phantom.affine)
+        label, uncertainty, stages = triton.labels(
+            spec.name, 1, x.image, x.affine, phantom.affine, image.shape
+        )
+        assert np.array_equal(label, served.label) and uncertainty == served.uncertainty
+        assert set(stages) == {"network", "resample"} and min(stages.values()) > 0
         probs = triton.probabilities(spec.name, 1, x.image)
         assert probs.shape == (len(manifest["model_config"]["organs"]), *x.image.shape)
         assert np.allclose(probs.sum(axis=0), 1.0, atol=1e-4)
         # A wrong-rank input is refused by Triton with a clear error, not a crash.
         with pytest.raises(Exception, match=r"3-D|dims|shape"):
             triton.probabilities(spec.name, 1, x.image[0])
+        # ... and so is a grid that is not one (a 3 x 4 affine is refused by its dims).
+        with pytest.raises(Exception, match=r"AFFINE|dims|shape"):
+            triton.labels(spec.name, 1, x.image, x.affine[:3], phantom.affine, image.shape)
+    finally:
+        triton.client.unload_model(spec.name)
+        triton.close()
+
+
+def test_a_version_of_interface_2_is_still_served_and_resampled_by_the_caller(
+    settings, tmp_path, unique
+):
+    """Versions published before interface 3 (probabilities out) keep working after an upgrade:
+    the caller asks them for probabilities and resamples them itself, the same mask."""
+    synthesize_dataset(tmp_path / "public", "public", 1, seed=1, size="tiny")
+    checkpoint = tmp_path / "old.pt"
+    train(
+        TrainConfig(
+            model=ModelConfig(**TINY_MODEL),
+            sources=[DataSource(path=tmp_path / "public")],
+            out=checkpoint,
+            steps=3,
+            meta={"name": "old"},
+        )
+    )
+    spec = segmentation_spec(f"old2_{unique}")
+    package = package_checkpoint(checkpoint, spec)
+    repo = ModelRepository(settings)
+    repo.publish_version(spec, 1, package.files, {**package.manifest, "interface": 2})
+    repo.publish_version(spec, 2, package.files, package.manifest)
+    triton = TritonModels(settings)
+    triton.serve_version(spec, 1)
+    try:
+        phantom = generate_phantom("clinical-b", 12, "tiny")
+        image = phantom.image.astype(np.float32)
+        old = TritonSegmenter(triton, repo)(spec.name, 1, image, phantom.affine)
+        assert set(old.timings) == {"preprocess", "triton", "resample"}
+        triton.serve_version(spec, 2)
+        new = TritonSegmenter(triton, repo)(spec.name, 2, image, phantom.affine)
+        assert "transfer" in new.timings
+        assert np.mean(old.label != new.label) < 1e-4  # the same weights
+        assert abs(old.uncertainty - new.uncertainty) < 1e-4
     finally:
         triton.client.unload_model(spec.name)
         triton.close()
@@ -75,7 +124,9 @@ def test_a_version_packaged_for_another_interface_is_refused_with_a_clear_error(
     repo.publish_version(spec, 1, {"model.py": b"# an older model.py"}, manifest)
     triton = TritonModels(settings)
     try:
-        with pytest.raises(IncompatibleModel, match=r"interface 1.*publish the checkpoint again"):
+        with pytest.raises(
+            IncompatibleModel, match=r"interface 1.*2 and 3.*publish the checkpoint"
+        ):
             TritonSegmenter(triton, repo).preprocessor(spec.name, 1)
     finally:
         triton.close()
