@@ -1,5 +1,7 @@
 """A trained checkpoint, packaged as a Triton version, answers like in-process inference."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -17,20 +19,26 @@ from ctloop.model_repository import (
 )
 
 
-def test_exported_package_answers_through_triton_with_the_in_process_mask(
-    settings, tmp_path, unique
-):
-    synthesize_dataset(tmp_path / "public", "public", 2, seed=0, size="tiny")
-    checkpoint = tmp_path / "igniter.pt"
+def _trained(tmp_path: Path, name: str, volumes: int, steps: int) -> Path:
+    """The tiny network trained ``steps`` steps on ``volumes`` public phantoms."""
+    synthesize_dataset(tmp_path / "public", "public", volumes, seed=0, size="tiny")
+    checkpoint = tmp_path / f"{name}.pt"
     train(
         TrainConfig(
             model=ModelConfig(**TINY_MODEL),
             sources=[DataSource(path=tmp_path / "public")],
             out=checkpoint,
-            steps=15,
-            meta={"name": "igniter"},
+            steps=steps,
+            meta={"name": name},
         )
     )
+    return checkpoint
+
+
+def test_exported_package_answers_through_triton_with_the_in_process_mask(
+    settings, tmp_path, unique
+):
+    checkpoint = _trained(tmp_path, "igniter", volumes=2, steps=15)
     spec = segmentation_spec(f"igniter_{unique}", sw_batch_size=2)
     package = package_checkpoint(checkpoint, spec, metrics={"public_dice": 0.5})
     repo = ModelRepository(settings)
@@ -82,17 +90,7 @@ def test_a_version_of_interface_2_is_still_served_and_resampled_by_the_caller(
 ):
     """Versions published before interface 3 (probabilities out) keep working after an upgrade:
     the caller asks them for probabilities and resamples them itself, the same mask."""
-    synthesize_dataset(tmp_path / "public", "public", 1, seed=1, size="tiny")
-    checkpoint = tmp_path / "old.pt"
-    train(
-        TrainConfig(
-            model=ModelConfig(**TINY_MODEL),
-            sources=[DataSource(path=tmp_path / "public")],
-            out=checkpoint,
-            steps=3,
-            meta={"name": "old"},
-        )
-    )
+    checkpoint = _trained(tmp_path, "old", volumes=1, steps=3)
     spec = segmentation_spec(f"old2_{unique}")
     package = package_checkpoint(checkpoint, spec)
     repo = ModelRepository(settings)
