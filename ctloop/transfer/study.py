@@ -243,7 +243,7 @@ def _organ_lines(organs: dict[str, Any]) -> list[str]:
         level = organs.get("inter_observer", {}).get(organ, inter_observer(organ))
         reached = "-" if stat["mean"] is None else ("yes" if stat["mean"] >= level else "no")
         lines.append(
-            f"| {organ} | {_f(first, '{:.3f}')} | {_cell(stat, '{:.3f}')} | {level:.2f} "
+            f"| {organ} | {_f(first, '{:.4f}')} | {_cell(stat, '{:.4f}')} | {level:.2f} "
             f"| {reached} |"
         )
     return [*lines, ""]
