@@ -314,6 +314,7 @@ class TritonModels:
         )
         if label is None or uncertainty is None or stages is None:
             raise RuntimeError(f"{model} v{version} answered without LABELS/UNCERTAINTY/STAGES")
+        label = label.T  # (z, y, x) on the wire: (x, y, z) here, in NIfTI's order, no copy
         if tuple(label.shape) != tuple(shape):
             raise RuntimeError(f"{model} v{version} answered labels {label.shape}, not {shape}")
         return (

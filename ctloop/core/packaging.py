@@ -33,7 +33,7 @@ INPUTS = (
 )
 OUTPUTS = (
     TensorSpec("PROBABILITIES", "TYPE_FP32", (-1, -1, -1, -1)),
-    TensorSpec("LABELS", "TYPE_UINT8", (-1, -1, -1)),
+    TensorSpec("LABELS", "TYPE_UINT8", (-1, -1, -1)),  # (z, y, x): NIfTI's memory order
     TensorSpec("UNCERTAINTY", "TYPE_FP32", (1,)),
     TensorSpec("STAGES", "TYPE_FP64", (2,)),  # seconds: network, resample
 )

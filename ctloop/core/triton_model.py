@@ -11,7 +11,8 @@ stub's numpy path. Interface 3 (:mod:`ctloop.core.packaging`).
 Inputs:  INPUT FP32 (x, y, z): the volume on the model grid, windowed to [0, 1]
          MODEL_AFFINE, AFFINE FP64 (4, 4), SHAPE INT64 (3): the model grid's and the scanner
          grid's voxel -> mm affines and the scanner grid's shape (optional, all three or none)
-Outputs: with the scanner grid: LABELS UINT8 (x, y, z) on it, UNCERTAINTY FP32 (1),
+Outputs: with the scanner grid: LABELS UINT8 (z, y, x) on it (axes reversed: the memory order
+         of a NIfTI volume), UNCERTAINTY FP32 (1),
          STAGES FP64 (2): seconds of the network and of the finish;
          without: PROBABILITIES FP32 (C, x, y, z), class probabilities on the model grid
 """
@@ -84,7 +85,8 @@ class TritonPythonModel:
         del probs
         stages = [network_s, time.perf_counter() - t0 - network_s]
         return [
-            _out("LABELS", torch.from_numpy(np.ascontiguousarray(label))),
+            # (z, y, x): the order the resampling writes and NIfTI stores, so neither side copies
+            _out("LABELS", torch.from_numpy(np.ascontiguousarray(label.T))),
             _out("UNCERTAINTY", torch.tensor([uncertainty], dtype=torch.float32)),
             _out("STAGES", torch.tensor(stages, dtype=torch.float64)),
         ]
