@@ -50,6 +50,7 @@ from ctloop.core.datasets import synthesize_dataset
 from ctloop.core.infer import Preprocessor
 from ctloop.core.model import ModelConfig, load_checkpoint
 from ctloop.core.organs import FOREGROUND, ORGAN_IDS
+from ctloop.core.runtimes import export_onnx, onnx_predictor
 from ctloop.core.train import DataSource, TrainConfig, train
 from ctloop.transfer.presets import PRESETS as RUN_PRESETS
 
@@ -105,32 +106,10 @@ def _predictor(net: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tens
     return net
 
 
-def export_onnx(net: nn.Module, cfg: ModelConfig, path: Path) -> Path:
-    """``net`` as ONNX (dynamo exporter), the batch of windows dynamic."""
-    x = torch.zeros(cfg.sw_batch_size, 1, *cfg.patch)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    torch.onnx.export(
-        net,
-        (x,),
-        str(path),
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_shapes={"x": {0: batch}},
-        dynamo=True,
-    )
-    return path
-
-
 def _runtime_predictor(kind: str, onnx: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """ONNX Runtime's or OpenVINO's session over ``onnx``, as a sliding-window predictor."""
-    if kind == "onnxruntime":
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    if kind == "onnxruntime":  # what Triton's CPU instances run
+        return onnx_predictor(onnx.read_bytes(), threads=torch.get_num_threads())
     import openvino as ov
 
     config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -163,7 +142,7 @@ class Candidate:
             t0 = time.perf_counter()
             onnx = work / f"{checkpoint.parent.name}.onnx"
             if not onnx.exists():
-                raise FileNotFoundError(f"{onnx}: export the network first (export_onnx)")
+                raise FileNotFoundError(f"{onnx}: export the network first (main does)")
             self.predict = _runtime_predictor(kind, onnx)
             with torch.inference_mode():
                 self.predict(torch.zeros(self.batch, 1, *cfg.patch))
@@ -221,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     export_s = None
     if set(args.candidates) & set(RUNTIMES):
         t0 = time.perf_counter()
-        export_onnx(load_checkpoint(ckpt)[1], cfg, args.work / f"{ckpt.parent.name}.onnx")
+        onnx = export_onnx(load_checkpoint(ckpt)[1], cfg)  # as at publish, checked on a window
+        (args.work / f"{ckpt.parent.name}.onnx").write_bytes(onnx)
         export_s = time.perf_counter() - t0
         print(f"[cpu-paths] exported to ONNX in {export_s:.0f} s", flush=True)
     fp32 = Candidate("fp32", cfg, ckpt, args.work)

@@ -158,7 +158,12 @@ def serving_spec(settings: Settings, model: str) -> ModelSpec:
     Triton replicas have GPUs (``settings.triton.instance_kind``), a CPU one otherwise. Both the
     published ``config.pbtxt`` and the config each load pins come from here."""
     t = settings.triton
-    return segmentation_spec(model, gpu=t.instance_kind == "gpu", instance_count=t.instance_count)
+    return segmentation_spec(
+        model,
+        gpu=t.instance_kind == "gpu",
+        instance_count=t.instance_count,
+        cpu_runtime=t.cpu_runtime,
+    )
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ def session_mask(site: str, session_id: str, model: str, version: int) -> str:
 
 MODEL_MANIFEST = "manifest.json"  # written last: a version without one is incomplete
 MODEL_WEIGHTS = "weights.pt"
+MODEL_ONNX = "model.onnx"  # the same network for ONNX Runtime (Triton's CPU instances)
 
 
 def model_repository_readme(model_prefix: str) -> str:

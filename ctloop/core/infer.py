@@ -19,6 +19,7 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,10 +147,14 @@ class Network:
         device: str | torch.device = "cpu",
         sw_batch_size: int | None = None,
         sw_overlap: float | None = None,
+        predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
+        # What runs each batch of windows: the module, or another runtime's session over the
+        # same network (ONNX Runtime on a CPU: :mod:`ctloop.core.runtimes`).
+        self.predictor = predictor or self.net
         self.sw_batch_size = sw_batch_size or cfg.sw_batch_size
         self.sw_overlap = cfg.sw_overlap if sw_overlap is None else sw_overlap
 
@@ -164,7 +169,7 @@ class Network:
             t[None, None].to(self.device),
             roi_size=self.cfg.patch,
             sw_batch_size=self.sw_batch_size,
-            predictor=self.net,
+            predictor=self.predictor,
             overlap=self.sw_overlap,
             mode="gaussian",
         )

@@ -11,6 +11,7 @@ Publishing the package into S3 is :meth:`ctloop.model_repository.ModelRepository
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,9 @@ from typing import Any
 from ctloop.contracts import keys
 from ctloop.contracts.triton import ModelSpec, TensorSpec
 from ctloop.core.model import load_checkpoint
+from ctloop.core.runtimes import ExportRejected, export_onnx
+
+log = logging.getLogger("ctloop.packaging")
 
 # Read, never imported here: it imports triton_python_backend_utils, which only Triton has.
 TRITON_MODEL_PY = Path(__file__).with_name("triton_model.py")
@@ -59,8 +63,11 @@ def segmentation_spec(
     instance_count: int = 1,
     sw_batch_size: int | None = None,
     sw_overlap: float | None = None,
+    cpu_runtime: str = "onnxruntime",
 ) -> ModelSpec:
-    params = []
+    """``cpu_runtime``: what runs the network on a CPU instance, "onnxruntime" (the version's
+    ``model.onnx``; torch where a version has none) or "torch"; a GPU instance runs torch."""
+    params = [("cpu_runtime", cpu_runtime)]
     if sw_batch_size is not None:
         params.append(("sw_batch_size", str(sw_batch_size)))
     if sw_overlap is not None:
@@ -80,10 +87,27 @@ def package_checkpoint(
     spec: ModelSpec,
     parent_version: int | None = None,
     metrics: dict[str, Any] | None = None,
+    onnx: bool = True,
 ) -> TritonPackage:
-    """Files and manifest of one model version built from ``checkpoint``."""
+    """Files and manifest of one model version built from ``checkpoint``: the weights, the
+    python-backend model, and (``onnx``) the network exported for ONNX Runtime when the export
+    computes what torch does (else the manifest says why not, and CPUs run torch)."""
     weights = checkpoint.read_bytes()
-    cfg, _, meta = load_checkpoint(weights)  # refuse a checkpoint that does not load
+    cfg, net, meta = load_checkpoint(weights)  # refuse a checkpoint that does not load
+    files = {
+        "model.py": TRITON_MODEL_PY.read_bytes(),
+        keys.MODEL_WEIGHTS: weights,
+    }
+    runtimes: dict[str, Any] = {"torch": keys.MODEL_WEIGHTS}
+    if onnx:
+        try:
+            files[keys.MODEL_ONNX] = export_onnx(net, cfg)
+            runtimes["onnxruntime"] = keys.MODEL_ONNX
+        except ExportRejected as exc:
+            log.warning(
+                "no ONNX for this version: CPUs will run it with torch", extra={"reason": str(exc)}
+            )
+            runtimes["onnxruntime_refused"] = str(exc)
     manifest = {
         "created_at": datetime.now(UTC).isoformat(),
         "parent_version": parent_version,
@@ -94,9 +118,6 @@ def package_checkpoint(
         "interface": INTERFACE,
         "inputs": [t.name for t in spec.inputs],
         "outputs": [t.name for t in spec.outputs],
-    }
-    files = {
-        "model.py": TRITON_MODEL_PY.read_bytes(),
-        keys.MODEL_WEIGHTS: weights,
+        "runtimes": runtimes,
     }
     return TritonPackage(spec=spec, files=files, manifest=manifest)

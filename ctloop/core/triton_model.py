@@ -2,8 +2,10 @@
 
 It loads ``weights.pt`` from its version folder and runs :class:`ctloop.core.infer.Network`, the
 same sliding-window code as in-process inference, on CPU or on the GPU Triton assigns to the
-instance, and then :func:`ctloop.core.infer.finish` (the uncertainty and the resampling back to
-the scanner grid) on the same device. Resampling *to* the model grid happens in the caller (the
+instance (on CPU, when the config's ``cpu_runtime`` is "onnxruntime" and the version has a
+``model.onnx``, ONNX Runtime runs each batch of windows: :mod:`ctloop.core.runtimes`), and
+then :func:`ctloop.core.infer.finish` (the uncertainty and the resampling back to the scanner
+grid) on the same device. Resampling *to* the model grid happens in the caller (the
 inference service keeps that input for re-predictions, :class:`ctloop.model_repository.
 TritonSegmenter`). Tensors cross the backend boundary as DLPack (torch), never through the
 stub's numpy path. Interface 3 (:mod:`ctloop.core.packaging`).
@@ -29,6 +31,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from ctloop.contracts import keys
 from ctloop.core.infer import Network, finish
 from ctloop.core.model import load_checkpoint
+from ctloop.core.runtimes import onnx_predictor
 
 GRID = ("MODEL_AFFINE", "AFFINE", "SHAPE")
 
@@ -44,12 +47,22 @@ class TritonPythonModel:
             device = f"cuda:{args['model_instance_device_id']}"
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         cfg, net, _ = load_checkpoint(Path(folder) / keys.MODEL_WEIGHTS)
+        predictor, runtime = None, "torch"
+        onnx = Path(folder) / keys.MODEL_ONNX
+        if device == "cpu" and params.get("cpu_runtime") == "onnxruntime" and onnx.exists():
+            predictor = onnx_predictor(onnx.read_bytes(), threads=torch.get_num_threads())
+            runtime = "onnxruntime"
         self.network = Network(
             cfg,
             net,
             device=device,
             sw_batch_size=int(params["sw_batch_size"]) if "sw_batch_size" in params else None,
             sw_overlap=float(params["sw_overlap"]) if "sw_overlap" in params else None,
+            predictor=predictor,
+        )
+        pb_utils.Logger.log_info(
+            f"ctloop: {args['model_name']} v{args['model_version']} runs its network with "
+            f"{runtime} on {device} ({torch.get_num_threads()} threads)"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -125,6 +125,15 @@ def test_triton_requests_a_gpu_and_serves_the_s3_repository_in_explicit_mode(ren
         assert "secretKeyRef" in env[var]["valueFrom"]
 
 
+def test_the_cpu_runtime_reaches_the_services_that_load_and_publish_models():
+    for flags, runtime in (((), "onnxruntime"), (("triton.cpuRuntime=torch",), "torch")):
+        docs = render(set_values=flags)
+        for svc in ("inference", "training"):  # inference loads versions, training publishes
+            (c,) = named(docs, "Deployment", svc)["spec"]["template"]["spec"]["containers"]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["CTLOOP_TRITON__CPU_RUNTIME"] == runtime
+
+
 def test_triton_runs_on_gpu_nodes():
     spec = named(render(), "Deployment", "triton")["spec"]["template"]["spec"]
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}

@@ -4,12 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from ctloop.contracts import keys
 from ctloop.core.datasets import synthesize_dataset
 from ctloop.core.infer import Segmenter
-from ctloop.core.model import TINY_MODEL, ModelConfig
+from ctloop.core.model import TINY_MODEL, ModelConfig, build_network, load_checkpoint
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.phantom import generate_phantom
+from ctloop.core.runtimes import export_onnx
 from ctloop.core.train import DataSource, TrainConfig, train
 from ctloop.model_repository import (
     IncompatibleModel,
@@ -48,6 +51,7 @@ def test_exported_package_answers_through_triton_with_the_in_process_mask(
     assert manifest["parent_version"] is None and manifest["metrics"] == {"public_dice": 0.5}
     assert manifest["interface"] == 3
     assert manifest["inputs"] == ["INPUT", "MODEL_AFFINE", "AFFINE", "SHAPE"]
+    assert manifest["runtimes"]["onnxruntime"] == keys.MODEL_ONNX  # what this CPU instance runs
 
     triton = TritonModels(settings)
     triton.serve_version(spec, 1)
@@ -57,7 +61,7 @@ def test_exported_package_answers_through_triton_with_the_in_process_mask(
         served = TritonSegmenter(triton, repo)(spec.name, 1, image, phantom.affine)
         local = Segmenter(checkpoint)(image, phantom.affine)
         assert served.label.shape == image.shape and served.label.dtype == np.uint8
-        # Same code, same weights: the same mask (bar a rare float tie under other threading).
+        # Same weights (ONNX Runtime in Triton, torch here): the same mask, bar a rare float tie.
         assert np.mean(served.label != local.label) < 1e-4
         assert abs(served.uncertainty - local.uncertainty) < 1e-4
         # network and resample in Triton, the tensors' way there and back apart
@@ -82,6 +86,36 @@ def test_exported_package_answers_through_triton_with_the_in_process_mask(
             triton.labels(spec.name, 1, x.image, x.affine[:3], phantom.affine, image.shape)
     finally:
         triton.client.unload_model(spec.name)
+        triton.close()
+
+
+def test_the_cpu_runtime_is_the_one_the_config_names_and_matches_torch(settings, tmp_path, unique):
+    """On CPU instances ONNX Runtime runs the version's model.onnx (0.63x torch's time on the
+    realistic network), with torch's mask; ``cpu_runtime: torch`` runs the weights. Shown with a
+    version whose model.onnx is another network's: only the ONNX Runtime instance answers with
+    that other network's mask."""
+    checkpoint = _trained(tmp_path, "runtimes", volumes=1, steps=8)
+    cfg, _, _ = load_checkpoint(checkpoint)
+    torch.manual_seed(99)
+    other = export_onnx(build_network(cfg), cfg)  # an untrained network of the same shape
+    name = f"runtimes_{unique}"
+    package = package_checkpoint(checkpoint, segmentation_spec(name))
+    repo = ModelRepository(settings)
+    files = {**package.files, keys.MODEL_ONNX: other}
+    repo.publish_version(segmentation_spec(name), 1, files, package.manifest)
+    phantom = generate_phantom("clinical-b", 13, "tiny")
+    image = phantom.image.astype(np.float32)
+    local = Segmenter(checkpoint)(image, phantom.affine).label
+    triton = TritonModels(settings)
+    try:
+        masks = {}
+        for runtime in ("torch", "onnxruntime"):
+            triton.serve_version(segmentation_spec(name, cpu_runtime=runtime), 1)
+            masks[runtime] = TritonSegmenter(triton, repo)(name, 1, image, phantom.affine).label
+        assert np.mean(masks["torch"] != local) < 1e-4
+        assert np.mean(masks["onnxruntime"] != local) > 0.01  # the other network answered
+    finally:
+        triton.client.unload_model(name)
         triton.close()
 
 

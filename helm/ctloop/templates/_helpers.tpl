@@ -240,6 +240,8 @@ imagePullSecrets:
 {{ include "ctloop.s3Env" . }}
 - name: CTLOOP_TRITON__INSTANCE_KIND
   value: {{ include "ctloop.triton.instanceKind" . | quote }}
+- name: CTLOOP_TRITON__CPU_RUNTIME
+  value: {{ .Values.triton.cpuRuntime | quote }}
 - name: CTLOOP_TRITON__EXTERNAL_URL
   value: {{ printf "%s:%d" (include "ctloop.componentName" (dict "root" . "component" "triton")) (int .Values.triton.grpcPort) | quote }}
 - name: CTLOOP_TRITON__REPLICAS
