@@ -26,6 +26,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from bench.common import (
     Context,
@@ -43,7 +44,9 @@ from bench.workload import CT, phantom_ct
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import ModelRef
 from ctloop.core.infer import Segmenter
+from ctloop.core.model import load_checkpoint
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
+from ctloop.core.runtimes import export_onnx, onnx_predictor
 from ctloop.model_repository import ModelRepository, TritonModels
 from ctloop.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -80,6 +83,7 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
     p, served = session.served()
     ct = phantom_ct(ctx.preset.volume_size, seed=1)
     segmenter = Segmenter(session.checkpoint)
+    served_runtime = _served_runtime(p, session)
     direct, stubs = _serve_direct(p, session)
     channel = p.grpc_channel(  # as the operator: the services refuse calls without a token
         p.inference_grpc,
@@ -88,7 +92,7 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
     pids = p.service_pids()
     with CompletionWatcher(p) as watch:
         inference = inference_pb2_grpc.InferenceStub(channel)
-        sides = _Sides(p, served, watch, inference, direct, ct, segmenter, ctx.work)
+        sides = _Sides(p, served, watch, inference, direct, ct, segmenter, served_runtime, ctx.work)
         # Warm-up, not measured: Triton's first request and torch's first kernels are slower.
         sides.platform_side(-1)
         sides.baseline(-1)
@@ -102,6 +106,18 @@ def run(ctx: Context, session: Session, repeats: int | None = None) -> dict[str,
     channel.close()
     memory = _memory(ct, idle_rss, pids, session.igniter_stubs, stubs)
     return _result(ctx, sides, repeats, ours, theirs, memory)
+
+
+def _served_runtime(p: Platform, session: Session) -> Segmenter:
+    """The same weights in-process under the runtime Triton's CPU instance runs them with
+    (ONNX Runtime over the same export as at publish, or torch), for a script that differs from
+    the platform only by being a script."""
+    segmenter = Segmenter(session.checkpoint)
+    if p.settings.triton.cpu_runtime == "onnxruntime":
+        cfg, net, _ = load_checkpoint(session.checkpoint)
+        onnx = export_onnx(net, cfg)
+        segmenter.network.predictor = onnx_predictor(onnx, threads=torch.get_num_threads())
+    return segmenter
 
 
 def _serve_direct(p: Platform, session: Session) -> tuple[str, list[int]]:
@@ -133,11 +149,14 @@ class _Sides:
     direct: str
     ct: CT
     segmenter: Segmenter
+    runtime_segmenter: Segmenter  # the same weights under the runtime Triton runs (ONNX Runtime)
     work: Path
     breakdowns: list[dict[str, float]] = field(default_factory=list)
     grpc_seconds: list[float] = field(default_factory=list)
     local_stages: list[dict[str, float]] = field(default_factory=list)
     script_seconds: list[float] = field(default_factory=list)
+    runtime_script_seconds: list[float] = field(default_factory=list)
+    runtime_stages: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         """The CT as a file, for the script."""
@@ -150,6 +169,8 @@ class _Sides:
         self.grpc_seconds.clear()
         self.local_stages.clear()
         self.script_seconds.clear()
+        self.runtime_script_seconds.clear()
+        self.runtime_stages.clear()
 
     def platform_side(self, i: int) -> float:
         p, vid = self.p, f"b1-{self.p.tag}-{i}"
@@ -176,22 +197,27 @@ class _Sides:
         self.grpc_seconds.append(time.perf_counter() - g0)
         return done - t0
 
-    def script(self, i: int) -> float:
+    def script(self, segmenter: Segmenter) -> tuple[float, dict[str, float]]:
         """What a user's script does with the same file: nibabel load, segment, save the
-        mask as NIfTI (the platform's job is file in, mask file out, too)."""
+        mask as NIfTI (the platform's job is file in, mask file out, too); its seconds and
+        the segmenter's stages."""
         t0 = time.perf_counter()
         img = nib.Nifti1Image.from_filename(self.ct_file)
-        seg = self.segmenter(np.asanyarray(img.dataobj), img.affine)
+        seg = segmenter(np.asanyarray(img.dataobj), img.affine)
         nib.save(nib.Nifti1Image(seg.label, img.affine), self.work / "b1-mask.nii.gz")
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, seg.timings
 
     def baseline(self, i: int) -> float:
         t0 = time.perf_counter()
         seg = self.segmenter(self.ct.image, self.ct.affine)
         seconds = time.perf_counter() - t0
         self.local_stages.append(seg.timings)
-        # In the baseline's slot, so the script meets the same conditions (ABAB order).
-        self.script_seconds.append(self.script(i))
+        # In the baseline's slot, so the scripts meet the same conditions (ABAB order): torch,
+        # as a user's script runs the network, and the runtime Triton runs it with.
+        self.script_seconds.append(self.script(self.segmenter)[0])
+        runtime_s, runtime_stages = self.script(self.runtime_segmenter)
+        self.runtime_script_seconds.append(runtime_s)
+        self.runtime_stages.append(runtime_stages)
         return seconds
 
 
@@ -216,23 +242,30 @@ def _stages(sides: _Sides) -> tuple[dict[str, float], dict[str, float]]:
     and the rest) and the median in-process stages."""
     breakdown = medians(sides.breakdowns)
     local = medians(sides.local_stages)
-    breakdown["triton_network_in_process_equivalent"] = local["network"]
+    # The network in-process under the runtime Triton runs (what its network stage compares to)
+    same = medians(sides.runtime_stages)["network"]
+    breakdown["triton_network_in_process_equivalent"] = same
     # What serving adds to the in-process network: interface 3 reports Triton's network and
     # the transfer apart; an interface-2 model's "triton" stage is both together.
     served = breakdown.get("triton", 0.0) + breakdown.get("network", 0.0)
-    breakdown["triton_overhead"] = served + breakdown.get("transfer", 0.0) - local["network"]
+    breakdown["triton_overhead"] = served + breakdown.get("transfer", 0.0) - same
     return breakdown, local
 
 
 def _note(
-    ratios: dict[str, float], script_s: float, breakdown: dict[str, float], local: dict[str, float]
+    ratios: dict[str, float],
+    scripts: tuple[float, float],
+    breakdown: dict[str, float],
+    local: dict[str, float],
 ) -> str:
     return (
         f"upload→prediction.completed {ratios['event']:.2f}x and gRPC Segment "
         f"{ratios['grpc']:.2f}x (re-prediction: the volume's model input kept) "
-        "the in-process Segmenter; "
+        "the in-process Segmenter (torch); "
         f"{ratios['script']:.2f}x a script that loads the file, "
-        f"segments and saves the mask ({script_s:.2f}s); platform stages "
+        f"segments with torch and saves the mask ({scripts[0]:.2f}s), "
+        f"{ratios['script_same_runtime']:.2f}x the same script with the runtime Triton runs "
+        f"({scripts[1]:.2f}s); platform stages "
         + ", ".join(
             f"{k} {v:.2f}s"
             for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])
@@ -244,7 +277,9 @@ def _note(
     )
 
 
-def _settings(ctx: Context, ct: CT, segmenter: Segmenter, repeats: int) -> dict[str, Any]:
+def _settings(
+    ctx: Context, p: Platform, ct: CT, segmenter: Segmenter, repeats: int
+) -> dict[str, Any]:
     return {
         "volume_shape": list(ct.image.shape),
         "volume_dtype": "float32",
@@ -255,7 +290,8 @@ def _settings(ctx: Context, ct: CT, segmenter: Segmenter, repeats: int) -> dict[
         "sw_overlap": segmenter.sw_overlap,
         "repeats": repeats,
         "torch_threads_in_process": ctx.threads,
-        "triton": "python backend, KIND_CPU, 1 instance, max_batch_size 0 (no batching)",
+        "triton": "python backend, KIND_CPU, 1 instance, max_batch_size 0 (no batching), "
+        f"network under {p.settings.triton.cpu_runtime}",
     }
 
 
@@ -269,10 +305,12 @@ def _result(
 ) -> dict[str, Any]:
     breakdown, local = _stages(sides)
     grpc_s, script_s = sides.grpc_seconds, sides.script_seconds
+    runtime_s = sides.runtime_script_seconds
     ratios = {
         "event": median(ours) / median(theirs),
         "grpc": median(grpc_s) / median(theirs),
         "script": median(ours) / median(script_s),
+        "script_same_runtime": median(ours) / median(runtime_s),
     }
     return result(
         NAME,
@@ -281,7 +319,7 @@ def _result(
         "s",
         ours,
         theirs,
-        _settings(ctx, sides.ct, sides.segmenter, repeats),
+        _settings(ctx, sides.p, sides.ct, sides.segmenter, repeats),
         baseline_name="in-process Segmenter",
         target="≤ 1.10",
         target_met=ratios["event"] <= 1.10,
@@ -292,10 +330,14 @@ def _result(
             "script_seconds": script_s,
             "script_median": median(script_s),
             "ratio_vs_script": ratios["script"],
+            "script_same_runtime_seconds": runtime_s,
+            "script_same_runtime_median": median(runtime_s),
+            "ratio_vs_script_same_runtime": ratios["script_same_runtime"],
+            "in_process_same_runtime_stages_median_s": medians(sides.runtime_stages),
             "breakdown_median_s": breakdown,
             "breakdowns_s": sides.breakdowns,
             "in_process_stages_median_s": local,
             "memory": memory,
-            "note": _note(ratios, median(script_s), breakdown, local),
+            "note": _note(ratios, (median(script_s), median(runtime_s)), breakdown, local),
         },
     )

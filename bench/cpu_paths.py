@@ -16,7 +16,8 @@ the fp32 baseline (the same input, the same weights), and is compared with it:
 - ``batch1`` / ``batch4``: the sliding window's batch of windows (the platform's is 2);
 - ``overlap0.1``: less window overlap (0.25 today): fewer windows, other masks;
 - ``onnxruntime``: the network exported to ONNX (torch's dynamo exporter, the window batch
-  dynamic), run by ONNX Runtime's CPU provider with as many threads as torch;
+  dynamic), run by ONNX Runtime's CPU provider with as many threads as torch (what Triton's
+  CPU instances run); ``onnxruntime_batch1`` / ``onnxruntime_batch4``: with other window batches;
 - ``openvino`` / ``openvino_f32``: the same ONNX file compiled by OpenVINO for the CPU, with its
   own precision choice / held to f32 (``INFERENCE_PRECISION_HINT``).
 
@@ -64,10 +65,12 @@ CANDIDATES = (
     "batch4",
     "overlap0.1",
     "onnxruntime",
+    "onnxruntime_batch1",
+    "onnxruntime_batch4",
     "openvino",
     "openvino_f32",
 )
-RUNTIMES = ("onnxruntime", "openvino", "openvino_f32")
+RUNTIMES = ("onnxruntime", "onnxruntime_batch1", "onnxruntime_batch4", "openvino", "openvino_f32")
 
 
 def realistic_checkpoint(work: Path, steps: int) -> Path:
@@ -108,7 +111,7 @@ def _predictor(net: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tens
 
 def _runtime_predictor(kind: str, onnx: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """ONNX Runtime's or OpenVINO's session over ``onnx``, as a sliding-window predictor."""
-    if kind == "onnxruntime":  # what Triton's CPU instances run
+    if kind.startswith("onnxruntime"):  # what Triton's CPU instances run
         return onnx_predictor(onnx.read_bytes(), threads=torch.get_num_threads())
     import openvino as ov
 
@@ -129,7 +132,7 @@ class Candidate:
     def __init__(self, kind: str, cfg: ModelConfig, checkpoint: Path, work: Path) -> None:
         _, net, _ = load_checkpoint(checkpoint)
         self.kind, self.cfg = kind, cfg
-        self.batch = {"batch1": 1, "batch4": 4}.get(kind, cfg.sw_batch_size)
+        self.batch = {"batch1": 1, "batch4": 4}.get(kind.split("_")[-1], cfg.sw_batch_size)
         self.overlap = 0.1 if kind == "overlap0.1" else cfg.sw_overlap
         self.compile_s = 0.0
         if kind == "compile":

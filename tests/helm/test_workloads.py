@@ -118,6 +118,7 @@ def test_triton_requests_a_gpu_and_serves_the_s3_repository_in_explicit_mode(ren
     else:  # a CPU-only install: no GPU asked for anywhere
         assert "nvidia.com/gpu" not in requests and "nvidia.com/gpu" not in limits
     assert "--model-control-mode=explicit" in c["args"]
+    assert "--disable-auto-complete-config" in c["args"]  # no extra stub per load
     repo = next(a for a in c["args"] if a.startswith("--model-repository="))
     assert re.fullmatch(r"--model-repository=s3://https?://[^/]+/[^/]+/models", repo), repo
     env = {e["name"]: e for e in c["env"]}

@@ -27,3 +27,10 @@ def test_triton_gets_its_own_aws_settings_and_none_of_the_callers(monkeypatch, t
         "AWS_DEFAULT_REGION": settings.s3.region,
     }
     assert env["CTLOOP_RUN_DIR"] == str(tmp_path)
+
+
+def test_triton_loads_configs_as_written_without_an_auto_complete_stub(tmp_path):
+    """ctloop writes every model config whole; Triton asking model.py to complete one starts a
+    second python stub per load (torch, MONAI and ctloop imported twice: ~7 s of a 12 s load
+    here). The local stack and the chart both turn it off."""
+    assert "--disable-auto-complete-config" in TritonServer(Settings(run_dir=tmp_path)).command()

@@ -77,6 +77,10 @@ class TritonServer(Component):
             # A broken model must not take the server (and the models it serves) down.
             "--exit-on-error=false",
             "--strict-readiness=false",
+            # Every config is complete (ctloop writes it): without this, each load of a
+            # python-backend model starts one more stub, only to ask model.py to complete it
+            # (importing torch, MONAI and ctloop once more: ~half of a load).
+            "--disable-auto-complete-config",
             "--log-verbose=0",
         ]
 
