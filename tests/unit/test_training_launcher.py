@@ -201,6 +201,8 @@ def test_torchrun_runs_standalone_on_one_node_and_c10d_across_several():
     assert not any(a.startswith("--") for a in from_env[3:-3])
     with pytest.raises(ValueError):
         torchrun_command(Path("t.json"), 8, 2)
+    # One process on one node: the training module alone, no launcher to start.
+    assert torchrun_command(Path("t.json"), 1)[1:] == ["-m", "ctloop.core.train", "t.json"]
 
 
 def test_a_round_config_moves_to_another_folder(tmp_path):
