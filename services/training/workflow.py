@@ -35,8 +35,14 @@ class WorkflowClient:
         self.timeout_s = timeout_s
 
     def training_volumes(self, dataset: str) -> list[TrainingVolume]:
+        # wait_for_ready: while ingest restarts (a rolled or deleted pod, no replica ready yet)
+        # the call waits for it, up to its deadline, instead of failing at once with
+        # UNAVAILABLE and costing the round one of its attempts (make test-cluster saw a
+        # round fail twice so while every pod was deleted mid-round).
         reply = self.stub.ListTrainingVolumes(
-            ingest_pb2.ListTrainingVolumesRequest(dataset=dataset), timeout=self.timeout_s
+            ingest_pb2.ListTrainingVolumesRequest(dataset=dataset),
+            timeout=self.timeout_s,
+            wait_for_ready=True,
         )
         return [
             TrainingVolume(

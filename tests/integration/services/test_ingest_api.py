@@ -571,6 +571,49 @@ def test_workflow_grpc_lists_ground_truth_for_training(api, svc_settings, unique
         server.stop(0)
 
 
+def test_the_training_service_s_call_waits_for_an_ingest_that_is_restarting(svc_settings):
+    """A round asks ingest for its volumes; while ingest is down (a pod rolled or deleted) the
+    call waits for it within its deadline instead of failing the round's attempt at once."""
+    import socket
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    from ctloop.v1 import ingest_pb2_grpc
+    from services.ingest.grpc_api import WorkflowService
+    from services.training.workflow import WorkflowClient
+
+    with socket.socket() as s:  # a port nobody listens on yet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ingest_pb2_grpc.add_WorkflowServicer_to_server(
+        WorkflowService(svc_settings.database_url, svc_settings.s3.bucket), server
+    )
+
+    def ingest_back() -> None:  # until now the port refuses connections
+        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+        server.start()
+
+    later = threading.Timer(2.0, ingest_back)  # ingest back 2 s after the call was made
+    client = WorkflowClient(f"127.0.0.1:{port}", timeout_s=30)
+    later.start()
+    try:
+        assert isinstance(client.training_volumes("public"), list)
+    finally:
+        later.join()
+        client.close()
+        server.stop(0)
+    down = WorkflowClient(f"127.0.0.1:{port}", timeout_s=1)  # and a deadline still bounds it
+    try:
+        with pytest.raises(grpc.RpcError) as late:
+            down.training_volumes("public")
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        down.close()
+
+
 def test_every_endpoint_needs_a_valid_token(svc_settings, relay):
     with TestClient(create_app(svc_settings, relay)) as anonymous:
         assert anonymous.get("/v1/volumes").json()["code"] == "unauthenticated"
