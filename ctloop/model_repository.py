@@ -152,6 +152,23 @@ class ModelRepository:
         """A published version's checkpoint (a round fine-tunes from it)."""
         return self.store.get_bytes(self.bucket, keys.model_weights(self.prefix, model, version))
 
+    def onnx(self, model: str, version: int) -> bytes | None:
+        """A published version's ONNX export, as published: None when it has none, or when
+        its bytes are not those the manifest recorded (logged; nothing is built on them)."""
+        manifest = self.manifest(model, version)
+        name = (manifest.get("runtimes") or {}).get("onnxruntime")
+        recorded = (manifest.get("files") or {}).get(name) if isinstance(name, str) else None
+        if not isinstance(name, str) or not isinstance(recorded, str):
+            return None
+        data = self.store.get_bytes(self.bucket, keys.model_file(self.prefix, model, version, name))
+        if hashlib.sha256(data).hexdigest() != recorded:
+            log.error(
+                "model file changed after publish: not used",
+                extra={"model": model, "model_version": version, "file": name},
+            )
+            return None
+        return data
+
 
 def serving_spec(settings: Settings, model: str) -> ModelSpec:
     """A segmentation model's Triton spec for this deployment: a GPU instance group when the

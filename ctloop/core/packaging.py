@@ -88,10 +88,13 @@ def package_checkpoint(
     parent_version: int | None = None,
     metrics: dict[str, Any] | None = None,
     onnx: bool = True,
+    onnx_template: bytes | None = None,
 ) -> TritonPackage:
     """Files and manifest of one model version built from ``checkpoint``: the weights, the
     python-backend model, and (``onnx``) the network exported for ONNX Runtime when the export
-    computes what torch does (else the manifest says why not, and CPUs run torch)."""
+    computes what torch does (else the manifest says why not, and CPUs run torch).
+    ``onnx_template``: the parent version's ``model.onnx``, whose graph takes the new weights
+    when it fits (see :func:`ctloop.core.runtimes.export_onnx`)."""
     weights = checkpoint.read_bytes()
     cfg, net, meta = load_checkpoint(weights)  # refuse a checkpoint that does not load
     files = {
@@ -101,7 +104,7 @@ def package_checkpoint(
     runtimes: dict[str, Any] = {"torch": keys.MODEL_WEIGHTS}
     if onnx:
         try:
-            files[keys.MODEL_ONNX] = export_onnx(net, cfg)
+            files[keys.MODEL_ONNX] = export_onnx(net, cfg, template=onnx_template)
             runtimes["onnxruntime"] = keys.MODEL_ONNX
         except ExportRejected as exc:
             log.warning(

@@ -57,8 +57,14 @@ def publish_candidate(
     """Package ``candidate`` and publish it as ``model``'s next version; that version."""
     version = max(repo.published_versions(model), default=0) + 1
     spec = serving_spec(repo.settings, model)
+    # A fine-tune keeps its parent's graph: its export takes the new weights (seconds saved).
+    template = repo.onnx(parent.model, parent.version) if parent else None
     package = package_checkpoint(
-        candidate, spec, parent_version=parent.version if parent else None, metrics=metrics
+        candidate,
+        spec,
+        parent_version=parent.version if parent else None,
+        metrics=metrics,
+        onnx_template=template,
     )
     manifest = {
         **package.manifest,

@@ -236,6 +236,24 @@ def test_a_model_changed_after_publish_is_refused(private, caplog):
         root.client.remove_object(s.s3.model_bucket, extra)
 
 
+def test_a_changed_onnx_file_is_never_a_template_for_the_next_version(private, caplog):
+    """The training service builds a version's export on its parent's ``model.onnx``: only
+    on the bytes that were published."""
+    s = as_identity(private, None)
+    repo = ModelRepository(as_identity(private, "training"))
+    spec = _spec("grants_template")
+    manifest = {"runtimes": {"torch": "weights.pt", "onnxruntime": keys.MODEL_ONNX}}
+    files = {"model.py": MODEL_PY, "weights.pt": b"w", keys.MODEL_ONNX: b"graph"}
+    repo.publish_version(spec, 1, files, manifest)
+    repo.publish_version(spec, 2, {"model.py": MODEL_PY, "weights.pt": b"w"}, {})
+    assert repo.onnx(spec.name, 1) == b"graph"
+    assert repo.onnx(spec.name, 2) is None  # published without one
+    onnx_key = keys.model_file(s.triton.model_prefix, spec.name, 1, keys.MODEL_ONNX)
+    put(store(private, None), s.s3.model_bucket, onnx_key, b"another graph")
+    assert repo.onnx(spec.name, 1) is None
+    assert any("changed after publish" in r.getMessage() for r in caplog.records)
+
+
 def test_service_identities_never_create_buckets(private):
     """A service's provisioning step only checks its grants (the chart's init containers)."""
     for identity in IDENTITIES:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ctloop.contracts import keys
+from ctloop.core import runtimes
 from ctloop.core.infer import Network
 from ctloop.core.model import TINY_MODEL, ModelConfig, build_network, save_checkpoint
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
@@ -70,3 +71,72 @@ def test_a_package_carries_the_onnx_network_and_says_which_runtimes_it_has(tmp_p
     assert keys.MODEL_ONNX not in without.files
     assert without.manifest["runtimes"] == {"torch": keys.MODEL_WEIGHTS}
     assert without.files[keys.MODEL_WEIGHTS] == package.files[keys.MODEL_WEIGHTS]
+
+
+def test_a_fine_tune_s_export_is_its_parent_s_graph_with_the_new_weights(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    torch.manual_seed(6)
+    parent = build_network(CFG).eval()
+    template = export_onnx(parent, CFG)
+    child = build_network(CFG).eval()  # other weights, the same architecture
+    exports: list[str] = []
+    real_export = runtimes._export
+    monkeypatch.setattr(runtimes, "_export", lambda n, c: exports.append("x") or real_export(n, c))
+
+    model = export_onnx(child, CFG, template=template)
+    assert exports == []  # the exporter did not run: the template took the weights
+    windows = torch.rand(2, 1, *CFG.patch)
+    with torch.inference_mode():
+        ours, child_s, parent_s = onnx_predictor(model, 1)(windows), child(windows), parent(windows)
+    assert float((ours - child_s).abs().max()) < 1e-4
+    assert float((ours - parent_s).abs().max()) > 1e-2  # not the parent's answer
+
+
+def test_a_template_of_another_architecture_or_no_onnx_at_all_means_a_full_export(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    wider = ModelConfig(**{**TINY_MODEL, "channels": [c * 2 for c in CFG.channels]})
+    template = export_onnx(build_network(wider).eval(), wider)
+    net = build_network(CFG).eval()
+    with pytest.raises(runtimes.TemplateMismatch, match="is \\("):
+        runtimes.with_weights(template, net)
+    with pytest.raises(runtimes.TemplateMismatch, match="not an ONNX model"):
+        runtimes.with_weights(b"not a model", net)
+    exports: list[str] = []
+    real_export = runtimes._export
+    monkeypatch.setattr(runtimes, "_export", lambda n, c: exports.append("x") or real_export(n, c))
+    for bad in (template, b"not a model"):
+        model = export_onnx(net, CFG, template=bad)
+        x = torch.rand(1, 1, *CFG.patch)
+        with torch.inference_mode():
+            assert float((onnx_predictor(model, 1)(x) - net(x)).abs().max()) < 1e-4
+    assert exports == ["x", "x"]
+
+
+def test_a_template_whose_graph_computes_something_else_is_rejected_by_the_check():
+    """A template is trusted for nothing: a graph of the right weights that computes
+    another function fails the check against torch."""
+    torch.manual_seed(7)
+    net = build_network(CFG).eval()
+
+    class _Doubled(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * 2.0
+
+    doubled = _Doubled(build_network(CFG).eval()).eval()
+    graph = runtimes._export(doubled, CFG)
+    # its initializers are named inner.<...>: rename them to fit ``net``'s state dict
+    import onnx
+
+    m = onnx.load_from_string(graph)
+    for init in m.graph.initializer:
+        init.name = init.name.removeprefix("inner.")
+    for node in m.graph.node:
+        node.input[:] = [i.removeprefix("inner.") for i in node.input]
+    with pytest.raises(ExportRejected, match="differ from torch's"):
+        export_onnx(net, CFG, template=m.SerializeToString())
