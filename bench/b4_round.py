@@ -150,6 +150,10 @@ class _Sides:
         row = _round_row(p, version)
         assert row is not None
         self.parts.append(_split(p, row, t0, serving_at, done))
+        # Untimed: the training service's next standby process warms up after a round; let it
+        # finish before the script's turn, which it would otherwise slow (rounds are minutes
+        # apart in use, so a round finds it ready).
+        p.until("the next standby training process ready", lambda: _standby_ready(p), 120)
         return done - t0
 
     def baseline(self, r: int) -> float:
@@ -178,6 +182,19 @@ class _Sides:
         train(cfg)
         Segmenter(cfg.out)(cts[0].image, cts[0].affine)
         return time.perf_counter() - t0
+
+
+def _standby_ready(p: Platform) -> bool:
+    """Whether the training service's standby process (ctloop.core.standby) is warm and
+    waiting: its log's ready line names a live standby process."""
+    log_path = p.run_dir / "data" / "training" / "standby.log"
+    try:
+        lines = log_path.read_text().splitlines()
+        pid = next(json.loads(x)["pid"] for x in reversed(lines) if '"standby": "ready"' in x)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, StopIteration, ValueError, KeyError):
+        return False
+    return b"ctloop.core.standby" in cmdline
 
 
 def _split(

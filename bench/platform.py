@@ -5,6 +5,7 @@ with."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -14,8 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import tritonclient.grpc as triton_grpc
 import urllib3
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from tritonclient.utils import InferenceServerException
 
 from ctloop.bus import EventConsumer, EventProducer
 from ctloop.contracts.events import CloudEvent
@@ -149,9 +152,27 @@ def bench_platform(
     root.mkdir(parents=True, exist_ok=True)
     platform = Platform(root, port_base, extra_env)
     t0 = time.monotonic()
-    with running(platform):  # down also after an interrupted up (what it started is stopped)
-        log.info("bench platform up", extra={"tag": platform.tag, "seconds": time.monotonic() - t0})
-        yield platform
+    try:
+        with running(platform):  # down also after an interrupted up (what it started is stopped)
+            log.info(
+                "bench platform up", extra={"tag": platform.tag, "seconds": time.monotonic() - t0}
+            )
+            yield platform
+    finally:
+        unload_models(platform)
+
+
+def unload_models(platform: Platform) -> None:
+    """The platform's models out of the stack's Triton, which the benchmarks' platforms share:
+    each loaded version holds a python stub (~0.9 GB here) that later benchmarks would run
+    beside."""
+    client = triton_grpc.InferenceServerClient(platform.settings.triton.grpc_url)
+    try:
+        for name in (platform.igniter, platform.sustainer):
+            with contextlib.suppress(InferenceServerException):
+                client.unload_model(name)
+    finally:
+        client.close()
 
 
 class CompletionWatcher:

@@ -131,6 +131,12 @@ class KubernetesJobLauncher:
         uid = self.api.call("GET", path)["metadata"]["uid"]
         return {"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid}
 
+    def prepare(self) -> None:
+        """Nothing to keep ready: each round is a Job of its own."""
+
+    def close(self) -> None:
+        """Nothing kept between rounds."""
+
     def run(self, config: TrainConfig, work: Path) -> None:
         name = job_name(config)
         prefix = keys.training_job_prefix(self.k.s3_prefix, name)

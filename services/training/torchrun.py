@@ -59,12 +59,18 @@ def torchrun_command(
     return [*cmd, *train]
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment with ctloop importable (a training process's)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{path}" if path else str(REPO_ROOT)}
+
+
 def run_logged(cmd: list[str], log_path: Path) -> int:
     """Run ``cmd`` with ctloop importable, stdout and stderr into ``log_path``."""
-    path = os.environ.get("PYTHONPATH", "")
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{path}" if path else str(REPO_ROOT)}
     with open(log_path, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+        proc = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(), check=False
+        )
     return proc.returncode
 
 

@@ -110,14 +110,18 @@ class TrainingWorker:
 
     def run(self, stop: threading.Event) -> None:
         self.recover()
-        while not stop.is_set():
-            try:
-                self.tick()
-            except (RoundBusy, NothingToTrain):
-                pass
-            except Exception:
-                log.exception("round policy failed; trying again later")
-            stop.wait(self.cfg.tick_s)
+        try:
+            while not stop.is_set():
+                try:
+                    self.launcher.prepare()
+                    self.tick()
+                except (RoundBusy, NothingToTrain):
+                    pass
+                except Exception:
+                    log.exception("round policy failed; trying again later")
+                stop.wait(self.cfg.tick_s)
+        finally:
+            self.launcher.close()
 
     def tick(self) -> TrainingRound | None:
         """Start the round the policy asks for, if any (blocking until it ends)."""
