@@ -53,12 +53,12 @@ class RoundPolicy:
             if retry is not None:
                 return retry.model
             if not self.repo.published_versions(self.igniter):
-                public = self.workflow.training_volumes("public")
+                public = self.workflow.training_volumes("public", wait=False)
                 last = max((v.updated for v in public), default=None)
                 ready = len(public) >= self.cfg.igniter_min_volumes and _quiet(last, now, self.cfg)
                 return self.igniter if ready and not self._igniter_round_open(s) else None
             trained = self._volumes_in_rounds(s, self.sustainer)
-        annotated = self.workflow.training_volumes("clinical")
+        annotated = self.workflow.training_volumes("clinical", wait=False)
         new = [v for v in annotated if v.volume_id not in trained]
         last = max((v.updated for v in annotated), default=None)
         if len(new) >= self.cfg.round_min_new and _quiet(last, now, self.cfg):

@@ -34,15 +34,17 @@ class WorkflowClient:
         self.stub = ingest_pb2_grpc.WorkflowStub(self.channel)
         self.timeout_s = timeout_s
 
-    def training_volumes(self, dataset: str) -> list[TrainingVolume]:
-        # wait_for_ready: while ingest restarts (a rolled or deleted pod, no replica ready yet)
-        # the call waits for it, up to its deadline, instead of failing at once with
-        # UNAVAILABLE and costing the round one of its attempts (make test-cluster saw a
-        # round fail twice so while every pod was deleted mid-round).
+    def training_volumes(self, dataset: str, wait: bool = True) -> list[TrainingVolume]:
+        """The dataset's labelled volumes. ``wait``: while ingest restarts (a rolled or deleted
+        pod, no replica ready yet) the call waits for it, up to its deadline, instead of
+        failing at once with UNAVAILABLE and costing a round one of its attempts (make
+        test-cluster saw a round fail twice so while every pod was deleted mid-round). The
+        policy's tick asks without waiting: a tick that finds ingest down is simply skipped
+        (waiting would hold the service's shutdown for the deadline)."""
         reply = self.stub.ListTrainingVolumes(
             ingest_pb2.ListTrainingVolumesRequest(dataset=dataset),
             timeout=self.timeout_s,
-            wait_for_ready=True,
+            wait_for_ready=wait,
         )
         return [
             TrainingVolume(

@@ -610,6 +610,12 @@ def test_the_training_service_s_call_waits_for_an_ingest_that_is_restarting(svc_
         with pytest.raises(grpc.RpcError) as late:
             down.training_volumes("public")
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The policy's tick does not wait: UNAVAILABLE (a wait would end in DEADLINE_EXCEEDED).
+        tick = WorkflowClient(f"127.0.0.1:{port}", timeout_s=30)
+        with pytest.raises(grpc.RpcError) as unavailable:
+            tick.training_volumes("public", wait=False)
+        assert unavailable.value.code() == grpc.StatusCode.UNAVAILABLE
+        tick.close()
     finally:
         down.close()
 
