@@ -299,7 +299,7 @@ class TrainingSettings(BaseModel):
     public_replay: int = 4  # public volumes mixed into each sustainer round
     nproc_per_node: int = 1  # torchrun processes (GPUs per node in a cluster)
     # One process per round on the local launcher: keep the next round's python started,
-    # torch and MONAI imported (~3 s of every round; holds ~0.4 GB while it waits).
+    # torch and MONAI imported (~5 s of every round; ~0.85 GB resident while it waits).
     standby_process: bool = True
     igniter_steps: int = 300
     sustainer_steps: int = 200
