@@ -18,9 +18,12 @@ and says so; inside its own pod that changes nothing against other pods).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -28,6 +31,7 @@ from typing import TextIO
 from pydantic import BaseModel
 
 NICE = 10
+PR_SET_PDEATHSIG = 1  # prctl(2)
 log = logging.getLogger("ctloop.train")
 
 
@@ -40,6 +44,7 @@ class StandbyOrder(BaseModel):
 
 def standby(orders: TextIO) -> int:
     """Wait (imported and warmed up) for one :class:`StandbyOrder` on ``orders``; train it."""
+    _end_with_parent()
     before = os.nice(0)
     os.nice(NICE)
     _autogroup_nice(NICE)
@@ -65,6 +70,18 @@ def standby(orders: TextIO) -> int:
         log.warning("training at nice +%d: no permission to take the priority back", NICE)
     training.train(training.TrainConfig.model_validate_json(order.config.read_text()))
     return 0
+
+
+def _end_with_parent() -> None:
+    """SIGTERM this process when the thread that started it ends (Linux): in a session of its
+    own it is outside the signals its service's process group gets, so a service killed
+    mid-round does not leave its round training on."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before the request took effect
+        sys.exit(0)
 
 
 def _restore_priority(nice: int) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -50,9 +51,15 @@ class StandbyProcess:
     def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
         self.proc: subprocess.Popen[str] | None = None
+        # The rounds' thread prepares; a round may also come from a gRPC thread (RunRound).
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start one unless one is waiting (one that exited is reported and replaced)."""
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
                 return
@@ -75,7 +82,8 @@ class StandbyProcess:
     def train(self, config_path: Path, log_path: Path) -> int | None:
         """Train the round in the waiting process; its exit code (None: none was waiting, or
         it died before it took the round)."""
-        proc, self.proc = self.proc, None
+        with self._lock:
+            proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None or proc.stdin is None:
             return None
         try:
@@ -88,7 +96,8 @@ class StandbyProcess:
         return proc.wait()
 
     def close(self, timeout_s: float = 10.0) -> None:
-        proc, self.proc = self.proc, None
+        with self._lock:
+            proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
         try:

@@ -4,6 +4,8 @@ the round, trained in when it comes; a fresh process when it is gone; nothing le
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -141,3 +143,46 @@ def test_only_a_one_process_local_launcher_keeps_a_standby(tmp_path):
     assert launcher().standby is not None
     assert launcher(standby_process=False).standby is None
     assert launcher(nproc_per_node=2).standby is None  # torchrun starts its own processes
+
+
+def test_a_round_in_the_standby_process_ends_with_the_service_that_started_it(tmp_path, volumes):
+    """The standby runs in a session of its own (its service's process group's signals miss
+    it): when its service dies mid-round, the round's process ends too."""
+    config, work = _round(tmp_path, volumes, "round-0004")
+    config = config.model_copy(update={"steps": 100_000})  # far longer than the test
+    (work / "train.json").write_text(config.model_dump_json())
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from services.training.launcher import StandbyProcess\n"
+            f"s = StandbyProcess(Path({str(tmp_path / 'standby.log')!r}))\n"
+            "s.start()\n"
+            "print(s.proc.pid, flush=True)\n"
+            f"s.train(Path({str(work / 'train.json')!r}), Path({str(work / TRAIN_LOG)!r}))\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    assert service.stdout is not None
+    pid = int(service.stdout.readline())
+    try:
+        _until(lambda: '"step' in (work / TRAIN_LOG).read_text() if (work / TRAIN_LOG).exists()
+               else False, 120)  # fmt: skip
+        service.kill()  # the service dies mid-round (SIGKILL: nothing of it runs after)
+        service.wait()
+        _until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 60)
+    finally:
+        service.kill()
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
