@@ -200,26 +200,53 @@ def _standby_ready(p: Platform) -> bool:
 def _split(
     p: Platform, row: TrainingRound, t0: float, serving_at: float, done: float
 ) -> dict[str, float]:
-    """A round's turnaround split: policy wait, training loop, the rest of the round, load,
-    re-prediction (and the round's volume counts)."""
+    """A round's turnaround split: policy wait, the training process (setup: network, data and
+    preprocessing; then the loop), the rest of the round (the training service's laps:
+    materialise, validate, publish, close), load, re-prediction (and the round's volume
+    counts)."""
     rank0 = p.run_dir / "data" / "training" / f"round-{row.id:04d}"
-    loop_s = json.loads((rank0 / "candidate.ranks" / "rank-0.json").read_text())["seconds"]
+    summary = json.loads((rank0 / "candidate.ranks" / "rank-0.json").read_text())
+    loop_s, setup_s = summary["seconds"], summary.get("setup_seconds", 0.0)
     started, finished = _epoch(row.started_at), _epoch(row.finished_at)
-    return {
+    laps = _round_laps(p, row.id)
+    parts = {
         "policy_wait": started - t0,
+        "training_setup": setup_s,
         "training_loop": loop_s,
-        "round_other": finished - started - loop_s,
+        "round_other": finished - started - loop_s - setup_s,
+        **{f"round_{k}": v for k, v in laps.items() if k != "train"},
         "load": serving_at - finished,
         "repredict": done - serving_at,
         "train_volumes": len(row.volumes.get("train", [])),
         "holdout_volumes": len(row.volumes.get("holdout", [])),
     }
+    if "train" in laps:  # the launcher's time beyond the training process's own
+        parts["round_handoff"] = laps["train"] - loop_s - setup_s
+    return parts
+
+
+def _round_laps(p: Platform, number: int) -> dict[str, float]:
+    """The training service's ``round finished`` laps of round ``number`` (its log)."""
+    try:
+        lines = (p.logs_dir / "training.log").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        if '"round finished"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("round") == number and isinstance(rec.get("seconds"), dict):
+            return {k: float(v) for k, v in rec["seconds"].items()}
+    return {}
 
 
 def _result(
     preset: Preset, ours: list[float], theirs: list[float], parts: list[dict[str, float]]
 ) -> dict[str, Any]:
-    keys = [k for k in parts[0] if not k.endswith("volumes")]
+    keys = [k for k in parts[0] if not k.endswith("volumes") and all(k in x for x in parts)]
     breakdown = medians(parts, keys)
     return result(
         NAME,

@@ -142,7 +142,9 @@ def weights_digest(net: torch.nn.Module) -> str:
 
 # ---------------------------------------------------------------- training
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train per ``cfg``; rank 0 writes ``cfg.out``. Returns this rank's summary."""
+    """Train per ``cfg``; rank 0 writes ``cfg.out``. Returns this rank's summary: its steps,
+    the loop's ``seconds`` and the ``setup_seconds`` before it (network, data, preprocessing)."""
+    start = time.monotonic()
     rank, world, device = _dist_setup()
     set_determinism(seed=cfg.seed + rank)
     model_cfg, net, base_meta = _network(cfg, device, world)
@@ -170,6 +172,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "world_size": world,
         "steps": step,
         "seconds": time.monotonic() - t0,
+        "setup_seconds": t0 - start,
         "volumes_seen": sorted(set(seen)),
         "losses": losses,
         "weights_sha256": digest,

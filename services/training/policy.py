@@ -9,6 +9,8 @@ held out to validate the candidate.
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -105,3 +107,38 @@ def _quiet(last: datetime | None, now: datetime, cfg: TrainingSettings) -> bool:
     if last.tzinfo is None:
         last = last.replace(tzinfo=UTC)
     return (now - last).total_seconds() >= cfg.debounce_s
+
+
+class PolicyClock:
+    """When the rounds' loop asks the policy next: every ``tick_s``, and as soon as the quiet
+    spell after an upload or annotation event has passed (:meth:`event`), so a round that
+    event makes due starts ``debounce_s`` after it rather than at the next tick."""
+
+    def __init__(self, tick_s: float, debounce_s: float) -> None:
+        self.tick_s = tick_s
+        self.debounce_s = debounce_s
+        self._look_at: float | None = None  # monotonic time the last event's debounce ends
+        self._changed = threading.Event()
+        self._lock = threading.Lock()
+
+    def event(self) -> None:
+        """An upload or annotation arrived: look again once its debounce has passed."""
+        with self._lock:
+            self._look_at = time.monotonic() + self.debounce_s
+        self._changed.set()
+
+    def pause(self, stop: threading.Event) -> None:
+        """Wait for the next look: the tick, an event's debounce, or ``stop``."""
+        end = time.monotonic() + self.tick_s
+        while not stop.is_set():
+            with self._lock:
+                look_at = self._look_at
+                now = time.monotonic()
+                target = end if look_at is None else min(end, look_at)
+                if now >= target:
+                    if look_at is not None and look_at <= now:
+                        self._look_at = None
+                    return
+                self._changed.clear()
+            # Short waits keep ``stop`` noticed; an event wakes this at once.
+            self._changed.wait(min(target - now, 0.5))

@@ -40,10 +40,17 @@ from ctloop.model_repository import ModelRepository
 from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
+from ctloop.timing import Laps
 from services.training.candidate import publish_candidate, validate
 from services.training.decathlon import materialise
 from services.training.launcher import Launcher, launcher_for
-from services.training.policy import NothingToTrain, Plan, RoundPolicy, round_running
+from services.training.policy import (
+    NothingToTrain,
+    Plan,
+    PolicyClock,
+    RoundPolicy,
+    round_running,
+)
 from services.training.workflow import WorkflowClient
 
 log = logging.getLogger("ctloop.training")
@@ -95,6 +102,7 @@ class TrainingWorker:
         self.bucket = settings.s3.bucket
         self.repo = ModelRepository(settings, self.store)
         self.policy = RoundPolicy(settings, workflow, self.repo)
+        self.clock = PolicyClock(self.cfg.tick_s, self.cfg.debounce_s)
         self.relay = relay
         self.igniter = settings.services.igniter_model
         self.sustainer = settings.services.sustainer_model
@@ -104,9 +112,11 @@ class TrainingWorker:
 
     # ------------------------------------------------------------ events and policy
     def handle(self, event: CloudEvent) -> None:
-        """Annotation and volume events only move the policy's clock; record them as seen."""
+        """Annotation and volume events only move the policy's clock (the policy looks again
+        once the quiet spell after them has passed); record them as seen."""
         with session_scope(self.db) as s:
             claim_event(s, CONSUMER, event.id)
+        self.clock.event()
 
     def run(self, stop: threading.Event) -> None:
         self.recover()
@@ -119,7 +129,7 @@ class TrainingWorker:
                     pass
                 except Exception:
                     log.exception("round policy failed; trying again later")
-                stop.wait(self.cfg.tick_s)
+                self.clock.pause(stop)
         finally:
             self.launcher.close()
 
@@ -184,7 +194,8 @@ class TrainingWorker:
 
     def _train_validate_publish(self, number: int, model: str, plan: Plan) -> TrainingRound:
         work = self.work_dir / f"round-{number:04d}"
-        trained = self._train(number, model, plan, work)
+        laps = Laps()
+        trained = self._train(number, model, plan, work, laps)
         metrics, rejection = validate(
             trained.candidate,
             trained.started_from,
@@ -192,16 +203,18 @@ class TrainingWorker:
             plan["holdout"],
             self.cfg.accept_tolerance,
         )
+        laps.lap("validate")
         if rejection:
             end = RoundEnd(RoundStatus.REJECTED, metrics=metrics, reason=rejection)
-            return self._close_round(number, model, end)
+            return self._close_round(number, model, end, laps)
         version = publish_candidate(
             self.repo, model, trained.candidate, number, trained.parent, metrics
         )
+        laps.lap("publish")
         end = RoundEnd(RoundStatus.PUBLISHED, version, metrics, parent=trained.parent)
-        return self._close_round(number, model, end)
+        return self._close_round(number, model, end, laps)
 
-    def _train(self, number: int, model: str, plan: Plan, work: Path) -> Trained:
+    def _train(self, number: int, model: str, plan: Plan, work: Path, laps: Laps) -> Trained:
         """The round's volumes into ``work``, then the candidate trained there."""
         materialise(self.store, self.workflow, work / "train", plan["train"])
         materialise(self.store, self.workflow, work / "holdout", plan["holdout"])
@@ -214,6 +227,7 @@ class TrainingWorker:
         if parent is not None and not (model == self.sustainer and self.cfg.from_scratch):
             init_from = work / "parent.pt"
             init_from.write_bytes(self.repo.weights(parent.model, parent.version))
+        laps.lap("materialise")
         config = TrainConfig(
             model=ModelConfig.model_validate(self.cfg.model),
             sources=sources,
@@ -225,10 +239,15 @@ class TrainingWorker:
             meta={"name": model, "round": number},
         )
         self._torchrun(config, work)
+        laps.lap("train")
         return Trained(config.out, init_from, parent)
 
-    def _close_round(self, number: int, model: str, end: RoundEnd) -> TrainingRound:
-        """Record how the round ended and stage its events in the same transaction."""
+    def _close_round(
+        self, number: int, model: str, end: RoundEnd, laps: Laps | None = None
+    ) -> TrainingRound:
+        """Record how the round ended and stage its events in the same transaction; the log
+        line says where the round's time went (``laps``: materialise, train, validate,
+        publish, close)."""
         with session_scope(self.db) as s:
             row = s.get(TrainingRound, number)
             assert row is not None
@@ -241,11 +260,14 @@ class TrainingWorker:
             s.flush()
             s.expunge(row)
         self._notify()
+        if laps is not None:
+            laps.lap("close")
         log.info(
             "round finished",
             extra={
                 "status": end.status,
                 "version": end.version,
+                "seconds": {k: round(v, 3) for k, v in (laps.seconds if laps else {}).items()},
                 **{k: v for k, v in metrics.items() if k.endswith("dice")},
             },
         )
