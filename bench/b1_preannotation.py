@@ -47,7 +47,7 @@ from ctloop.core.infer import Segmenter
 from ctloop.core.model import load_checkpoint
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.runtimes import export_onnx, onnx_predictor
-from ctloop.model_repository import ModelRepository, TritonModels
+from ctloop.model_repository import ModelRepository, TritonModels, TritonSegmenter
 from ctloop.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("ctloop.bench")
@@ -132,7 +132,7 @@ def _serve_direct(p: Platform, session: Session) -> tuple[str, list[int]]:
     package = package_checkpoint(session.checkpoint, spec)
     ModelRepository(p.settings).publish_version(spec, 1, package.files, package.manifest)
     triton = TritonModels(p.settings)
-    triton.serve_version(spec, 1)
+    TritonSegmenter(triton, ModelRepository(p.settings)).serve_version(direct, 1)
     session.stack.callback(triton.client.unload_model, direct)
     return direct, sorted(set(find_pids(STUB)) - stubs_before)
 

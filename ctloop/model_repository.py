@@ -19,12 +19,14 @@ leaves the old version serving.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import numpy as np
@@ -36,7 +38,15 @@ from ctloop.contracts.payloads import BlobRef
 from ctloop.contracts.triton import ModelSpec
 from ctloop.core.infer import PreparedVolume, Preprocessor, Segmentation, finish
 from ctloop.core.model import ModelConfig
-from ctloop.core.packaging import SUPPORTED_INTERFACES, segmentation_spec
+from ctloop.core.packaging import (
+    INTERFACE,
+    NETWORK_PY,
+    SUPPORTED_INTERFACES,
+    network_spec,
+    pipeline_files,
+    pipeline_spec,
+    segmentation_spec,
+)
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from ctloop.timing import Laps
@@ -90,7 +100,38 @@ class ModelRepository:
         digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
         document = {"model": spec.name, "version": version, **manifest, "files": digests}
         body = json.dumps(document, indent=2)
+        if NETWORK_PY in files:  # served beside the pipeline on CPU: it must be there first
+            self.publish_pipeline()
         self.store.put_bytes(self.bucket, manifest_key, body.encode(), "application/json")
+
+    def publish_pipeline(self) -> int:
+        """The pipeline model's version with this code's ``model.py``: the latest published
+        one when its files are these (and still what was published), else a new version
+        (versions stay immutable)."""
+        name = self.settings.triton.pipeline_model
+        files = pipeline_files()
+        digests = {n: hashlib.sha256(data).hexdigest() for n, data in files.items()}
+        for _ in range(3):  # another publisher may take the same number at the same time
+            versions = self.published_versions(name)
+            if versions and self.manifest(name, versions[-1]).get("files") == digests:
+                with contextlib.suppress(TamperedModel):  # logged; replaced by a new version
+                    self.verify_version(name, versions[-1])
+                    return versions[-1]
+            version = (versions[-1] if versions else 0) + 1
+            try:
+                self.publish_version(
+                    pipeline_spec(name), version, files, {"role": "pipeline", **_created()}
+                )
+            except VersionExists:
+                continue
+            log.info("pipeline model published", extra={"model": name, "model_version": version})
+            return version
+        raise RuntimeError(f"could not publish {name}: its versions kept changing")
+
+    def pipeline_version(self) -> int | None:
+        """The pipeline version to serve: the latest published (None: nothing published one)."""
+        versions = self.published_versions(self.settings.triton.pipeline_model)
+        return versions[-1] if versions else None
 
     def verify_version(self, model: str, version: int) -> None:
         """Refuse (:class:`TamperedModel`, logged) a version whose folder is not exactly the
@@ -170,17 +211,35 @@ class ModelRepository:
         return data
 
 
-def serving_spec(settings: Settings, model: str) -> ModelSpec:
+def split_serving(settings: Settings, interface: int) -> bool:
+    """Whether a version of ``interface`` is served as its network alone, beside the pipeline
+    model: interface 4 and up on CPU replicas (GPU replicas run the whole model.py)."""
+    return interface >= 4 and settings.triton.instance_kind == "cpu"
+
+
+def serving_spec(settings: Settings, model: str, interface: int = INTERFACE) -> ModelSpec:
     """A segmentation model's Triton spec for this deployment: a GPU instance group when the
-    Triton replicas have GPUs (``settings.triton.instance_kind``), a CPU one otherwise. Both the
+    Triton replicas have GPUs (``settings.triton.instance_kind``), a CPU one otherwise; on CPU,
+    a version of interface 4 loads as its network alone (:func:`split_serving`). Both the
     published ``config.pbtxt`` and the config each load pins come from here."""
     t = settings.triton
+    if split_serving(settings, interface):
+        return network_spec(model, instance_count=t.instance_count, cpu_runtime=t.cpu_runtime)
     return segmentation_spec(
         model,
         gpu=t.instance_kind == "gpu",
         instance_count=t.instance_count,
         cpu_runtime=t.cpu_runtime,
     )
+
+
+def serving_pipeline_spec(settings: Settings) -> ModelSpec:
+    t = settings.triton
+    return pipeline_spec(t.pipeline_model, instance_count=t.instance_count)
+
+
+def _created() -> dict[str, str]:
+    return {"created_at": datetime.now(UTC).isoformat()}
 
 
 @dataclass(frozen=True)
@@ -315,22 +374,37 @@ class TritonModels:
         model_affine: np.ndarray,
         affine: np.ndarray,
         shape: tuple[int, ...],
+        via: tuple[str, int, ModelConfig] | None = None,
     ) -> tuple[np.ndarray, float, dict[str, float]]:
         """Labels on the scanner grid (``affine``, ``shape``) of a model-grid volume (grid
         ``model_affine``), the uncertainty, and the served model's seconds of network and
-        resample (interface 3: the probabilities stay where the network ran)."""
-        tensors = []
-        for name, array, dtype in (
+        resample (interface 3: the probabilities stay where the network ran).
+
+        ``via``: the pipeline model (name, version) that runs ``model`` ``version``'s network,
+        served alone, with that version's config (interface 4 on CPU)."""
+        arrays: list[tuple[str, np.ndarray, str]] = [
             ("INPUT", np.ascontiguousarray(x, dtype=np.float32), "FP32"),
             ("MODEL_AFFINE", np.asarray(model_affine, dtype=np.float64), "FP64"),
             ("AFFINE", np.asarray(affine, dtype=np.float64), "FP64"),
             ("SHAPE", np.asarray(shape, dtype=np.int64), "INT64"),
-        ):
+        ]
+        target, target_version = model, version
+        if via is not None:
+            target, target_version, cfg = via
+            arrays += [
+                ("NETWORK", np.frombuffer(model.encode(), dtype=np.uint8), "UINT8"),
+                ("VERSION", np.asarray([version], dtype=np.int64), "INT64"),
+                ("MODEL_CONFIG", np.frombuffer(cfg.model_dump_json().encode(), np.uint8), "UINT8"),
+            ]
+        tensors = []
+        for name, array, dtype in arrays:
             tensor = triton_grpc.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
         wanted = [triton_grpc.InferRequestedOutput(n) for n in ("LABELS", "UNCERTAINTY", "STAGES")]
-        result = self.client.infer(model, tensors, model_version=str(version), outputs=wanted)
+        result = self.client.infer(
+            target, tensors, model_version=str(target_version), outputs=wanted
+        )
         label, uncertainty, stages = (
             result.as_numpy(n) for n in ("LABELS", "UNCERTAINTY", "STAGES")
         )
@@ -364,10 +438,51 @@ class TritonSegmenter:
     def __init__(self, triton: TritonModels, repository: ModelRepository) -> None:
         self.triton = triton
         self.repository = repository
+        self.settings = repository.settings
         self._preprocessors: dict[tuple[str, int], tuple[Preprocessor, int]] = {}
+        self._pipeline: int | None = None  # the pipeline version loaded on every replica
+        self._interfaces: dict[tuple[str, int], int] = {}
 
     def preprocessor(self, model: str, version: int) -> Preprocessor:
         return self._version(model, version)[0]
+
+    def spec(self, model: str, version: int) -> ModelSpec:
+        """How this deployment loads ``version``: by the interface it was published with."""
+        return serving_spec(self.settings, model, self.interface(model, version))
+
+    def interface(self, model: str, version: int) -> int:
+        """The interface ``version`` was published with (its manifest; 1 when it says none)."""
+        found = self._interfaces.get((model, version))
+        if found is None:
+            manifest = self.repository.manifest(model, version)
+            found = self._interfaces[(model, version)] = int(manifest.get("interface", 1))
+        return found
+
+    def serve_version(self, model: str, version: int) -> None:
+        """Load ``version`` on every replica (:meth:`TritonModels.serve_version`), with the
+        pipeline model first where the version needs it."""
+        if split_serving(self.settings, self.interface(model, version)):
+            failed = [d.error for d in self.ensure_pipeline() if d.error is not None]
+            if failed:
+                raise ModelLoadFailed(f"{model} v{version} not loaded: {'; '.join(failed)}")
+        self.triton.serve_version(self.spec(model, version), version)
+
+    def ensure_pipeline(self) -> list[ReplicaLoad]:
+        """Load the pipeline model (the latest published version, checked against its
+        manifest) on every replica that lacks it; what happened on each that did."""
+        version = self.repository.pipeline_version()
+        if version is None:
+            raise ModelLoadFailed(
+                f"no {self.settings.triton.pipeline_model} is published: publish a model "
+                "version with this ctloop (it publishes the pipeline first)"
+            )
+        name = self.settings.triton.pipeline_model
+        verify = functools.partial(self.repository.verify_version, name, version)
+        done = self.triton.load_where_missing(serving_pipeline_spec(self.settings), version, verify)
+        failed = [d for d in done if d.error is not None]
+        if not failed:
+            self._pipeline = version
+        return done
 
     def _version(self, model: str, version: int) -> tuple[Preprocessor, int]:
         """A version's preprocessing and the interface its model.py speaks."""
@@ -417,9 +532,23 @@ class TritonSegmenter:
             label, uncertainty = finish(probs, volume.input.affine, volume.affine, volume.shape)
             laps.lap("resample")
             return Segmentation(label=label, uncertainty=uncertainty, timings=laps.seconds)
+        via = None
+        preprocessor, interface = self._version(model, version)
+        if split_serving(self.settings, interface):
+            if self._pipeline is None:
+                self.ensure_pipeline()
+            if self._pipeline is None:
+                raise ModelLoadFailed(f"{self.settings.triton.pipeline_model} is not loaded")
+            via = (self.settings.triton.pipeline_model, self._pipeline, preprocessor.cfg)
         t0 = time.perf_counter()
         label, uncertainty, stages = self.triton.labels(
-            model, version, volume.input.image, volume.input.affine, volume.affine, volume.shape
+            model,
+            version,
+            volume.input.image,
+            volume.input.affine,
+            volume.affine,
+            volume.shape,
+            via=via,
         )
         stages["transfer"] = max(0.0, time.perf_counter() - t0 - sum(stages.values()))
         return Segmentation(label=label, uncertainty=uncertainty, timings=stages)

@@ -99,6 +99,10 @@ class TritonSettings(BaseModel):
     # at publish; 0.63x torch's time on the realistic network, same masks to Dice 0.9996) or
     # torch. GPU instances run torch.
     cpu_runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    # On CPU replicas, the long-lived model that runs the sliding window and the resampling
+    # back for every version (each version loads as its network alone, in a fraction of a
+    # second: no torch or MONAI to import). Published by whoever publishes versions.
+    pipeline_model: str = "ctloop-pipeline"
     # Every replica, when several serve behind one address: explicit model control is per
     # server, so the inference service loads on each (inference requests still go to
     # grpc_url). "host:port" entries, comma-separated; each host resolves to all its addresses

@@ -25,6 +25,8 @@ class ModelSpec:
     instance_count: int = 1
     instance_kind: str = "KIND_CPU"  # KIND_GPU in a GPU cluster
     parameters: tuple[tuple[str, str], ...] = ()  # read by model.py (e.g. sliding-window batch)
+    # The python file Triton runs from the version folder (Triton's default: model.py).
+    default_model_filename: str | None = None
 
     def config(self, version: int | None = None) -> dict[str, Any]:
         """The model configuration, pinned to ``version`` when given (Triton JSON form)."""
@@ -36,6 +38,8 @@ class ModelSpec:
             "output": [_tensor(t) for t in self.outputs],
             "instance_group": [{"kind": self.instance_kind, "count": self.instance_count}],
         }
+        if self.default_model_filename:
+            cfg["default_model_filename"] = self.default_model_filename
         if self.parameters:
             cfg["parameters"] = {k: {"string_value": v} for k, v in self.parameters}
         if version is not None:
@@ -53,6 +57,11 @@ class ModelSpec:
                 f'name: "{self.name}"',
                 'backend: "python"',
                 f"max_batch_size: {self.max_batch_size}",
+                *(
+                    [f'default_model_filename: "{self.default_model_filename}"']
+                    if self.default_model_filename
+                    else []
+                ),
                 "input [",
                 ",\n".join(tensor(t) for t in self.inputs),
                 "]",

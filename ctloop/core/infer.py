@@ -143,7 +143,7 @@ class Network:
     def __init__(
         self,
         cfg: ModelConfig,
-        net: nn.Module,
+        net: nn.Module | None,
         device: str | torch.device = "cpu",
         sw_batch_size: int | None = None,
         sw_overlap: float | None = None,
@@ -151,10 +151,14 @@ class Network:
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
+        self.net = net.to(self.device).eval() if net is not None else None
         # What runs each batch of windows: the module, or another runtime's session over the
-        # same network (ONNX Runtime on a CPU: :mod:`ctloop.core.runtimes`).
-        self.predictor = predictor or self.net
+        # same network (ONNX Runtime on a CPU: :mod:`ctloop.core.runtimes`), or another
+        # process's (the Triton pipeline's calls to a version's network.py).
+        chosen = predictor if predictor is not None else self.net
+        if chosen is None:
+            raise ValueError("a Network needs its module or a predictor")
+        self.predictor: Callable[[torch.Tensor], torch.Tensor] = chosen
         self.sw_batch_size = sw_batch_size or cfg.sw_batch_size
         self.sw_overlap = cfg.sw_overlap if sw_overlap is None else sw_overlap
 

@@ -24,8 +24,10 @@ from ctloop.core.runtimes import ExportRejected, export_onnx
 
 log = logging.getLogger("ctloop.packaging")
 
-# Read, never imported here: it imports triton_python_backend_utils, which only Triton has.
+# Read, never imported here: they import triton_python_backend_utils, which only Triton has.
 TRITON_MODEL_PY = Path(__file__).with_name("triton_model.py")
+TRITON_NETWORK_PY = Path(__file__).with_name("triton_network.py")
+NETWORK_PY = "network.py"  # a version's network alone (interface 4)
 
 INPUTS = (
     TensorSpec("INPUT", "TYPE_FP32", (-1, -1, -1)),
@@ -45,9 +47,23 @@ OUTPUTS = (
 # 3: model-grid input and the scanner grid; labels on that grid, uncertainty and stage seconds
 #    out (probabilities when the grid is left out). 2: model-grid input, probabilities out (the
 #    caller resampled 300 MB of them for a 512 x 512 CT). 1, the first, took the scanner-grid CT.
+# 4: as 3, plus ``network.py``: the network alone, one batch of windows per request (WINDOWS
+#    in, LOGITS out), which CPU deployments load as the version while the long-lived pipeline
+#    model (model.py in its pipeline role) runs the rest and calls it; GPU deployments load
+#    model.py as in 3 (:func:`version_spec`).
 # One model config (the union above) serves 2 and 3: the client asks each for its own outputs.
-INTERFACE = 3
-SUPPORTED_INTERFACES = (2, 3)
+INTERFACE = 4
+SUPPORTED_INTERFACES = (2, 3, 4)
+
+WINDOWS = TensorSpec("WINDOWS", "TYPE_FP32", (-1, 1, -1, -1, -1))
+LOGITS = TensorSpec("LOGITS", "TYPE_FP32", (-1, -1, -1, -1, -1))
+# What the pipeline takes besides a version's inputs: which version, and its model config.
+PIPELINE_INPUTS = (
+    TensorSpec("NETWORK", "TYPE_UINT8", (-1,)),  # the model's name, UTF-8
+    TensorSpec("VERSION", "TYPE_INT64", (1,)),
+    TensorSpec("MODEL_CONFIG", "TYPE_UINT8", (-1,)),  # JSON
+)
+PIPELINE_ROLE = "pipeline"  # the config parameter ``role`` of the pipeline model
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,47 @@ def segmentation_spec(
     )
 
 
+def network_spec(name: str, instance_count: int = 1, cpu_runtime: str = "onnxruntime") -> ModelSpec:
+    """A version of interface 4 served as its network alone (``network.py``), on CPU."""
+    return ModelSpec(
+        name=name,
+        inputs=(WINDOWS,),
+        outputs=(LOGITS,),
+        instance_count=instance_count,
+        parameters=(("cpu_runtime", cpu_runtime),),
+        default_model_filename=NETWORK_PY,
+    )
+
+
+def pipeline_spec(
+    name: str,
+    instance_count: int = 1,
+    sw_batch_size: int | None = None,
+    sw_overlap: float | None = None,
+) -> ModelSpec:
+    """The long-lived pipeline model (CPU): a version's inputs and outputs, plus which version
+    segments the request (:data:`PIPELINE_INPUTS`)."""
+    full = segmentation_spec(
+        name, instance_count=instance_count, sw_batch_size=sw_batch_size, sw_overlap=sw_overlap
+    )
+    required = tuple(
+        TensorSpec(t.name, t.data_type, t.dims)
+        for t in INPUTS  # the grid too: labels out
+    )
+    return ModelSpec(
+        name=name,
+        inputs=required + PIPELINE_INPUTS,
+        outputs=tuple(t for t in OUTPUTS if t.name != "PROBABILITIES"),
+        instance_count=instance_count,
+        parameters=(("role", PIPELINE_ROLE), *full.parameters),
+    )
+
+
+def pipeline_files() -> dict[str, bytes]:
+    """What a version of the pipeline model holds: ``model.py`` (in its pipeline role)."""
+    return {"model.py": TRITON_MODEL_PY.read_bytes()}
+
+
 def package_checkpoint(
     checkpoint: Path,
     spec: ModelSpec,
@@ -99,6 +156,7 @@ def package_checkpoint(
     cfg, net, meta = load_checkpoint(weights)  # refuse a checkpoint that does not load
     files = {
         "model.py": TRITON_MODEL_PY.read_bytes(),
+        NETWORK_PY: TRITON_NETWORK_PY.read_bytes(),
         keys.MODEL_WEIGHTS: weights,
     }
     runtimes: dict[str, Any] = {"torch": keys.MODEL_WEIGHTS}

@@ -17,6 +17,14 @@ Outputs: with the scanner grid: LABELS UINT8 (z, y, x) on it (axes reversed: the
          of a NIfTI volume), UNCERTAINTY FP32 (1),
          STAGES FP64 (2): seconds of the network and of the finish;
          without: PROBABILITIES FP32 (C, x, y, z), class probabilities on the model grid
+
+The pipeline role (config parameter ``role: pipeline``; interface 4 on CPU deployments): the
+same file, published once as the long-lived model ``triton.pipeline_model``, holds torch and
+MONAI and no weights. Each request also names the version that segments it: NETWORK UINT8 (the
+model's name, UTF-8), VERSION INT64 (1) and MODEL_CONFIG UINT8 (the version's model config,
+JSON); every batch of windows goes to that version's ``network.py``
+(:mod:`ctloop.core.triton_network`) through BLS, and the rest runs here. A new version then
+loads without importing torch and MONAI again.
 """
 
 import json
@@ -30,7 +38,8 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from ctloop.contracts import keys
 from ctloop.core.infer import Network, finish
-from ctloop.core.model import load_checkpoint
+from ctloop.core.model import ModelConfig, load_checkpoint
+from ctloop.core.packaging import PIPELINE_INPUTS, PIPELINE_ROLE
 from ctloop.core.runtimes import onnx_predictor
 
 GRID = ("MODEL_AFFINE", "AFFINE", "SHAPE")
@@ -46,6 +55,17 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             device = f"cuda:{args['model_instance_device_id']}"
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.device = device
+        self.sw_batch_size = int(params["sw_batch_size"]) if "sw_batch_size" in params else None
+        self.sw_overlap = float(params["sw_overlap"]) if "sw_overlap" in params else None
+        self.network: Network | None = None
+        if params.get("role") == PIPELINE_ROLE:
+            pb_utils.Logger.log_info(
+                f"ctloop: {args['model_name']} v{args['model_version']} is the pipeline: each "
+                f"version's network runs in its own model, the rest here on {device} "
+                f"({torch.get_num_threads()} threads)"
+            )
+            return
         cfg, net, _ = load_checkpoint(Path(folder) / keys.MODEL_WEIGHTS)
         predictor, runtime = None, "torch"
         onnx = Path(folder) / keys.MODEL_ONNX
@@ -56,8 +76,8 @@ class TritonPythonModel:
             cfg,
             net,
             device=device,
-            sw_batch_size=int(params["sw_batch_size"]) if "sw_batch_size" in params else None,
-            sw_overlap=float(params["sw_overlap"]) if "sw_overlap" in params else None,
+            sw_batch_size=self.sw_batch_size,
+            sw_overlap=self.sw_overlap,
             predictor=predictor,
         )
         pb_utils.Logger.log_info(
@@ -83,7 +103,7 @@ class TritonPythonModel:
         if any(g is None for g in grid) and not all(g is None for g in grid):
             raise ValueError(f"give all of {', '.join(GRID)} or none of them")
         t0 = time.perf_counter()
-        probs = self.network(x)
+        probs = self._network(request)(x)
         if grid[0] is None:
             return [_out("PROBABILITIES", probs.cpu())]
         if probs.is_cuda:  # the network's seconds, not those of its launch
@@ -104,8 +124,48 @@ class TritonPythonModel:
             _out("STAGES", torch.tensor(stages, dtype=torch.float64)),
         ]
 
+    def _network(self, request: Any) -> Network:
+        """This version's network, or (the pipeline) the one the request names, run by BLS."""
+        if self.network is not None:
+            return self.network
+        names = [t.name for t in PIPELINE_INPUTS]
+        named = [pb_utils.get_input_tensor_by_name(request, n) for n in names]
+        if any(t is None for t in named):
+            raise ValueError(f"the pipeline needs {', '.join(names)}")
+        name, version, config = (from_dlpack(t.to_dlpack()).numpy() for t in named)
+        model = bytes(name).decode()
+        cfg = ModelConfig.model_validate_json(bytes(config))
+        return Network(
+            cfg,
+            None,
+            device=self.device,
+            sw_batch_size=self.sw_batch_size,
+            sw_overlap=self.sw_overlap,
+            predictor=_bls_predictor(model, int(version.reshape(-1)[0])),
+        )
+
     def finalize(self) -> None:
-        del self.network
+        self.network = None
+
+
+def _bls_predictor(model: str, version: int) -> Any:
+    """A batch of windows to ``model`` ``version``'s network (network.py) in this server; its
+    logits, on the windows' device, read in place (no copy)."""
+
+    def predict(windows: Any) -> Any:
+        request = pb_utils.InferenceRequest(
+            model_name=model,
+            model_version=version,
+            requested_output_names=["LOGITS"],
+            inputs=[pb_utils.Tensor.from_dlpack("WINDOWS", to_dlpack(windows.contiguous()))],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{model} v{version}: {response.error().message()}")
+        logits = pb_utils.get_output_tensor_by_name(response, "LOGITS")
+        return from_dlpack(logits.to_dlpack()).to(windows.device)
+
+    return predict
 
 
 def _out(name: str, tensor: Any) -> Any:

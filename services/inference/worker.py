@@ -54,7 +54,6 @@ from ctloop.model_repository import (
     ModelRepository,
     TritonModels,
     TritonSegmenter,
-    serving_spec,
 )
 from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.settings import Settings
@@ -158,7 +157,7 @@ class InferenceWorker:
             try:
                 self.segmenter.preprocessor(ref.model, ref.version)  # its manifest fits
                 self.repository.verify_version(ref.model, ref.version)  # files as published
-                self.triton.serve_version(serving_spec(self.settings, ref.model), ref.version)
+                self.segmenter.serve_version(ref.model, ref.version)
             except (ModelLoadFailed, IncompatibleModel):
                 LOAD_FAILURES.inc()
                 log.exception("new version failed to load; the previous one keeps serving")
@@ -187,12 +186,20 @@ class InferenceWorker:
             return sum(self._load_where_missing(ref) for ref in refs)
 
     def _load_where_missing(self, ref: ModelRef) -> int:
-        spec = serving_spec(self.settings, ref.model)
         loaded = 0
         with bind(model=ref.model, model_version=ref.version):
+            try:
+                spec = self.segmenter.spec(ref.model, ref.version)
+                # CPU replicas serve a version of interface 4 beside the pipeline model.
+                pipeline = spec.default_model_filename is not None
+                loads = self.segmenter.ensure_pipeline() if pipeline else []
+            except (ModelLoadFailed, IncompatibleModel):
+                LOAD_FAILURES.inc()
+                log.exception("serving version cannot be loaded; trying again later")
+                return 0
             # What a replica loads must still be what was published: checked before a load.
             verify = functools.partial(self.repository.verify_version, ref.model, ref.version)
-            for done in self.triton.load_where_missing(spec, ref.version, verify):
+            for done in [*loads, *self.triton.load_where_missing(spec, ref.version, verify)]:
                 if done.error is None:
                     loaded += 1
                     log.info("serving version loaded on a replica", extra={"replica": done.replica})

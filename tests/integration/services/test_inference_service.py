@@ -83,8 +83,9 @@ def _publish(env, model: str, version: int, broken: bool = False):
     spec = segmentation_spec(model)
     package = package_checkpoint(env["ckpt"], spec)
     files = dict(package.files)
-    if broken:
-        files["weights.pt"] = b"not a checkpoint"
+    if broken:  # what either runtime reads (a CPU replica runs model.onnx, a GPU the weights)
+        files[keys.MODEL_WEIGHTS] = b"not a checkpoint"
+        files[keys.MODEL_ONNX] = b"not an ONNX model"
     repo = ModelRepository(settings)
     repo.publish_version(spec, version, files, package.manifest)
     return model_published(

@@ -97,16 +97,22 @@ def settings_both(svc_settings, replicas) -> Settings:
     return svc_settings.model_copy(update={"triton": t})
 
 
+# The stand-in model.py is served whole (as interface 3 versions are, and every version on GPU
+# replicas): these tests are about loading on replicas, not about what a version computes.
+WHOLE = 3
+
+
 def _publish(settings: Settings, model: str, version: int, refusing: bool = False) -> None:
-    spec = serving_spec(settings, model)
+    spec = serving_spec(settings, model, WHOLE)
     files = {"model.py": _model_py(float(version), init=REFUSING_INIT if refusing else "pass")}
-    ModelRepository(settings).publish_version(spec, version, files, {"note": f"v{version}"})
+    manifest = {"note": f"v{version}", "interface": WHOLE}
+    ModelRepository(settings).publish_version(spec, version, files, manifest)
 
 
 def test_a_version_serves_on_every_replica_or_on_none(settings_both, replicas):
     a, b = replicas["a"], replicas["b"]
     model = f"replicated{uuid.uuid4().hex[:8]}"
-    spec = serving_spec(settings_both, model)
+    spec = serving_spec(settings_both, model, WHOLE)
     triton = TritonModels(settings_both)
     assert triton.replicas.addresses() == [a.address, b.address]
 
@@ -133,7 +139,7 @@ def test_a_restarted_replica_gets_the_serving_version_back(
     triton = TritonModels(settings_both)
     worker = InferenceWorker(settings_both, triton)
     _publish(settings_both, model, 1)
-    triton.serve_version(serving_spec(settings_both, model), 1)
+    triton.serve_version(serving_spec(settings_both, model, WHOLE), 1)
     with session_scope(settings_both.database_url) as s:  # what inference chose to serve
         s.add(ServingModel(model=model, version=1))
     assert worker.ensure_loaded() == 0  # every replica has it

@@ -1,5 +1,6 @@
 """The network exported for ONNX Runtime computes what torch computes, or is not kept."""
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,20 @@ from ctloop.contracts import keys
 from ctloop.core import runtimes
 from ctloop.core.infer import Network
 from ctloop.core.model import TINY_MODEL, ModelConfig, build_network, save_checkpoint
-from ctloop.core.packaging import package_checkpoint, segmentation_spec
-from ctloop.core.runtimes import ExportRejected, export_onnx, onnx_predictor
+from ctloop.core.packaging import (
+    NETWORK_PY,
+    TRITON_NETWORK_PY,
+    network_spec,
+    package_checkpoint,
+    segmentation_spec,
+)
+from ctloop.core.runtimes import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ExportRejected,
+    export_onnx,
+    onnx_predictor,
+)
 
 CFG = ModelConfig(**TINY_MODEL)
 
@@ -57,7 +70,7 @@ def test_a_package_carries_the_onnx_network_and_says_which_runtimes_it_has(tmp_p
     spec = segmentation_spec("m")
     assert ("cpu_runtime", "onnxruntime") in spec.parameters
     package = package_checkpoint(checkpoint, spec)
-    assert set(package.files) == {"model.py", keys.MODEL_WEIGHTS, keys.MODEL_ONNX}
+    assert set(package.files) == {"model.py", NETWORK_PY, keys.MODEL_WEIGHTS, keys.MODEL_ONNX}
     assert package.manifest["runtimes"] == {
         "torch": keys.MODEL_WEIGHTS,
         "onnxruntime": keys.MODEL_ONNX,
@@ -140,3 +153,33 @@ def test_a_template_whose_graph_computes_something_else_is_rejected_by_the_check
         node.input[:] = [i.removeprefix("inner.") for i in node.input]
     with pytest.raises(ExportRejected, match="differ from torch's"):
         export_onnx(net, CFG, template=m.SerializeToString())
+
+
+def test_the_network_alone_imports_no_torch_and_names_the_files_and_tensors_a_version_has():
+    """network.py (a version of interface 4 on CPU replicas) is read by Triton, not imported
+    here; its file and tensor names are those of the package and of the ONNX export, and on
+    the ONNX Runtime path it imports neither torch nor MONAI (what made every load take ~3 s)."""
+    source = TRITON_NETWORK_PY.read_text()
+    tree = ast.parse(source)
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top.add((node.module or "").split(".")[0])
+    assert top <= {"json", "os", "sys", "pathlib", "typing", "numpy", "triton_python_backend_utils"}
+    constants = {
+        node.targets[0].id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Constant)
+    }
+    assert constants["WEIGHTS"] == keys.MODEL_WEIGHTS and constants["ONNX"] == keys.MODEL_ONNX
+    assert constants["INPUT_NAME"] == INPUT_NAME and constants["OUTPUT_NAME"] == OUTPUT_NAME
+    spec = network_spec("m")
+    assert spec.default_model_filename == NETWORK_PY
+    assert [t.name for t in spec.inputs] == ["WINDOWS"] and [t.name for t in spec.outputs] == [
+        "LOGITS"
+    ]
+    assert 'default_model_filename: "network.py"' in spec.config_pbtxt()
