@@ -7,10 +7,12 @@ Layout (keys from :mod:`ctloop.contracts.keys`)::
 
 Versions are immutable: publishing a version that exists is refused. ``manifest.json`` is
 written last, so a version without one is incomplete (a crash mid-publish) and never served.
-It records the SHA-256 of every file of the version (``files``); before a version is loaded,
-:meth:`ModelRepository.verify_version` checks that the version folder holds exactly those files
-with those digests, so a ``model.py`` or weights changed (or a file added) in the bucket after
-publishing is refused instead of run by Triton (issue 18, finding 4).
+It records the SHA-256 of every file of the version (``files``). A version is loaded with its
+files in the load request (:meth:`ModelRepository.verified_files`: read by the inference
+service, each checked against its digest), so Triton runs exactly the bytes that were checked,
+and a ``model.py`` or weights changed in the bucket after publishing is refused instead of run
+(issue 18, finding 4); a file added there is never loaded. :meth:`ModelRepository.
+verify_version` checks a whole folder (exactly those files, those digests).
 Serving a version means an explicit Triton load whose config pins exactly that version, on
 every Triton replica, so rollback is a load of an older one; a failed load (on any replica)
 leaves the old version serving.
@@ -31,6 +33,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
+from minio.error import S3Error
 from tritonclient.utils import InferenceServerException
 
 from ctloop.contracts import keys
@@ -164,6 +167,42 @@ class ModelRepository:
                     f"{found}, the manifest recorded {digest})",
                 )
 
+    def verified_files(
+        self, model: str, version: int, names: list[str] | None = None
+    ) -> dict[str, bytes]:
+        """A published version's files (``names``, those of them it has; all by default), each
+        checked against the SHA-256 its manifest recorded at publish: what a load sends to
+        Triton (:meth:`TritonModels.load_on`), so what runs is what was checked. Refuses
+        (:class:`TamperedModel`, logged) a file that changed, went missing, or a manifest
+        without digests."""
+        recorded = self.manifest(model, version).get("files")
+        where = f"s3://{self.bucket}/{keys.model_version_prefix(self.prefix, model, version)}"
+        if not isinstance(recorded, dict) or not recorded:
+            self._refuse(
+                model,
+                version,
+                f"{where} has no file digests in its manifest "
+                "(published before digests were recorded): publish it again",
+            )
+        files: dict[str, bytes] = {}
+        for name in sorted(recorded if names is None else set(names) & set(recorded)):
+            try:
+                data = self.store.get_bytes(
+                    self.bucket, keys.model_file(self.prefix, model, version, name)
+                )
+            except S3Error as exc:  # gone since publish (or unreadable): not loaded
+                self._refuse(model, version, f"{where}{name} cannot be read: {exc}")
+            found = hashlib.sha256(data).hexdigest()
+            if found != recorded[name]:
+                self._refuse(
+                    model,
+                    version,
+                    f"{where}{name} changed after publish (sha256 "
+                    f"{found}, the manifest recorded {recorded[name]})",
+                )
+            files[name] = data
+        return files
+
     def _refuse(self, model: str, version: int, why: str) -> NoReturn:
         log.error(
             "model version refused: its files are not what was published",
@@ -263,10 +302,13 @@ class TritonModels:
         self.client = triton_grpc.InferenceServerClient(settings.triton.grpc_url)
         self.replicas = TritonReplicas(settings, resolve)
 
-    def serve_version(self, spec: ModelSpec, version: int) -> None:
+    def serve_version(
+        self, spec: ModelSpec, version: int, files: dict[str, bytes] | None = None
+    ) -> None:
         """Load exactly ``version`` on every replica. If one refuses (or does not answer), the
         replicas that took it go back to what they served, so the previous version keeps
-        serving everywhere, and :class:`ModelLoadFailed` names the replica."""
+        serving everywhere, and :class:`ModelLoadFailed` names the replica. ``files``: the
+        version's files, sent with the load (see :meth:`load_on`)."""
         replicas = self.replicas.addresses()
         if not replicas:
             raise ModelLoadFailed(
@@ -277,39 +319,54 @@ class TritonModels:
         done: list[str] = []
         for replica in replicas:
             try:
-                self.load_on(replica, spec, version)
+                self.load_on(replica, spec, version, files)
             except ModelLoadFailed:
                 self._put_back(spec, {r: before[r] for r in done})
                 raise
             done.append(replica)
 
-    def load_on(self, replica: str, spec: ModelSpec, version: int) -> None:
-        """Load exactly ``version`` on one replica; its previous version serves if this fails."""
+    def load_on(
+        self, replica: str, spec: ModelSpec, version: int, files: dict[str, bytes] | None = None
+    ) -> None:
+        """Load exactly ``version`` on one replica; its previous version serves if this fails.
+
+        ``files`` (name -> bytes): the version folder, sent with the load request; Triton then
+        loads exactly those bytes (the ones checked against the manifest) instead of
+        downloading the model's whole folder from S3, every version of it (Triton 2.51 copies
+        ``<model>/`` whole before each load: it grew by a version's files every round)."""
+        override = None
+        if files is not None:
+            override = {f"file:{version}/{name}": data for name, data in files.items()}
         try:
             client = self.replicas.client(replica)
-            client.load_model(spec.name, config=json.dumps(spec.config(version)))
+            client.load_model(spec.name, config=json.dumps(spec.config(version)), files=override)
         except InferenceServerException as exc:
             raise ModelLoadFailed(
                 f"{spec.name} v{version} on Triton {replica}: {exc.message()}"
             ) from exc
 
     def load_where_missing(
-        self, spec: ModelSpec, version: int, verify: Callable[[], None] | None = None
+        self,
+        spec: ModelSpec,
+        version: int,
+        verify: Callable[[], dict[str, bytes] | None] | None = None,
     ) -> list[ReplicaLoad]:
         """Load ``version`` on each replica that does not serve it READY (one that started
         since, or restarted, has nothing loaded). A replica that is down or refuses does not
         stop the others; the list says what happened on each replica that lacked it.
-        ``verify`` (e.g. :meth:`ModelRepository.verify_version`) runs before the first load and
-        may refuse it with :class:`ModelLoadFailed`; nothing calls it when no replica lacks it."""
+        ``verify`` (e.g. :meth:`ModelRepository.verified_files`) runs before the first load and
+        may refuse it with :class:`ModelLoadFailed`; the files it returns (if any) are sent
+        with each load. Nothing calls it when no replica lacks the version."""
         done: list[ReplicaLoad] = []
         verified = verify is None
+        files: dict[str, bytes] | None = None
         for replica in self.replicas.addresses():
             try:
                 if not self.replica_serves(replica, spec.name, version):
                     if not verified and verify is not None:
-                        verify()
+                        files = verify()
                         verified = True
-                    self.load_on(replica, spec, version)
+                    self.load_on(replica, spec, version, files)
                     done.append(ReplicaLoad(replica))
             except InferenceServerException as exc:
                 done.append(ReplicaLoad(replica, f"did not answer: {exc.message()}"))
@@ -465,7 +522,20 @@ class TritonSegmenter:
             failed = [d.error for d in self.ensure_pipeline() if d.error is not None]
             if failed:
                 raise ModelLoadFailed(f"{model} v{version} not loaded: {'; '.join(failed)}")
-        self.triton.serve_version(self.spec(model, version), version)
+        files = self.files(model, version)
+        self.triton.serve_version(self.spec(model, version), version, files)
+
+    def files(self, model: str, version: int) -> dict[str, bytes]:
+        """What a load of ``version`` sends to Triton, checked against its manifest: on CPU
+        replicas a version of interface 4 needs only ``network.py`` and what it runs
+        (``model.onnx`` under ONNX Runtime, else the weights); otherwise every file."""
+        names = None
+        if split_serving(self.settings, self.interface(model, version)):
+            manifest = self.repository.manifest(model, version)
+            onnx = (manifest.get("runtimes") or {}).get("onnxruntime")
+            runs = onnx if self.settings.triton.cpu_runtime == "onnxruntime" and onnx else None
+            names = [NETWORK_PY, runs or keys.MODEL_WEIGHTS]
+        return self.repository.verified_files(model, version, names)
 
     def ensure_pipeline(self) -> list[ReplicaLoad]:
         """Load the pipeline model (the latest published version, checked against its
@@ -477,7 +547,7 @@ class TritonSegmenter:
                 "version with this ctloop (it publishes the pipeline first)"
             )
         name = self.settings.triton.pipeline_model
-        verify = functools.partial(self.repository.verify_version, name, version)
+        verify = functools.partial(self.repository.verified_files, name, version, None)
         done = self.triton.load_where_missing(serving_pipeline_spec(self.settings), version, verify)
         failed = [d for d in done if d.error is not None]
         if not failed:

@@ -156,7 +156,7 @@ class InferenceWorker:
         with bind(model=ref.model, model_version=ref.version):
             try:
                 self.segmenter.preprocessor(ref.model, ref.version)  # its manifest fits
-                self.repository.verify_version(ref.model, ref.version)  # files as published
+                # sends Triton the version's files, each checked against the manifest
                 self.segmenter.serve_version(ref.model, ref.version)
             except (ModelLoadFailed, IncompatibleModel):
                 LOAD_FAILURES.inc()
@@ -198,7 +198,7 @@ class InferenceWorker:
                 log.exception("serving version cannot be loaded; trying again later")
                 return 0
             # What a replica loads must still be what was published: checked before a load.
-            verify = functools.partial(self.repository.verify_version, ref.model, ref.version)
+            verify = functools.partial(self.segmenter.files, ref.model, ref.version)
             for done in [*loads, *self.triton.load_where_missing(spec, ref.version, verify)]:
                 if done.error is None:
                     loaded += 1

@@ -92,3 +92,24 @@ def test_versions_are_immutable_and_incomplete_ones_are_not_listed(settings, uni
     repo.store.put_bytes(repo.bucket, f"{repo.prefix}/{spec.name}/2/model.py", _model_py(9.0))
     assert repo.published_versions(spec.name) == [1]
     assert repo.manifest(spec.name, 1)["note"] == "first"
+
+
+def test_a_load_with_files_runs_those_bytes_not_the_bucket_s(settings, unique):
+    """What the inference service checked against the manifest is what Triton loads: the files
+    go in the load request, and the bucket's folder (every version of the model) is not read."""
+    name = f"sent_{unique}"
+    repo = ModelRepository(settings)
+    repo.publish_version(_spec(name), 1, {"model.py": _model_py(2.0)}, {})
+    triton = TritonModels(settings)
+    try:
+        sent = repo.verified_files(name, 1)
+        assert sent == {"model.py": _model_py(2.0)}
+        # a different model.py sent for the same version: Triton runs it, not the bucket's
+        triton.serve_version(_spec(name), 1, {"model.py": _model_py(7.0)})
+        assert np.allclose(_infer(settings, name), [7.0, 14.0, 21.0])
+        repo.publish_version(_spec(name), 2, {"model.py": _model_py(3.0)}, {})
+        triton.serve_version(_spec(name), 2, repo.verified_files(name, 2))
+        assert np.allclose(_infer(settings, name), [3.0, 6.0, 9.0])
+    finally:
+        triton.client.unload_model(name)
+        triton.close()

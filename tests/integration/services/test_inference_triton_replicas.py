@@ -10,6 +10,7 @@ loading needs no more (nothing is inferred here).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import uuid
@@ -17,11 +18,23 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as triton_grpc
 
+from ctloop.core.infer import Segmenter
+from ctloop.core.model import TINY_MODEL, ModelConfig, build_network, save_checkpoint
+from ctloop.core.packaging import package_checkpoint, segmentation_spec
+from ctloop.core.phantom import generate_phantom
 from ctloop.db import ServingModel, session_scope
-from ctloop.model_repository import ModelLoadFailed, ModelRepository, TritonModels, serving_spec
+from ctloop.model_repository import (
+    ModelLoadFailed,
+    ModelRepository,
+    TritonModels,
+    TritonSegmenter,
+    serving_spec,
+)
 from ctloop.settings import Settings
 from ctloop.stack import LocalStack
 from ctloop.stack.components import TritonServer
@@ -156,3 +169,57 @@ def test_a_restarted_replica_gets_the_serving_version_back(
     assert vars(line)["replica"] == b.address
     assert worker.ensure_loaded() == 0
     triton.close()
+
+
+def test_a_restarted_replica_gets_the_pipeline_and_the_version_s_network_back(
+    settings_both, replicas, tmp_path
+):
+    """A version of interface 4 serves on CPU replicas as its network beside the pipeline
+    model: a replica that restarts empty gets both back from the reconciling, and the
+    segmentation answers on it."""
+    a, b = replicas["a"], replicas["b"]
+    model = f"split{uuid.uuid4().hex[:8]}"
+    checkpoint = tmp_path / "tiny.pt"
+    cfg = ModelConfig(**TINY_MODEL)
+    torch.manual_seed(0)
+    save_checkpoint(checkpoint, cfg, build_network(cfg), {"name": model})
+    package = package_checkpoint(checkpoint, segmentation_spec(model))
+    repo = ModelRepository(settings_both)
+    repo.publish_version(serving_spec(settings_both, model), 1, package.files, package.manifest)
+    pipeline = settings_both.triton.pipeline_model
+    version = repo.pipeline_version()
+    assert version is not None
+    triton = TritonModels(settings_both)
+    worker = InferenceWorker(settings_both, triton)
+    worker.segmenter.serve_version(model, 1)
+    with session_scope(settings_both.database_url) as s:
+        s.add(ServingModel(model=model, version=1))
+
+    def ready(replica: Replica, name: str, v: int) -> bool:
+        client = triton_grpc.InferenceServerClient(replica.address)
+        try:
+            return bool(client.is_model_ready(name, str(v)))
+        finally:
+            client.close()
+
+    try:
+        assert all(ready(r, n, v) for r in (a, b) for n, v in ((pipeline, version), (model, 1)))
+        b.restart_empty()
+        assert not ready(b, pipeline, version) and not ready(b, model, 1)
+        # the pipeline, then the version's network (and what earlier tests left serving)
+        assert worker.ensure_loaded() >= 2
+        assert ready(b, pipeline, version) and ready(b, model, 1)
+        # b answers (requests go to a here: ask b itself)
+        on_b = settings_both.triton.model_copy(update={"external_url": b.address})
+        alone = settings_both.model_copy(update={"triton": on_b})
+        b_triton = TritonModels(alone)
+        phantom = generate_phantom("clinical-b", 3, "tiny")
+        image = phantom.image.astype(np.float32)
+        served = TritonSegmenter(b_triton, ModelRepository(alone))(model, 1, image, phantom.affine)
+        local = Segmenter(checkpoint)(image, phantom.affine)
+        assert np.mean(served.label != local.label) < 1e-4
+        b_triton.close()
+    finally:
+        with contextlib.suppress(Exception):
+            triton.client.unload_model(model)
+        triton.close()
