@@ -140,15 +140,7 @@ class ModelRepository:
         """Refuse (:class:`TamperedModel`, logged) a version whose folder is not exactly the
         files its manifest recorded at publish, with those SHA-256 digests: what Triton would
         load now (the latest version of each key) is what was published."""
-        recorded = self.manifest(model, version).get("files")
-        where = f"s3://{self.bucket}/{keys.model_version_prefix(self.prefix, model, version)}"
-        if not isinstance(recorded, dict) or not recorded:
-            self._refuse(
-                model,
-                version,
-                f"{where} has no file digests in its manifest "
-                "(published before digests were recorded): publish it again",
-            )
+        recorded, where = self._recorded(model, version)
         folder = keys.model_version_prefix(self.prefix, model, version)
         present = {k[len(folder) :] for k in self.store.list_keys(self.bucket, folder)}
         extra = sorted(present - set(recorded) - {keys.MODEL_MANIFEST})
@@ -159,13 +151,7 @@ class ModelRepository:
             )
         for name, digest in sorted(recorded.items()):
             found = self.store.sha256(self.bucket, folder + name)
-            if found != digest:
-                self._refuse(
-                    model,
-                    version,
-                    f"{where}{name} changed after publish (sha256 "
-                    f"{found}, the manifest recorded {digest})",
-                )
+            self._check(model, version, f"{where}{name}", found, digest)
 
     def verified_files(
         self, model: str, version: int, names: list[str] | None = None
@@ -175,15 +161,7 @@ class ModelRepository:
         Triton (:meth:`TritonModels.load_on`), so what runs is what was checked. Refuses
         (:class:`TamperedModel`, logged) a file that changed, went missing, or a manifest
         without digests."""
-        recorded = self.manifest(model, version).get("files")
-        where = f"s3://{self.bucket}/{keys.model_version_prefix(self.prefix, model, version)}"
-        if not isinstance(recorded, dict) or not recorded:
-            self._refuse(
-                model,
-                version,
-                f"{where} has no file digests in its manifest "
-                "(published before digests were recorded): publish it again",
-            )
+        recorded, where = self._recorded(model, version)
         files: dict[str, bytes] = {}
         for name in sorted(recorded if names is None else set(names) & set(recorded)):
             try:
@@ -193,15 +171,30 @@ class ModelRepository:
             except S3Error as exc:  # gone since publish (or unreadable): not loaded
                 self._refuse(model, version, f"{where}{name} cannot be read: {exc}")
             found = hashlib.sha256(data).hexdigest()
-            if found != recorded[name]:
-                self._refuse(
-                    model,
-                    version,
-                    f"{where}{name} changed after publish (sha256 "
-                    f"{found}, the manifest recorded {recorded[name]})",
-                )
+            self._check(model, version, f"{where}{name}", found, recorded[name])
             files[name] = data
         return files
+
+    def _recorded(self, model: str, version: int) -> tuple[dict[str, str], str]:
+        """The file digests a version's manifest recorded, and where the version is."""
+        recorded = self.manifest(model, version).get("files")
+        where = f"s3://{self.bucket}/{keys.model_version_prefix(self.prefix, model, version)}"
+        if not isinstance(recorded, dict) or not recorded:
+            self._refuse(
+                model,
+                version,
+                f"{where} has no file digests in its manifest "
+                "(published before digests were recorded): publish it again",
+            )
+        return recorded, where
+
+    def _check(self, model: str, version: int, file: str, found: str, digest: str) -> None:
+        if found != digest:
+            self._refuse(
+                model,
+                version,
+                f"{file} changed after publish (sha256 {found}, the manifest recorded {digest})",
+            )
 
     def _refuse(self, model: str, version: int, why: str) -> NoReturn:
         log.error(
