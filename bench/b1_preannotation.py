@@ -47,7 +47,8 @@ from ctloop.core.infer import Segmenter
 from ctloop.core.model import load_checkpoint
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.runtimes import export_onnx, onnx_predictor
-from ctloop.model_repository import ModelRepository, TritonModels, TritonSegmenter
+from ctloop.model_repository import ModelRepository
+from ctloop.triton_serving import TritonModels, TritonSegmenter
 from ctloop.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("ctloop.bench")

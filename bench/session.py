@@ -13,7 +13,7 @@ from bench.workload import checkpoint
 from ctloop.contracts.payloads import ModelRef
 from ctloop.contracts.topics import Topic
 from ctloop.db import ServingModel, session_scope
-from ctloop.model_repository import TritonModels
+from ctloop.triton_serving import TritonModels
 
 log = logging.getLogger("ctloop.bench")
 SITE = "bench"

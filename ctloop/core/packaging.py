@@ -4,7 +4,7 @@ The python-backend ``model.py`` (:mod:`ctloop.core.triton_model`) loads ``weight
 the same sliding-window network as in-process code, on CPU or GPU: model-grid volume in; given
 the scanner grid too, the labels on that grid and the uncertainty out (resampled back where the
 network ran, on the GPU in a GPU deployment), else class probabilities on the model grid (see
-:class:`ctloop.model_repository.TritonSegmenter`).
+:class:`ctloop.triton_serving.TritonSegmenter`).
 Publishing the package into S3 is :meth:`ctloop.model_repository.ModelRepository.publish_version`.
 """
 

@@ -6,7 +6,7 @@ instance (on CPU, when the config's ``cpu_runtime`` is "onnxruntime" and the ver
 ``model.onnx``, ONNX Runtime runs each batch of windows: :mod:`ctloop.core.runtimes`), and
 then :func:`ctloop.core.infer.finish` (the uncertainty and the resampling back to the scanner
 grid) on the same device. Resampling *to* the model grid happens in the caller (the
-inference service keeps that input for re-predictions, :class:`ctloop.model_repository.
+inference service keeps that input for re-predictions, :class:`ctloop.triton_serving.
 TritonSegmenter`). Tensors cross the backend boundary as DLPack (torch), never through the
 stub's numpy path. Interface 3 (:mod:`ctloop.core.packaging`).
 

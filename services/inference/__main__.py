@@ -7,8 +7,9 @@ import threading
 
 from ctloop.bus import EventConsumer
 from ctloop.contracts.topics import Topic
-from ctloop.model_repository import ModelRepository, TritonModels
+from ctloop.model_repository import ModelRepository
 from ctloop.service import ServiceRuntime, start_service
+from ctloop.triton_serving import TritonModels
 from ctloop.v1 import inference_pb2_grpc
 from services.inference.grpc_api import InferenceService
 from services.inference.worker import CONSUMER, InferenceWorker

@@ -48,17 +48,12 @@ from ctloop.db import (
     waiting_for_annotation,
 )
 from ctloop.log import bind
-from ctloop.model_repository import (
-    IncompatibleModel,
-    ModelLoadFailed,
-    ModelRepository,
-    TritonModels,
-    TritonSegmenter,
-)
+from ctloop.model_repository import ModelLoadFailed, ModelRepository
 from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from ctloop.timing import Laps
+from ctloop.triton_serving import IncompatibleModel, TritonModels, TritonSegmenter
 
 log = logging.getLogger("ctloop.inference")
 CONSUMER = "inference"

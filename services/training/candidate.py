@@ -14,7 +14,8 @@ from ctloop.core.datasets import DecathlonDataset
 from ctloop.core.infer import Segmenter
 from ctloop.core.metrics import mean_dice
 from ctloop.core.packaging import package_checkpoint
-from ctloop.model_repository import ModelRepository, serving_spec
+from ctloop.model_repository import ModelRepository
+from ctloop.triton_serving import serving_spec
 
 
 def holdout_dice(checkpoint: Path, folder: Path) -> float | None:

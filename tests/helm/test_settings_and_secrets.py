@@ -273,7 +273,7 @@ def test_the_first_admins_token_lives_in_a_secret_that_outlives_pods_and_upgrade
 def test_models_are_served_on_the_gpu_triton_is_given(gpus, kind):
     """The chart gives Triton nvidia.com/gpu; the services then publish and load every model
     version with a GPU instance group (they used to ask for a CPU one whatever Triton had)."""
-    from ctloop.model_repository import serving_spec
+    from ctloop.triton_serving import serving_spec
 
     no_gpu = (
         "triton.resources.limits.nvidia\\.com/gpu=0",

@@ -21,11 +21,12 @@ from minio.error import S3Error
 
 from ctloop.contracts import keys
 from ctloop.contracts.triton import ModelSpec, TensorSpec
-from ctloop.model_repository import ModelRepository, TamperedModel, TritonModels
+from ctloop.model_repository import ModelRepository, TamperedModel
 from ctloop.s3_grants import IDENTITIES, credential_file
 from ctloop.settings import Settings
 from ctloop.stack import LocalStack
 from ctloop.storage import ObjectStore
+from ctloop.triton_serving import TritonModels
 
 PRIVATE_PORTS = {
     "s3": {"port": 27370},

@@ -5,7 +5,8 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from ctloop.contracts.triton import ModelSpec, TensorSpec
-from ctloop.model_repository import ModelLoadFailed, ModelRepository, TritonModels, VersionExists
+from ctloop.model_repository import ModelLoadFailed, ModelRepository, VersionExists
+from ctloop.triton_serving import TritonModels
 
 # A python-backend model that multiplies its input by FACTOR. Tensors cross the stub boundary
 # through DLPack (torch): the stub's numpy path is broken under numpy 2 (see README).

@@ -14,13 +14,8 @@ from ctloop.core.packaging import NETWORK_PY, package_checkpoint, segmentation_s
 from ctloop.core.phantom import generate_phantom
 from ctloop.core.runtimes import export_onnx
 from ctloop.core.train import DataSource, TrainConfig, train
-from ctloop.model_repository import (
-    IncompatibleModel,
-    ModelLoadFailed,
-    ModelRepository,
-    TritonModels,
-    TritonSegmenter,
-)
+from ctloop.model_repository import ModelLoadFailed, ModelRepository
+from ctloop.triton_serving import IncompatibleModel, TritonModels, TritonSegmenter
 
 
 def _trained(tmp_path: Path, name: str, volumes: int, steps: int) -> Path:

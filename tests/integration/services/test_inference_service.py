@@ -31,9 +31,10 @@ from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.train import DataSource, TrainConfig, train
 from ctloop.db import OutboxEvent, Prediction, session_scope
 from ctloop.kafka_security import client_config
-from ctloop.model_repository import ModelRepository, TritonModels
+from ctloop.model_repository import ModelRepository
 from ctloop.outbox import OutboxRelay
 from ctloop.storage import ObjectStore
+from ctloop.triton_serving import TritonModels
 from ctloop.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.grpc_api import InferenceService
 from services.inference.worker import InferenceWorker

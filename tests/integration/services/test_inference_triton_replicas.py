@@ -28,16 +28,11 @@ from ctloop.core.model import TINY_MODEL, ModelConfig, build_network, save_check
 from ctloop.core.packaging import package_checkpoint, segmentation_spec
 from ctloop.core.phantom import generate_phantom
 from ctloop.db import ServingModel, session_scope
-from ctloop.model_repository import (
-    ModelLoadFailed,
-    ModelRepository,
-    TritonModels,
-    TritonSegmenter,
-    serving_spec,
-)
+from ctloop.model_repository import ModelLoadFailed, ModelRepository
 from ctloop.settings import Settings
 from ctloop.stack import LocalStack
 from ctloop.stack.components import TritonServer
+from ctloop.triton_serving import TritonModels, TritonSegmenter, serving_spec
 from services.inference.worker import InferenceWorker
 from tests.integration.test_triton_models import _model_py
 
