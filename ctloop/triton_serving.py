@@ -308,10 +308,15 @@ class TritonSegmenter:
             found = self._interfaces[(model, version)] = int(manifest.get("interface", 1))
         return found
 
+    def split(self, model: str, version: int) -> bool:
+        """Whether ``version`` serves as its network alone, beside the pipeline model
+        (:func:`split_serving`)."""
+        return split_serving(self.settings, self.interface(model, version))
+
     def serve_version(self, model: str, version: int) -> None:
         """Load ``version`` on every replica (:meth:`TritonModels.serve_version`), with the
         pipeline model first where the version needs it."""
-        if split_serving(self.settings, self.interface(model, version)):
+        if self.split(model, version):
             failed = [d.error for d in self.ensure_pipeline() if d.error is not None]
             if failed:
                 raise ModelLoadFailed(f"{model} v{version} not loaded: {'; '.join(failed)}")
@@ -323,7 +328,7 @@ class TritonSegmenter:
         replicas a version of interface 4 needs only ``network.py`` and what it runs
         (``model.onnx`` under ONNX Runtime, else the weights); otherwise every file."""
         names = None
-        if split_serving(self.settings, self.interface(model, version)):
+        if self.split(model, version):
             manifest = self.repository.manifest(model, version)
             onnx = (manifest.get("runtimes") or {}).get("onnxruntime")
             runs = onnx if self.settings.triton.cpu_runtime == "onnxruntime" and onnx else None

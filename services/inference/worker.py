@@ -186,8 +186,8 @@ class InferenceWorker:
             try:
                 spec = self.segmenter.spec(ref.model, ref.version)
                 # CPU replicas serve a version of interface 4 beside the pipeline model.
-                pipeline = spec.default_model_filename is not None
-                loads = self.segmenter.ensure_pipeline() if pipeline else []
+                split = self.segmenter.split(ref.model, ref.version)
+                loads = self.segmenter.ensure_pipeline() if split else []
             except (ModelLoadFailed, IncompatibleModel):
                 LOAD_FAILURES.inc()
                 log.exception("serving version cannot be loaded; trying again later")
