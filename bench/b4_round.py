@@ -5,8 +5,11 @@ the same volumes for the same steps, load the result, segment the waiting volume
 The platform's turnaround is split into: policy wait (debounce and tick until the training
 service opens the round), the round (materialise from S3, torchrun start, the training loop,
 held-out validation, publish), load (outbox → Kafka → inference service → Triton load) and the
-re-prediction of the volume waiting for annotation. It runs on a platform of its own, so the
-re-prediction after each round touches only its volumes.
+first re-prediction done: of the volumes still waiting for annotation (volume 0 and the later
+rounds' volumes), the service re-predicts the most uncertain first, and the turnaround ends
+when the first of them is done (until d9676cc it waited for volume 0, which could come third;
+the rest are waited for untimed). It runs on a platform of its own, so the re-predictions
+after each round touch only its volumes.
 """
 
 from __future__ import annotations
@@ -146,10 +149,19 @@ class _Sides:
         serving_at = p.until(
             "the sustainer serving", lambda: _serving(p, version) and time.time(), 1800
         )
-        done = self.watch.wait(self.ids[0], ModelRef(model=p.sustainer, version=version))
+        # The volumes still waiting: volume 0 and the later rounds'. The service re-predicts
+        # them most uncertain first; the turnaround ends with the first of them done.
+        waiting = [
+            self.ids[0],
+            *(self.ids[i] for i in range(1 + PER_ROUND * (r + 1), len(self.ids))),
+        ]
+        sustainer = ModelRef(model=p.sustainer, version=version)
+        done = self.watch.first(waiting, sustainer)
         row = _round_row(p, version)
         assert row is not None
         self.parts.append(_split(p, row, t0, serving_at, done))
+        for vid in waiting:  # untimed: the rest of the re-predictions, before the script's turn
+            self.watch.wait(vid, sustainer)
         # Untimed: the training service's next standby process warms up after a round; let it
         # finish before the script's turn, which it would otherwise slow (rounds are minutes
         # apart in use, so a round finds it ready).

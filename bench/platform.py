@@ -215,3 +215,17 @@ class CompletionWatcher:
             f"prediction of {volume_id}", lambda: self.arrived.get(key), timeout_s
         )
         return float(found)
+
+    def first(self, volume_ids: list[str], model: ModelRef, timeout_s: float = 1800) -> float:
+        """Epoch time the first ``prediction.completed`` of ``model`` for any of
+        ``volume_ids`` arrived."""
+        wanted = [(v, model.model, model.version) for v in volume_ids]
+
+        def earliest() -> float | None:
+            times = [self.arrived[k] for k in wanted if k in self.arrived]
+            return min(times) if times else None
+
+        found = self.platform.until(
+            f"a prediction by {model.model} v{model.version}", earliest, timeout_s
+        )
+        return float(found)
