@@ -91,6 +91,7 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
     "training": (
         _g("data", "volumes/*", {R}, "training images and public labels"),
         _g("data", "annotations/*", {R}, "corrected labels"),
+        _g("data", "predictions/*", {R}, "the parent version's pre-annotations, for its Dice"),
         _g("data", "{jobs}/*", {R, W, D, L}, "a round run as a Kubernetes Job: in, out, clean"),
         _g("models", "{models}/*", {R, W, L}, "publishes candidate versions; fine-tunes"),
     ),

@@ -1,9 +1,16 @@
 """What becomes of a round's candidate: its Dice on the held-out volumes against the model it
 started from, the decision, and its publication as the model's next version (manifest last, so
-a version is never half-published)."""
+a version is never half-published).
+
+The model it started from (the parent version) has usually pre-annotated a held-out volume
+already: the inference service re-predicts every volume waiting for annotation with each new
+version. Its Dice there is taken from that stored mask (``known``) instead of segmenting the
+volume again (issue 21: half of a round's validation); a volume it never predicted is
+segmented with the parent's weights as before."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +24,30 @@ from ctloop.core.packaging import package_checkpoint
 from ctloop.model_repository import ModelRepository
 from ctloop.triton_serving import serving_spec
 
+# A volume id -> the mask a model version already predicted for it (scanner grid), or None.
+KnownMasks = Callable[[str], np.ndarray | None]
 
-def holdout_dice(checkpoint: Path, folder: Path) -> float | None:
-    """Mean Dice of ``checkpoint`` on the labelled volumes of a Decathlon folder."""
+
+def holdout_dice(
+    checkpoint: Path, folder: Path, known: KnownMasks | None = None
+) -> tuple[float | None, int]:
+    """Mean Dice of ``checkpoint`` on the labelled volumes of a Decathlon folder, and how many
+    of them were scored from a mask ``known`` had (the same version's prediction) rather than
+    segmented here."""
     ds = DecathlonDataset.open(folder)
-    if len(ds) == 0:
-        return None
-    seg = Segmenter(checkpoint)
-    scores = [mean_dice(seg(v.image, v.affine).label, v.label) for v in ds if v.label is not None]
-    return float(np.mean(scores)) if scores else None
+    seg: Segmenter | None = None
+    scores, reused = [], 0
+    for v in ds:
+        if v.label is None:
+            continue
+        mask = known(v.id) if known is not None else None
+        if mask is not None and mask.shape == v.label.shape:
+            reused += 1
+        else:
+            seg = seg or Segmenter(checkpoint)
+            mask = seg(v.image, v.affine).label
+        scores.append(mean_dice(mask, v.label))
+    return (float(np.mean(scores)) if scores else None), reused
 
 
 def validate(
@@ -34,13 +56,17 @@ def validate(
     holdout: Path,
     holdout_ids: list[str],
     tolerance: float,
+    started_from_masks: KnownMasks | None = None,
 ) -> tuple[dict[str, Any], str]:
     """The round's metrics, and why the candidate is rejected ("" when it may be published:
-    its held-out Dice is not worse than the model it started from, less ``tolerance``)."""
+    its held-out Dice is not worse than the model it started from, less ``tolerance``).
+    ``started_from_masks``: the masks the model it started from already predicted."""
     metrics: dict[str, Any] = {"holdout": holdout_ids}
-    metrics["candidate_dice"] = holdout_dice(candidate, holdout)
+    metrics["candidate_dice"], _ = holdout_dice(candidate, holdout)
     if started_from is not None and holdout_ids:
-        metrics["serving_dice"] = holdout_dice(started_from, holdout)
+        dice, reused = holdout_dice(started_from, holdout, started_from_masks)
+        metrics["serving_dice"] = dice
+        metrics["serving_dice_from_predictions"] = reused
     mine, serving = metrics["candidate_dice"], metrics.get("serving_dice")
     if serving is None or mine is None or mine >= serving - tolerance:
         return metrics, ""

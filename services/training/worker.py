@@ -20,10 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ctloop.contracts import keys
 from ctloop.contracts.events import CloudEvent
 from ctloop.contracts.payloads import (
     ModelRef,
@@ -32,6 +34,7 @@ from ctloop.contracts.payloads import (
     training_completed,
     training_started,
 )
+from ctloop.core.blobs import nifti_array_from_gz
 from ctloop.core.model import ModelConfig
 from ctloop.core.train import DataSource, TrainConfig
 from ctloop.db import RoundStatus, TrainingRound, claim_event, session_scope
@@ -41,7 +44,7 @@ from ctloop.outbox import OutboxRelay, stage_event
 from ctloop.settings import Settings
 from ctloop.storage import ObjectStore
 from ctloop.timing import Laps
-from services.training.candidate import publish_candidate, validate
+from services.training.candidate import KnownMasks, publish_candidate, validate
 from services.training.decathlon import materialise
 from services.training.launcher import Launcher, launcher_for
 from services.training.policy import (
@@ -202,6 +205,7 @@ class TrainingWorker:
             work / "holdout",
             plan["holdout"],
             self.cfg.accept_tolerance,
+            self._predicted_by(trained.parent) if trained.parent else None,
         )
         laps.lap("validate")
         if rejection:
@@ -213,6 +217,21 @@ class TrainingWorker:
         laps.lap("publish")
         end = RoundEnd(RoundStatus.PUBLISHED, version, metrics, parent=trained.parent)
         return self._close_round(number, model, end, laps)
+
+    def _predicted_by(self, version: ModelRef) -> KnownMasks:
+        """The mask ``version`` pre-annotated a volume with (the inference service's stored
+        prediction), or None where it has none or it cannot be read."""
+
+        def mask(volume_id: str) -> np.ndarray | None:
+            key = keys.prediction_mask(volume_id, version.model, version.version)
+            try:
+                raw = self.store.get_optional(self.bucket, key)
+                return None if raw is None else nifti_array_from_gz(raw)[0]
+            except Exception:  # only a saving: the volume is segmented instead
+                log.warning("stored prediction unreadable", exc_info=True, extra={"key": key})
+                return None
+
+        return mask
 
     def _train(self, number: int, model: str, plan: Plan, work: Path, laps: Laps) -> Trained:
         """The round's volumes into ``work``, then the candidate trained there."""

@@ -12,9 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from ctloop.contracts import keys
 from ctloop.core.model import TINY_MODEL as TINY
+from ctloop.core.model import ModelConfig, build_network, save_checkpoint
+from ctloop.core.packaging import package_checkpoint
 from ctloop.db import OutboxEvent, TrainingRound, session_scope
 from ctloop.model_repository import ModelRepository
+from ctloop.triton_serving import serving_spec
 from ctloop.v1 import ingest_pb2_grpc
 from services.ingest.app import create_app
 from services.ingest.grpc_api import WorkflowService
@@ -162,3 +166,60 @@ def test_partial_labels_reach_training_as_partial(world, tmp_path, admin_headers
     weight = items[0]["weight"].numpy()[0]
     assert weight[:, :, 13:].max() == 0 and weight[:, :, 3:13].max() == 1
     assert float(items[0]["class_weight"][2]) == 0.0  # spleen
+
+
+def test_the_parent_is_scored_on_held_out_volumes_from_its_stored_pre_annotations(
+    world, tmp_path, admin_headers
+):
+    """The model a round starts from has pre-annotated its held-out volumes already (the
+    inference service's masks in S3): its Dice there comes from those masks, not from
+    segmenting the volumes again, and it decides the round. Here each stored mask is the
+    volume's own label, so the parent scores 1.0 and the candidate is rejected."""
+    tag = uuid.uuid4().hex[:8]
+    base = world["settings"]
+    settings = base.model_copy(
+        update={
+            "services": base.services.model_copy(
+                update={"igniter_model": f"ig{tag}", "sustainer_model": f"su{tag}"}
+            ),
+            "training": base.training.model_copy(update={"sustainer_steps": 2}),
+        }
+    )
+    igniter, sustainer = settings.services.igniter_model, settings.services.sustainer_model
+    cfg = ModelConfig.model_validate(TINY)
+    save_checkpoint(tmp_path / "igniter.pt", cfg, build_network(cfg), {"name": igniter})
+    spec = serving_spec(settings, igniter)
+    package = package_checkpoint(tmp_path / "igniter.pt", spec)
+    repo = ModelRepository(settings)
+    repo.publish_version(spec, 1, package.files, package.manifest)
+    with TestClient(create_app(settings), headers=admin_headers) as api:
+        for i in range(3):
+            p = phantom("clinical-a", 90 + i)
+            vid = f"held-{tag}-{i}"
+            r = api.post(
+                "/v1/volumes",
+                data={"site_id": "cli", "dataset": "clinical", "volume_id": vid},
+                files={"file": ("ct.nii.gz", nifti(p.image, p.affine), "application/gzip")},
+            )
+            assert r.status_code == 201, r.text
+            r = api.post(
+                f"/v1/volumes/{vid}/annotations",
+                files={"mask": ("m.nii.gz", nifti(p.label, p.affine), "application/gzip")},
+                data={"minutes": "5"},
+            )
+            assert r.status_code == 201, r.text
+    worker = TrainingWorker(settings, world["workflow"])
+    for v in world["workflow"].training_volumes("clinical"):  # every round volume, any test's
+        label = worker.store.get_bytes(v.label.bucket, v.label.key, v.label.version_id)
+        worker.store.put_bytes(
+            settings.s3.bucket, keys.prediction_mask(v.volume_id, igniter, 1), label
+        )
+
+    done = worker.run_round(sustainer)
+
+    assert done.volumes["holdout"], "the round holds volumes out"
+    assert done.metrics["serving_dice"] == pytest.approx(1.0)
+    assert done.metrics["serving_dice_from_predictions"] == len(done.volumes["holdout"])
+    assert done.metrics["candidate_dice"] < 1.0
+    assert done.status == "rejected" and "< serving 1.0000" in done.reason
+    assert repo.published_versions(sustainer) == []
