@@ -72,6 +72,10 @@ class TritonPythonModel:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = _threads()
             opts.inter_op_num_threads = 1
+            # No spin-waiting after a batch: its threads would take the cores from the
+            # pipeline process, which aggregates the windows and resamples meanwhile (quick
+            # network, 8 calls each: 0.43-0.50 s a volume instead of 0.59-0.68 s).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.log_severity_level = 3  # errors only: its warnings name every graph optimisation
             model = (folder / ONNX).read_bytes()
             self._onnx = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
