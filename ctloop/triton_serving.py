@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
@@ -291,7 +292,7 @@ class TritonSegmenter:
         self.settings = repository.settings
         self._preprocessors: dict[tuple[str, int], tuple[Preprocessor, int]] = {}
         self._pipeline: int | None = None  # the pipeline version loaded on every replica
-        self._interfaces: dict[tuple[str, int], int] = {}
+        self._manifests: dict[tuple[str, int], dict[str, Any]] = {}
 
     def preprocessor(self, model: str, version: int) -> Preprocessor:
         return self._version(model, version)[0]
@@ -302,10 +303,14 @@ class TritonSegmenter:
 
     def interface(self, model: str, version: int) -> int:
         """The interface ``version`` was published with (its manifest; 1 when it says none)."""
-        found = self._interfaces.get((model, version))
+        return int(self._manifest(model, version).get("interface", 1))
+
+    def _manifest(self, model: str, version: int) -> dict[str, Any]:
+        """A version's manifest, read once (versions are immutable; what a load sends is
+        checked against the digests read afresh: :meth:`ModelRepository.verified_files`)."""
+        found = self._manifests.get((model, version))
         if found is None:
-            manifest = self.repository.manifest(model, version)
-            found = self._interfaces[(model, version)] = int(manifest.get("interface", 1))
+            found = self._manifests[(model, version)] = self.repository.manifest(model, version)
         return found
 
     def split(self, model: str, version: int) -> bool:
@@ -329,7 +334,7 @@ class TritonSegmenter:
         (``model.onnx`` under ONNX Runtime, else the weights); otherwise every file."""
         names = None
         if self.split(model, version):
-            manifest = self.repository.manifest(model, version)
+            manifest = self._manifest(model, version)
             onnx = (manifest.get("runtimes") or {}).get("onnxruntime")
             runs = onnx if self.settings.triton.cpu_runtime == "onnxruntime" and onnx else None
             names = [NETWORK_PY, runs or keys.MODEL_WEIGHTS]
@@ -356,7 +361,7 @@ class TritonSegmenter:
         """A version's preprocessing and the interface its model.py speaks."""
         found = self._preprocessors.get((model, version))
         if found is None:
-            manifest = self.repository.manifest(model, version)
+            manifest = self._manifest(model, version)
             interface = manifest.get("interface", 1)
             if interface not in SUPPORTED_INTERFACES:
                 speaks = " and ".join(str(i) for i in SUPPORTED_INTERFACES)
