@@ -8,7 +8,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from bench.common import Context, Preset, interleaved, median, result
+from bench.common import Context, Preset, median, result, rotated
 from bench.platform import Platform
 from bench.session import SITE, Session
 from bench.workload import CT, phantom_ct
@@ -26,9 +26,11 @@ def run(ctx: Context, session: Session) -> dict[str, Any]:
     sides = _Sides(session.platform(), phantom_ct(preset.volume_size, seed=2))
     sides.platform_side(-1)  # warm-up
     sides.baseline(-1)
+    sides.in_process(-1)
     sides.phases.clear()
-    ours, theirs = interleaved(preset.ingest_repeats, sides.platform_side, sides.baseline)
-    script = [sides.in_process(i) for i in range(preset.ingest_repeats)]
+    ours, theirs, script = rotated(
+        preset.ingest_repeats, sides.platform_side, sides.baseline, sides.in_process
+    )
     sides.remove_written()
     return _result(preset, sides, ours, theirs, script)
 
@@ -124,6 +126,7 @@ def _result(
         details={
             "server_timing_ms": split,
             "in_process_mb_s": median(script),
+            "in_process_samples": script,
             "ratio_vs_in_process": vs_script,
             "note": f"{vs_script:.2f}x the same checks and writes in a script "
             f"({median(script):.1f} MB/s); median split (ms): "

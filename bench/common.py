@@ -115,19 +115,27 @@ def interleaved(
     repeats: int, platform_side: Callable[[int], float], baseline: Callable[[int], float]
 ) -> tuple[list[float], list[float]]:
     """``repeats`` measurements of each side, ABAB: load that comes and goes hits both."""
-    ours: list[float] = []
-    theirs: list[float] = []
-    for i in range(repeats):
-        first, second = (platform_side, baseline) if i % 2 == 0 else (baseline, platform_side)
-        a, b = first(i), second(i)
-        if first is platform_side:
-            ours.append(a)
-            theirs.append(b)
-        else:
-            ours.append(b)
-            theirs.append(a)
-        log.info("repeat done", extra={"repeat": i, "ctloop": ours[-1], "baseline": theirs[-1]})
+    ours, theirs = rotated(repeats, platform_side, baseline)
     return ours, theirs
+
+
+def rotated(repeats: int, *sides: Callable[[int], float]) -> list[list[float]]:
+    """``repeats`` measurements of each side, the order turned by one each repeat (ABC BCA
+    CAB ...): load that comes and goes hits every side alike. The first side is ctloop's."""
+    samples: list[list[float]] = [[] for _ in sides]
+    for i in range(repeats):
+        for k in range(len(sides)):
+            at = (i + k) % len(sides)
+            samples[at].append(sides[at](i))
+        log.info(
+            "repeat done",
+            extra={
+                "repeat": i,
+                "ctloop": samples[0][-1],
+                "baselines": [x[-1] for x in samples[1:]],
+            },
+        )
+    return samples
 
 
 class Stopwatch:

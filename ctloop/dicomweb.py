@@ -187,7 +187,7 @@ def retrieve_series(
                 received += len(chunk)
                 if received > max_bytes:
                     raise DicomWebError(f"the series is larger than {max_bytes} bytes")
-                instances += [p for p in reader.feed(chunk) if p]
+                instances += [p.content for p in reader.feed(chunk) if p.content]
             reader.close()
         except MultipartError as exc:
             raise DicomWebError(f"WADO-RS answer: {exc}") from exc

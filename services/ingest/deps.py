@@ -155,7 +155,7 @@ async def read_body(ctx: IngestContext, request: Request, what: str) -> bytes:
     size limit."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > ctx.limits.max_bytes:
-        raise _too_large(ctx.limits, what)
+        raise too_large(ctx.limits, what)
     return await _collect(ctx.limits, request.stream(), what)
 
 
@@ -164,12 +164,12 @@ async def _collect(limits: Limits, chunks: AsyncIterator[bytes], what: str) -> b
     async for chunk in chunks:
         size += len(chunk)
         if size > limits.max_bytes:
-            raise _too_large(limits, what)
+            raise too_large(limits, what)
         parts.append(chunk)
     if size == 0:
         raise ApiError("empty", f"the {what} is empty")
     return b"".join(parts)
 
 
-def _too_large(limits: Limits, what: str) -> ApiError:
+def too_large(limits: Limits, what: str) -> ApiError:
     return ApiError("too_large", f"the {what} exceeds {limits.max_bytes} bytes", 413)

@@ -1,5 +1,5 @@
-"""The incremental multipart reader WADO-RS answers go through: the same parts however the body
-is cut into chunks, and malformed bodies refused."""
+"""The incremental multipart reader WADO-RS answers and form uploads go through: the same parts
+however the body is cut into chunks, form parts named, and malformed bodies refused."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from ctloop.multipart import MultipartError, MultipartReader, boundary_of
+from ctloop.multipart import MultipartError, MultipartReader, Part, boundary_of
 
 
 def _body(parts: list[bytes], boundary: bytes = b"b0und") -> bytes:
@@ -25,7 +25,7 @@ def _read(body: bytes, sizes: random.Random | int, boundary: bytes = b"b0und") -
     reader, parts, at = MultipartReader(boundary), [], 0
     while at < len(body):
         n = sizes if isinstance(sizes, int) else sizes.randint(1, 4096)
-        parts += reader.feed(body[at : at + n])
+        parts += [p.content for p in reader.feed(body[at : at + n])]
         at += n
     reader.close()
     return parts
@@ -72,3 +72,49 @@ def test_the_boundary_comes_from_a_multipart_content_type():
     ):
         with pytest.raises(MultipartError):
             boundary_of(bad)
+
+
+def _form(boundary: bytes = b"f0rm") -> bytes:
+    return (
+        b"--" + boundary + b"\r\n"
+        b'Content-Disposition: form-data; name="site_id"\r\n\r\n'
+        b"site-a\r\n--" + boundary + b"\r\n"
+        b'Content-Disposition: form-data;\r\n name="file"; filename="ct \xc3\xa9.nii.gz"\r\n'
+        b"Content-Type: application/gzip\r\n\r\n"
+        + bytes(range(256)) * 300
+        + b"\r\n--"
+        + boundary
+        + b"--\r\n"
+    )
+
+
+def test_form_parts_carry_their_field_and_file_names():
+    reader = MultipartReader(boundary_of("multipart/form-data; boundary=f0rm", "form-data"))
+    body = _form()
+    parts = [p for at in range(0, len(body), 999) for p in reader.feed(body[at : at + 999])]
+    reader.close()
+    assert [p.form_name() for p in parts] == [("site_id", None), ("file", "ct é.nii.gz")]
+    assert parts[0].content == b"site-a"
+    assert parts[1].content == bytes(range(256)) * 300  # a folded header line read whole
+    assert parts[1].headers["content-type"] == "application/gzip"
+
+
+def test_a_large_part_fed_in_network_sized_chunks_comes_out_whole():
+    content = os.urandom(3 << 20)
+    body = _body([content, b"tail"])
+    for size in (65536, 1 << 20, 4099):
+        assert _read(body, size) == [content, b"tail"]
+
+
+def test_form_parts_without_a_form_data_name_are_refused():
+    for disposition in (b"attachment; name=x", b"form-data", None):
+        headers = {} if disposition is None else {"content-disposition": disposition.decode()}
+        part = Part(headers, b"")
+        with pytest.raises(MultipartError):
+            part.form_name()
+
+
+def test_a_form_boundary_must_come_from_a_form_data_content_type():
+    assert boundary_of("multipart/form-data; boundary=x", "form-data") == b"x"
+    with pytest.raises(MultipartError, match="multipart/form-data"):
+        boundary_of("multipart/related; boundary=x", "form-data")

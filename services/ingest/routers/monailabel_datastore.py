@@ -23,19 +23,22 @@ errors ctloop's own (code, message).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ctloop.auth import Principal
 from ctloop.timing import Laps
 from services.ingest.backends import model_versions, serving_model
-from services.ingest.deps import Admin, Anyone, Context, IngestContext, Uploader, read_upload
+from services.ingest.deps import Admin, Anyone, Context, IngestContext, Uploader
 from services.ingest.errors import ApiError, not_found
+from services.ingest.forms import form_body, read_form
 from services.ingest.records import withdraw_volume
 from services.ingest.routers.monailabel import _known_model, _params
+from services.ingest.schemas import ErrorOut
 from services.ingest.uploads import Existing, Upload, ingest_upload
 from services.ingest.validation import safe_id
 
@@ -58,20 +61,38 @@ def _upload_site(who: Principal, params: dict[str, Any]) -> str:
     )
 
 
-@router.put("/datastore/", summary="Upload a CT into your site (MONAI Label)")
-@router.put("/datastore/image", summary="Upload a CT into your site (MONAI Label)")
+class DatastoreFields(BaseModel):
+    """The text field of MONAI Label's datastore upload."""
+
+    params: str | None = Field(default=None, description='JSON, e.g. {"site_id": "site-a"}')
+
+
+DATASTORE_FILES_DOC = {"file": "CT: NIfTI or a zip of one DICOM series"}
+
+
+@router.put(
+    "/datastore/",
+    summary="Upload a CT into your site (MONAI Label)",
+    responses={415: {"model": ErrorOut}},
+    openapi_extra=form_body(DatastoreFields, DATASTORE_FILES_DOC, required={"file"}),
+)
+@router.put(
+    "/datastore/image",
+    summary="Upload a CT into your site (MONAI Label)",
+    responses={415: {"model": ErrorOut}},
+    openapi_extra=form_body(DatastoreFields, DATASTORE_FILES_DOC, required={"file"}),
+)
 async def datastore_upload(
-    ctx: Context,
-    who: Uploader,
-    file: Annotated[UploadFile, File(description="CT: NIfTI or a zip of one DICOM series")],
-    image: str | None = None,
-    params: Annotated[str | None, Form()] = None,
+    ctx: Context, who: Uploader, request: Request, image: str | None = None
 ) -> dict[str, Any]:
-    site = _upload_site(who, _params(params))
+    """The form read as it arrives, as ``POST /v1/volumes`` (services/ingest/forms.py)."""
+    form, files = await read_form(
+        request, ctx.limits, DatastoreFields, {"file": "volume"}, {"file"}
+    )
+    site = _upload_site(who, _params(form.params))
     up = Upload(who, site, "clinical", safe_id(image, "image id") if image else None)
-    data = await read_upload(ctx, file, "volume")
     try:
-        out = await run_in_threadpool(ingest_upload, ctx, up, data, None, Laps())
+        out = await run_in_threadpool(ingest_upload, ctx, up, files["file"], None, Laps())
     except Existing as same:  # the same bytes again: the stored volume
         out = same.volume
     return {"image": out.volume_id, "site_id": out.site_id, "status": str(out.status)}

@@ -9,8 +9,9 @@ from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from sqlalchemy import and_, or_, select
 from starlette.concurrency import run_in_threadpool
 
@@ -20,8 +21,9 @@ from ctloop.core.blobs import nifti_from_gz
 from ctloop.db import Volume, session_scope, volume_status
 from ctloop.paging import Page, one_page
 from ctloop.timing import Laps
-from services.ingest.deps import Admin, Anyone, Context, Uploader, read_body, read_upload
+from services.ingest.deps import Admin, Anyone, Context, Uploader, read_body
 from services.ingest.errors import ApiError
+from services.ingest.forms import form_body, read_form
 from services.ingest.records import (
     audited_read,
     image_blob,
@@ -83,24 +85,37 @@ async def _timed(response: Response, job: Callable[[Laps], VolumeOut]) -> Any:
     return out
 
 
-@router.post("", status_code=201, response_model=VolumeOut, responses=UPLOAD_RESPONSES)
-async def upload_volume(
-    ctx: Context,
-    who: Uploader,
-    file: Annotated[
-        UploadFile, File(description="CT as NIfTI (.nii/.nii.gz) or a zip of one DICOM series")
-    ],
-    site_id: Annotated[str, Form()],
-    dataset: Annotated[Dataset, Form()],
-    response: Response,
-    volume_id: Annotated[str | None, Form()] = None,
-    label: Annotated[UploadFile | None, File(description="label NIfTI (labelled datasets)")] = None,
-    label_map: Annotated[str | None, Form(description='JSON {"organ": id}')] = None,
-) -> Any:
-    up = Upload(who, _site_of_yours(who, site_id), dataset, volume_id)
-    data = await read_upload(ctx, file, "volume")
-    labelled = (await read_upload(ctx, label, "label"), label_map) if label is not None else None
-    return await _timed(response, partial(ingest_upload, ctx, up, data, labelled))
+class UploadFields(BaseModel):
+    """The text fields of ``POST /v1/volumes``."""
+
+    site_id: str
+    dataset: Dataset
+    volume_id: str | None = None
+    label_map: str | None = Field(default=None, description='JSON {"organ": id}')
+
+
+UPLOAD_FILES = {"file": "volume", "label": "label"}  # (as error messages name them)
+UPLOAD_FILES_DOC = {
+    "file": "CT as NIfTI (.nii/.nii.gz) or a zip of one DICOM series",
+    "label": "label NIfTI (labelled datasets)",
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=VolumeOut,
+    responses={**UPLOAD_RESPONSES, 415: {"model": ErrorOut}},
+    openapi_extra=form_body(UploadFields, UPLOAD_FILES_DOC, required={"file"}),
+)
+async def upload_volume(ctx: Context, who: Uploader, request: Request, response: Response) -> Any:
+    """A CT as a ``multipart/form-data`` form (and its label, for labelled datasets), read as
+    it arrives (:mod:`services.ingest.forms`)."""
+    form, files = await read_form(request, ctx.limits, UploadFields, UPLOAD_FILES, {"file"})
+    up = Upload(who, _site_of_yours(who, form.site_id), form.dataset, form.volume_id)
+    label = files.get("label")
+    labelled = (label, form.label_map) if label is not None else None
+    return await _timed(response, partial(ingest_upload, ctx, up, files["file"], labelled))
 
 
 @router.put(
