@@ -99,9 +99,14 @@ class Preprocessor:
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
-        # Names what this preprocessing gives (spacing, HU window, the MONAI that resamples):
-        # model versions that share it share their inputs.
-        spec = {"spacing": cfg.spacing, "hu_window": cfg.hu_window, "monai": monai.__version__}
+        # Names what this preprocessing gives (spacing, HU window, the MONAI that resamples
+        # and in which precision): model versions that share it share their inputs.
+        spec = {
+            "spacing": cfg.spacing,
+            "hu_window": cfg.hu_window,
+            "monai": monai.__version__,
+            "resample_dtype": "float32",
+        }
         self.digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         self.pre = preprocess_transforms(cfg, with_label=False)
         # For column-major volumes (what NIfTI readers give): the same, axes reversed.
