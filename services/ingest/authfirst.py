@@ -1,8 +1,8 @@
 """Authenticate before any body byte is read (an ASGI middleware in front of the routers).
 
-FastAPI parses a route's multipart or JSON body before it runs the route's dependencies, so
-with the auth check only in a dependency an anonymous client could make ingest read and spool
-hundreds of MB before its 401. This middleware looks at the headers alone: a request to a
+FastAPI parses a route's form or JSON body before it runs the route's dependencies, so with
+the auth check only in a dependency an anonymous client could make ingest read hundreds of MB
+before its 401. This middleware looks at the headers alone: a request to a
 protected route without a valid bearer token is answered 401 at once, with
 ``Connection: close`` (the server then drops the connection instead of reading the rest), and
 the application never sees it. The caller it verified goes into the ASGI scope, where
@@ -16,8 +16,8 @@ route serves needs a token too (no route map for strangers). The routes keep the
 (:func:`services.ingest.deps.signed_in`) as a second line. Public routes take bodies of at most
 ``PUBLIC_BODY_BYTES``, with a declared length; any body declared over the upload limit is
 refused (413) before it is read, and one that arrives without a length (chunked) is counted as
-it comes in and refused (413, connection closed) the moment it passes the limit, before
-Starlette's multipart parser spools any more of it.
+it comes in and refused (413, connection closed) the moment it passes the limit, before a
+route reads any more of it.
 """
 
 from __future__ import annotations
