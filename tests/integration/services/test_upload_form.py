@@ -100,3 +100,30 @@ def test_a_bad_form_is_refused_and_stores_nothing(
     assert r.status_code == status, r.text
     assert r.json()["code"] == code and says in r.json()["message"], r.text
     assert not _stored(svc_settings, vid)
+
+
+def test_a_file_over_the_limit_inside_the_form_budget_is_refused(svc_settings, admin_headers):
+    # The middleware allows the limit plus 1 MB of form around the files; a file alone over
+    # the limit is refused by the form reader.
+    small = svc_settings.model_copy(
+        update={"services": svc_settings.services.model_copy(update={"max_upload_mb": 1})}
+    )
+    relay = OutboxRelay(small.database_url, EventProducer(small, client_id="form-small"))
+    body = _body(
+        [
+            (b'form-data; name="site_id"', b"site-a"),
+            (b'form-data; name="dataset"', b"clinical"),
+            (b'form-data; name="file"; filename="ct.nii.gz"', b"\x1f\x8b" + b"\0" * (1536 << 10)),
+        ]
+    )
+    try:
+        with TestClient(create_app(small, relay), headers=admin_headers) as client:
+            r = client.post(
+                "/v1/volumes",
+                content=body,
+                headers={"Content-Type": "multipart/form-data; boundary=bNd"},
+            )
+    finally:
+        relay.producer.close()
+    assert r.status_code == 413 and r.json()["code"] == "too_large", r.text
+    assert "volume exceeds" in r.json()["message"]
