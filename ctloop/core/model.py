@@ -9,6 +9,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.losses import MaskedDiceLoss
 from monai.networks.nets import UNet
@@ -113,7 +114,7 @@ def preprocess_transforms(cfg: ModelConfig, with_label: bool = True) -> Compose:
         # In float32: MONAI's default (float64) made a float64 copy of the whole scanner-grid
         # volume to resample it, 962 MB at the peak for a 274 MB CT instead of 207 MB, and
         # took ~1.3x as long; the inputs differ by at most 3e-5 of the HU window.
-        Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes, dtype=torch.float32),
+        Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes, dtype=np.float32),
         ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
     ]
     if with_label:
