@@ -16,11 +16,8 @@ from tests.helpers.volumes import nifti, phantom
 
 
 @pytest.fixture(scope="module")
-def api(svc_settings, admin_headers):
-    relay = OutboxRelay(svc_settings.database_url, EventProducer(svc_settings, client_id="form"))
-    with TestClient(create_app(svc_settings, relay), headers=admin_headers) as client:
-        yield client
-    relay.producer.close()
+def api(ingest_api):
+    return ingest_api
 
 
 @pytest.fixture(scope="module")

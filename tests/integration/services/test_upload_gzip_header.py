@@ -8,24 +8,17 @@ import gzip
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from ctloop.bus import EventProducer
 from ctloop.contracts import keys
-from ctloop.outbox import OutboxRelay
 from ctloop.storage import ObjectStore
-from services.ingest.app import create_app
 from tests.helpers.volumes import gzip_with_header_text, nifti_raw, phantom
 
 NAME, COMMENT, EXTRA = b"DOE_JANE_19700101.nii", b"CT of Jane Doe, MRN 123456", b"PN\x04\x00Jane"
 
 
 @pytest.fixture(scope="module")
-def api(svc_settings, admin_headers):
-    relay = OutboxRelay(svc_settings.database_url, EventProducer(svc_settings, client_id="gzh"))
-    with TestClient(create_app(svc_settings, relay), headers=admin_headers) as client:
-        yield client
-    relay.producer.close()
+def api(ingest_api):
+    return ingest_api
 
 
 def _assert_bare(blob: bytes, upload: bytes, raw: bytes) -> None:
