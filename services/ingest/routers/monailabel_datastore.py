@@ -35,7 +35,7 @@ from ctloop.timing import Laps
 from services.ingest.backends import model_versions, serving_model
 from services.ingest.deps import Admin, Anyone, Context, IngestContext, Uploader
 from services.ingest.errors import ApiError, not_found
-from services.ingest.forms import form_body, read_form
+from services.ingest.forms import Form, FormFile
 from services.ingest.records import withdraw_volume
 from services.ingest.routers.monailabel import _known_model, _params
 from services.ingest.schemas import ErrorOut
@@ -67,28 +67,24 @@ class DatastoreFields(BaseModel):
     params: str | None = Field(default=None, description='JSON, e.g. {"site_id": "site-a"}')
 
 
-DATASTORE_FILES_DOC = {"file": "CT: NIfTI or a zip of one DICOM series"}
+DATASTORE_FORM = Form(
+    DatastoreFields, {"file": FormFile("volume", "CT: NIfTI or a zip of one DICOM series")}
+)
+# The two paths MONAI Label's client may call.
+DATASTORE_UPLOAD: dict[str, Any] = {
+    "summary": "Upload a CT into your site (MONAI Label)",
+    "responses": {415: {"model": ErrorOut}},
+    "openapi_extra": DATASTORE_FORM.openapi(),
+}
 
 
-@router.put(
-    "/datastore/",
-    summary="Upload a CT into your site (MONAI Label)",
-    responses={415: {"model": ErrorOut}},
-    openapi_extra=form_body(DatastoreFields, DATASTORE_FILES_DOC, required={"file"}),
-)
-@router.put(
-    "/datastore/image",
-    summary="Upload a CT into your site (MONAI Label)",
-    responses={415: {"model": ErrorOut}},
-    openapi_extra=form_body(DatastoreFields, DATASTORE_FILES_DOC, required={"file"}),
-)
+@router.put("/datastore/", **DATASTORE_UPLOAD)
+@router.put("/datastore/image", **DATASTORE_UPLOAD)
 async def datastore_upload(
     ctx: Context, who: Uploader, request: Request, image: str | None = None
 ) -> dict[str, Any]:
     """The form read as it arrives, as ``POST /v1/volumes`` (services/ingest/forms.py)."""
-    form, files = await read_form(
-        request, ctx.limits, DatastoreFields, {"file": "volume"}, {"file"}
-    )
+    form, files = await DATASTORE_FORM.read(request, ctx.limits)
     site = _upload_site(who, _params(form.params))
     up = Upload(who, site, "clinical", safe_id(image, "image id") if image else None)
     try:

@@ -23,7 +23,7 @@ from ctloop.paging import Page, one_page
 from ctloop.timing import Laps
 from services.ingest.deps import Admin, Anyone, Context, Uploader, read_body
 from services.ingest.errors import ApiError
-from services.ingest.forms import form_body, read_form
+from services.ingest.forms import Form, FormFile
 from services.ingest.records import (
     audited_read,
     image_blob,
@@ -94,11 +94,13 @@ class UploadFields(BaseModel):
     label_map: str | None = Field(default=None, description='JSON {"organ": id}')
 
 
-UPLOAD_FILES = {"file": "volume", "label": "label"}  # (as error messages name them)
-UPLOAD_FILES_DOC = {
-    "file": "CT as NIfTI (.nii/.nii.gz) or a zip of one DICOM series",
-    "label": "label NIfTI (labelled datasets)",
-}
+UPLOAD_FORM = Form(
+    UploadFields,
+    {
+        "file": FormFile("volume", "CT as NIfTI (.nii/.nii.gz) or a zip of one DICOM series"),
+        "label": FormFile("label", "label NIfTI (labelled datasets)", required=False),
+    },
+)
 
 
 @router.post(
@@ -106,12 +108,12 @@ UPLOAD_FILES_DOC = {
     status_code=201,
     response_model=VolumeOut,
     responses={**UPLOAD_RESPONSES, 415: {"model": ErrorOut}},
-    openapi_extra=form_body(UploadFields, UPLOAD_FILES_DOC, required={"file"}),
+    openapi_extra=UPLOAD_FORM.openapi(),
 )
 async def upload_volume(ctx: Context, who: Uploader, request: Request, response: Response) -> Any:
     """A CT as a ``multipart/form-data`` form (and its label, for labelled datasets), read as
     it arrives (:mod:`services.ingest.forms`)."""
-    form, files = await read_form(request, ctx.limits, UploadFields, UPLOAD_FILES, {"file"})
+    form, files = await UPLOAD_FORM.read(request, ctx.limits)
     up = Upload(who, _site_of_yours(who, form.site_id), form.dataset, form.volume_id)
     label = files.get("label")
     labelled = (label, form.label_map) if label is not None else None
