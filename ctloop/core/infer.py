@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from ctloop.core.model import ModelConfig, load_checkpoint, preprocess_transforms
-from ctloop.core.resample import resample_argmax
+from ctloop.core.resample import resample_argmax, voxel_slabs
 from ctloop.timing import Laps
 
 # Voxels whose foreground probability exceeds this count towards the uncertainty score.
@@ -249,10 +249,16 @@ class Segmenter:
 
 def _mean_entropy(probs: torch.Tensor) -> float:
     """Mean entropy / log(C) over voxels that may be foreground; 1.0 if the model sees none.
-    On the probabilities' device (a GPU's, inside Triton)."""
-    region = (1.0 - probs[0]) > UNCERTAINTY_REGION_P
-    if not bool(region.any()):
+    On the probabilities' device (a GPU's, inside Triton), a cache-sized slab of voxels at a
+    time (gathering the region's voxels of the whole volume first took 0.9-2.2 s of a
+    realistic CT's finish, this 0.25 s)."""
+    total, count = 0.0, 0
+    for x in voxel_slabs(tuple(probs.shape)):
+        q = probs[:, x]
+        region = (1.0 - q[0]) > UNCERTAINTY_REGION_P
+        p = q.clamp(1e-8, 1.0)
+        total += float(torch.xlogy(p, p).sum(dim=0).mul_(region).sum(dtype=torch.float64))
+        count += int(region.sum())
+    if count == 0:
         return 1.0
-    p = probs[:, region].clamp(1e-8, 1.0)
-    entropy = -(p * p.log()).sum(dim=0) / math.log(probs.shape[0])
-    return float(entropy.double().mean())
+    return -total / count / math.log(probs.shape[0])

@@ -30,6 +30,11 @@ MIXED_CHUNK = 1 << 20
 DENSE_FRACTION = 0.3
 # Class probabilities per pass of the full separable resampling (64 MiB of float32).
 SEPARABLE_ELEMENTS = 1 << 24
+# Voxels per slab of the per-voxel passes over all classes (the model-grid argmax here, the
+# uncertainty in :mod:`ctloop.core.infer`): 256 K, so a slab's temporaries stay in cache.
+# Measured on the realistic network's probabilities (10 x 246 x 246 x 128, 2 cores): the
+# argmax 0.15 s instead of torch's 0.73 s over the class axis of the whole volume.
+VOXEL_SLAB = 1 << 18
 
 
 def resample_argmax(
@@ -74,7 +79,7 @@ def _scaled_argmax(
     tx, ty, tz = taps
     n_classes = p.shape[0]
     # Model-grid cells, (z, y, x) like the label: their class where all 8 corners agree.
-    cells = _uniform_cells(p.argmax(dim=0).to(torch.uint8)).permute(2, 1, 0)
+    cells = _uniform_cells(class_argmax(p)).permute(2, 1, 0)
     cells = cells.index_select(1, ty[0]).index_select(2, tx[0]).contiguous()  # (Z, Yd, Xd)
     rows = p.permute(1, 2, 3, 0).reshape(-1, n_classes)  # source voxel (x, y, z) -> classes
     strides = (p.shape[2] * p.shape[3], p.shape[3], 1)
@@ -145,6 +150,27 @@ def _lerp(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, w: torch.Tensor) 
     """Linear interpolation of ``t`` along its first axis at taps ``lo``/``hi``, weight ``w``."""
     w = w.reshape(-1, *[1] * (t.ndim - 1))
     return t[lo].lerp_(t[hi], w)  # (indexing, not index_select: far faster on CPU threads)
+
+
+def voxel_slabs(shape: tuple[int, ...], voxels: int | None = None) -> list[slice]:
+    """Slices of the first spatial axis of a (C, x, y, z) volume, ~``voxels`` each (default
+    :data:`VOXEL_SLAB`)."""
+    per = max(1, (voxels or VOXEL_SLAB) // (shape[2] * shape[3]))
+    return [slice(x0, min(shape[1], x0 + per)) for x0 in range(0, shape[1], per)]
+
+
+def class_argmax(p: torch.Tensor) -> torch.Tensor:
+    """``p.argmax(dim=0)`` of class scores (C, x, y, z) as uint8, the first maximum winning
+    ties as torch's does: a running maximum over the classes, a cache-sized slab at a time
+    (reducing over the outermost axis of the whole volume at once is ~5x slower on CPU)."""
+    out = torch.zeros(p.shape[1:], dtype=torch.uint8, device=p.device)
+    for x in voxel_slabs(tuple(p.shape)):
+        q, label = p[:, x], out[x]
+        best = q[0].clone()
+        for c in range(1, q.shape[0]):
+            label.masked_fill_(q[c] > best, c)
+            torch.maximum(best, q[c], out=best)
+    return out
 
 
 def _uniform_cells(argmax: torch.Tensor) -> torch.Tensor:

@@ -120,3 +120,26 @@ def test_the_preprocessing_digest_names_spacing_and_window():
     assert a.digest == Preprocessor(ModelConfig(spacing=(4.0, 4.0, 4.0))).digest
     assert a.digest != Preprocessor(ModelConfig(spacing=(4.0, 4.0, 5.0))).digest
     assert a.digest != Preprocessor(ModelConfig(hu_window=(-100.0, 200.0))).digest
+
+
+@pytest.mark.parametrize("slab", [35, 1 << 18])
+def test_the_uncertainty_is_the_mean_entropy_over_the_possible_foreground(slab, monkeypatch):
+    """Slab by slab, the same number as the entropy of the gathered region (to float32
+    rounding); 1.0 where no voxel may be foreground."""
+    import math
+
+    from ctloop.core import infer, resample
+
+    monkeypatch.setattr(resample, "VOXEL_SLAB", slab)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn((5, 8, 7, 6), generator=g) * 3
+    logits[0, :3] += 12  # background-sure voxels: outside the region
+    probs = torch.softmax(logits, dim=0)
+    region = (1.0 - probs[0]) > infer.UNCERTAINTY_REGION_P
+    assert 0 < int(region.sum()) < region.numel()
+    p = probs[:, region].double().clamp(1e-8, 1.0)
+    expected = float((-(p * p.log()).sum(dim=0) / math.log(5)).mean())
+    assert infer._mean_entropy(probs) == pytest.approx(expected, rel=1e-6)
+    sure = torch.zeros((5, 4, 3, 2))
+    sure[0] = 1.0
+    assert infer._mean_entropy(sure) == 1.0

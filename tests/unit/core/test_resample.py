@@ -68,3 +68,16 @@ def test_only_voxels_on_a_class_boundary_are_interpolated(monkeypatch):
         probs.numpy(), np.linalg.inv(model) @ scanner, shape
     )
     np.testing.assert_array_equal(label, reference)
+
+
+@pytest.mark.parametrize("slab", [1, 37, 1 << 18])
+def test_the_class_argmax_is_torchs_first_maximum_slab_by_slab(slab, monkeypatch):
+    """The running maximum over classes, a slab at a time, gives torch's argmax, ties to the
+    first class included (probabilities on a coarse lattice tie often)."""
+    monkeypatch.setattr(resample, "VOXEL_SLAB", slab)
+    g = torch.Generator().manual_seed(3)
+    probs = torch.randint(0, 4, (6, 9, 7, 5), generator=g).float() / 4
+    label = resample.class_argmax(probs)
+    assert label.dtype == torch.uint8 and label.shape == (9, 7, 5)
+    assert torch.equal(label, probs.argmax(dim=0).to(torch.uint8))
+    assert [s.stop - s.start for s in resample.voxel_slabs((6, 9, 7, 5), 70)] == [2] * 4 + [1]
