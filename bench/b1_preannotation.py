@@ -37,6 +37,7 @@ from bench.common import (
     reset_peak_rss,
     result,
     rss_mb,
+    triton_stubs_of,
 )
 from bench.platform import CompletionWatcher, Platform
 from bench.session import SITE, STUB, Session
@@ -135,7 +136,8 @@ def _serve_direct(p: Platform, session: Session) -> tuple[str, list[int]]:
     triton = TritonModels(p.settings)
     TritonSegmenter(triton, ModelRepository(p.settings)).serve_version(direct, 1)
     session.stack.callback(triton.client.unload_model, direct)
-    return direct, sorted(set(find_pids(STUB)) - stubs_before)
+    pipeline = triton_stubs_of(p.settings.triton.pipeline_model)  # on CPU, its window and finish
+    return direct, sorted((set(find_pids(STUB)) - stubs_before) | set(pipeline))
 
 
 @dataclass

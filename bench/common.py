@@ -190,6 +190,22 @@ def find_pids(cmdline_part: str) -> list[int]:
     return found
 
 
+def triton_stubs_of(model: str) -> list[int]:
+    """Triton python-backend stub processes serving ``model``: a stub's command line names
+    its version's file (``<copy>/<version>/model.py``) in Triton's local copy of the model,
+    whose ``config.pbtxt`` names the model."""
+    found = []
+    for pid in find_pids("triton_python_backend_stub"):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            config = (Path(args[1].decode()).parent.parent / "config.pbtxt").read_text()
+        except (OSError, IndexError, UnicodeDecodeError):
+            continue
+        if f'name: "{model}"' in config:
+            found.append(pid)
+    return found
+
+
 # ---------------------------------------------------------------- results
 def machine() -> dict[str, Any]:
     cpu = "unknown"

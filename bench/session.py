@@ -7,7 +7,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from bench.common import Context, find_pids
+from bench.common import Context, find_pids, triton_stubs_of
 from bench.platform import Platform, bench_platform
 from bench.workload import checkpoint
 from ctloop.contracts.payloads import ModelRef
@@ -69,7 +69,10 @@ class Session:
                 return recorded and ref.version in triton.serving_versions(ref.model)
 
             p.until("the igniter serving", serving, 300)
-            self.igniter_stubs = sorted(set(find_pids(STUB)) - before)
+            # The version's own stub, and on CPU the long-lived pipeline's, which runs the
+            # sliding window and the finish for it (loaded before this run, maybe).
+            pipeline = triton_stubs_of(p.settings.triton.pipeline_model)
+            self.igniter_stubs = sorted((set(find_pids(STUB)) - before) | set(pipeline))
             self._served = ref
         return p, self._served
 
