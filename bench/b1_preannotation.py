@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from bench.common import (
+    STUB,
     Context,
     find_pids,
     interleaved,
@@ -37,10 +38,10 @@ from bench.common import (
     reset_peak_rss,
     result,
     rss_mb,
-    triton_stubs_of,
+    stubs_started_since,
 )
 from bench.platform import CompletionWatcher, Platform
-from bench.session import SITE, STUB, Session
+from bench.session import SITE, Session
 from bench.workload import CT, phantom_ct
 from ctloop.contracts import keys
 from ctloop.contracts.payloads import ModelRef
@@ -136,8 +137,7 @@ def _serve_direct(p: Platform, session: Session) -> tuple[str, list[int]]:
     triton = TritonModels(p.settings)
     TritonSegmenter(triton, ModelRepository(p.settings)).serve_version(direct, 1)
     session.stack.callback(triton.client.unload_model, direct)
-    pipeline = triton_stubs_of(p.settings.triton.pipeline_model)  # on CPU, its window and finish
-    return direct, sorted((set(find_pids(STUB)) - stubs_before) | set(pipeline))
+    return direct, stubs_started_since(stubs_before, p.settings.triton.pipeline_model)
 
 
 @dataclass

@@ -190,12 +190,16 @@ def find_pids(cmdline_part: str) -> list[int]:
     return found
 
 
+# Triton's python-backend processes: one per loaded model instance.
+STUB = "triton_python_backend_stub"
+
+
 def triton_stubs_of(model: str) -> list[int]:
     """Triton python-backend stub processes serving ``model``: a stub's command line names
     its version's file (``<copy>/<version>/model.py``) in Triton's local copy of the model,
     whose ``config.pbtxt`` names the model."""
     found = []
-    for pid in find_pids("triton_python_backend_stub"):
+    for pid in find_pids(STUB):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             config = (Path(args[1].decode()).parent.parent / "config.pbtxt").read_text()
@@ -204,6 +208,13 @@ def triton_stubs_of(model: str) -> list[int]:
         if f'name: "{model}"' in config:
             found.append(pid)
     return found
+
+
+def stubs_started_since(before: set[int], pipeline_model: str) -> list[int]:
+    """The Triton stubs started since ``before`` was taken (a version's own), and on CPU the
+    long-lived pipeline model's, which runs the sliding window and the finish for every
+    version (loaded before, maybe)."""
+    return sorted((set(find_pids(STUB)) - before) | set(triton_stubs_of(pipeline_model)))
 
 
 # ---------------------------------------------------------------- results

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from bench.common import Context, find_pids, triton_stubs_of
+from bench.common import STUB, Context, find_pids, stubs_started_since
 from bench.platform import Platform, bench_platform
 from bench.workload import checkpoint
 from ctloop.contracts.payloads import ModelRef
@@ -17,7 +17,6 @@ from ctloop.triton_serving import TritonModels
 
 log = logging.getLogger("ctloop.bench")
 SITE = "bench"
-STUB = "triton_python_backend_stub"
 
 
 class Session:
@@ -69,10 +68,7 @@ class Session:
                 return recorded and ref.version in triton.serving_versions(ref.model)
 
             p.until("the igniter serving", serving, 300)
-            # The version's own stub, and on CPU the long-lived pipeline's, which runs the
-            # sliding window and the finish for it (loaded before this run, maybe).
-            pipeline = triton_stubs_of(p.settings.triton.pipeline_model)
-            self.igniter_stubs = sorted((set(find_pids(STUB)) - before) | set(pipeline))
+            self.igniter_stubs = stubs_started_since(before, p.settings.triton.pipeline_model)
             self._served = ref
         return p, self._served
 
